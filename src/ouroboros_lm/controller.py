@@ -1,0 +1,101 @@
+"""Where the modulation vectors d come from: the Controller hypernetwork, or static vectors.
+
+The Controller reads a pooled view of the hidden state entering a recurrence step and the
+step index, and emits one r-vector per projection (q, k, v, o, gate, up, down). Its output
+head is zero-initialised, so a fresh model is exactly the un-modulated recursion.
+
+Pooling decides what "the hidden state" a position sees is:
+  prefix_mean    mean of positions <= t (causal; the default)
+  token          the position's own state (causal)
+  sequence_mean  mean of the whole sequence, as the published code does: position t then
+                 depends on tokens after t. Kept only to reproduce that code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TARGETS
+from .layers import rms_norm
+
+
+class PoolState:
+    """Running sum and count of the hidden states seen so far (one per recurrence step), so
+    cached decoding can extend a prefix mean one token at a time."""
+
+    __slots__ = ("sum", "count")
+
+    def __init__(self):
+        self.sum = None
+        self.count = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.sum is not None:
+            self.sum, self.count = self.sum[index], self.count[index]
+
+
+def pool(h: torch.Tensor, mode: str, mask: torch.Tensor | None = None, state: PoolState | None = None) -> torch.Tensor:
+    """Pooled hidden states [B, T, H] (float32) that each position's Controller reads.
+
+    mask [B, T] (1 = real token) keeps padding out of the means. `state` carries the
+    running sum and count from earlier positions (prefix_mean only) and is updated.
+    """
+    if mode == "token":
+        return h.float()
+    m = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device, torch.float32)
+    hm = h.float() * m.unsqueeze(-1)
+    if mode == "prefix_mean":
+        sums = hm.cumsum(dim=1)
+        counts = m.cumsum(dim=1)
+        if state is not None:
+            if state.sum is not None:
+                sums = sums + state.sum.unsqueeze(1)
+                counts = counts + state.count.unsqueeze(1)
+            state.sum, state.count = sums[:, -1], counts[:, -1]
+        return sums / counts.clamp(min=1.0).unsqueeze(-1)
+    if mode == "sequence_mean":
+        if state is not None:
+            raise ValueError(
+                "pooling='sequence_mean' is not causal (every position reads the whole sequence, "
+                "future tokens included), so it cannot be decoded incrementally"
+            )
+        mean = hm.sum(dim=1) / m.sum(dim=1).clamp(min=1.0).unsqueeze(-1)
+        return mean.unsqueeze(1).expand_as(hm)
+    raise ValueError(f"unknown pooling {mode!r}")
+
+
+class Controller(nn.Module):
+    """pooled h [B, T, H], step s  ->  d [B, T, 7, r].
+
+    z = silu(W_in rmsnorm(h));  z = silu(W_mid z + e_s);  d = W_head z  (W_head = 0 at init)
+    """
+
+    def __init__(self, hidden_size: int, controller_hidden: int, style_dim: int, rank: int, max_steps: int):
+        super().__init__()
+        self.rank = rank
+        self.norm_weight = nn.Parameter(torch.ones(hidden_size))
+        self.inp = nn.Linear(hidden_size, controller_hidden)
+        self.mid = nn.Linear(controller_hidden, style_dim)
+        self.step_embedding = nn.Embedding(max_steps, style_dim)
+        self.head = nn.Linear(style_dim, len(TARGETS) * rank)
+        nn.init.normal_(self.step_embedding.weight, std=0.02)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, pooled: torch.Tensor, step: int) -> torch.Tensor:
+        x = rms_norm(pooled.float(), self.norm_weight, 1e-6)
+        z = F.silu(self.inp(x))
+        z = F.silu(self.mid(z) + self.step_embedding.weight[step])
+        return self.head(z).unflatten(-1, (len(TARGETS), self.rank))
+
+
+class StaticModulation(nn.Module):
+    """The paper's ablation: one learned r-vector per step and projection, no input."""
+
+    def __init__(self, rank: int, max_steps: int):
+        super().__init__()
+        self.vectors = nn.Parameter(torch.zeros(max_steps, len(TARGETS), rank))
+
+    def forward(self, step: int) -> torch.Tensor:
+        return self.vectors[step]

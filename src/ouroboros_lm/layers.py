@@ -1,0 +1,216 @@
+"""One Llama-family decoder layer, written out so the recurrent block can hook into it.
+
+Llama, Qwen2/Qwen2.5, Qwen3 and Mistral share this layer: pre-norm attention with rotary
+position embeddings (grouped-query, optional q/k/v bias, Qwen3's per-head q/k norms,
+optional sliding window) followed by a pre-norm gated MLP. We reuse the Hugging Face
+module's weights and compute the layer here, so that
+
+* the recurrent layer can add low-rank deltas to each of its seven projections and swap in
+  per-step norms,
+* every layer, prelude and coda included, can read and extend a key/value cache that we own
+  (generation keeps one per recurrence step).
+
+`tests/test_core.py` checks that this equals Hugging Face's own forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Names of the seven projections, in the order the low-rank paths use them.
+PROJECTIONS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+def get_projection(layer: nn.Module, target: str) -> nn.Linear:
+    mod = layer
+    for part in PROJECTIONS[target].split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as Hugging Face's Llama/Qwen do it (float32 statistics)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+@dataclass
+class AttentionContext:
+    """What every layer of one forward pass shares: rotary tables and masks.
+
+    `mask` is None for the plain causal case (no padding, no cache), which lets SDPA use
+    its fused causal kernel; otherwise a boolean [B, 1, T, S] mask (True = may attend).
+    `window_masks` caches the sliding-window variant per window size.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    key_padding: torch.Tensor | None  # [B, S] bool, True = real token (S = keys incl. cache)
+    query_positions: torch.Tensor  # [T] absolute index of each query among the S keys
+    window_masks: dict
+
+    def mask_for(self, window: int | None) -> torch.Tensor | None:
+        if window is None:
+            return self.mask
+        if window not in self.window_masks:
+            S = self.key_padding.shape[1] if self.key_padding is not None else int(self.query_positions[-1]) + 1
+            kpos = torch.arange(S, device=self.query_positions.device)
+            qpos = self.query_positions[:, None]
+            allowed = (kpos[None, :] <= qpos) & (qpos - kpos[None, :] < window)
+            m = allowed[None, None]
+            if self.key_padding is not None:
+                m = m & self.key_padding[:, None, None, :]
+                m = m | torch.eye(S, device=m.device, dtype=torch.bool)[self.query_positions][None, None]
+            self.window_masks[window] = m
+        return self.window_masks[window]
+
+
+def build_context(
+    rotary_emb: nn.Module,
+    hidden: torch.Tensor,
+    position_ids: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    past_length: int = 0,
+) -> AttentionContext:
+    """Rotary tables for `position_ids` and the attention mask for T new queries after
+    `past_length` cached keys. `key_padding` ([B, past+T], True = real token) may be None."""
+    T = hidden.shape[1]
+    cos, sin = rotary_emb(hidden, position_ids)
+    S = past_length + T
+    qpos = torch.arange(past_length, S, device=hidden.device)
+    if key_padding is None and past_length == 0:
+        mask = None
+    else:
+        kpos = torch.arange(S, device=hidden.device)
+        m = (kpos[None, :] <= qpos[:, None])[None, None]  # [1, 1, T, S]
+        if key_padding is not None:
+            m = m & key_padding[:, None, None, :]
+            # A padded query has no real key before it; let it see itself so the softmax
+            # stays finite. Its output is never used.
+            m = m | (kpos[None, :] == qpos[:, None])[None, None]
+        mask = m
+    return AttentionContext(cos, sin, mask, key_padding, qpos, {})
+
+
+def layer_window(layer: nn.Module, base_config) -> int | None:
+    """Sliding-window size of this layer, or None for full attention."""
+    attn = layer.self_attn
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    if getattr(base_config, "model_type", None) == "mistral":
+        return getattr(base_config, "sliding_window", None)
+    return None
+
+
+# A low-rank hook: given the projection name and its input, return the delta to add (or None).
+DeltaFn = Callable[[str, torch.Tensor], torch.Tensor | None]
+
+
+class KVSlot:
+    """Keys and values one layer application has seen so far (for cached decoding)."""
+
+    __slots__ = ("k", "v")
+
+    def __init__(self):
+        self.k = None
+        self.v = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor):
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[index], self.v[index]
+
+
+def decoder_layer(
+    layer: nn.Module,
+    h: torch.Tensor,
+    ctx: AttentionContext,
+    *,
+    window: int | None = None,
+    delta: DeltaFn | None = None,
+    norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv: KVSlot | None = None,
+) -> torch.Tensor:
+    """Apply one decoder layer to h [B, T, H].
+
+    delta: optional low-rank hook adding to each of the seven projections.
+    norm_weights: optional (input_norm, post_attention_norm) weights replacing the layer's own.
+    kv: optional cache slot; new keys/values are appended and attention covers all of them.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    eps_in = layer.input_layernorm.variance_epsilon
+    eps_post = layer.post_attention_layernorm.variance_epsilon
+    w_in, w_post = norm_weights if norm_weights is not None else (
+        layer.input_layernorm.weight,
+        layer.post_attention_layernorm.weight,
+    )
+
+    def proj(name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        y = module(x)
+        if delta is not None:
+            d = delta(name, x)
+            if d is not None:
+                y = y + d
+        return y
+
+    B, T, _ = h.shape
+    head_dim = attn.head_dim
+    x = rms_norm(h, w_in, eps_in)
+    q = proj("q", attn.q_proj, x).view(B, T, -1, head_dim)
+    k = proj("k", attn.k_proj, x).view(B, T, -1, head_dim)
+    v = proj("v", attn.v_proj, x).view(B, T, -1, head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    q, k = apply_rope(q, k, ctx.cos, ctx.sin)
+    if kv is not None:
+        k, v = kv.extend(k, v)
+    mask = ctx.mask_for(window)
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=mask is None and T > 1,
+        scale=attn.scaling,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    out = out.transpose(1, 2).reshape(B, T, -1)
+    h = h + proj("o", attn.o_proj, out)
+
+    x = rms_norm(h, w_post, eps_post)
+    g = proj("gate", mlp.gate_proj, x)
+    u = proj("up", mlp.up_proj, x)
+    return h + proj("down", mlp.down_proj, mlp.act_fn(g) * u)

@@ -1,0 +1,119 @@
+"""Frozen SVD low-rank bases for the seven projections of the recurrent layer.
+
+For each projection W (out x in) of the recurrent layer R, the mean residual of the removed
+layers, M = mean_i (W_i - W_R), is factored by SVD and truncated to rank r:
+    A = V_r^T            (r x in, the top-r right singular vectors)
+    B = U_r diag(S_r)    (out x r)
+so that B A is the best rank-r approximation of M. Both are frozen buffers. A modulation
+vector d (r values per projection, from the Controller or a static per-step vector) turns
+the projection into
+    W x + (alpha / r) B diag(d) A x.
+
+Projections that read the same input share one down-projection matmul: q, k and v read the
+normed attention input, gate and up the normed MLP input. `LowRankDeltas` computes x A^T once
+per group and splits it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TARGETS
+from .layers import get_projection
+
+# Targets that read the same input, in TARGETS order.
+GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+def mean_residual(recurrent: nn.Module, removed: list[nn.Module], target: str) -> torch.Tensor:
+    """mean_i (W_i - W_R) in float32, for one projection."""
+    w_r = get_projection(recurrent, target).weight.detach().to(torch.float32)
+    acc = torch.zeros_like(w_r)
+    for layer in removed:
+        acc += get_projection(layer, target).weight.detach().to(torch.float32) - w_r
+    return acc / len(removed)
+
+
+def svd_bases(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r], S all singular values) of the rank-r truncation."""
+    U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+    A = Vh[:rank].contiguous()
+    B = (U[:, :rank] * S[:rank]).contiguous()
+    return A, B, S
+
+
+class SVDLoRABases(nn.Module):
+    """Buffers A_<group> (concatenated over the group's targets) and B_<target>."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], rank: int, alpha: float, dtype, device=None):
+        super().__init__()
+        self.rank = rank
+        self.scale = alpha / rank
+        for group in GROUPS:
+            in_features = shapes[group[0]][1]
+            self.register_buffer(
+                "A_" + group[0], torch.zeros(rank * len(group), in_features, dtype=dtype, device=device)
+            )
+        for t in TARGETS:
+            out_features = shapes[t][0]
+            self.register_buffer("B_" + t, torch.zeros(out_features, rank, dtype=dtype, device=device))
+
+    @classmethod
+    def from_layers(cls, recurrent: nn.Module, removed: list[nn.Module], rank: int, alpha: float):
+        shapes = {t: tuple(get_projection(recurrent, t).weight.shape) for t in TARGETS}
+        w = get_projection(recurrent, "q").weight
+        bases = cls(shapes, rank, alpha, dtype=w.dtype, device=w.device)
+        if w.is_meta:  # shapes only (parameter counting); nothing to factor
+            return bases
+        for group in GROUPS:
+            As = []
+            for t in group:
+                A, B, _ = svd_bases(mean_residual(recurrent, removed, t), rank)
+                As.append(A)
+                getattr(bases, "B_" + t).copy_(B)
+            getattr(bases, "A_" + group[0]).copy_(torch.cat(As))
+        return bases
+
+    def A(self, target: str) -> torch.Tensor:
+        for group in GROUPS:
+            if target in group:
+                i = group.index(target)
+                return getattr(self, "A_" + group[0])[i * self.rank : (i + 1) * self.rank]
+        raise KeyError(target)
+
+    def B(self, target: str) -> torch.Tensor:
+        return getattr(self, "B_" + target)
+
+    def deltas(self, d: torch.Tensor) -> "LowRankDeltas":
+        """A delta hook for `layers.decoder_layer`, for modulation d [..., 7, r] (TARGETS order)."""
+        return LowRankDeltas(self, d)
+
+
+class LowRankDeltas:
+    """Computes (alpha/r) B_t diag(d_t) A_t x for each target, sharing x A^T within a group.
+
+    d has shape [7, r] (static: same for every token) or [B, T, 7, r] (Controller).
+    """
+
+    def __init__(self, bases: SVDLoRABases, d: torch.Tensor):
+        self.bases = bases
+        self.d = d
+        self._group_x: dict[str, torch.Tensor] = {}
+        self._group_u: dict[str, torch.Tensor] = {}
+
+    def __call__(self, target: str, x: torch.Tensor) -> torch.Tensor:
+        b = self.bases
+        r = b.rank
+        for group in GROUPS:
+            if target in group:
+                break
+        lead = group[0]
+        if self._group_x.get(lead) is not x:
+            first = TARGETS.index(lead)
+            d = self.d[..., first : first + len(group), :].flatten(-2)  # [..., len(group)*r]
+            u = x @ getattr(b, "A_" + lead).to(x.dtype).t()
+            self._group_x[lead] = x
+            self._group_u[lead] = u * (d.to(x.dtype) * b.scale)
+        i = group.index(target)
+        u = self._group_u[lead][..., i * r : (i + 1) * r]
+        return u @ b.B(target).to(x.dtype).t()

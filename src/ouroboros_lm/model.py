@@ -1,0 +1,168 @@
+"""`OuroborosModel`: prelude -> recurrent block x N -> coda, on a pretrained decoder."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import OuroborosConfig
+from .layers import build_context, decoder_layer, layer_window
+from .recurrence import RecurrentBlock
+from .surgery import split_layers
+
+
+@dataclass
+class OuroborosOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    depth: int | None = None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy with Hugging Face's convention: `labels` are aligned
+    with the inputs, position t is scored against labels[t+1], -100 is ignored."""
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    return F.cross_entropy(logits.float().flatten(0, -2), shifted.reshape(-1), ignore_index=-100)
+
+
+class OuroborosModel(nn.Module):
+    """A recursive transformer built from a pretrained Llama-family decoder.
+
+    Build it with `OuroborosModel.from_base(base, OuroborosConfig(...))`. Only the Controller
+    (or static vectors), the recurrence gate and the per-step norms are trainable.
+    """
+
+    def __init__(self, config: OuroborosConfig, base: nn.Module, prelude, recurrent, coda, bases):
+        super().__init__()
+        self.config = config
+        self.base_config = base.config
+        self.base_name = getattr(base.config, "_name_or_path", "") or type(base).__name__
+        inner = base.model
+        self.embed_tokens = inner.embed_tokens
+        self.rotary_emb = inner.rotary_emb
+        self.prelude = nn.ModuleList(prelude)
+        self.coda = nn.ModuleList(coda)
+        self.norm = inner.norm
+        self.lm_head = base.lm_head
+        self.prelude_windows = [layer_window(l, base.config) for l in prelude]
+        self.coda_windows = [layer_window(l, base.config) for l in coda]
+        for p in self.parameters():
+            p.requires_grad_(False)
+        w = recurrent.self_attn.q_proj.weight
+        with torch.device(w.device):
+            self.recurrent = RecurrentBlock(recurrent, layer_window(recurrent, base.config), bases, config, base.config.hidden_size)
+        self._depth_rng = random.Random(config.seed)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(cls, base: nn.Module, config: OuroborosConfig | None = None) -> "OuroborosModel":
+        """Convert `base` (a Hugging Face Llama/Qwen2/Qwen3/Mistral causal LM).
+
+        The base model is consumed: its removed layers are deleted to free memory, and the
+        layers that are kept are shared with the returned model (and frozen).
+        """
+        config = config or OuroborosConfig()
+        prelude, recurrent, coda, bases = split_layers(base, config)
+        return cls(config, base, prelude, recurrent, coda, bases)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embed_tokens.num_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # ------------------------------------------------------------------ parameters
+    def trainable_parameter_breakdown(self) -> dict[str, int]:
+        r = self.recurrent
+        parts = {
+            "controller": r.controller,
+            "static": r.static,
+            "gate": r.gate,
+            "step_norms": r.step_norms,
+        }
+        out = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in parts.items() if m is not None}
+        out["total"] = sum(out.values())
+        return out
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ forward
+    def resolve_depth(self, depth: int | None) -> int:
+        if depth is None:
+            if self.training:
+                return self._depth_rng.choice(self.config.depths)
+            return max(self.config.depths)
+        return self.config.check_depth(depth)
+
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask=None, labels=None) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError("input_ids must be an integer tensor of shape [batch, seq_len]")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.vocab_size - 1}] (vocab_size {self.vocab_size}); got values in [{lo}, {hi}]")
+        max_pos = getattr(self.base_config, "max_position_embeddings", None)
+        if max_pos is not None and input_ids.shape[1] > max_pos:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the base model's max_position_embeddings {max_pos}")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(t.shape)}")
+
+    def _embed(self, input_ids, attention_mask):
+        h = self.embed_tokens(input_ids)
+        if attention_mask is None:
+            position_ids = torch.arange(input_ids.shape[1], device=h.device).unsqueeze(0)
+            key_padding = None
+        else:
+            attention_mask = attention_mask.to(h.device)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            key_padding = attention_mask.bool()
+        ctx = build_context(self.rotary_emb, h, position_ids, key_padding)
+        return h, ctx
+
+    def _run_stack(self, layers, windows, h, ctx):
+        for layer, w in zip(layers, windows):
+            h = decoder_layer(layer, h, ctx, window=w)
+        return h
+
+    def _head(self, h, labels):
+        logits = self.lm_head(self.norm(h))
+        loss = causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
+        return loss, logits
+
+    def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None) -> OuroborosOutput:
+        depth = self.resolve_depth(depth)
+        self.check_inputs(input_ids, attention_mask, labels)
+        h, ctx = self._embed(input_ids, attention_mask)
+        h = self._run_stack(self.prelude, self.prelude_windows, h, ctx)
+        h = self.recurrent(h, ctx, depth, mask=attention_mask)
+        h = self._run_stack(self.coda, self.coda_windows, h, ctx)
+        loss, logits = self._head(h, labels)
+        return OuroborosOutput(loss=loss, logits=logits, depth=depth)
+
+    def forward_baseline(self, input_ids, attention_mask=None, labels=None) -> OuroborosOutput:
+        """The pruned stack (prelude + recurrent layer once + coda) with nothing added."""
+        self.check_inputs(input_ids, attention_mask, labels)
+        h, ctx = self._embed(input_ids, attention_mask)
+        h = self._run_stack(self.prelude, self.prelude_windows, h, ctx)
+        h = decoder_layer(self.recurrent.layer, h, ctx, window=self.recurrent.window)
+        h = self._run_stack(self.coda, self.coda_windows, h, ctx)
+        loss, logits = self._head(h, labels)
+        return OuroborosOutput(loss=loss, logits=logits, depth=None)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"base={self.base_name!r}, prelude={c.n_prelude}, recurrent_layer={c.recurrent_layer}, "
+            f"coda={c.n_coda}, variant={c.variant}, rank={c.rank}, gate={c.gate}, pooling={c.pooling}"
+        )

@@ -1,0 +1,99 @@
+"""The recurrent block: one frozen decoder layer applied N times, made step-aware.
+
+Each step s:
+    d      = Controller(pool(h), s)   |  static vectors[s]  |  nothing
+    h_new  = layer(h; norms = step_norms[s], projections + (alpha/r) B diag(d) A)
+    h      = g * h_new + (1 - g) * h,   g = sigmoid(W_g [h_new; h] + b_g)   (or h = h_new)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import OuroborosConfig
+from .controller import Controller, PoolState, StaticModulation, pool
+from .layers import AttentionContext, KVSlot, decoder_layer
+from .lora import SVDLoRABases
+
+
+class RecurrenceGate(nn.Module):
+    """g = sigmoid(W_g [h_new; h_old] + b_g); W_g = 0 and b_g = gate_bias at init, so a fresh
+    gate keeps sigmoid(-gate_bias) of the old state (0.88 for the default -2)."""
+
+    def __init__(self, hidden_size: int, bias: float):
+        super().__init__()
+        self.proj = nn.Linear(2 * hidden_size, hidden_size)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.constant_(self.proj.bias, bias)
+
+    def forward(self, h_new: torch.Tensor, h_old: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.proj(torch.cat([h_new, h_old], dim=-1).float()))
+        return (g * h_new.float() + (1.0 - g) * h_old.float()).to(h_new.dtype)
+
+
+class StepNorms(nn.Module):
+    """A separate pair of RMSNorm weights (pre-attention, pre-MLP) for every step, each
+    initialised from the recurrent layer's own, so a fresh model normalises as the base does."""
+
+    def __init__(self, input_norm: torch.Tensor, post_norm: torch.Tensor, max_steps: int):
+        super().__init__()
+        w = torch.stack([input_norm.detach().float(), post_norm.detach().float()])  # [2, H]
+        self.weight = nn.Parameter(w.unsqueeze(0).repeat(max_steps, 1, 1))
+
+    def forward(self, step: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weight[step].to(dtype)
+        return w[0], w[1]
+
+
+class RecurrentBlock(nn.Module):
+    def __init__(self, layer: nn.Module, window: int | None, bases: SVDLoRABases | None, config: OuroborosConfig, hidden_size: int):
+        super().__init__()
+        self.config = config
+        self.layer = layer.requires_grad_(False)  # the recurrent layer itself stays frozen
+        self.window = window
+        self.bases = bases
+        self.controller = None
+        self.static = None
+        if config.variant == "controller":
+            self.controller = Controller(hidden_size, config.controller_hidden, config.style_dim, config.rank, config.max_steps)
+        elif config.variant == "static":
+            self.static = StaticModulation(config.rank, config.max_steps)
+        self.gate = RecurrenceGate(hidden_size, config.gate_bias) if config.gate else None
+        self.step_norms = (
+            StepNorms(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, config.max_steps)
+            if config.step_norm
+            else None
+        )
+
+    def modulation(self, h: torch.Tensor, step: int, mask, pool_state: PoolState | None) -> torch.Tensor | None:
+        if self.controller is not None:
+            return self.controller(pool(h, self.config.pooling, mask, pool_state), step)
+        if self.static is not None:
+            return self.static(step)
+        return None
+
+    def step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, kv: KVSlot | None = None, pool_state: PoolState | None = None) -> torch.Tensor:
+        d = self.modulation(h, s, mask, pool_state)
+        delta = self.bases.deltas(d) if d is not None else None
+        norms = self.step_norms(s, h.dtype) if self.step_norms is not None else None
+        h_new = decoder_layer(self.layer, h, ctx, window=self.window, delta=delta, norm_weights=norms, kv=kv)
+        return self.gate(h_new, h) if self.gate is not None else h_new
+
+    def forward(self, h: torch.Tensor, ctx: AttentionContext, depth: int, mask=None, cache=None) -> torch.Tensor:
+        """cache: optional (list of KVSlot, list of PoolState), one entry per step."""
+        use_ckpt = (
+            self.training
+            and torch.is_grad_enabled()
+            and cache is None
+            and self.config.checkpoint_from_depth > 0
+            and depth >= self.config.checkpoint_from_depth
+        )
+        for s in range(depth):
+            if use_ckpt:
+                h = checkpoint(self.step, h, s, ctx, mask, use_reentrant=False)
+            elif cache is not None:
+                h = self.step(h, s, ctx, mask, cache[0][s], cache[1][s])
+            else:
+                h = self.step(h, s, ctx, mask)
+        return h

@@ -1,0 +1,79 @@
+"""Surgery on a pretrained Llama-family decoder: keep prelude, recurrent layer and coda,
+factor the removed layers into SVD bases, drop the rest."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import OuroborosConfig
+from .layers import PROJECTIONS
+from .lora import SVDLoRABases
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def check_architecture(base: nn.Module) -> None:
+    """Raise ValueError naming the architecture and what it lacks, unless it is a supported
+    Llama-family causal LM (model.embed_tokens, model.layers[*] with the seven projections and
+    two RMSNorms, model.norm, model.rotary_emb, lm_head)."""
+    name = type(base).__name__
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    missing = []
+    inner = getattr(base, "model", None)
+    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if inner is None or not hasattr(inner, attr):
+            missing.append(f"model.{attr}")
+    if not hasattr(base, "lm_head"):
+        missing.append("lm_head")
+    layers = getattr(inner, "layers", None) if inner is not None else None
+    if layers is not None and len(layers) > 0:
+        layer = layers[0]
+        for path in list(PROJECTIONS.values()) + ["input_layernorm", "post_attention_layernorm", "mlp.act_fn"]:
+            mod = layer
+            for part in path.split("."):
+                mod = getattr(mod, part, None)
+                if mod is None:
+                    break
+            if mod is None:
+                missing.append(f"model.layers[i].{path}")
+    if model_type not in SUPPORTED_MODEL_TYPES or missing:
+        why = f"missing {', '.join(missing)}" if missing else f"model_type {model_type!r} is not a known Llama-family type"
+        raise ValueError(
+            f"unsupported architecture {name} (model_type={model_type!r}): {why}. "
+            f"Ouroboros supports Llama-family decoders: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+
+
+def split_layers(base: nn.Module, config: OuroborosConfig):
+    """Validate the split against the base model, compute the SVD bases from the removed
+    layers, then delete the removed layers from the base model to free their memory.
+
+    Returns (prelude layers, recurrent layer, coda layers, bases or None).
+    """
+    check_architecture(base)
+    layers = base.model.layers
+    L = len(layers)
+    config.validate(num_layers=L)
+    removed_idx = config.removed_layers(L)
+    recurrent = layers[config.recurrent_layer]
+    bases = None
+    if config.variant != "none":
+        if not removed_idx:
+            raise ValueError(
+                f"variant={config.variant!r} needs removed layers to build the SVD bases, but "
+                f"n_prelude={config.n_prelude} + n_coda={config.n_coda} + 1 = {L} keeps every layer; "
+                "drop some layers or use variant='none'"
+            )
+        limit = min(min(recurrent.self_attn.q_proj.weight.shape), min(recurrent.mlp.down_proj.weight.shape),
+                    min(recurrent.self_attn.k_proj.weight.shape), min(recurrent.mlp.gate_proj.weight.shape),
+                    min(recurrent.self_attn.o_proj.weight.shape))
+        if config.rank > limit:
+            raise ValueError(f"rank must be in [1, {limit}] (the smallest side of the recurrent layer's projections); got {config.rank}")
+        with torch.no_grad():
+            bases = SVDLoRABases.from_layers(recurrent, [layers[i] for i in removed_idx], config.rank, config.alpha)
+    prelude = [layers[i] for i in range(config.n_prelude)]
+    coda = [layers[i] for i in range(L - config.n_coda, L)]
+    # Free the removed layers: the base model keeps only what we use.
+    base.model.layers = nn.ModuleList(prelude + [recurrent] + coda)
+    base.config.num_hidden_layers = len(base.model.layers)
+    return prelude, recurrent, coda, bases

@@ -1,0 +1,63 @@
+"""Tiny random Llama-family models built from configs, shared by the unit tests."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from ouroboros_lm import OuroborosConfig, OuroborosModel
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**TINY, tie_word_embeddings=True),
+    "qwen2": lambda: Qwen2Config(**TINY, tie_word_embeddings=False),
+    "qwen3": lambda: Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True),
+    "mistral": lambda: MistralConfig(**TINY, sliding_window=None, tie_word_embeddings=False),
+}
+
+# The tiny split: layers 0-1 prelude, 4 recurrent, 6-7 coda; 2, 3, 5 removed.
+TINY_SPLIT = dict(n_prelude=2, recurrent_layer=4, n_coda=2, rank=4, style_dim=16, controller_hidden=24, max_steps=16)
+
+
+def tiny_base(arch: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = CONFIGS[arch]()
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # random but not degenerate: give the biases of Qwen2 some values
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def tiny_ouroboros(arch: str = "llama", seed: int = 0, **overrides) -> OuroborosModel:
+    cfg = OuroborosConfig(**{**TINY_SPLIT, **overrides})
+    return OuroborosModel.from_base(tiny_base(arch, seed), cfg).eval()
+
+
+def randomize_trainables(model: OuroborosModel, seed: int = 1, scale: float = 0.5) -> None:
+    """Give Controller heads, static vectors and gate weights random non-zero values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture
+def tokens():
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, TINY["vocab_size"], (2, 24), generator=g)
