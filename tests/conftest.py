@@ -61,3 +61,38 @@ def randomize_trainables(model: OuroborosModel, seed: int = 1, scale: float = 0.
 def tokens():
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, TINY["vocab_size"], (2, 24), generator=g)
+
+
+# ---------------------------------------------------------------- tokenizer and saved tiny models
+def tiny_tokenizer():
+    """A character-level fast tokenizer over printable ASCII: 95 chars + <unk> + <eos> = 97 ids."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
+    vocab["<unk>"] = len(vocab)
+    vocab["<eos>"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>")
+
+
+def save_tiny_base(path, arch: str = "llama", seed: int = 0):
+    """A tiny random model + tokenizer saved as a Hugging Face folder (what `--base` takes)."""
+    model = tiny_base(arch, seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def write_corpus(folder, n_docs: int = 12, seed: int = 0, words: int = 120):
+    """Plain-text documents of pseudo-words, one file each."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    syll = ["ba", "ko", "ri", "tu", "me", "sa", "lo", "ni", "de", "fa"]
+    for i in range(n_docs):
+        text = " ".join("".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(words)) + ".\n"
+        (folder / f"doc_{i:03d}.txt").write_text(text)
+    return folder

@@ -59,11 +59,12 @@ class SVDLoRABases(nn.Module):
             self.register_buffer("B_" + t, torch.zeros(out_features, rank, dtype=dtype, device=device))
 
     @classmethod
-    def from_layers(cls, recurrent: nn.Module, removed: list[nn.Module], rank: int, alpha: float):
+    def from_layers(cls, recurrent: nn.Module, removed: list[nn.Module] | None, rank: int, alpha: float):
+        """Factor the removed layers' mean residual; with removed=None only allocate (zeros)."""
         shapes = {t: tuple(get_projection(recurrent, t).weight.shape) for t in TARGETS}
         w = get_projection(recurrent, "q").weight
         bases = cls(shapes, rank, alpha, dtype=w.dtype, device=w.device)
-        if w.is_meta:  # shapes only (parameter counting); nothing to factor
+        if w.is_meta or removed is None:  # shapes only: nothing to factor
             return bases
         for group in GROUPS:
             As = []

@@ -1,8 +1,10 @@
 """`OuroborosModel`: prelude -> recurrent block x N -> coda, on a pretrained decoder."""
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +37,10 @@ class OuroborosModel(nn.Module):
     (or static vectors), the recurrence gate and the per-step norms are trainable.
     """
 
-    def __init__(self, config: OuroborosConfig, base: nn.Module, prelude, recurrent, coda, bases):
+    def __init__(self, config: OuroborosConfig, base: nn.Module, prelude, recurrent, coda, bases, base_config=None):
         super().__init__()
         self.config = config
-        self.base_config = base.config
+        self.base_config = base_config if base_config is not None else base.config  # the full model's config
         self.base_name = getattr(base.config, "_name_or_path", "") or type(base).__name__
         inner = base.model
         self.embed_tokens = inner.embed_tokens
@@ -58,15 +60,41 @@ class OuroborosModel(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_base(cls, base: nn.Module, config: OuroborosConfig | None = None) -> "OuroborosModel":
+    def from_base(cls, base: nn.Module, config: OuroborosConfig | None = None, compute_bases: bool = True) -> "OuroborosModel":
         """Convert `base` (a Hugging Face Llama/Qwen2/Qwen3/Mistral causal LM).
 
         The base model is consumed: its removed layers are deleted to free memory, and the
         layers that are kept are shared with the returned model (and frozen).
         """
+        from .adapter import kept_fingerprints
+        from .surgery import check_architecture
+
         config = config or OuroborosConfig()
-        prelude, recurrent, coda, bases = split_layers(base, config)
-        return cls(config, base, prelude, recurrent, coda, bases)
+        check_architecture(base)
+        config.validate(num_layers=len(base.model.layers))
+        fingerprints = kept_fingerprints(base, config)  # before surgery: identifies the base in adapters
+        full_config = copy.deepcopy(base.config)
+        prelude, recurrent, coda, bases = split_layers(base, config, compute_bases)
+        model = cls(config, base, prelude, recurrent, coda, bases, base_config=full_config)
+        model.kept_fingerprints = fingerprints
+        return model
+
+    # ------------------------------------------------------------------ adapters
+    def save_adapter(self, directory) -> "Path":
+        """Write adapter_config.json + adapter_model.safetensors (trained weights and the frozen
+        SVD bases) to `directory`, atomically."""
+        from .adapter import save_adapter
+
+        return save_adapter(self, directory)
+
+    @classmethod
+    def load_adapter(cls, directory, base=None, dtype=torch.float32, device=None, **overrides) -> "OuroborosModel":
+        """Rebuild a saved model on `base` (a model, a source, or None for the recorded base).
+        Fails with AdapterError (a ValueError) on a different base, a different layer split, an
+        incompatible format or a corrupt file, before anything is loaded."""
+        from .adapter import load_adapter
+
+        return load_adapter(directory, base=base, dtype=dtype, device=device, **overrides)
 
     @property
     def vocab_size(self) -> int:

@@ -44,10 +44,12 @@ def check_architecture(base: nn.Module) -> None:
         )
 
 
-def split_layers(base: nn.Module, config: OuroborosConfig):
+def split_layers(base: nn.Module, config: OuroborosConfig, compute_bases: bool = True):
     """Validate the split against the base model, compute the SVD bases from the removed
     layers, then delete the removed layers from the base model to free their memory.
 
+    compute_bases=False allocates the bases without factoring anything (an adapter's saved
+    bases are about to be loaded into them).
     Returns (prelude layers, recurrent layer, coda layers, bases or None).
     """
     check_architecture(base)
@@ -69,8 +71,9 @@ def split_layers(base: nn.Module, config: OuroborosConfig):
                     min(recurrent.self_attn.o_proj.weight.shape))
         if config.rank > limit:
             raise ValueError(f"rank must be in [1, {limit}] (the smallest side of the recurrent layer's projections); got {config.rank}")
+        removed = [layers[i] for i in removed_idx] if compute_bases else None
         with torch.no_grad():
-            bases = SVDLoRABases.from_layers(recurrent, [layers[i] for i in removed_idx], config.rank, config.alpha)
+            bases = SVDLoRABases.from_layers(recurrent, removed, config.rank, config.alpha)
     prelude = [layers[i] for i in range(config.n_prelude)]
     coda = [layers[i] for i in range(L - config.n_coda, L)]
     # Free the removed layers: the base model keeps only what we use.

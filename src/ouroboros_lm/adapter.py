@@ -1,0 +1,240 @@
+"""Adapters, in the spirit of PEFT: what training produced, small and separate from the base.
+
+A folder holds
+  adapter_config.json        format version, the OuroborosConfig, the base model's name or path,
+                             a hash of the base's architecture, fingerprints of the kept layers'
+                             weights, and the sha256 of the weights file
+  adapter_model.safetensors  the trained weights and the frozen SVD bases (so loading never
+                             recomputes the SVD)
+
+Loading checks everything before building anything: a different base, a different layer
+split, an incompatible format, or a corrupt or truncated file each fail with a message that
+says which, and no half-loaded model is ever returned. Files are written atomically
+(temporary file, fsync, rename).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import OuroborosConfig
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+# Fields that change the shape or meaning of the saved weights; the rest may be overridden.
+STRUCTURAL = ("n_prelude", "recurrent_layer", "n_coda", "rank", "alpha", "variant", "gate", "step_norm",
+              "pooling", "style_dim", "controller_hidden", "max_steps")
+SPLIT = ("n_prelude", "recurrent_layer", "n_coda")
+ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be loaded onto this base; the message says why."""
+
+
+# ---------------------------------------------------------------------- fingerprints
+def architecture(base_config) -> dict:
+    return {k: getattr(base_config, k, None) for k in ARCH_FIELDS}
+
+
+def architecture_hash(base_config) -> str:
+    return hashlib.sha256(json.dumps(architecture(base_config), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of names, shapes and a strided sample of values rounded to bfloat16, so the same
+    weights loaded in fp32 or bf16 give the same fingerprint."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        if t.is_meta:
+            continue
+        flat = t.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+        h.update(sample.to(torch.bfloat16).to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def kept_fingerprints(base, config: OuroborosConfig) -> dict[str, str]:
+    """Fingerprints of what an Ouroboros model keeps from `base` (before surgery)."""
+    layers = base.model.layers
+    out = {f"layer.{i}": tensor_fingerprint(dict(layers[i].named_parameters())) for i in config.kept_layers(len(layers))}
+    out["embed_tokens"] = tensor_fingerprint({"w": base.model.embed_tokens.weight})
+    out["norm"] = tensor_fingerprint(dict(base.model.norm.named_parameters()))
+    out["lm_head"] = tensor_fingerprint({"w": base.lm_head.weight})
+    return out
+
+
+# ---------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """Trainable weights (float32) and the frozen SVD bases."""
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if model.recurrent.bases is not None:
+        for n, b in model.recurrent.bases.named_buffers():
+            state[f"recurrent.bases.{n}"] = b.detach()
+    return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------- save / load
+def save_adapter(model, directory: str | os.PathLike, base_fingerprints: dict | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save
+
+    blob = save(adapter_state_dict(model), metadata={"format": "pt", "ouroboros_format_version": str(FORMAT_VERSION)})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "library": "ouroboros-lm",
+        "ouroboros_config": model.config.to_dict(),
+        "base_model": model.base_name,
+        "base_architecture": architecture(model.base_config),
+        "base_architecture_hash": architecture_hash(model.base_config),
+        "kept_weights_fingerprints": base_fingerprints or model.kept_fingerprints,
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        "trainable_parameters": model.trainable_parameter_breakdown(),
+    }
+    # weights first, config last: the config names the weights' hash, so a save interrupted in
+    # between is detected on load instead of pairing a new config with old weights.
+    atomic_write_bytes(directory / WEIGHTS_NAME, blob)
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    return directory
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors), fully validated against each other; raises AdapterError."""
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not directory.is_dir():
+        raise AdapterError(f"adapter folder not found: {directory}")
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise AdapterError(f"{p} is missing: {directory} is not a complete adapter (run `ouroboros convert` first)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{cfg_path} is corrupt (not valid JSON: {e})") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise AdapterError(
+            f"{cfg_path} has format_version {version!r}; this ouroboros-lm reads version {FORMAT_VERSION} "
+            "(incompatible format version)"
+        )
+    blob = w_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
+        raise AdapterError(f"{w_path} is corrupt or truncated: its sha256 does not match {CONFIG_NAME}")
+    try:
+        from safetensors.torch import load
+
+        tensors = load(blob)
+    except Exception as e:  # noqa: BLE001 - any parse failure means corruption
+        raise AdapterError(f"{w_path} is corrupt or truncated ({e})") from None
+    try:
+        OuroborosConfig.from_dict(meta["ouroboros_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{cfg_path} holds an invalid ouroboros_config: {e}") from None
+    return meta, tensors
+
+
+def resolve_config(meta: dict, overrides: dict) -> OuroborosConfig:
+    saved = OuroborosConfig.from_dict(meta["ouroboros_config"])
+    changed = {k: v for k, v in overrides.items() if v is not None and getattr(saved, k) != v}
+    split = {k: v for k, v in changed.items() if k in SPLIT}
+    if split:
+        have = ", ".join(f"{k}={getattr(saved, k)}" for k in SPLIT)
+        want = ", ".join(f"{k}={v}" for k, v in split.items())
+        raise AdapterError(f"different layer split: the adapter was made with {have}; asked for {want}")
+    structural = {k: v for k, v in changed.items() if k in STRUCTURAL}
+    if structural:
+        raise AdapterError(
+            "the adapter's weights were made with "
+            + ", ".join(f"{k}={getattr(saved, k)!r}" for k in structural)
+            + "; these cannot be changed on load (asked for "
+            + ", ".join(f"{k}={v!r}" for k, v in structural.items())
+            + ")"
+        )
+    return saved.replace(**changed) if changed else saved
+
+
+def check_base(meta: dict, base, config: OuroborosConfig) -> dict[str, str]:
+    """Raise AdapterError unless `base` is the model the adapter was made from."""
+    want = meta.get("base_architecture", {})
+    have = architecture(base.config)
+    if architecture_hash(base.config) != meta.get("base_architecture_hash"):
+        diffs = [f"{k}: adapter {want.get(k)!r} vs base {have.get(k)!r}" for k in ARCH_FIELDS if want.get(k) != have.get(k)]
+        raise AdapterError(
+            f"different base model: the adapter was made from {meta.get('base_model')!r}; the base given differs in "
+            + ("; ".join(diffs) or "architecture")
+        )
+    fps = kept_fingerprints(base, config)
+    saved = meta.get("kept_weights_fingerprints", {})
+    bad = [k for k in fps if saved.get(k) != fps[k]]
+    if bad:
+        raise AdapterError(
+            f"different base model: the adapter was made from {meta.get('base_model')!r}, and the base given has "
+            f"different weights in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}"
+        )
+    return fps
+
+
+def load_adapter(directory, base=None, dtype=torch.float32, device=None, **overrides):
+    """Build an OuroborosModel from `base` (a model, a source string, or None for the base
+    recorded in the adapter) and the adapter in `directory`."""
+    from .loading import load_base_model
+    from .model import OuroborosModel
+
+    meta, tensors = read_adapter(directory)
+    config = resolve_config(meta, overrides)
+    if base is None:
+        base = meta["base_model"]
+    if isinstance(base, (str, os.PathLike)):
+        base = load_base_model(base, dtype=dtype, device=device)
+    fps = check_base(meta, base, config)
+    model = OuroborosModel.from_base(base, config, compute_bases=False)
+    model.kept_fingerprints = fps
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise AdapterError(
+            f"{Path(directory) / WEIGHTS_NAME} does not fit this configuration: "
+            f"missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    for k, t in expected.items():
+        if tuple(tensors[k].shape) != tuple(t.shape):
+            raise AdapterError(f"{Path(directory) / WEIGHTS_NAME}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(t.shape)}")
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for k, t in tensors.items():
+            target = params.get(k, buffers.get(k))
+            target.copy_(t.to(target.dtype))
+    model.adapter_meta = meta
+    return model

@@ -1,0 +1,131 @@
+"""Next-token loss of the full base model, the pruned baseline and Ouroboros at several
+depths, on the same tokens, for the training distribution and the held-out split."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def summed_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """(sum of next-token cross-entropies, number of scored tokens) for full blocks."""
+    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].reshape(-1).to(logits.device), reduction="sum")
+    return ce.item(), input_ids[:, 1:].numel()
+
+
+@torch.no_grad()
+def mean_loss(forward, blocks: torch.Tensor, batch_size: int, device, desc: str | None = None, progress: bool = True) -> float:
+    """Token-weighted mean next-token loss of `forward(input_ids) -> logits` over blocks."""
+    total, count = 0.0, 0
+    batches = range(0, blocks.shape[0], batch_size)
+    for i in tqdm(batches, desc=desc, leave=False, disable=not progress or desc is None):
+        ids = blocks[i : i + batch_size].to(device)
+        s, n = summed_loss(forward(ids), ids)
+        total, count = total + s, count + n
+    return total / count
+
+
+@dataclass
+class EvalRow:
+    model: str
+    loss: float
+    depth: int | None = None
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+
+@dataclass
+class EvalReport:
+    """Per split (e.g. "train", "heldout"): rows for full, baseline and each depth."""
+
+    splits: dict[str, list[EvalRow]] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def row(self, split: str, model: str) -> EvalRow | None:
+        return next((r for r in self.splits[split] if r.model == model), None)
+
+    def derived(self, split: str, row: EvalRow) -> tuple[float | None, float | None]:
+        """(loss reduction vs pruned baseline in %, gap recovered in %)."""
+        base, full = self.row(split, "baseline"), self.row(split, "full")
+        if base is None or row.model in ("baseline",):
+            return None, None
+        reduction = 100.0 * (base.loss - row.loss) / base.loss
+        gap = None
+        if full is not None and row.model != "full" and abs(base.loss - full.loss) > 1e-12:
+            gap = 100.0 * (base.loss - row.loss) / (base.loss - full.loss)
+        return reduction, gap
+
+    def to_dict(self) -> dict:
+        out = {"meta": self.meta, "tokens": self.tokens, "splits": {}}
+        for split, rows in self.splits.items():
+            out["splits"][split] = []
+            for r in rows:
+                red, gap = self.derived(split, r)
+                out["splits"][split].append(
+                    {"model": r.model, "depth": r.depth, "loss": r.loss, "perplexity": r.perplexity,
+                     "reduction_vs_baseline_pct": red, "gap_recovered_pct": gap}
+                )
+        return out
+
+    def table(self, markdown: bool = False) -> str:
+        head = ["split", "model", "loss", "ppl", "vs baseline", "gap recovered"]
+        lines = []
+        for split, rows in self.splits.items():
+            for r in rows:
+                red, gap = self.derived(split, r)
+                lines.append([
+                    f"{split} ({self.tokens.get(split, 0):,} tok)", r.model, f"{r.loss:.4f}", f"{r.perplexity:.1f}",
+                    "" if red is None else f"{red:+.2f}%", "" if gap is None else f"{gap:+.1f}%",
+                ])
+        if markdown:
+            out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            out += ["| " + " | ".join(l) + " |" for l in lines]
+            return "\n".join(out)
+        widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+        fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+
+    def write(self, directory: str | Path, stem: str = "eval") -> tuple[Path, Path]:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        j, m = directory / f"{stem}.json", directory / f"{stem}.md"
+        j.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        m.write_text(self.table(markdown=True) + "\n")
+        return j, m
+
+
+def evaluate(model, splits: dict[str, torch.Tensor], depths=(1, 4, 8, 16), full_model=None,
+             batch_size: int = 4, progress: bool = True, meta: dict | None = None) -> EvalReport:
+    """Evaluate every row on exactly the same blocks of each split."""
+    was_training = model.training
+    model.eval()
+    device = model.device
+    report = EvalReport(meta=dict(meta or {}))
+    jobs = []
+    if full_model is not None:
+        n_layers = full_model.config.num_hidden_layers
+        jobs.append((f"full", None, lambda ids: full_model(ids, use_cache=False).logits))
+        report.meta.setdefault("full_layers", n_layers)
+    jobs.append(("baseline", None, lambda ids: model.forward_baseline(ids).logits))
+    for d in depths:
+        jobs.append((f"ouroboros@{d}", d, lambda ids, d=d: model(ids, depth=d).logits))
+    bar = tqdm(total=len(splits) * len(jobs), desc="evaluating", disable=not progress)
+    for split, blocks in splits.items():
+        report.splits[split] = []
+        report.tokens[split] = int(blocks[:, 1:].numel())
+        for name, depth, fwd in jobs:
+            bar.set_postfix_str(f"{split}: {name}")
+            loss = mean_loss(fwd, blocks, batch_size, device)
+            report.splits[split].append(EvalRow(name, loss, depth))
+            bar.update(1)
+    bar.close()
+    model.train(was_training)
+    return report
