@@ -1,4 +1,4 @@
-"""The `ouroboros` command: convert, train, eval, demo.
+"""The `ouroboros` command: convert, train, eval, generate, demo.
 
 Flags use the names of the OuroborosConfig fields (--n-prelude, --recurrent-layer, ...).
 Bad input exits with status 2 and one line saying what is wrong.
@@ -159,6 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for eval.json / eval.md (default: the adapter folder)")
     p.add_argument("--eval-seed", type=int, default=0, help="seed choosing the training-distribution blocks")
 
+    p = sub.add_parser("generate", help="generate text through the recursion (streams tokens)", formatter_class=fmt)
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--depth", type=positive_int, default=None, help="recurrence depth (default: the largest training depth)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=positive_float, default=None, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--baseline", action="store_true", help="generate with the pruned model instead")
+    who.add_argument("--full", action="store_true", help="generate with the full base model instead")
+    who.add_argument("--compare", action="store_true", help="print full, pruned and Ouroboros continuations")
+
     p = sub.add_parser("demo", help="the main job: SmolLM2-135M on State of the Union addresses", formatter_class=fmt)
     from .demo import DemoConfig
 
@@ -240,13 +256,68 @@ def cmd_eval(args) -> None:
     print(f"wrote {j} and {m}")
 
 
+def cmd_generate(args) -> None:
+    import torch
+
+    from .adapter import read_adapter
+    from .loading import load_base_model, load_tokenizer
+    from .model import OuroborosModel
+
+    meta, _ = read_adapter(args.adapter)
+    cfg = meta["ouroboros_config"]
+    if args.depth is not None and args.depth > cfg["max_steps"]:
+        raise ValueError(f"--depth must be in [1, max_steps={cfg['max_steps']}]; got {args.depth}")
+    if args.top_p is not None and args.top_p > 1:
+        raise ValueError(f"--top-p must be in (0, 1]; got {args.top_p}")
+    tok = load_tokenizer(meta["base_model"])
+    text = args.prompt
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=not args.chat).input_ids
+    sample = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    eos = tok.eos_token_id
+    runs = ["full", "baseline", "ouroboros"] if args.compare else ["full" if args.full else "baseline" if args.baseline else "ouroboros"]
+    model = full = None
+    if any(r != "full" for r in runs):
+        model = OuroborosModel.load_adapter(args.adapter)
+    if "full" in runs:
+        full = load_base_model(meta["base_model"])
+    depth = args.depth or max(cfg["depths"])
+    for who in runs:
+        if args.compare:
+            label = {"full": "full model", "baseline": "pruned baseline", "ouroboros": f"ouroboros (depth {depth})"}[who]
+            print(f"\n=== {label} ===")
+        print(args.prompt, end="", flush=True)
+        if who == "full":
+            from transformers import TextStreamer
+
+            if args.seed is not None:
+                torch.manual_seed(args.seed)
+            gen_kw = dict(sample) if args.do_sample else {"do_sample": False}
+            full.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=eos,
+                          streamer=TextStreamer(tok, skip_prompt=True), **gen_kw)
+            continue
+        produced: list[int] = []
+        shown = [""]
+
+        def stream(token):
+            produced.append(int(token[0]))
+            text = tok.decode(produced, skip_special_tokens=True)
+            print(text[len(shown[0]):], end="", flush=True)
+            shown[0] = text
+
+        model.generate(ids, max_new_tokens=args.max_new_tokens, depth=depth, eos_token_id=eos, seed=args.seed,
+                       baseline=who == "baseline", on_token=stream, **sample)
+        print()
+
+
 def cmd_demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=args.out, steps=args.steps, time_budget=args.time_budget, corpus=args.corpus))
 
 
-COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

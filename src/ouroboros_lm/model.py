@@ -188,6 +188,17 @@ class OuroborosModel(nn.Module):
         loss, logits = self._head(h, labels)
         return OuroborosOutput(loss=loss, logits=logits, depth=None)
 
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, depth: int | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id=None, seed: int | None = None, **kwargs) -> torch.Tensor:
+        """Prompt + new token ids, through the recursion with a per-step KV cache (see generate.py).
+        Left-pad batches and pass their attention_mask. baseline=True uses the pruned stack."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, depth=depth,
+                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, seed=seed, **kwargs)
+
     def extra_repr(self) -> str:
         c = self.config
         return (

@@ -1,0 +1,166 @@
+"""Generation through the recursion, with a cache that makes each new token cost one pass
+through P + depth + C layers on one position.
+
+The cache keeps keys and values of every prelude layer, of *each recurrence step separately*
+(the same layer sees different hidden states at step s and s+1), and of every coda layer,
+plus the running sum and count that the Controller's causal prefix-mean pooling needs, per
+step. `tests/test_generate.py` checks it against recomputing the whole prefix every token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .controller import PoolState
+from .layers import KVSlot, build_context, decoder_layer
+
+
+@dataclass
+class OuroborosCache:
+    depth: int | None  # None: the pruned baseline (recurrent layer once, nothing added)
+    prelude: list[KVSlot]
+    steps: list[KVSlot]
+    pools: list[PoolState]
+    coda: list[KVSlot]
+    key_padding: torch.Tensor | None = None  # [B, S] bool, all positions so far
+    next_position: torch.Tensor | None = None  # [B] rotary position of the next real token
+    length: int = 0
+
+    @classmethod
+    def empty(cls, model, depth: int | None) -> "OuroborosCache":
+        n_steps = depth if depth is not None else 1
+        return cls(depth, [KVSlot() for _ in model.prelude], [KVSlot() for _ in range(n_steps)],
+                   [PoolState() for _ in range(n_steps)], [KVSlot() for _ in model.coda])
+
+
+@torch.no_grad()
+def cached_forward(model, input_ids: torch.Tensor, cache: OuroborosCache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits for `input_ids` (new positions only), extending `cache`."""
+    B, T = input_ids.shape
+    device = model.device
+    new_mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None else attention_mask.to(device).long()
+    if cache.next_position is None:
+        cache.next_position = torch.zeros(B, dtype=torch.long, device=device)
+    position_ids = (cache.next_position[:, None] + new_mask.cumsum(-1) - 1).clamp(min=0)
+    cache.next_position = cache.next_position + new_mask.sum(-1)
+    padded = attention_mask is not None and not bool(new_mask.all())
+    if cache.key_padding is None and padded:
+        cache.key_padding = torch.ones(B, cache.length, dtype=torch.bool, device=device)
+    if cache.key_padding is not None:
+        cache.key_padding = torch.cat([cache.key_padding, new_mask.bool()], dim=1)
+    h = model.embed_tokens(input_ids.to(device))
+    ctx = build_context(model.rotary_emb, h, position_ids, cache.key_padding, past_length=cache.length)
+    for layer, w, slot in zip(model.prelude, model.prelude_windows, cache.prelude):
+        h = decoder_layer(layer, h, ctx, window=w, kv=slot)
+    rec = model.recurrent
+    if cache.depth is None:
+        h = decoder_layer(rec.layer, h, ctx, window=rec.window, kv=cache.steps[0])
+    else:
+        pool_mask = new_mask if cache.key_padding is not None else None
+        h = rec(h, ctx, cache.depth, mask=pool_mask, cache=(cache.steps, cache.pools))
+    for layer, w, slot in zip(model.coda, model.coda_windows, cache.coda):
+        h = decoder_layer(layer, h, ctx, window=w, kv=slot)
+    cache.length += T
+    return model.lm_head(model.norm(h))
+
+
+@torch.no_grad()
+def full_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, depth: int | None) -> torch.Tensor:
+    """Logits of the whole sequence, recomputed from scratch (the reference for the cache)."""
+    if depth is None:
+        return model.forward_baseline(input_ids, attention_mask=attention_mask).logits
+    return model(input_ids, attention_mask=attention_mask, depth=depth).logits
+
+
+def next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy or sampled next token from logits [B, V]."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def check_generation_args(model, max_new_tokens, depth, do_sample, temperature, top_k, top_p) -> None:
+    if model.config.pooling == "sequence_mean" and depth is not None:
+        raise ValueError(
+            "this model uses pooling='sequence_mean': every position's Controller reads the mean of the WHOLE "
+            "sequence, future tokens included, so it is not causal and cannot generate (each new token would change "
+            "the past). Use pooling='prefix_mean' or 'token'."
+        )
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    if do_sample:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling; got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+             depth: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id: int | list[int] | None = None, seed: int | None = None,
+             use_cache: bool = True, baseline: bool = False, pad_token_id: int | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Prompt + generated ids [B, T + new]. Batches must be left-padded, with `attention_mask`.
+
+    baseline=True generates with the pruned stack instead of the recursion. A row that
+    produced EOS is padded with `pad_token_id` (default: the EOS id) until all rows finish.
+    `on_token(ids [B])` is called with every new token (streaming)."""
+    depth = None if baseline else model.resolve_depth(depth if depth is not None else max(model.config.depths))
+    check_generation_args(model, max_new_tokens, depth, do_sample, temperature, top_k, top_p)
+    model.check_inputs(input_ids, attention_mask)
+    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate needs left padding: the last position of every row must be a real token")
+    was_training = model.training
+    model.eval()
+    device = model.device
+    ids = input_ids.to(device)
+    mask = attention_mask.to(device).long() if attention_mask is not None else None
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    max_pos = getattr(model.base_config, "max_position_embeddings", None)
+    if max_pos is not None and ids.shape[1] + max_new_tokens > max_pos:
+        raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the base model's "
+                         f"max_position_embeddings {max_pos}")
+    cache = OuroborosCache.empty(model, depth) if use_cache else None
+    step_ids, step_mask = ids, mask
+    try:
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = cached_forward(model, step_ids, cache, step_mask)[:, -1]
+            else:
+                logits = full_forward(model, ids, mask, depth)[:, -1]
+            tok = next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            ids = torch.cat([ids, tok[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(tok)[:, None]], dim=1)
+            if on_token is not None:
+                on_token(tok)
+            if eos:
+                done |= torch.isin(tok, torch.tensor(sorted(eos), device=device))
+                if bool(done.all()):
+                    break
+            step_ids = tok[:, None]
+            step_mask = torch.ones_like(step_ids) if mask is not None else None
+    finally:
+        model.train(was_training)
+    return ids
