@@ -253,3 +253,13 @@ def test_unsupported_architecture_is_named():
     base = AutoModelForCausalLM.from_config(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel \(model_type='gpt2'\).*missing model.embed_tokens"):
         OuroborosModel.from_base(base, OuroborosConfig(n_prelude=1, recurrent_layer=2, n_coda=1, rank=4))
+
+
+def test_initialisation_follows_the_seed():
+    a = tiny_ouroboros("llama", seed=0)
+    torch.manual_seed(1234)  # the global RNG state must not matter
+    b = tiny_ouroboros("llama", seed=0)
+    c = OuroborosModel.from_base(tiny_base("llama"), OuroborosConfig(**{**TINY_SPLIT, "seed": 1}))
+    sa, sb, sc = a.trainable_state_dict(), b.trainable_state_dict(), c.trainable_state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["recurrent.controller.inp.weight"], sc["recurrent.controller.inp.weight"])

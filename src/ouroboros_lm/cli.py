@@ -1,4 +1,4 @@
-"""The `ouroboros` command: convert, train, eval, generate, demo.
+"""The `ouroboros` command: convert, train, eval, generate, sweep, report, demo.
 
 Flags use the names of the OuroborosConfig fields (--n-prelude, --recurrent-layer, ...).
 Bad input exits with status 2 and one line saying what is wrong.
@@ -13,6 +13,13 @@ from pathlib import Path
 from .config import POOLINGS, VARIANTS, OuroborosConfig
 
 DEFAULT = OuroborosConfig()
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (status 2), not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def depths_arg(text: str) -> tuple[int, ...]:
@@ -134,8 +141,8 @@ def default_seq_len(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="ouroboros", description=__doc__.splitlines()[0], formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="ouroboros", description=__doc__.splitlines()[0], formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("convert", help="convert a base model and write an untrained adapter", formatter_class=fmt)
     p.add_argument("--base", required=True, help="local HF folder, hub id, .gguf file, or alias (smollm2-135m)")
@@ -174,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--baseline", action="store_true", help="generate with the pruned model instead")
     who.add_argument("--full", action="store_true", help="generate with the full base model instead")
     who.add_argument("--compare", action="store_true", help="print full, pruned and Ouroboros continuations")
+
+    p = sub.add_parser("sweep", help="run an experiment grid from a YAML spec (resumable)", formatter_class=fmt)
+    p.add_argument("spec", help="sweep spec (YAML); see configs/")
+    p.add_argument("--out", default=None, help="sweep folder (default: runs/<spec name>)")
+    p.add_argument("--only", nargs="+", default=None, metavar="RUN", help="run only these runs (by name)")
+
+    p = sub.add_parser("report", help="tables and plots of a sweep folder", formatter_class=fmt)
+    p.add_argument("dir", help="sweep folder")
 
     p = sub.add_parser("demo", help="the main job: SmolLM2-135M on State of the Union addresses", formatter_class=fmt)
     from .demo import DemoConfig
@@ -311,13 +326,28 @@ def cmd_generate(args) -> None:
         print()
 
 
+def cmd_sweep(args) -> None:
+    from .sweep import run_sweep
+
+    run_sweep(args.spec, out=args.out, only=args.only)
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    if not Path(args.dir).is_dir():
+        raise FileNotFoundError(f"sweep folder not found: {args.dir}")
+    write_report(args.dir)
+
+
 def cmd_demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=args.out, steps=args.steps, time_budget=args.time_budget, corpus=args.corpus))
 
 
-COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}
+COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
+            "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

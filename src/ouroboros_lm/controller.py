@@ -84,7 +84,7 @@ class Controller(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, pooled: torch.Tensor, step: int) -> torch.Tensor:
-        x = rms_norm(pooled.float(), self.norm_weight, 1e-6)
+        x = rms_norm(pooled.to(self.norm_weight.dtype), self.norm_weight, 1e-6)  # in the Controller's own precision
         z = F.silu(self.inp(x))
         z = F.silu(self.mid(z) + self.step_embedding.weight[step])
         return self.head(z).unflatten(-1, (len(TARGETS), self.rank))

@@ -72,13 +72,14 @@ class AttentionContext:
     mask: torch.Tensor | None
     key_padding: torch.Tensor | None  # [B, S] bool, True = real token (S = keys incl. cache)
     query_positions: torch.Tensor  # [T] absolute index of each query among the S keys
+    num_keys: int  # S: cached keys + new ones
     window_masks: dict
 
     def mask_for(self, window: int | None) -> torch.Tensor | None:
         if window is None:
             return self.mask
         if window not in self.window_masks:
-            S = self.key_padding.shape[1] if self.key_padding is not None else int(self.query_positions[-1]) + 1
+            S = self.num_keys
             kpos = torch.arange(S, device=self.query_positions.device)
             qpos = self.query_positions[:, None]
             allowed = (kpos[None, :] <= qpos) & (qpos - kpos[None, :] < window)
@@ -114,7 +115,7 @@ def build_context(
             # stays finite. Its output is never used.
             m = m | (kpos[None, :] == qpos[:, None])[None, None]
         mask = m
-    return AttentionContext(cos, sin, mask, key_padding, qpos, {})
+    return AttentionContext(cos, sin, mask, key_padding, qpos, S, {})
 
 
 def layer_window(layer: nn.Module, base_config) -> int | None:

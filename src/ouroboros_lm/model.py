@@ -30,6 +30,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, -2), shifted.reshape(-1), ignore_index=-100)
 
 
+def check_token_range(input_ids: torch.Tensor, vocab_size: int, what: str = "input_ids") -> None:
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{what} must lie in [0, {vocab_size - 1}] (vocab_size {vocab_size}); got values in [{lo}, {hi}]")
+
+
 class OuroborosModel(nn.Module):
     """A recursive transformer built from a pretrained Llama-family decoder.
 
@@ -54,8 +60,12 @@ class OuroborosModel(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         w = recurrent.self_attn.q_proj.weight
-        with torch.device(w.device):
+        # The trainable parts are initialised from config.seed on the CPU, whatever the device, so
+        # the same config gives the same initial model everywhere (and the global RNG is untouched).
+        with torch.random.fork_rng(devices=[]), torch.device("meta" if w.is_meta else "cpu"):
+            torch.manual_seed(config.seed)
             self.recurrent = RecurrentBlock(recurrent, layer_window(recurrent, base.config), bases, config, base.config.hidden_size)
+        self.recurrent.to(w.device)
         self._depth_rng = random.Random(config.seed)
 
     # ------------------------------------------------------------------ construction
@@ -136,9 +146,8 @@ class OuroborosModel(nn.Module):
             raise ValueError("input_ids must be an integer tensor of shape [batch, seq_len]")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, {self.vocab_size - 1}] (vocab_size {self.vocab_size}); got values in [{lo}, {hi}]")
+        if input_ids.device.type == "cpu":  # on an accelerator this check would cost a host sync per forward
+            check_token_range(input_ids, self.vocab_size)
         max_pos = getattr(self.base_config, "max_position_embeddings", None)
         if max_pos is not None and input_ids.shape[1] > max_pos:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the base model's max_position_embeddings {max_pos}")

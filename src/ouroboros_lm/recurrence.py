@@ -28,8 +28,9 @@ class RecurrenceGate(nn.Module):
         nn.init.constant_(self.proj.bias, bias)
 
     def forward(self, h_new: torch.Tensor, h_old: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(self.proj(torch.cat([h_new, h_old], dim=-1).float()))
-        return (g * h_new.float() + (1.0 - g) * h_old.float()).to(h_new.dtype)
+        dt = self.proj.weight.dtype  # the gate computes in its own (float32) precision
+        g = torch.sigmoid(self.proj(torch.cat([h_new, h_old], dim=-1).to(dt)))
+        return (g * h_new.to(dt) + (1.0 - g) * h_old.to(dt)).to(h_new.dtype)
 
 
 class StepNorms(nn.Module):

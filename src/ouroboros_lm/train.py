@@ -99,6 +99,24 @@ def lr_lambda(tc: TrainConfig):
     return f
 
 
+def out_of_memory_message(tc: TrainConfig, seq_len: int, depth: int, device, err) -> str:
+    return (
+        f"out of memory on {device} for a micro-batch of {tc.batch_size} x {seq_len} tokens at depth {depth} "
+        f"({str(err).splitlines()[0][:120]}). Lower --batch-size (raise --grad-accum to keep the effective batch), "
+        "lower --seq-len, or turn on activation checkpointing with --checkpoint-from-depth at convert time"
+    )
+
+
+def fault_point(name: str, step: int) -> None:
+    """Fault injection for the crash tests: OUROBOROS_FAULT=<name>:<step> kills this process
+    with SIGKILL at that point. Never set in normal use."""
+    spec = os.environ.get("OUROBOROS_FAULT")
+    if spec and spec == f"{name}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def step_depth(depths: tuple[int, ...], seed: int, step: int) -> int:
     """The depth trained at `step`: uniform over `depths`, stateless in step (exact resume)."""
     return random.Random(seed * 7_919 + step).choice(depths)
@@ -123,6 +141,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, extra
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_adapter(model, tmp)
+    fault_point("kill_during_save", step)
     for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict())):
         with open(tmp / name, "wb") as f:
             torch.save(obj, f)
@@ -183,6 +202,10 @@ def train(model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: b
             f"{run_dir} already has checkpoints (latest {existing[-1].name}); pass --resume to continue that run, "
             "or convert into a new folder to start over (nothing was changed)"
         )
+    from .model import check_token_range
+
+    for what, blocks in (("training tokens", corpus.train), ("held-out tokens", corpus.heldout)):
+        check_token_range(blocks, model.vocab_size, what)  # once, here, not in every forward
     if accelerator is None:
         mp = tc.mixed_precision
         if mp == "auto":
@@ -196,7 +219,7 @@ def train(model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: b
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-    start = 0
+    start, prior_elapsed = 0, 0.0
     if resume:
         ckpt = existing[-1]
         _, tensors = read_adapter(ckpt)
@@ -207,7 +230,8 @@ def train(model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: b
                     own[k].copy_(t)
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        start = json.loads((ckpt / STATE).read_text())["step"]
+        state = json.loads((ckpt / STATE).read_text())
+        start, prior_elapsed = state["step"], state.get("elapsed_s", 0.0)
         if accelerator.is_main_process:
             truncate_metrics(run_dir, start)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
@@ -240,9 +264,16 @@ def train(model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: b
             ids = corpus.train[idx].to(device)
             sync = micro == tc.grad_accum - 1
             ctx = accelerator.no_sync(ddp_model) if not sync and world > 1 else contextlib.nullcontext()
-            with ctx, accelerator.autocast():
-                loss = ddp_model(ids, labels=ids, depth=depth).loss
-                accelerator.backward(loss / tc.grad_accum)
+            try:
+                with ctx, accelerator.autocast():
+                    loss = ddp_model(ids, labels=ids, depth=depth).loss
+                    accelerator.backward(loss / tc.grad_accum)
+            except (torch.OutOfMemoryError, MemoryError) as e:
+                raise TrainingError(out_of_memory_message(tc, corpus.seq_len, depth, device, e)) from None
+            except RuntimeError as e:
+                if "memory" not in str(e).lower():
+                    raise
+                raise TrainingError(out_of_memory_message(tc, corpus.seq_len, depth, device, e)) from None
             step_loss += loss.detach() / tc.grad_accum
             if log_now and micro == 0:
                 with torch.no_grad(), accelerator.autocast():
@@ -297,7 +328,8 @@ def train(model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: b
         if step % tc.save_every == 0 or step == end or out_of_time:
             if accelerator.is_main_process:
                 save_checkpoint(run_dir, model, optimizer, scheduler, step,
-                                {"train_config": dataclasses.asdict(tc), "depth": depth}, tc.keep_checkpoints)
+                                {"train_config": dataclasses.asdict(tc), "depth": depth,
+                                 "elapsed_s": prior_elapsed + time.time() - t0}, tc.keep_checkpoints)
             accelerator.wait_for_everyone()
         if out_of_time and step < end:
             stopped_early = f"time budget of {tc.time_budget:.0f}s spent after step {step}"
@@ -308,5 +340,5 @@ def train(model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: b
         save_adapter(model, run_dir)
     accelerator.wait_for_everyone()
     return {"steps_done": step, "steps": tc.steps, "final_loss": last["loss"], "final_baseline_loss": last["baseline_loss"],
-            "heldout_loss": last["heldout_loss"], "wall_s": time.time() - t0, "stopped_early": stopped_early}
+            "heldout_loss": last["heldout_loss"], "wall_s": prior_elapsed + time.time() - t0, "stopped_early": stopped_early}
 

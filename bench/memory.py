@@ -1,0 +1,104 @@
+"""Peak memory of one training step at several depths, with and without activation
+checkpointing per recurrence step. On CUDA: torch.cuda.max_memory_allocated. On CPU: the peak
+resident memory above the level just before the step, sampled every millisecond from
+/proc/self/statm by a background thread. Each configuration runs in a fresh process.
+
+    python bench/memory.py                      # SmolLM2-135M shapes, CPU
+    python bench/memory.py --shapes qwen2.5-3b --device cuda --dtype bfloat16 --seq-len 2048
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(args) -> dict:
+    import torch
+
+    from common import SPLITS, base_model
+    from ouroboros_lm import OuroborosConfig, OuroborosModel
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    cfg = OuroborosConfig(**SPLITS[args.shapes], rank=32, depths=(args.depth,), max_steps=64,
+                          checkpoint_from_depth=1 if args.ckpt else 0)
+    model = OuroborosModel.from_base(base_model(args.shapes, args.device, dtype), cfg).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.vocab_size, (args.batch_size, args.seq_len), device=args.device)
+    amp = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with amp:
+            model(ids, labels=ids, depth=args.depth).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    step()  # optimizer state and gradient buffers exist from here on
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return {"peak_mb": (torch.cuda.max_memory_allocated() - before) / 2**20}
+    before = rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    step()
+    done.set()
+    t.join()
+    return {"peak_mb": (peak[0] - before) / 2**20}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", choices=["smollm2", "qwen2.5-3b"], default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--depths", default="1,4,8,16")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--depth", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure(args)))
+        return
+    depths = [int(d) for d in args.depths.split(",")]
+    print(f"# {args.shapes} shapes, {args.device}, {args.dtype}, batch {args.batch_size} x {args.seq_len}; "
+          "peak memory of one training step above the level before it (MiB)")
+    print(f"{'depth':>5} {'plain':>9} {'checkpointed':>13}")
+    res = {}
+    for d in depths:
+        for ck in (False, True):
+            cmd = [sys.executable, __file__, "--one", "--depth", str(d), "--shapes", args.shapes, "--device", args.device,
+                   "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)] + (["--ckpt"] if ck else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            res[(d, ck)] = json.loads(out)["peak_mb"]
+        print(f"{d:>5} {res[(d, False)]:>9.0f} {res[(d, True)]:>13.0f}")
+    d0, dn = depths[0], depths[-1]
+    print(f"depth {dn} / depth {d0}: plain {res[(dn, False)] / res[(d0, False)]:.2f}x, "
+          f"checkpointed {res[(dn, True)] / res[(d0, True)]:.2f}x (target <= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()

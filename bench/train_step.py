@@ -1,0 +1,97 @@
+"""Time of one training step (forward + backward + AdamW) of Ouroboros at depth N against the
+floor: the same pruned model with the recurrent layer simply repeated N times and nothing
+added (gradients flow through the same layers, no trainable parameters). Both are measured
+interleaved in one run; the ratio is what counts. Also prints training and evaluation
+throughput.
+
+    python bench/train_step.py                                     # SmolLM2-135M shapes, CPU
+    python bench/train_step.py --shapes qwen2.5-3b --device cuda --dtype bfloat16 --seq-len 2048
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import SPLITS, base_model, sync
+from ouroboros_lm import OuroborosConfig, OuroborosModel
+from ouroboros_lm.layers import decoder_layer
+
+
+def floor_step(model, ids, depth):
+    """Pruned model, recurrent layer repeated `depth` times, nothing added; backward through it."""
+    with torch.no_grad():
+        h, ctx = model._embed(ids, None)
+        h = model._run_stack(model.prelude, model.prelude_windows, h, ctx)
+    h = h.detach().requires_grad_(True)
+    x = h
+    for _ in range(depth):
+        x = decoder_layer(model.recurrent.layer, x, ctx, window=model.recurrent.window)
+    x = model._run_stack(model.coda, model.coda_windows, x, ctx)
+    loss, _ = model._head(x, ids)
+    loss.backward()
+
+
+def ouroboros_step(model, opt, ids, depth):
+    model(ids, labels=ids, depth=depth).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", choices=["smollm2", "qwen2.5-3b"], default="smollm2")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--depths", default="1,4,8,16")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    depths = [int(d) for d in args.depths.split(",")]
+    torch.manual_seed(0)
+    cfg = OuroborosConfig(**SPLITS[args.shapes], rank=args.rank, depths=tuple(depths), max_steps=max(64, max(depths)),
+                          checkpoint_from_depth=0)
+    model = OuroborosModel.from_base(base_model(args.shapes, args.device, dtype), cfg).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.vocab_size, (args.batch_size, args.seq_len), device=args.device)
+    tokens = ids.numel()
+    amp = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    print(f"# {args.shapes} shapes, {args.device}, {args.dtype}, batch {args.batch_size} x {args.seq_len} tokens, rank {args.rank}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, interleaved")
+    print(f"{'depth':>5} {'floor s':>9} {'ouroboros s':>12} {'ratio':>7} {'+ckpt s':>9} {'ratio':>7} {'train tok/s':>12} {'eval tok/s':>11}")
+    for d in depths:
+        with amp:
+            for _ in range(1):  # warm-up
+                floor_step(model, ids, d)
+                ouroboros_step(model, opt, ids, d)
+            fl, ob, ck, ev = [], [], [], []
+            for _ in range(args.repeats):
+                fl.append(timed(lambda: floor_step(model, ids, d), args.device))
+                model.config.checkpoint_from_depth = 0
+                ob.append(timed(lambda: ouroboros_step(model, opt, ids, d), args.device))
+                model.config.checkpoint_from_depth = 1
+                ck.append(timed(lambda: ouroboros_step(model, opt, ids, d), args.device))
+                model.config.checkpoint_from_depth = 0
+                with torch.no_grad():
+                    model.eval()
+                    ev.append(timed(lambda: model(ids, depth=d), args.device))
+                    model.train()
+        f, o, c, e = (statistics.median(x) for x in (fl, ob, ck, ev))
+        print(f"{d:>5} {f:>9.3f} {o:>12.3f} {o / f:>7.3f} {c:>9.3f} {c / f:>7.3f} {tokens / o:>12.0f} {tokens / e:>11.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""`ouroboros report DIR`: a sweep folder -> results.csv / results.json / results.md and plots.
+
+Plots (PNG, matplotlib):
+  training_curves.png      training loss vs step per run, with the pruned-baseline and full-model
+                           losses (training distribution) as horizontal lines
+  gap_by_variant_depth.png held-out gap recovered, runs x evaluation depth (grouped bars)
+  gap_by_rank.png          held-out gap recovered by rank (runs that differ only in rank)
+  controller_heatmaps.png  the Controller's modulation (targets x rank) per step, several inputs
+  controller_spread.png    per step: spread of the modulation across inputs vs its size
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .config import TARGETS
+
+RUN_COLUMNS = ["name", "variant", "gate", "pooling", "rank", "train_depths", "lr", "trainable_parameters", "steps", "wall_s"]
+DEPTH_COLUMNS = ["train_loss", "heldout_loss", "train_reduction_pct", "heldout_reduction_pct",
+                 "train_gap_recovered_pct", "heldout_gap_recovered_pct"]
+
+
+def wide_rows(table: list[dict]) -> tuple[list[str], list[dict]]:
+    """One row per run: run columns, then every metric at every evaluation depth."""
+    depths = sorted({r["eval_depth"] for r in table})
+    columns = RUN_COLUMNS + [f"{m}@{d}" for d in depths for m in DEPTH_COLUMNS]
+    out: dict[str, dict] = {}
+    for r in table:
+        row = out.setdefault(r["name"], {k: r[k] for k in RUN_COLUMNS})
+        for m in DEPTH_COLUMNS:
+            row[f"{m}@{r['eval_depth']}"] = r[m]
+    return columns, list(out.values())
+
+
+def load_results(sweep_dir: Path) -> list[dict]:
+    out = []
+    for path in sorted((sweep_dir / "runs").glob("*/result.json")):
+        out.append(json.loads(path.read_text()))
+    return out
+
+
+def metrics(result: dict, split: str, depth_key: str) -> tuple[float, float, float]:
+    ref = result["reference"][split]
+    loss = result["losses"][split][depth_key]
+    base, full = ref["baseline"], ref["full"]
+    return loss, 100 * (base - loss) / base, 100 * (base - loss) / (base - full)
+
+
+def rows(results: list[dict]) -> list[dict]:
+    out = []
+    for r in results:
+        c = r["config"]
+        for key in r["losses"]["heldout"]:
+            if not key.startswith("ouroboros@"):
+                continue
+            tl, tr, tg = metrics(r, "train", key)
+            hl, hr, hg = metrics(r, "heldout", key)
+            out.append({
+                "name": r["name"], "variant": c["variant"], "gate": c["gate"], "pooling": c["pooling"], "rank": c["rank"],
+                "train_depths": "/".join(map(str, c["depths"])), "lr": r["settings"].get("lr", ""),
+                "trainable_parameters": r["trainable_parameters"], "steps": r["steps"], "wall_s": round(r["wall_s"], 1),
+                "eval_depth": int(key.split("@")[1]), "train_loss": round(tl, 4), "heldout_loss": round(hl, 4),
+                "train_reduction_pct": round(tr, 2), "heldout_reduction_pct": round(hr, 2),
+                "train_gap_recovered_pct": round(tg, 1), "heldout_gap_recovered_pct": round(hg, 1),
+            })
+    for row in out:
+        if row["lr"] == "":
+            row["lr"] = "default"
+    return out
+
+
+def write_tables(sweep_dir: Path, table: list[dict], results: list[dict]) -> None:
+    columns, wide = wide_rows(table)
+    with open(sweep_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(wide)
+    (sweep_dir / "results.json").write_text(json.dumps({"rows": table, "runs": results}, indent=2) + "\n")
+    ref = results[0]["reference"] if results else {}
+    lines = []
+    if ref:
+        lines.append(f"Reference on the same tokens: full model {ref['train']['full']:.4f} (train) / {ref['heldout']['full']:.4f} "
+                     f"(held-out); pruned baseline {ref['train']['baseline']:.4f} / {ref['heldout']['baseline']:.4f}.\n")
+    head = ["run", "params", "wall s", "depth", "train loss", "held-out loss", "held-out vs baseline", "held-out gap recovered"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        lines.append(f"| {r['name']} | {r['trainable_parameters']:,} | {r['wall_s']:.0f} | {r['eval_depth']} | {r['train_loss']:.4f} | "
+                     f"{r['heldout_loss']:.4f} | {r['heldout_reduction_pct']:+.2f}% | {r['heldout_gap_recovered_pct']:+.1f}% |")
+    (sweep_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_training_curves(sweep_dir: Path, results: list[dict], plt) -> None:
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for r in results:
+        path = sweep_dir / "runs" / r["name"] / "metrics.jsonl"
+        pts = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        pts = [p for p in pts if "loss" in p]
+        ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], label=r["name"], lw=1.2)
+    ref = results[0]["reference"]["train"]
+    ax.axhline(ref["baseline"], color="k", ls="--", lw=1, label=f"pruned baseline ({ref['baseline']:.2f})")
+    ax.axhline(ref["full"], color="k", ls=":", lw=1, label=f"full model ({ref['full']:.2f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("Training curves")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "training_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def grouped_bars(ax, groups: list[str], series: dict[str, list[float]]) -> None:
+    import numpy as np
+
+    x = np.arange(len(groups))
+    width = 0.8 / max(1, len(series))
+    for i, (label, vals) in enumerate(series.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=label)
+    ax.set_xticks(x, groups)
+    ax.axhline(0, color="k", lw=0.8)
+
+
+def plot_gap(sweep_dir: Path, table: list[dict], plt) -> None:
+    depths = sorted({r["eval_depth"] for r in table})
+    names = list(dict.fromkeys(r["name"] for r in table))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    series = {n: [next((r["heldout_gap_recovered_pct"] for r in table if r["name"] == n and r["eval_depth"] == d), 0.0) for d in depths]
+              for n in names}
+    grouped_bars(ax, [f"depth {d}" for d in depths], series)
+    ax.set_ylabel("held-out gap recovered (%)")
+    ax.set_title("Held-out gap recovered by run and evaluation depth")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "gap_by_variant_depth.png", dpi=120)
+    plt.close(fig)
+
+    # by rank: runs that differ only in rank
+    def key(r):
+        return (r["variant"], r["gate"], r["pooling"], r["train_depths"], r["lr"])
+
+    groups: dict = {}
+    for r in table:
+        groups.setdefault(key(r), set()).add(r["rank"])
+    best = max(groups.items(), key=lambda kv: len(kv[1]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ranks = sorted(best[1])
+    sel = [r for r in table if key(r) == best[0]]
+    series = {f"depth {d}": [next((r["heldout_gap_recovered_pct"] for r in sel if r["rank"] == k and r["eval_depth"] == d), 0.0)
+                             for k in ranks] for d in depths}
+    grouped_bars(ax, [f"rank {k}" for k in ranks], series)
+    ax.set_ylabel("held-out gap recovered (%)")
+    ax.set_title(f"By rank ({best[0][0]}, {'gate' if best[0][1] else 'no gate'}, {best[0][2]})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "gap_by_rank.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_controller(sweep_dir: Path, results: list[dict], plt) -> None:
+    import torch
+
+    runs = [r for r in results if (sweep_dir / "runs" / r["name"] / "modulation.pt").is_file()]
+    fig_h, fig_s = sweep_dir / "controller_heatmaps.png", sweep_dir / "controller_spread.png"
+    if not runs:
+        for path, text in ((fig_h, "no Controller run in this sweep"), (fig_s, "no Controller run in this sweep")):
+            fig, ax = plt.subplots(figsize=(5, 2))
+            ax.text(0.5, 0.5, text, ha="center", va="center")
+            ax.axis("off")
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+        return
+    main = runs[0]
+    mod = torch.load(sweep_dir / "runs" / main["name"] / "modulation.pt", weights_only=True)
+    d = mod["d"]  # [inputs, steps, 7, r]
+    n_in, n_steps = min(d.shape[0], 4), d.shape[1]
+    lim = float(d.abs().max()) or 1.0
+    fig, axes = plt.subplots(n_in, n_steps, figsize=(1.6 * n_steps + 1, 1.4 * n_in + 1), squeeze=False)
+    for i in range(n_in):
+        for s in range(n_steps):
+            ax = axes[i][s]
+            im = ax.imshow(d[i, s].numpy(), aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim)
+            ax.set_xticks([])
+            ax.set_yticks(range(len(TARGETS)) if s == 0 else [])
+            if s == 0:
+                ax.set_yticklabels(TARGETS, fontsize=6)
+                ax.set_ylabel(f"input {i}", fontsize=7)
+            if i == 0:
+                ax.set_title(f"step {s}", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="d (rank columns)")
+    fig.suptitle(f"Controller modulation, {main['name']}: targets x rank, per step, per held-out input", fontsize=9)
+    fig.savefig(fig_h, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        m = torch.load(sweep_dir / "runs" / r["name"] / "modulation.pt", weights_only=True)["d"]
+        spread = m.std(dim=0).mean(dim=(-1, -2))  # across inputs, per step
+        size = m.abs().mean(dim=(0, -1, -2))
+        ax.plot(range(m.shape[1]), spread.numpy(), marker="o", label=f"{r['name']}: spread across inputs")
+        ax.plot(range(m.shape[1]), size.numpy(), ls="--", label=f"{r['name']}: mean |d|")
+    ax.set_xlabel("recurrence step")
+    ax.set_ylabel("modulation")
+    ax.set_title("Does the modulation depend on the input? (std across held-out inputs vs size)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(fig_s, dpi=120)
+    plt.close(fig)
+
+
+def write_report(sweep_dir: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep_dir = Path(sweep_dir)
+    results = load_results(sweep_dir)
+    if not results:
+        raise ValueError(f"{sweep_dir} holds no finished runs (runs/*/result.json)")
+    table = rows(results)
+    write_tables(sweep_dir, table, results)
+    plot_training_curves(sweep_dir, results, plt)
+    plot_gap(sweep_dir, table, plt)
+    plot_controller(sweep_dir, results, plt)
+    print(f"report: {len(results)} runs -> {sweep_dir}/results.{{csv,json,md}} and 5 plots")
+    return sweep_dir

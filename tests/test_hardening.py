@@ -1,0 +1,188 @@
+"""Crashes, NaNs, typos and bad configurations lose nothing and explain themselves."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import TINY, TINY_SPLIT, save_tiny_base, tiny_base, tiny_tokenizer, write_corpus
+from ouroboros_lm import OuroborosConfig, OuroborosModel
+from ouroboros_lm.cli import build_parser
+from ouroboros_lm.data import build_corpus
+from ouroboros_lm.train import TrainConfig, TrainingError, list_checkpoints, read_metrics, train
+
+SPLIT = ["--n-prelude", "2", "--recurrent-layer", "4", "--n-coda", "2", "--rank", "4", "--style-dim", "8",
+         "--controller-hidden", "8", "--max-steps", "8", "--depths", "1,2"]
+
+
+def cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ouroboros_lm.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def setup(tmp_path):
+    base = save_tiny_base(tmp_path / "base")
+    data = write_corpus(tmp_path / "text", n_docs=12)
+    return tmp_path, base, data
+
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cli")
+    base = save_tiny_base(tmp_path / "base")
+    data = write_corpus(tmp_path / "text", n_docs=12)
+    return tmp_path, base, data, converted(tmp_path, base, "ad")
+
+
+def converted(tmp_path, base, name):
+    ad = tmp_path / name
+    r = cli("convert", "--base", base, "--out", str(ad), *SPLIT)
+    assert r.returncode == 0, r.stderr
+    return ad
+
+
+TRAIN = ["--seq-len", "32", "--steps", "6", "--batch-size", "2", "--save-every", "1", "--eval-every", "3",
+         "--warmup-steps", "1", "--lr", "3e-3", "--log-every", "1"]
+
+
+def test_sigkill_while_saving_then_resume_matches_uninterrupted(setup):
+    tmp_path, base, data = setup
+    a = converted(tmp_path, base, "a")
+    assert cli("train", "--adapter", str(a), "--data", str(data), *TRAIN).returncode == 0
+    b = converted(tmp_path, base, "b")
+    r = cli("train", "--adapter", str(b), "--data", str(data), *TRAIN, env={"OUROBOROS_FAULT": "kill_during_save:4"})
+    assert r.returncode == -9  # SIGKILL, mid-save of step 4
+    done = [p.name for p in list_checkpoints(b)]
+    assert done[-1] == "step_000003"  # the torn step-4 save is not taken for a checkpoint
+    r = cli("train", "--adapter", str(b), "--data", str(data), *TRAIN, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    la = [m["loss"] for m in read_metrics(a) if "loss" in m]
+    lb = [m["loss"] for m in read_metrics(b) if "loss" in m]
+    assert len(la) == len(lb) == 6
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-6
+    wa = (a / "checkpoints" / "step_000006" / "adapter_model.safetensors").read_bytes()
+    wb = (b / "checkpoints" / "step_000006" / "adapter_model.safetensors").read_bytes()
+    assert wa == wb
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    corpus = build_corpus([str(write_corpus(tmp_path / "t", n_docs=12))], tiny_tokenizer(), 32, heldout_fraction=0.2)
+    model = OuroborosModel.from_base(tiny_base("llama"), OuroborosConfig(**{**TINY_SPLIT, "depths": (2,)}))
+    run = tmp_path / "run"
+    model.save_adapter(run)
+
+    def poison(step, micro, idx):
+        if step == 4:  # the 5th step
+            with torch.no_grad():
+                model.recurrent.gate.proj.weight.fill_(float("nan"))
+
+    tc = TrainConfig(steps=10, batch_size=2, save_every=2, eval_every=100, log_every=1, progress=False)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 5.*last good checkpoint is .*step_000004"):
+        train(model, corpus, run, tc, on_batch=poison)
+    assert [p.name for p in list_checkpoints(run)] == ["step_000002", "step_000004"]
+    for ckpt in list_checkpoints(run):  # nothing corrupt: every checkpoint loads and is finite
+        loaded = OuroborosModel.load_adapter(ckpt, base=tiny_base("llama"))
+        assert all(torch.isfinite(p).all() for p in loaded.trainable_state_dict().values())
+    assert all(m["step"] <= 4 for m in read_metrics(run))
+
+
+def test_out_of_memory_gets_a_clear_message(tmp_path, monkeypatch):
+    corpus = build_corpus([str(write_corpus(tmp_path / "t", n_docs=12))], tiny_tokenizer(), 32, heldout_fraction=0.2)
+    model = OuroborosModel.from_base(tiny_base("llama"), OuroborosConfig(**TINY_SPLIT))
+    model.save_adapter(tmp_path / "run")
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(model, "forward", boom)
+    with pytest.raises(TrainingError, match="out of memory .* micro-batch of 2 x 32 tokens.*Lower --batch-size"):
+        train(model, corpus, tmp_path / "run", TrainConfig(steps=2, batch_size=2, progress=False))
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "--adapter", "/no/such/adapter", "--data", "x.txt"], "adapter folder not found: /no/such/adapter"),
+        (["train", "--adapter", "ADAPTER", "--data", "/no/such/data.txt"], "data source not found: /no/such/data.txt"),
+        (["train", "--adapter", "ADAPTER", "--data", "DATA", "--steps", "many"], "argument --steps: expected an integer"),
+        (["train", "--adapter", "ADAPTER", "--data", "DATA", "--steps", "0"], "expected an integer >= 1"),
+        (["convert", "--base", "BASE", "--out", "OUT", "--variant", "dynamic"], "argument --variant: invalid choice"),
+        (["convert", "--base", "BASE", "--out", "OUT", "--recurrent-layer", "7", "--n-prelude", "2", "--n-coda", "2"],
+         "recurrent_layer must lie between the prelude and the coda, in [2, 5]"),
+        (["convert", "--base", "/no/such/model", "--out", "OUT"], "base model not found"),
+        (["eval", "--adapter", "ADAPTER", "--data", "DATA", "--depths", "1,x"], "expected comma-separated integers"),
+        (["generate", "--adapter", "ADAPTER", "--prompt", "hi", "--depth", "99"], "--depth must be in [1, max_steps=8]"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line(cli_setup, args, needle):
+    tmp_path, base, data, ad = cli_setup
+    subst = {"ADAPTER": str(ad), "DATA": str(data), "BASE": base, "OUT": str(tmp_path / "out")}
+    r = cli(*[subst.get(a, a) for a in args])
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("Loading weights")]
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_every_flag_documents_its_default():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert set(sub.choices) == {"convert", "train", "eval", "generate", "sweep", "report", "demo"}
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
+                if not action.required:
+                    assert "(default:" in p._get_formatter()._expand_help(action) or "%(default)" in action.help, (name, action.dest)
+        assert "--help" in text
+
+
+# ---------------------------------------------------------------- property-based configuration test
+def is_valid(kw: dict, L: int = 8) -> bool:
+    P, C, R = kw["n_prelude"], kw["n_coda"], kw["recurrent_layer"]
+    if P + C + 1 > L or not P <= R <= L - C - 1:
+        return False
+    if kw["variant"] != "none":
+        if P + C + 1 == L:  # nothing removed: no residual for the SVD bases
+            return False
+        if kw["rank"] > 32:  # smallest side of the tiny model's projections (k/v: 2 heads x 16)
+            return False
+    return all(1 <= d <= kw["max_steps"] for d in kw["depths"])
+
+
+configs = st.fixed_dictionaries({
+    "n_prelude": st.integers(0, 8), "n_coda": st.integers(0, 8), "recurrent_layer": st.integers(0, 9),
+    "rank": st.integers(1, 40), "variant": st.sampled_from(["controller", "static", "none"]),
+    "pooling": st.sampled_from(["prefix_mean", "token", "sequence_mean"]), "gate": st.booleans(),
+    "step_norm": st.booleans(), "max_steps": st.integers(1, 6),
+    "depths": st.lists(st.integers(0, 7), min_size=1, max_size=3).map(tuple),
+    "alpha": st.floats(0.5, 32), "gate_bias": st.floats(-4, 4), "style_dim": st.integers(1, 8),
+    "controller_hidden": st.integers(1, 8),
+})
+
+BASE = tiny_base("qwen2")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs)
+def test_every_valid_configuration_runs_and_every_invalid_one_is_refused(kw):
+    base = copy.deepcopy(BASE)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 9))
+    if not is_valid(kw):
+        with pytest.raises(ValueError):
+            OuroborosModel.from_base(base, OuroborosConfig(**kw))
+        assert len(base.model.layers) == 8  # refused before touching the weights
+        return
+    model = OuroborosModel.from_base(base, OuroborosConfig(**kw)).eval()
+    with torch.no_grad():
+        out = model(ids, labels=ids, depth=max(kw["depths"]))
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)

@@ -1,0 +1,68 @@
+"""The fast paths compute the same thing as the plain ones: fused low-rank down-projections,
+activation checkpointing per recurrence step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import randomize_trainables, tiny_ouroboros
+from ouroboros_lm.config import TARGETS
+
+
+class UnfusedDeltas:
+    """(alpha/r) B_t diag(d_t) A_t x, one target at a time, nothing shared."""
+
+    def __init__(self, bases, d):
+        self.bases, self.d = bases, d
+
+    def __call__(self, target, x):
+        t = TARGETS.index(target)
+        A, B = self.bases.A(target), self.bases.B(target)
+        return self.bases.scale * ((x @ A.t()) * self.d[..., t, :]) @ B.t()
+
+
+@pytest.mark.parametrize("variant", ["controller", "static"])
+def test_fused_low_rank_paths_equal_unfused(variant, tokens, monkeypatch):
+    model = tiny_ouroboros("qwen2", variant=variant)
+    randomize_trainables(model)
+    model.double()  # float64: only the order of operations differs, so the results must agree to ~1e-12
+    with torch.no_grad():
+        fused = model(tokens, depth=3).logits
+        bases = model.recurrent.bases
+        monkeypatch.setattr(bases, "deltas", lambda d: UnfusedDeltas(bases, d))
+        unfused = model(tokens, depth=3).logits
+    torch.testing.assert_close(fused, unfused, atol=1e-10, rtol=1e-10)
+    assert (fused - model.forward_baseline(tokens).logits).abs().max() > 1e-3  # the deltas matter
+
+
+def grads(model, tokens, depth):
+    model.zero_grad(set_to_none=True)
+    model(tokens, labels=tokens, depth=depth).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_activation_checkpointing_gives_identical_gradients(tokens):
+    plain = tiny_ouroboros("llama", checkpoint_from_depth=0).train()
+    ckpt = tiny_ouroboros("llama", checkpoint_from_depth=4).train()
+    randomize_trainables(plain)
+    randomize_trainables(ckpt)
+    a, b = grads(plain, tokens, 6), grads(ckpt, tokens, 6)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert any(v.abs().sum() > 0 for v in a.values())
+
+
+def test_checkpointing_is_used_only_from_the_configured_depth(tokens, monkeypatch):
+    import ouroboros_lm.recurrence as rec
+
+    calls = []
+    real = rec.checkpoint
+    monkeypatch.setattr(rec, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_ouroboros("llama", checkpoint_from_depth=4).train()
+    model(tokens, labels=tokens, depth=3).loss.backward()
+    assert not calls
+    model(tokens, labels=tokens, depth=5).loss.backward()
+    assert len(calls) == 5
+    with torch.no_grad():
+        model(tokens, depth=5)  # no checkpointing without gradients
+    assert len(calls) == 5

@@ -1,0 +1,64 @@
+"""A tiny grid end to end: every file and plot, resumable after a run is cut short."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import yaml
+
+from conftest import save_tiny_base, write_corpus
+from ouroboros_lm.sweep import SweepSpec, run_sweep
+
+PLOTS = ["training_curves.png", "gap_by_variant_depth.png", "gap_by_rank.png", "controller_heatmaps.png", "controller_spread.png"]
+
+
+def test_tiny_grid_runs_resumes_and_reports(tmp_path):
+    base = save_tiny_base(tmp_path / "base")
+    data = write_corpus(tmp_path / "text", n_docs=12)
+    spec = {
+        "name": "tiny", "base": base, "split": {"n_prelude": 2, "recurrent_layer": 4, "n_coda": 2},
+        "data": {"train": [str(data)], "seq_len": 32, "heldout_fraction": 0.2},
+        "train": {"steps": 4, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "save_every": 1, "eval_every": 2,
+                  "eval_blocks": 2, "log_every": 1},
+        "eval": {"depths": [1, 2], "blocks": 2, "modulation_inputs": 2},
+        "defaults": {"rank": 4, "depths": [1, 2]},
+        "grid": {"variant": ["controller", "static"], "gate": [True, False]},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    names = [r.name for r in SweepSpec.load(path).expand()]
+    assert len(names) == 4
+    out = run_sweep(path, out=tmp_path / "sweep", progress=False)
+    for f in ["results.csv", "results.json", "results.md", "reference.json"] + PLOTS:
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["name"] for r in rows) == sorted(names)
+    assert all(v not in ("", None) for r in rows for v in r.values())
+    assert {"heldout_gap_recovered_pct@1", "heldout_loss@2"} <= set(rows[0])
+
+    # cut one run short: drop its result and its newest checkpoint, as if killed during step 4
+    victim = out / "runs" / names[1]
+    (victim / "result.json").unlink()
+    for ck in sorted((victim / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(ck)
+    keep = {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in names if n != names[1]}
+    run_sweep(path, out=out, progress=False)
+    for n, mtime in keep.items():
+        assert (out / "runs" / n / "result.json").stat().st_mtime_ns == mtime  # finished runs skipped
+    steps = [m["step"] for m in map(json.loads, (victim / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert steps == [1, 2, 3, 4]  # resumed from step 3, no step repeated
+    assert json.loads((victim / "result.json").read_text())["steps"] == 4
+
+
+def test_bad_spec_is_refused(tmp_path):
+    import pytest
+
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"name": "x", "base": "b", "split": {}, "data": {"train": ["a"]}, "grid": {"colour": [1]}}))
+    with pytest.raises(ValueError, match="'colour' cannot vary in a sweep"):
+        SweepSpec.load(p)
+    p.write_text(yaml.safe_dump({"name": "x", "base": "b", "split": {"n_prelude": -1}, "data": {"train": ["a"]}, "runs": [{}]}))
+    with pytest.raises(ValueError, match="n_prelude must be an integer >= 0"):
+        SweepSpec.load(p)
