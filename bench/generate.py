@@ -21,7 +21,7 @@ from ouroboros_lm.generate import OuroborosCache, cached_forward, full_forward
 
 def per_token_cached(model, prompt, depth, n):
     """Seconds per decoded token after the prompt is in the cache (prefill excluded)."""
-    cache = OuroborosCache.empty(model, depth)
+    cache = OuroborosCache.empty(model, depth, capacity=prompt.shape[1] + n + 1)
     logits = cached_forward(model, prompt, cache)[:, -1]
     tok = logits.argmax(-1, keepdim=True)
     t = time.perf_counter()

@@ -1,7 +1,13 @@
-"""Peak memory of one training step at several depths, with and without activation
-checkpointing per recurrence step. On CUDA: torch.cuda.max_memory_allocated. On CPU: the peak
-resident memory above the level just before the step, sampled every millisecond from
-/proc/self/statm by a background thread. Each configuration runs in a fresh process.
+"""Memory of one training step at several depths, with and without activation checkpointing
+per recurrence step. Each configuration runs in a fresh process.
+
+* activations: bytes of the tensors autograd keeps for the backward pass (parameters and
+  buffers excluded; each storage counted once), read with saved-tensor hooks: exact and
+  deterministic, and exactly what checkpointing is meant to cut.
+* peak: on CUDA, torch.cuda.max_memory_allocated above the level before the step (after a
+  warm-up step); on CPU, the peak resident memory during the first step above the level just
+  before it, sampled every millisecond from /proc/self/statm (allocator caching makes this
+  rougher).
 
     python bench/memory.py                      # SmolLM2-135M shapes, CPU
     python bench/memory.py --shapes qwen2.5-3b --device cuda --dtype bfloat16 --seq-len 2048
@@ -37,20 +43,34 @@ def measure(args) -> dict:
     ids = torch.randint(0, model.vocab_size, (args.batch_size, args.seq_len), device=args.device)
     amp = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 
-    def step():
+    frozen = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in frozen:
+            st = t.untyped_storage()
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    def step(count: bool):
         with amp:
-            model(ids, labels=ids, depth=args.depth).loss.backward()
+            if count:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    loss = model(ids, labels=ids, depth=args.depth).loss
+            else:
+                loss = model(ids, labels=ids, depth=args.depth).loss
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
 
-    step()  # optimizer state and gradient buffers exist from here on
     if args.device.startswith("cuda"):
+        step(False)  # optimizer state and gradient buffers exist from here on
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        step()
+        step(True)
         torch.cuda.synchronize()
-        return {"peak_mb": (torch.cuda.max_memory_allocated() - before) / 2**20}
+        return {"peak_mb": (torch.cuda.max_memory_allocated() - before) / 2**20, "saved_mb": sum(saved.values()) / 2**20}
     before = rss_bytes()
     peak = [before]
     done = threading.Event()
@@ -62,10 +82,10 @@ def measure(args) -> dict:
 
     t = threading.Thread(target=poll)
     t.start()
-    step()
+    step(True)
     done.set()
     t.join()
-    return {"peak_mb": (peak[0] - before) / 2**20}
+    return {"peak_mb": (peak[0] - before) / 2**20, "saved_mb": sum(saved.values()) / 2**20}
 
 
 def main():
@@ -84,20 +104,21 @@ def main():
         print(json.dumps(measure(args)))
         return
     depths = [int(d) for d in args.depths.split(",")]
-    print(f"# {args.shapes} shapes, {args.device}, {args.dtype}, batch {args.batch_size} x {args.seq_len}; "
-          "peak memory of one training step above the level before it (MiB)")
-    print(f"{'depth':>5} {'plain':>9} {'checkpointed':>13}")
+    print(f"# {args.shapes} shapes, {args.device}, {args.dtype}, batch {args.batch_size} x {args.seq_len}; MiB")
+    print(f"{'depth':>5} {'activations':>12} {'+ckpt':>8} {'peak':>8} {'+ckpt':>8}")
     res = {}
     for d in depths:
         for ck in (False, True):
             cmd = [sys.executable, __file__, "--one", "--depth", str(d), "--shapes", args.shapes, "--device", args.device,
                    "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)] + (["--ckpt"] if ck else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            res[(d, ck)] = json.loads(out)["peak_mb"]
-        print(f"{d:>5} {res[(d, False)]:>9.0f} {res[(d, True)]:>13.0f}")
+            res[(d, ck)] = json.loads(out)
+        print(f"{d:>5} {res[(d, False)]['saved_mb']:>12.0f} {res[(d, True)]['saved_mb']:>8.0f} "
+              f"{res[(d, False)]['peak_mb']:>8.0f} {res[(d, True)]['peak_mb']:>8.0f}")
     d0, dn = depths[0], depths[-1]
-    print(f"depth {dn} / depth {d0}: plain {res[(dn, False)] / res[(d0, False)]:.2f}x, "
-          f"checkpointed {res[(dn, True)] / res[(d0, True)]:.2f}x (target <= 1.3x)")
+    for key, label in (("saved_mb", "activations"), ("peak_mb", "peak")):
+        print(f"{label}: depth {dn} / depth {d0} = plain {res[(dn, False)][key] / res[(d0, False)][key]:.2f}x, "
+              f"checkpointed {res[(dn, True)][key] / res[(d0, True)][key]:.2f}x (target <= 1.3x)")
 
 
 if __name__ == "__main__":

@@ -32,24 +32,21 @@ def depths_arg(text: str) -> tuple[int, ...]:
     return out
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {v}")
-    return v
+def _positive(kind, noun: str, bound: str):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}; got {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"expected {noun} {bound}; got {v}")
+        return v
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0; got {v}")
-    return v
+positive_int = _positive(int, "an integer", ">= 1")
+positive_float = _positive(float, "a number", "> 0")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -131,6 +128,13 @@ def train_config(args):
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.train_seed,
         time_budget=args.time_budget, mixed_precision=args.mixed_precision,
     )
+
+
+def runtime():
+    """(device, dtype) for evaluation and generation: bf16 on a GPU, fp32 on the CPU."""
+    import torch
+
+    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
 
 
 def default_seq_len(args) -> int:
@@ -260,8 +264,9 @@ def cmd_eval(args) -> None:
         raise ValueError(f"--depths: every depth must be in [1, max_steps={max_steps}]; got {max(args.depths)}")
     tokenizer = load_tokenizer(meta["base_model"])
     corpus = corpus_for(args, tokenizer)
-    model = OuroborosModel.load_adapter(args.adapter)
-    full = None if args.no_full else load_base_model(meta["base_model"])
+    device, dtype = runtime()
+    model = OuroborosModel.load_adapter(args.adapter, dtype=dtype, device=device)
+    full = None if args.no_full else load_base_model(meta["base_model"], dtype=dtype, device=device)
     train_idx = BlockSampler(corpus.train.shape[0], args.eval_seed).batch(0, min(args.blocks, corpus.train.shape[0]))
     splits = {"train": corpus.train[train_idx], "heldout": corpus.heldout[: args.blocks]}
     report = evaluate(model, splits, depths=args.depths, full_model=full, batch_size=args.batch_size,
@@ -293,10 +298,12 @@ def cmd_generate(args) -> None:
     eos = tok.eos_token_id
     runs = ["full", "baseline", "ouroboros"] if args.compare else ["full" if args.full else "baseline" if args.baseline else "ouroboros"]
     model = full = None
+    device, dtype = runtime()
     if any(r != "full" for r in runs):
-        model = OuroborosModel.load_adapter(args.adapter)
+        model = OuroborosModel.load_adapter(args.adapter, dtype=dtype, device=device)
     if "full" in runs:
-        full = load_base_model(meta["base_model"])
+        full = load_base_model(meta["base_model"], dtype=dtype, device=device)
+    ids = ids.to(device)
     depth = args.depth or max(cfg["depths"])
     for who in runs:
         if args.compare:

@@ -30,10 +30,6 @@ class PoolState:
         self.sum = None
         self.count = None
 
-    def reorder(self, index: torch.Tensor) -> None:
-        if self.sum is not None:
-            self.sum, self.count = self.sum[index], self.count[index]
-
 
 def pool(h: torch.Tensor, mode: str, mask: torch.Tensor | None = None, state: PoolState | None = None) -> torch.Tensor:
     """Pooled hidden states [B, T, H] (float32) that each position's Controller reads.

@@ -112,7 +112,8 @@ def evaluate(model, splits: dict[str, torch.Tensor], depths=(1, 4, 8, 16), full_
     jobs = []
     if full_model is not None:
         n_layers = full_model.config.num_hidden_layers
-        jobs.append((f"full", None, lambda ids: full_model(ids, use_cache=False).logits))
+        full_device = next(full_model.parameters()).device
+        jobs.append(("full", None, lambda ids: full_model(ids.to(full_device), use_cache=False).logits))
         report.meta.setdefault("full_layers", n_layers)
     jobs.append(("baseline", None, lambda ids: model.forward_baseline(ids).logits))
     for d in depths:

@@ -29,10 +29,12 @@ class OuroborosCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, model, depth: int | None) -> "OuroborosCache":
+    def empty(cls, model, depth: int | None, capacity: int | None = None) -> "OuroborosCache":
+        """capacity: total positions (prompt + new tokens) to preallocate the KV buffers for."""
         n_steps = depth if depth is not None else 1
-        return cls(depth, [KVSlot() for _ in model.prelude], [KVSlot() for _ in range(n_steps)],
-                   [PoolState() for _ in range(n_steps)], [KVSlot() for _ in model.coda])
+        slot = lambda: KVSlot(capacity)
+        return cls(depth, [slot() for _ in model.prelude], [slot() for _ in range(n_steps)],
+                   [PoolState() for _ in range(n_steps)], [slot() for _ in model.coda])
 
 
 @torch.no_grad()
@@ -140,7 +142,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if max_pos is not None and ids.shape[1] + max_new_tokens > max_pos:
         raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the base model's "
                          f"max_position_embeddings {max_pos}")
-    cache = OuroborosCache.empty(model, depth) if use_cache else None
+    cache = OuroborosCache.empty(model, depth, capacity=ids.shape[1] + max_new_tokens) if use_cache else None
     step_ids, step_mask = ids, mask
     try:
         for _ in range(max_new_tokens):

@@ -104,8 +104,8 @@ def build_context(
     cos, sin = rotary_emb(hidden, position_ids)
     S = past_length + T
     qpos = torch.arange(past_length, S, device=hidden.device)
-    if key_padding is None and past_length == 0:
-        mask = None
+    if key_padding is None and (past_length == 0 or T == 1):
+        mask = None  # plain causal (SDPA's fused kernel), or one new query that sees every key
     else:
         kpos = torch.arange(S, device=hidden.device)
         m = (kpos[None, :] <= qpos[:, None])[None, None]  # [1, 1, T, S]
@@ -133,25 +133,36 @@ DeltaFn = Callable[[str, torch.Tensor], torch.Tensor | None]
 
 
 class KVSlot:
-    """Keys and values one layer application has seen so far (for cached decoding)."""
+    """Keys and values one layer application has seen so far (for cached decoding).
 
-    __slots__ = ("k", "v")
+    With a `capacity` (prompt + new tokens), the buffers are allocated once on the first call
+    and filled in place; without one they grow by concatenation."""
 
-    def __init__(self):
+    __slots__ = ("k", "v", "length", "capacity")
+
+    def __init__(self, capacity: int | None = None):
         self.k = None
         self.v = None
+        self.length = 0
+        self.capacity = capacity
 
     def extend(self, k: torch.Tensor, v: torch.Tensor):
+        T = k.shape[2]
+        if self.capacity is None:
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+            self.length += T
+            return self.k, self.v
         if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
-        return self.k, self.v
-
-    def reorder(self, index: torch.Tensor) -> None:
-        if self.k is not None:
-            self.k, self.v = self.k[index], self.v[index]
+            B, H, _, D = k.shape
+            self.k = k.new_empty(B, H, self.capacity, D)
+            self.v = v.new_empty(B, H, self.capacity, v.shape[-1])
+        if self.length + T > self.capacity:
+            raise ValueError(f"KV cache capacity {self.capacity} exceeded")
+        self.k[:, :, self.length : self.length + T] = k
+        self.v[:, :, self.length : self.length + T] = v
+        self.length += T
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
 
 def decoder_layer(

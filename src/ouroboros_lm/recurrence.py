@@ -28,9 +28,14 @@ class RecurrenceGate(nn.Module):
         nn.init.constant_(self.proj.bias, bias)
 
     def forward(self, h_new: torch.Tensor, h_old: torch.Tensor) -> torch.Tensor:
-        dt = self.proj.weight.dtype  # the gate computes in its own (float32) precision
-        g = torch.sigmoid(self.proj(torch.cat([h_new, h_old], dim=-1).to(dt)))
-        return (g * h_new.to(dt) + (1.0 - g) * h_old.to(dt)).to(h_new.dtype)
+        out_dtype, dt = h_new.dtype, self.proj.weight.dtype  # the gate computes in its own (float32) precision
+        h_new, h_old = h_new.to(dt), h_old.to(dt)
+        H = h_new.shape[-1]
+        w = self.proj.weight
+        # W_g [h_new; h_old] as two matmuls: no concatenated copy of the hidden states
+        g = torch.sigmoid(torch.addmm(self.proj.bias, h_new.flatten(0, -2), w[:, :H].t())
+                          .addmm_(h_old.flatten(0, -2), w[:, H:].t()).view_as(h_new))
+        return torch.lerp(h_old, h_new, g).to(out_dtype)  # g*h_new + (1-g)*h_old
 
 
 class StepNorms(nn.Module):
