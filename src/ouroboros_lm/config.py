@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 VARIANTS = ("controller", "static", "none")
 POOLINGS = ("prefix_mean", "token", "sequence_mean")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import OuroborosConfig
-from .layers import PROJECTIONS
+from .config import TARGETS, OuroborosConfig
+from .layers import PROJECTIONS, get_projection
 from .lora import SVDLoRABases
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -45,17 +45,16 @@ def check_architecture(base: nn.Module) -> None:
 
 
 def split_layers(base: nn.Module, config: OuroborosConfig, compute_bases: bool = True):
-    """Validate the split against the base model, compute the SVD bases from the removed
-    layers, then delete the removed layers from the base model to free their memory.
+    """Compute the SVD bases from the removed layers, then delete the removed layers from the
+    base model to free their memory. The caller (`OuroborosModel.from_base`) has already run
+    `check_architecture` and `config.validate(num_layers=...)`.
 
     compute_bases=False allocates the bases without factoring anything (an adapter's saved
     bases are about to be loaded into them).
     Returns (prelude layers, recurrent layer, coda layers, bases or None).
     """
-    check_architecture(base)
     layers = base.model.layers
     L = len(layers)
-    config.validate(num_layers=L)
     removed_idx = config.removed_layers(L)
     recurrent = layers[config.recurrent_layer]
     bases = None
@@ -66,9 +65,7 @@ def split_layers(base: nn.Module, config: OuroborosConfig, compute_bases: bool =
                 f"n_prelude={config.n_prelude} + n_coda={config.n_coda} + 1 = {L} keeps every layer; "
                 "drop some layers or use variant='none'"
             )
-        limit = min(min(recurrent.self_attn.q_proj.weight.shape), min(recurrent.mlp.down_proj.weight.shape),
-                    min(recurrent.self_attn.k_proj.weight.shape), min(recurrent.mlp.gate_proj.weight.shape),
-                    min(recurrent.self_attn.o_proj.weight.shape))
+        limit = min(min(get_projection(recurrent, t).weight.shape) for t in TARGETS)
         if config.rank > limit:
             raise ValueError(f"rank must be in [1, {limit}] (the smallest side of the recurrent layer's projections); got {config.rank}")
         removed = [layers[i] for i in removed_idx] if compute_bases else None
