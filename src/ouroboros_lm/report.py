@@ -192,12 +192,13 @@ def plot_controller(sweep_dir: Path, results: list[dict], plt) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in runs:
+    for i, r in enumerate(runs):
         m = torch.load(sweep_dir / "runs" / r["name"] / "modulation.pt", weights_only=True)["d"]
         spread = m.std(dim=0).mean(dim=(-1, -2))  # across inputs, per step
         size = m.abs().mean(dim=(0, -1, -2))
-        ax.plot(range(m.shape[1]), spread.numpy(), marker="o", label=f"{r['name']}: spread across inputs")
-        ax.plot(range(m.shape[1]), size.numpy(), ls="--", label=f"{r['name']}: mean |d|")
+        color = f"C{i % 10}"
+        ax.plot(range(m.shape[1]), spread.numpy(), marker="o", color=color, label=f"{r['name']}: spread across inputs")
+        ax.plot(range(m.shape[1]), size.numpy(), ls="--", color=color, label=f"{r['name']}: mean |d|")
     ax.set_xlabel("recurrence step")
     ax.set_ylabel("modulation")
     ax.set_title("Does the modulation depend on the input? (std across held-out inputs vs size)")
