@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, OSError) as e:  # bad input, missing/unreadable files, unreachable hub ids
         print(f"ouroboros {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
