@@ -253,7 +253,6 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from .adapter import read_adapter
-    from .data import BlockSampler
     from .evaluate import evaluate
     from .loading import load_base_model, load_tokenizer
     from .model import OuroborosModel
@@ -267,8 +266,7 @@ def cmd_eval(args) -> None:
     device, dtype = runtime()
     model = OuroborosModel.load_adapter(args.adapter, dtype=dtype, device=device)
     full = None if args.no_full else load_base_model(meta["base_model"], dtype=dtype, device=device)
-    train_idx = BlockSampler(corpus.train.shape[0], args.eval_seed).batch(0, min(args.blocks, corpus.train.shape[0]))
-    splits = {"train": corpus.train[train_idx], "heldout": corpus.heldout[: args.blocks]}
+    splits = corpus.eval_splits(args.blocks, args.eval_seed)
     report = evaluate(model, splits, depths=args.depths, full_model=full, batch_size=args.batch_size,
                       meta={"adapter": str(args.adapter), "base_model": meta["base_model"], "seq_len": corpus.seq_len})
     print(report.table())

@@ -183,6 +183,13 @@ class Corpus:
     n_heldout_docs: int
     seq_len: int
 
+    def eval_splits(self, n_blocks: int, seed: int) -> dict[str, torch.Tensor]:
+        """The blocks every evaluation row is scored on: `n_blocks` training blocks (a seeded
+        sample) and the first `n_blocks` held-out blocks (fewer where a split is smaller)."""
+        n_train = min(n_blocks, self.train.shape[0])
+        idx = BlockSampler(self.train.shape[0], seed).batch(0, n_train)
+        return {"train": self.train[idx], "heldout": self.heldout[:n_blocks]}
+
     def describe(self) -> str:
         return (
             f"train: {self.n_train_docs} docs, {self.train.shape[0]} blocks x {self.seq_len} tokens; "

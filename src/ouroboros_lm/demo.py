@@ -48,7 +48,7 @@ def sotu_files(corpus: Path, last_train_year: int) -> tuple[list[str], list[str]
 
 
 def run_demo(dc: DemoConfig) -> dict:
-    from .data import BlockSampler, build_corpus
+    from .data import build_corpus
     from .evaluate import evaluate
     from .loading import load_base_model, load_tokenizer
     from .model import OuroborosModel
@@ -83,8 +83,7 @@ def run_demo(dc: DemoConfig) -> dict:
 
     print(f"[4/4] evaluating full model, pruned baseline and Ouroboros at depths {dc.eval_depths}")
     full = load_base_model(dc.base)
-    train_idx = BlockSampler(corpus.train.shape[0], dc.seed + 1).batch(0, dc.eval_blocks)
-    splits = {"train": corpus.train[train_idx], "heldout": corpus.heldout[: dc.eval_blocks]}
+    splits = corpus.eval_splits(dc.eval_blocks, dc.seed + 1)
     report = evaluate(model, splits, depths=dc.eval_depths, full_model=full, batch_size=dc.batch_size,
                       meta={"base_model": dc.base, "seq_len": dc.seq_len, "train_steps": summary["steps_done"],
                             "train_wall_s": round(summary["wall_s"], 1)})

@@ -149,7 +149,7 @@ def capture_modulation(model, blocks: torch.Tensor, depth: int) -> dict | None:
 
 
 def run_sweep(spec_path: str | Path, out: str | Path | None = None, only: list[str] | None = None, progress: bool = True) -> Path:
-    from .data import BlockSampler, build_corpus
+    from .data import build_corpus
     from .evaluate import evaluate
     from .loading import load_base_model, load_tokenizer
     from .model import OuroborosModel
@@ -173,9 +173,7 @@ def run_sweep(spec_path: str | Path, out: str | Path | None = None, only: list[s
                           text_field=spec.data.get("text_field", "text"))
     print(f"sweep {spec.name}: {len(runs)} runs into {out}; {corpus.describe()}")
     ev = {"depths": [1, 4, 8, 16], "blocks": 16, "batch_size": 4, "modulation_inputs": 6, **spec.eval}
-    n_eval = min(ev["blocks"], corpus.train.shape[0], corpus.heldout.shape[0])
-    splits = {"train": corpus.train[BlockSampler(corpus.train.shape[0], spec.seed + 1).batch(0, n_eval)],
-              "heldout": corpus.heldout[:n_eval]}
+    splits = corpus.eval_splits(min(ev["blocks"], corpus.train.shape[0], corpus.heldout.shape[0]), spec.seed + 1)
 
     ref_path = out / REFERENCE
     if not ref_path.is_file():  # full model and pruned baseline: once, on the same blocks as every run
