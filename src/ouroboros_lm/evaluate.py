@@ -103,8 +103,12 @@ class EvalReport:
 
 
 def evaluate(model, splits: dict[str, torch.Tensor], depths=(1, 4, 8, 16), full_model=None,
-             batch_size: int = 4, progress: bool = True, meta: dict | None = None) -> EvalReport:
-    """Evaluate every row on exactly the same blocks of each split."""
+             batch_size: int = 4, progress: bool = True, meta: dict | None = None,
+             known: dict[str, dict[str, float]] | None = None) -> EvalReport:
+    """Evaluate every row on exactly the same blocks of each split.
+
+    known: losses already measured on these very blocks ({split: {"full": .., "baseline": ..}}),
+    reused instead of recomputed (a sweep evaluates the references once for all runs)."""
     was_training = model.training
     model.eval()
     device = model.device
@@ -115,12 +119,13 @@ def evaluate(model, splits: dict[str, torch.Tensor], depths=(1, 4, 8, 16), full_
         full_device = next(full_model.parameters()).device
         jobs.append(("full", None, lambda ids: full_model(ids.to(full_device), use_cache=False).logits))
         report.meta.setdefault("full_layers", n_layers)
-    jobs.append(("baseline", None, lambda ids: model.forward_baseline(ids).logits))
+    if not known:
+        jobs.append(("baseline", None, lambda ids: model.forward_baseline(ids).logits))
     for d in depths:
         jobs.append((f"ouroboros@{d}", d, lambda ids, d=d: model(ids, depth=d).logits))
     bar = tqdm(total=len(splits) * len(jobs), desc="evaluating", disable=not progress)
     for split, blocks in splits.items():
-        report.splits[split] = []
+        report.splits[split] = [EvalRow(name, loss) for name, loss in (known or {}).get(split, {}).items()]
         report.tokens[split] = int(blocks[:, 1:].numel())
         for name, depth, fwd in jobs:
             bar.set_postfix_str(f"{split}: {name}")

@@ -200,8 +200,9 @@ def run_sweep(spec_path: str | Path, out: str | Path | None = None, only: list[s
             model.save_adapter(rdir)
         tc = TrainConfig(**{"seed": spec.seed, "progress": progress, **spec.train, **({"lr": run.get("lr")} if "lr" in run.settings else {})})
         summary = train(model, corpus, rdir, tc, resume=resume)
+        known = {split: {k: reference[split][k] for k in ("full", "baseline")} for split in splits}
         rep = evaluate(model, splits, depths=tuple(d for d in ev["depths"] if d <= cfg.max_steps), batch_size=ev["batch_size"],
-                       progress=progress)
+                       progress=progress, known=known)
         mod = capture_modulation(model, corpus.heldout[: ev["modulation_inputs"]], max(cfg.depths))
         if mod is not None:
             torch.save(mod, rdir / "modulation.pt")
