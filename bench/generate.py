@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch

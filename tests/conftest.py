@@ -1,7 +1,6 @@
 """Tiny random Llama-family models built from configs, shared by the unit tests."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ and records, per rank, the blocks it saw and a hash of its final weights."""
 import hashlib
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_SPLIT, randomize_trainables, tiny_base, tiny_ouroboros
+from conftest import randomize_trainables, tiny_base, tiny_ouroboros
 from ouroboros_lm import OuroborosModel
 from ouroboros_lm.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 

@@ -8,7 +8,7 @@ step. `tests/test_generate.py` checks it against recomputing the whole prefix ev
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

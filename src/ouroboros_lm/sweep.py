@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
