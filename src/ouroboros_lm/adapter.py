@@ -128,6 +128,18 @@ def save_adapter(model, directory: str | os.PathLike, base_fingerprints: dict | 
     return directory
 
 
+def copy_into(model, tensors: dict[str, torch.Tensor], trainable_only: bool = False) -> None:
+    """Copy adapter tensors into the model's parameters and buffers of the same names
+    (only its trainable parameters with trainable_only, as a resumed run does)."""
+    targets = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
+    if not trainable_only:
+        targets.update(dict(model.named_buffers()))
+    with torch.no_grad():
+        for k, t in tensors.items():
+            if k in targets:
+                targets[k].copy_(t.to(targets[k].dtype))
+
+
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors), fully validated against each other; raises AdapterError."""
     directory = Path(directory)
@@ -230,11 +242,6 @@ def load_adapter(directory, base=None, dtype=torch.float32, device=None, **overr
     for k, t in expected.items():
         if tuple(tensors[k].shape) != tuple(t.shape):
             raise AdapterError(f"{Path(directory) / WEIGHTS_NAME}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(t.shape)}")
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    with torch.no_grad():
-        for k, t in tensors.items():
-            target = params.get(k, buffers.get(k))
-            target.copy_(t.to(target.dtype))
+    copy_into(model, tensors)
     model.adapter_meta = meta
     return model

@@ -134,7 +134,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     device = model.device
     ids = input_ids.to(device)
     mask = attention_mask.to(device).long() if attention_mask is not None else None
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    eos = sorted(set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or [])))
+    eos_ids = torch.tensor(eos, device=device)
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
@@ -158,7 +159,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             if on_token is not None:
                 on_token(tok)
             if eos:
-                done |= torch.isin(tok, torch.tensor(sorted(eos), device=device))
+                done |= torch.isin(tok, eos_ids)
                 if bool(done.all()):
                     break
             step_ids = tok[:, None]

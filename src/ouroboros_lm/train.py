@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import atomic_write_bytes, fsync_dir, read_adapter, save_adapter
+from .adapter import atomic_write_bytes, copy_into, fsync_dir, read_adapter, save_adapter
 from .data import BlockSampler, Corpus
 from .evaluate import mean_loss
 
@@ -222,12 +222,7 @@ def train(model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: b
     start, prior_elapsed = 0, 0.0
     if resume:
         ckpt = existing[-1]
-        _, tensors = read_adapter(ckpt)
-        own = dict(model.named_parameters())
-        with torch.no_grad():
-            for k, t in tensors.items():
-                if k in own and own[k].requires_grad:
-                    own[k].copy_(t)
+        copy_into(model, read_adapter(ckpt)[1], trainable_only=True)
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         state = json.loads((ckpt / STATE).read_text())
@@ -268,10 +263,8 @@ def train(model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: b
                 with ctx, accelerator.autocast():
                     loss = ddp_model(ids, labels=ids, depth=depth).loss
                     accelerator.backward(loss / tc.grad_accum)
-            except (torch.OutOfMemoryError, MemoryError) as e:
-                raise TrainingError(out_of_memory_message(tc, corpus.seq_len, depth, device, e)) from None
-            except RuntimeError as e:
-                if "memory" not in str(e).lower():
+            except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "memory" not in str(e).lower():
                     raise
                 raise TrainingError(out_of_memory_message(tc, corpus.seq_len, depth, device, e)) from None
             step_loss += loss.detach() / tc.grad_accum
