@@ -1,4 +1,4 @@
-"""The fast paths compute the same thing as the plain ones: fused low-rank down-projections,
+"""The fast paths compute the same thing as the plain ones: fused low-rank paths,
 activation checkpointing per recurrence step."""
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ from conftest import randomize_trainables, tiny_ouroboros
 from ouroboros_lm.config import TARGETS
 
 
-class UnfusedDeltas:
-    """(alpha/r) B_t diag(d_t) A_t x, one target at a time, nothing shared."""
+class UnfusedProjections:
+    """W_t x + (alpha/r) B_t diag(d_t) A_t x, as written: one target at a time, nothing shared,
+    nothing folded into the layer's matmul."""
 
     def __init__(self, bases, d):
         self.bases, self.d = bases, d
 
-    def __call__(self, target, x):
+    def __call__(self, target, linear, x):
         t = TARGETS.index(target)
         A, B = self.bases.A(target), self.bases.B(target)
-        return self.bases.scale * ((x @ A.t()) * self.d[..., t, :]) @ B.t()
+        return linear(x) + self.bases.scale * ((x @ A.t()) * self.d[..., t, :]) @ B.t()
 
 
 @pytest.mark.parametrize("variant", ["controller", "static"])
@@ -29,7 +30,7 @@ def test_fused_low_rank_paths_equal_unfused(variant, tokens, monkeypatch):
     with torch.no_grad():
         fused = model(tokens, depth=3).logits
         bases = model.recurrent.bases
-        monkeypatch.setattr(bases, "deltas", lambda d: UnfusedDeltas(bases, d))
+        monkeypatch.setattr(bases, "modulated", lambda d: UnfusedProjections(bases, d))
         unfused = model(tokens, depth=3).logits
     torch.testing.assert_close(fused, unfused, atol=1e-10, rtol=1e-10)
     assert (fused - model.forward_baseline(tokens).logits).abs().max() > 1e-3  # the deltas matter

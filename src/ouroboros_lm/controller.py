@@ -39,16 +39,23 @@ def pool(h: torch.Tensor, mode: str, mask: torch.Tensor | None = None, state: Po
     """
     if mode == "token":
         return h.float()
-    m = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device, torch.float32)
-    hm = h.float() * m.unsqueeze(-1)
+    if mask is None:  # every position is a real token: no masking pass, counts are 1..T
+        hm = h.float()
+        m = None
+    else:
+        m = mask.to(h.device, torch.float32)
+        hm = h.float() * m.unsqueeze(-1)
     if mode == "prefix_mean":
         sums = hm.cumsum(dim=1)
-        counts = m.cumsum(dim=1)
+        if m is None:
+            counts = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=torch.float32).expand(h.shape[:2])
+        else:
+            counts = m.cumsum(dim=1)
         if state is not None:
             if state.sum is not None:
                 sums = sums + state.sum.unsqueeze(1)
                 counts = counts + state.count.unsqueeze(1)
-            state.sum, state.count = sums[:, -1], counts[:, -1]
+            state.sum, state.count = sums[:, -1].clone(), counts[:, -1].clone()  # not views: the prompt-long sums are freed
         return sums / counts.clamp(min=1.0).unsqueeze(-1)
     if mode == "sequence_mean":
         if state is not None:
@@ -56,7 +63,8 @@ def pool(h: torch.Tensor, mode: str, mask: torch.Tensor | None = None, state: Po
                 "pooling='sequence_mean' is not causal (every position reads the whole sequence, "
                 "future tokens included), so it cannot be decoded incrementally"
             )
-        mean = hm.sum(dim=1) / m.sum(dim=1).clamp(min=1.0).unsqueeze(-1)
+        n = torch.full(h.shape[:1], h.shape[1], device=h.device, dtype=torch.float32) if m is None else m.sum(dim=1)
+        mean = hm.sum(dim=1) / n.clamp(min=1.0).unsqueeze(-1)
         return mean.unsqueeze(1).expand_as(hm)
     raise ValueError(f"unknown pooling {mode!r}")
 

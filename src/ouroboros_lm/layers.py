@@ -128,8 +128,12 @@ def layer_window(layer: nn.Module, base_config) -> int | None:
     return None
 
 
-# A low-rank hook: given the projection name and its input, return the delta to add (or None).
-DeltaFn = Callable[[str, torch.Tensor], torch.Tensor | None]
+# A projection hook: given the projection's name, its nn.Linear and its input, return the output.
+ProjectFn = Callable[[str, nn.Linear, torch.Tensor], torch.Tensor]
+
+
+def plain_projection(name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
 
 
 class KVSlot:
@@ -171,13 +175,14 @@ def decoder_layer(
     ctx: AttentionContext,
     *,
     window: int | None = None,
-    delta: DeltaFn | None = None,
+    project: ProjectFn | None = None,
     norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     kv: KVSlot | None = None,
 ) -> torch.Tensor:
     """Apply one decoder layer to h [B, T, H].
 
-    delta: optional low-rank hook adding to each of the seven projections.
+    project: optional hook computing each of the seven projections (the recurrent block's
+        low-rank modulation); by default the layer's own nn.Linear.
     norm_weights: optional (input_norm, post_attention_norm) weights replacing the layer's own.
     kv: optional cache slot; new keys/values are appended and attention covers all of them.
     """
@@ -189,14 +194,7 @@ def decoder_layer(
         layer.post_attention_layernorm.weight,
     )
 
-    def proj(name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        y = module(x)
-        if delta is not None:
-            d = delta(name, x)
-            if d is not None:
-                y = y + d
-        return y
-
+    proj = project if project is not None else plain_projection
     B, T, _ = h.shape
     head_dim = attn.head_dim
     x = rms_norm(h, w_in, eps_in)

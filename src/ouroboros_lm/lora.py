@@ -10,12 +10,13 @@ the projection into
     W x + (alpha / r) B diag(d) A x.
 
 Projections that read the same input share one down-projection matmul: q, k and v read the
-normed attention input, gate and up the normed MLP input. `LowRankDeltas` computes x A^T once
-per group and splits it.
+normed attention input, gate and up the normed MLP input. `ModulatedProjections` computes
+x A^T once per group, and folds each up-projection into the layer's own matmul.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import TARGETS
@@ -23,6 +24,7 @@ from .layers import get_projection
 
 # Targets that read the same input, in TARGETS order.
 GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+GROUP_OF = {t: g for g in GROUPS for t in g}
 
 
 def mean_residual(recurrent: nn.Module, removed: list[nn.Module], target: str) -> torch.Tensor:
@@ -49,6 +51,7 @@ class SVDLoRABases(nn.Module):
         super().__init__()
         self.rank = rank
         self.scale = alpha / rank
+        self._fused: dict[str, tuple] = {}  # target -> (key, [W | scale * B]); see fused_weight
         for group in GROUPS:
             in_features = shapes[group[0]][1]
             self.register_buffer(
@@ -85,13 +88,31 @@ class SVDLoRABases(nn.Module):
     def B(self, target: str) -> torch.Tensor:
         return getattr(self, "B_" + target)
 
-    def deltas(self, d: torch.Tensor) -> "LowRankDeltas":
-        """A delta hook for `layers.decoder_layer`, for modulation d [..., 7, r] (TARGETS order)."""
-        return LowRankDeltas(self, d)
+    def fused_weight(self, target: str, linear: nn.Linear) -> torch.Tensor:
+        """[W | (alpha/r) B] (out x (in + r)) for `target`, so that one matmul of [x | u] computes
+        W x + (alpha/r) B u. Built on first use and rebuilt whenever W or B is replaced or
+        modified in place (moved, cast, loaded); not saved (it is derived from frozen weights)."""
+        W, B = linear.weight, self.B(target)
+        key = (W.data_ptr(), W._version, W.dtype, B.data_ptr(), B._version)
+        hit = self._fused.get(target)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, torch.cat([W, (B.to(torch.float32) * self.scale).to(W.dtype)], dim=1))
+            self._fused[target] = hit
+        return hit[1]
+
+    def modulated(self, d: torch.Tensor) -> "ModulatedProjections":
+        """A projection hook for `layers.decoder_layer`, for modulation d [..., 7, r] (TARGETS order)."""
+        return ModulatedProjections(self, d)
 
 
-class LowRankDeltas:
-    """Computes (alpha/r) B_t diag(d_t) A_t x for each target, sharing x A^T within a group.
+class ModulatedProjections:
+    """Computes W_t x + (alpha/r) B_t diag(d_t) A_t x for each target t.
+
+    * The down-projections x A^T of targets that read the same input are one matmul per group.
+    * The up-projection is folded into the layer's own matmul: [x | d * x A_t^T] @ [W_t | (alpha/r) B_t]^T.
+      Forward and backward are then one large matmul each per projection, instead of the
+      layer's matmul plus a thin, memory-bound rank-r one and an addition over the output.
 
     d has shape [7, r] (static: same for every token) or [B, T, 7, r] (Controller).
     """
@@ -102,19 +123,16 @@ class LowRankDeltas:
         self._group_x: dict[str, torch.Tensor] = {}
         self._group_u: dict[str, torch.Tensor] = {}
 
-    def __call__(self, target: str, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, target: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         b = self.bases
         r = b.rank
-        for group in GROUPS:
-            if target in group:
-                break
+        group = GROUP_OF[target]
         lead = group[0]
         if self._group_x.get(lead) is not x:
             first = TARGETS.index(lead)
             d = self.d[..., first : first + len(group), :].flatten(-2)  # [..., len(group)*r]
-            u = x @ getattr(b, "A_" + lead).to(x.dtype).t()
+            self._group_u[lead] = (x @ getattr(b, "A_" + lead).to(x.dtype).t()) * d.to(x.dtype)
             self._group_x[lead] = x
-            self._group_u[lead] = u * (d.to(x.dtype) * b.scale)
         i = group.index(target)
         u = self._group_u[lead][..., i * r : (i + 1) * r]
-        return u @ b.B(target).to(x.dtype).t()
+        return F.linear(torch.cat([x, u], dim=-1), b.fused_weight(target, linear), linear.bias)

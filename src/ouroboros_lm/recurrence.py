@@ -81,9 +81,9 @@ class RecurrentBlock(nn.Module):
 
     def step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, kv: KVSlot | None = None, pool_state: PoolState | None = None) -> torch.Tensor:
         d = self.modulation(h, s, mask, pool_state)
-        delta = self.bases.deltas(d) if d is not None else None
+        project = self.bases.modulated(d) if d is not None else None
         norms = self.step_norms(s, h.dtype) if self.step_norms is not None else None
-        h_new = decoder_layer(self.layer, h, ctx, window=self.window, delta=delta, norm_weights=norms, kv=kv)
+        h_new = decoder_layer(self.layer, h, ctx, window=self.window, project=project, norm_weights=norms, kv=kv)
         return self.gate(h_new, h) if self.gate is not None else h_new
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext, depth: int, mask=None, cache=None) -> torch.Tensor:
