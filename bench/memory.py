@@ -43,7 +43,9 @@ def measure(args) -> dict:
     ids = torch.randint(0, model.vocab_size, (args.batch_size, args.seq_len), device=args.device)
     amp = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 
-    frozen = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    with torch.no_grad():  # builds the folded [W | B] weights of the low-rank paths: frozen weights, not activations
+        model(ids[:, :8], depth=1)
+    frozen = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers()) + model.recurrent.bases.folded_weights()}
     saved: dict[int, int] = {}
 
     def pack(t):

@@ -67,3 +67,20 @@ def test_checkpointing_is_used_only_from_the_configured_depth(tokens, monkeypatc
     with torch.no_grad():
         model(tokens, depth=5)  # no checkpointing without gradients
     assert len(calls) == 5
+
+
+def test_folded_weights_follow_changes_to_the_bases_and_the_layer(tokens, monkeypatch):
+    """The folded [W | (alpha/r) B] matrices are derived and cached: replacing or changing W or B
+    in place (a cast, an adapter being loaded, a user's edit) must never leave a stale copy."""
+    model = tiny_ouroboros("llama")
+    randomize_trainables(model)
+    bases = model.recurrent.bases
+    model.double()
+    with torch.no_grad():
+        model(tokens, depth=2)  # builds the cache in float64
+        bases.B_up.mul_(3.0)  # in place, as load_adapter's copy_ is
+        model.recurrent.layer.self_attn.o_proj.weight.add_(0.01)
+        folded = model(tokens, depth=2).logits
+        monkeypatch.setattr(bases, "modulated", lambda d: UnfusedProjections(bases, d))
+        reference = model(tokens, depth=2).logits
+    torch.testing.assert_close(folded, reference, atol=1e-10, rtol=1e-10)

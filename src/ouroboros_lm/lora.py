@@ -97,9 +97,14 @@ class SVDLoRABases(nn.Module):
         hit = self._fused.get(target)
         if hit is None or hit[0] != key:
             with torch.no_grad():
-                hit = (key, torch.cat([W, (B.to(torch.float32) * self.scale).to(W.dtype)], dim=1))
+                scaled = B.to(torch.promote_types(B.dtype, torch.float32)) * self.scale  # scaled in >= float32
+                hit = (key, torch.cat([W, scaled.to(W.dtype)], dim=1))
             self._fused[target] = hit
         return hit[1]
+
+    def folded_weights(self) -> list[torch.Tensor]:
+        """The cached [W | (alpha/r) B] matrices built so far (frozen, derived weights)."""
+        return [w for _, w in self._fused.values()]
 
     def modulated(self, d: torch.Tensor) -> "ModulatedProjections":
         """A projection hook for `layers.decoder_layer`, for modulation d [..., 7, r] (TARGETS order)."""
