@@ -84,3 +84,20 @@ def test_folded_weights_follow_changes_to_the_bases_and_the_layer(tokens, monkey
         monkeypatch.setattr(bases, "modulated", lambda d: UnfusedProjections(bases, d))
         reference = model(tokens, depth=2).logits
     torch.testing.assert_close(folded, reference, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("arch,variant,pooling", [("llama", "controller", "prefix_mean"), ("mistral", "static", "token"),
+                                                  ("qwen2", "controller", "sequence_mean")])
+def test_training_forward_and_backward_never_wait_for_the_device(arch, variant, pooling):
+    """No host-device sync (.item(), bool(tensor), .cpu(), data-dependent shapes) in a training
+    step: on the weightless "meta" device any of them raises, so this runs the whole step there,
+    padding mask and activation checkpointing included."""
+    model = tiny_ouroboros(arch, variant=variant, pooling=pooling, checkpoint_from_depth=4).train().to("meta")
+    ids = torch.zeros(2, 12, dtype=torch.long, device="meta")
+    mask = torch.ones(2, 12, dtype=torch.long, device="meta")
+    for depth, m in ((2, None), (5, mask)):
+        out = model(ids, attention_mask=m, labels=ids, depth=depth)
+        out.loss.backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in model.parameters() if p.requires_grad)
+    with pytest.raises(Exception):  # the premise: a sync on meta tensors does raise
+        bool(out.loss > 0)
