@@ -26,6 +26,12 @@ def test_round_trip_gives_bit_identical_logits(tmp_path, tokens, variant):
     model.save_adapter(tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
     assert meta["format_version"] == 1 and meta["ouroboros_config"]["variant"] == variant
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ad" / WEIGHTS_NAME, "pt") as f:  # the file holds the spec's W_g whole: H x 2H
+        H = model.recurrent.step_norms.weight.shape[-1]
+        assert f.get_slice("recurrent.gate.proj.weight").get_shape() == [H, 2 * H]
+        assert not any("weight_new" in k or "weight_old" in k for k in f.keys())
     loaded = OuroborosModel.load_adapter(tmp_path / "ad", base=tiny_base("qwen2", seed=0)).eval()
     with torch.no_grad():
         for depth in (1, 3):

@@ -129,6 +129,20 @@ def test_gate_keeps_88_percent_of_old_state():
     torch.testing.assert_close(out, keep * h_old + (1 - keep) * h_new)
 
 
+def test_gate_computes_the_specified_formula_with_W_g_whole():
+    """g = sigmoid(W_g [h_new; h_old] + b_g), h = g h_new + (1 - g) h_old, against a direct
+    computation with the whole H x 2H matrix (the module holds it as two halves)."""
+    H = TINY["hidden_size"]
+    gate = tiny_ouroboros("llama").recurrent.gate
+    W, b = torch.randn(H, 2 * H) * 0.1, torch.randn(H)
+    gate.load_joined(W, b)
+    h_new, h_old = torch.randn(3, 4, H), torch.randn(3, 4, H)
+    g = torch.sigmoid(torch.cat([h_new, h_old], -1) @ W.t() + b)
+    with torch.no_grad():
+        torch.testing.assert_close(gate(h_new, h_old), g * h_new + (1 - g) * h_old)
+    assert torch.equal(gate.joined()["proj.weight"], W) and torch.equal(gate.joined()["proj.bias"], b)
+
+
 def test_step_norms_start_as_the_layers_own(tokens):
     model = tiny_ouroboros("llama")
     layer = model.recurrent.layer
@@ -204,7 +218,7 @@ def test_one_step_changes_only_trainable_parts(variant, tokens):
     assert any("bases.A_" in k for k in before) and any("bases.B_" in k for k in before)
     changed = {k for k in trainable if not torch.equal(before[k], after[k])}
     head = "recurrent.controller.head.weight" if variant == "controller" else "recurrent.static.vectors"
-    for k in (head, "recurrent.gate.proj.weight", "recurrent.step_norms.weight"):
+    for k in (head, "recurrent.gate.weight_new", "recurrent.gate.weight_old", "recurrent.step_norms.weight"):
         assert k in changed
     assert all(not p.requires_grad for n, p in model.named_parameters() if not n.startswith("recurrent.") or ".layer." in n)
 

@@ -83,7 +83,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     def poison(step, micro, idx):
         if step == 4:  # the 5th step
             with torch.no_grad():
-                model.recurrent.gate.proj.weight.fill_(float("nan"))
+                model.recurrent.gate.weight_new.fill_(float("nan"))
 
     tc = TrainConfig(steps=10, batch_size=2, save_every=2, eval_every=100, log_every=1, progress=False)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 5.*last good checkpoint is .*step_000004"):

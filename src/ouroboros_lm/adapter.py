@@ -94,9 +94,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+GATE = "recurrent.gate."
+
+
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
-    """Trainable weights (float32) and the frozen SVD bases."""
-    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """Trainable weights (float32) and the frozen SVD bases. The gate is stored as the spec
+    writes it: W_g (H x 2H) whole, `recurrent.gate.proj.weight`, and `recurrent.gate.proj.bias`."""
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and not n.startswith(GATE)}
+    if model.recurrent.gate is not None:
+        state.update({GATE + k: v for k, v in model.recurrent.gate.joined().items()})
     if model.recurrent.bases is not None:
         for n, b in model.recurrent.bases.named_buffers():
             state[f"recurrent.bases.{n}"] = b.detach()
@@ -134,6 +140,9 @@ def copy_into(model, tensors: dict[str, torch.Tensor], trainable_only: bool = Fa
     targets = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
     if not trainable_only:
         targets.update(dict(model.named_buffers()))
+    gate = model.recurrent.gate
+    if gate is not None and GATE + "proj.weight" in tensors:
+        gate.load_joined(tensors[GATE + "proj.weight"], tensors[GATE + "proj.bias"])
     with torch.no_grad():
         for k, t in tensors.items():
             if k in targets:

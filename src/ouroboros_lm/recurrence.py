@@ -19,23 +19,38 @@ from .lora import SVDLoRABases
 
 class RecurrenceGate(nn.Module):
     """g = sigmoid(W_g [h_new; h_old] + b_g); W_g = 0 and b_g = gate_bias at init, so a fresh
-    gate keeps sigmoid(-gate_bias) of the old state (0.88 for the default -2)."""
+    gate keeps sigmoid(-gate_bias) of the old state (0.88 for the default -2).
+
+    W_g (H x 2H) is held as its two halves, W_g = [weight_new | weight_old], so that
+    W_g [h_new; h_old] = weight_new h_new + weight_old h_old is two matmuls with no
+    concatenated copy of the states, and the backward pass writes each half's gradient
+    directly (slices of one parameter would each need a zero-filled full-size gradient).
+    Adapter files store W_g whole, as `proj.weight` (see `joined` / `load_joined`).
+    """
 
     def __init__(self, hidden_size: int, bias: float):
         super().__init__()
-        self.proj = nn.Linear(2 * hidden_size, hidden_size)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.constant_(self.proj.bias, bias)
+        self.weight_new = nn.Parameter(torch.zeros(hidden_size, hidden_size))
+        self.weight_old = nn.Parameter(torch.zeros(hidden_size, hidden_size))
+        self.bias = nn.Parameter(torch.full((hidden_size,), float(bias)))
 
     def forward(self, h_new: torch.Tensor, h_old: torch.Tensor) -> torch.Tensor:
-        out_dtype, dt = h_new.dtype, self.proj.weight.dtype  # the gate computes in its own (float32) precision
+        out_dtype, dt = h_new.dtype, self.bias.dtype  # the gate computes in its own (float32) precision
         h_new, h_old = h_new.to(dt), h_old.to(dt)
-        H = h_new.shape[-1]
-        w = self.proj.weight
-        # W_g [h_new; h_old] as two matmuls: no concatenated copy of the hidden states
-        g = torch.sigmoid(torch.addmm(self.proj.bias, h_new.flatten(0, -2), w[:, :H].t())
-                          .addmm_(h_old.flatten(0, -2), w[:, H:].t()).view_as(h_new))
-        return torch.lerp(h_old, h_new, g).to(out_dtype)  # g*h_new + (1-g)*h_old
+        z = torch.addmm(self.bias, h_new.flatten(0, -2), self.weight_new.t()).addmm_(h_old.flatten(0, -2), self.weight_old.t())
+        return torch.lerp(h_old, h_new, torch.sigmoid(z).view_as(h_new)).to(out_dtype)  # g*h_new + (1-g)*h_old
+
+    def joined(self) -> dict[str, torch.Tensor]:
+        """{"proj.weight": W_g (H x 2H), "proj.bias": b_g}: the gate as the spec (and files) write it."""
+        return {"proj.weight": torch.cat([self.weight_new.detach(), self.weight_old.detach()], dim=1),
+                "proj.bias": self.bias.detach()}
+
+    def load_joined(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        H = self.bias.shape[0]
+        with torch.no_grad():
+            self.weight_new.copy_(weight[:, :H])
+            self.weight_old.copy_(weight[:, H:])
+            self.bias.copy_(bias)
 
 
 class StepNorms(nn.Module):
