@@ -93,3 +93,13 @@ def test_incompatible_format_version_and_missing_files(saved, tmp_path):
         OuroborosModel.load_adapter(path, base=tiny_base("qwen2", seed=0))
     with pytest.raises(AdapterError, match="not found"):
         OuroborosModel.load_adapter(tmp_path / "nothing", base=tiny_base("qwen2", seed=0))
+
+
+def test_round_trip_without_gate_or_step_norms(tmp_path, tokens):
+    model = tiny_ouroboros("llama", seed=0, gate=False, step_norm=False)
+    randomize_trainables(model)
+    model.save_adapter(tmp_path / "ad")
+    loaded = OuroborosModel.load_adapter(tmp_path / "ad", base=tiny_base("llama", seed=0)).eval()
+    assert loaded.recurrent.gate is None and loaded.recurrent.step_norms is None
+    with torch.no_grad():
+        assert torch.equal(model(tokens, depth=3).logits, loaded(tokens, depth=3).logits)
