@@ -1,7 +1,8 @@
 """Time of one training step (forward + backward + AdamW) of Ouroboros at depth N against the
 floor: the same pruned model with the recurrent layer simply repeated N times and nothing
 added (gradients flow through the same layers, no trainable parameters). Both are measured
-interleaved in one run; the ratio is what counts. Also prints training and evaluation
+interleaved in one run, each call right after an untimed call of the same step; the ratio is
+what counts. Also prints training and evaluation
 throughput.
 
 Next to each measured ratio stands the FLOP ratio of the same two steps, counted by
@@ -57,6 +58,10 @@ def flops(fn) -> int:
 
 
 def timed(fn, device):
+    """Seconds of one call of fn, right after an untimed call of the same fn: the steady state of
+    a training loop. (Timed right after a different step, the same step ran up to 7% slower on
+    the CPU, in the allocator's page faults for the logits, and by different amounts per step.)"""
+    fn()
     sync(device)
     t = time.perf_counter()
     fn()
@@ -116,8 +121,6 @@ def main():
     for d in depths:
         ff, fo, fc = counted[d]
         with amp:
-            floor_step(model, ids, d)  # warm-up
-            ouroboros_step(model, opt, ids, d, ckpt=False)
             fl, ob, ck, ev = [], [], [], []
             for _ in range(args.repeats):
                 fl.append(timed(lambda: floor_step(model, ids, d), args.device))
