@@ -5,7 +5,8 @@ position embeddings (grouped-query, optional q/k/v bias, Qwen3's per-head q/k no
 optional sliding window) followed by a pre-norm gated MLP. We reuse the Hugging Face
 module's weights and compute the layer here, so that
 
-* the recurrent layer can add low-rank deltas to each of its seven projections and swap in
+* the recurrent layer can compute its seven projections its own way (with their low-rank
+  paths folded in, `lora.ModulatedProjections`) and swap in
   per-step norms,
 * every layer, prelude and coda included, can read and extend a key/value cache that we own
   (generation keeps one per recurrence step).
