@@ -101,3 +101,16 @@ def test_training_forward_and_backward_never_wait_for_the_device(arch, variant, 
     assert all(p.grad is not None and p.grad.is_meta for p in model.parameters() if p.requires_grad)
     with pytest.raises(Exception):  # the premise: a sync on meta tensors does raise
         bool(out.loss > 0)
+
+
+def test_moving_or_casting_the_model_drops_the_old_folded_weights(tokens):
+    model = tiny_ouroboros("llama")
+    with torch.no_grad():
+        model(tokens, depth=2)
+    bases = model.recurrent.bases
+    assert len(bases.folded_weights()) == 7 and all(w.dtype == torch.float32 for w in bases.folded_weights())
+    model.double()
+    assert bases.folded_weights() == []  # freed now, not kept until the next forward
+    with torch.no_grad():
+        model(tokens, depth=2)
+    assert all(w.dtype == torch.float64 for w in bases.folded_weights())

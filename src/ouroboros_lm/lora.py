@@ -102,6 +102,10 @@ class SVDLoRABases(nn.Module):
             self._fused[target] = hit
         return hit[1]
 
+    def _apply(self, fn, *args, **kwargs):
+        self._fused.clear()  # moved or cast: drop the old folded copies now rather than at the next forward
+        return super()._apply(fn, *args, **kwargs)
+
     def folded_weights(self) -> list[torch.Tensor]:
         """The cached [W | (alpha/r) B] matrices built so far (frozen, derived weights)."""
         return [w for _, w in self._fused.values()]
