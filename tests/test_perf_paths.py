@@ -114,3 +114,23 @@ def test_moving_or_casting_the_model_drops_the_old_folded_weights(tokens):
     with torch.no_grad():
         model(tokens, depth=2)
     assert all(w.dtype == torch.float64 for w in bases.folded_weights())
+
+
+@pytest.mark.parametrize("variant", ["controller", "static", "none"])
+def test_bf16_base_under_autocast_matches_float32(variant, tokens):
+    """The GPU recipe (bf16 base weights, bf16 autocast, float32 trainables), run on the CPU:
+    forward and backward work at every depth, checkpointed or not, and agree with float32."""
+    ref = tiny_ouroboros("qwen2", variant=variant, checkpoint_from_depth=4).train()
+    randomize_trainables(ref, scale=0.05)
+    low = tiny_ouroboros("qwen2", variant=variant, checkpoint_from_depth=4).train()
+    low.load_state_dict(ref.state_dict())
+    for module in filter(None, (low.embed_tokens, low.prelude, low.coda, low.norm, low.lm_head, low.recurrent.layer, low.recurrent.bases)):
+        module.to(torch.bfloat16)  # the frozen model in bf16; trainables stay float32
+    for depth in (2, 5):
+        expected = ref(tokens, labels=tokens, depth=depth).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = low(tokens, labels=tokens, depth=depth)
+        out.loss.backward()
+        assert abs(out.loss.item() - expected.item()) < 0.02 * expected.item()
+    grads = [p.grad for p in low.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -71,6 +71,15 @@ def test_training_lowers_the_loss_and_writes_everything(tmp_path, corpus):
     assert out["steps_done"] == 30
 
 
+def test_bf16_mixed_precision_trains(tmp_path, corpus):
+    """The GPU default (bf16 autocast through accelerate), here on the CPU's autocast."""
+    model, run = make_run(tmp_path, "r", corpus, checkpoint_from_depth=3)
+    out = train(model, corpus, run, quiet(steps=4, mixed_precision="bf16", eval_every=2))
+    losses = [m["loss"] for m in read_metrics(run) if "loss" in m]
+    assert out["steps_done"] == 4 and len(losses) == 4 and all(0 < x < 20 for x in losses)
+    assert all(torch.isfinite(p).all() for p in model.trainable_state_dict().values())
+
+
 def test_existing_run_is_not_overwritten_without_resume(tmp_path, corpus):
     model, run = make_run(tmp_path, "r", corpus)
     train(model, corpus, run, quiet(steps=3))

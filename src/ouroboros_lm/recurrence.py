@@ -37,8 +37,11 @@ class RecurrenceGate(nn.Module):
     def forward(self, h_new: torch.Tensor, h_old: torch.Tensor) -> torch.Tensor:
         out_dtype, dt = h_new.dtype, self.bias.dtype  # the gate computes in its own (float32) precision
         h_new, h_old = h_new.to(dt), h_old.to(dt)
-        z = torch.addmm(self.bias, h_new.flatten(0, -2), self.weight_new.t()).addmm_(h_old.flatten(0, -2), self.weight_old.t())
-        return torch.lerp(h_old, h_new, torch.sigmoid(z).view_as(h_new)).to(out_dtype)  # g*h_new + (1-g)*h_old
+        # Out of place on purpose: under autocast the matmuls run in bf16/fp16, and an in-place
+        # addmm_ into a low-precision result with float32 operands would fail.
+        z = torch.addmm(torch.addmm(self.bias, h_new.flatten(0, -2), self.weight_new.t()), h_old.flatten(0, -2), self.weight_old.t())
+        g = torch.sigmoid(z.to(dt)).view_as(h_new)
+        return torch.lerp(h_old, h_new, g).to(out_dtype)  # g*h_new + (1-g)*h_old
 
     def joined(self) -> dict[str, torch.Tensor]:
         """{"proj.weight": W_g (H x 2H), "proj.bias": b_g}: the gate as the spec (and files) write it."""
