@@ -72,7 +72,10 @@ def test_training_lowers_the_loss_and_writes_everything(tmp_path, corpus):
 
 
 def test_bf16_mixed_precision_trains(tmp_path, corpus):
-    """The GPU default (bf16 autocast through accelerate), here on the CPU's autocast."""
+    """The GPU default (bf16 autocast through accelerate), here on the CPU's autocast; after a
+    full-precision run in the same process (accelerate keeps one precision per process)."""
+    model, run = make_run(tmp_path, "fp32", corpus)
+    train(model, corpus, run, quiet(steps=1, mixed_precision="no"))
     model, run = make_run(tmp_path, "r", corpus, checkpoint_from_depth=3)
     out = train(model, corpus, run, quiet(steps=4, mixed_precision="bf16", eval_every=2))
     losses = [m["loss"] for m in read_metrics(run) if "loss" in m]

@@ -183,6 +183,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- the loop
+def release_accelerator_state(mixed_precision: str) -> None:
+    """accelerate keeps one precision per process; a second run in the same process (a notebook,
+    a sweep, a test) with another precision would be refused. Forget the earlier precision; the
+    process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and str(previous) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def train(model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: bool = False, accelerator=None,
           on_batch=None) -> dict:
     """Train `model` (an OuroborosModel, e.g. from load_adapter) on `corpus`; checkpoints and
@@ -210,6 +221,7 @@ def train(model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: b
         mp = tc.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
+        release_accelerator_state(mp)
         # cpu=True on a machine without CUDA: under `accelerate launch`/torchrun that is what makes
         # several CPU processes form a gloo process group instead of each running alone.
         accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
