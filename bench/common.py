@@ -1,6 +1,8 @@
 """Shared set-up for the benchmarks: a base model with real (SmolLM2) or random weights."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ouroboros_lm import load_base_model
@@ -20,12 +22,25 @@ def base_model(shapes: str, device: str, dtype: torch.dtype):
     either one's shapes without any weights (enough to count FLOPs)."""
     if shapes == "smollm2" and device != "meta":
         return load_base_model("smollm2-135m", dtype=dtype, device=device)
+    return random_base(shapes, device, dtype)
+
+
+def random_base(shapes: str, device: str, dtype: torch.dtype, **overrides):
+    """A model of the given shapes with random weights (`overrides`: config fields, e.g. fewer layers)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    config = Qwen2Config(**QWEN25_3B) if shapes == "qwen2.5-3b" else LlamaConfig(**SMOLLM2_135M)
+    dims = {**(QWEN25_3B if shapes == "qwen2.5-3b" else SMOLLM2_135M), **overrides}
+    config = Qwen2Config(**dims) if shapes == "qwen2.5-3b" else LlamaConfig(**dims)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval().requires_grad_(False)
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """Mixed precision in `dtype` on `device`; nothing for float32 (or the meta device)."""
+    if dtype == torch.float32 or device == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device.split(":")[0], dtype=dtype)
 
 
 def sync(device: str) -> None:

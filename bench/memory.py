@@ -31,7 +31,7 @@ def rss_bytes() -> int:
 def measure(args) -> dict:
     import torch
 
-    from common import SPLITS, base_model
+    from common import SPLITS, autocast, base_model
     from ouroboros_lm import OuroborosConfig, OuroborosModel
 
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def measure(args) -> dict:
     model = OuroborosModel.from_base(base_model(args.shapes, args.device, dtype), cfg).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.vocab_size, (args.batch_size, args.seq_len), device=args.device)
-    amp = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    amp = autocast(args.device, dtype)
 
     with torch.no_grad():  # builds the folded [W | B] weights of the low-rank paths: frozen weights, not activations
         model(ids[:, :8], depth=1)

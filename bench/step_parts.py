@@ -17,14 +17,13 @@ recurrent layer's shapes matter here).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import QWEN25_3B, SMOLLM2_135M, sync
+from common import autocast, random_base, sync
 from ouroboros_lm import OuroborosConfig, OuroborosModel
 from ouroboros_lm.layers import decoder_layer
 
@@ -33,13 +32,8 @@ STEPS = 2
 
 
 def build(shapes: str, device: str, dtype, rank: int) -> OuroborosModel:
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    dims = {**(QWEN25_3B if shapes == "qwen2.5-3b" else SMOLLM2_135M), "num_hidden_layers": 4, "vocab_size": 1000}
-    config = Qwen2Config(**dims) if shapes == "qwen2.5-3b" else LlamaConfig(**dims)
     torch.manual_seed(0)
-    with torch.device(device):
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+    base = random_base(shapes, device, dtype, num_hidden_layers=4, vocab_size=1000)
     cfg = OuroborosConfig(n_prelude=1, recurrent_layer=2, n_coda=1, rank=rank, depths=(STEPS,), checkpoint_from_depth=0)
     model = OuroborosModel.from_base(base, cfg).train()
     with torch.no_grad():  # trained-looking values: nothing is trivially zero
@@ -79,7 +73,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    amp = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(args.device.split(":")[0], dtype=dtype)
+    amp = autocast(args.device, dtype)
 
     def prepared(device, dt):
         model = build(args.shapes, device, dt, args.rank)

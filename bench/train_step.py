@@ -17,14 +17,13 @@ only the FLOP ratios are computed (no weights, no time: works for Qwen2.5-3B sha
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import SPLITS, base_model, sync
+from common import SPLITS, autocast, base_model, sync
 from ouroboros_lm import OuroborosConfig, OuroborosModel
 from ouroboros_lm.layers import decoder_layer
 
@@ -115,7 +114,7 @@ def main():
     model, ids = build(args, args.device, dtype, depths)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     tokens = ids.numel()
-    amp = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(args.device.split(":")[0], dtype=dtype)
+    amp = autocast(args.device, dtype)
     print(f"{'depth':>5} {'floor s':>9} {'ouroboros s':>12} {'ratio':>7} {'FLOPs':>7} {'+ckpt s':>9} {'ratio':>7} {'FLOPs':>7} "
           f"{'train tok/s':>12} {'eval tok/s':>11}")
     for d in depths:

@@ -6,8 +6,7 @@ optional sliding window) followed by a pre-norm gated MLP. We reuse the Hugging 
 module's weights and compute the layer here, so that
 
 * the recurrent layer can compute its seven projections its own way (with their low-rank
-  paths folded in, `lora.ModulatedProjections`) and swap in
-  per-step norms,
+  paths folded in, `lora.ModulatedProjections`) and swap in per-step norms,
 * every layer, prelude and coda included, can read and extend a key/value cache that we own
   (generation keeps one per recurrence step).
 
