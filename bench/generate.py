@@ -15,25 +15,26 @@ import time
 import torch
 
 from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model
-from ouroboros_lm.generate import OuroborosCache, cached_forward, full_forward
 
 
+@torch.no_grad()
 def per_token_cached(model, prompt, depth, n):
     """Seconds per decoded token after the prompt is in the cache (prefill excluded)."""
-    cache = OuroborosCache.empty(model, depth, capacity=prompt.shape[1] + n + 1)
-    logits = cached_forward(model, prompt, cache)[:, -1]
+    cache = model.new_cache(depth, capacity=prompt.shape[1] + n + 1)
+    logits = model(prompt, depth=depth, cache=cache).logits[:, -1]
     tok = logits.argmax(-1, keepdim=True)
     t = time.perf_counter()
     for _ in range(n):
-        tok = cached_forward(model, tok, cache)[:, -1].argmax(-1, keepdim=True)
+        tok = model(tok, depth=depth, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
     return (time.perf_counter() - t) / n
 
 
+@torch.no_grad()
 def per_token_uncached(model, prompt, depth, n):
     ids = prompt
     t = time.perf_counter()
     for _ in range(n):
-        tok = full_forward(model, ids, None, depth)[:, -1].argmax(-1, keepdim=True)
+        tok = model(ids, depth=depth).logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, tok], 1)
     return (time.perf_counter() - t) / n
 

@@ -36,9 +36,9 @@ def measure(args) -> dict:
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    cfg = OuroborosConfig(**SPLITS[args.shapes], rank=32, depths=(args.depth,), max_steps=64,
-                          checkpoint_from_depth=1 if args.ckpt else 0)
+    cfg = OuroborosConfig(**SPLITS[args.shapes], rank=32, max_steps=64)
     model = OuroborosModel.from_base(base_model(args.shapes, args.device, dtype), cfg).train()
+    model.checkpointing = "always" if args.ckpt else "never"
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.vocab_size, (args.batch_size, args.seq_len), device=args.device)
     amp = autocast(args.device, dtype)

@@ -25,25 +25,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import SPLITS, autocast, base_model, sync
 from ouroboros_lm import OuroborosConfig, OuroborosModel
-from ouroboros_lm.layers import decoder_layer
 
 
 def floor_step(model, ids, depth):
     """Pruned model, recurrent layer repeated `depth` times, nothing added; backward through it."""
     with torch.no_grad():
-        h, ctx = model._embed(ids, None)
-        h = model._run_stack(model.prelude, model.prelude_windows, h, ctx)
-    h = h.detach().requires_grad_(True)
-    x = h
+        h, ctx, _ = model.embed(ids)
+        h = model.run_layers("prelude", h, ctx)
+    x = h.detach().requires_grad_(True)
     for _ in range(depth):
-        x = decoder_layer(model.recurrent.layer, x, ctx, window=model.recurrent.window)
-    x = model._run_stack(model.coda, model.coda_windows, x, ctx)
-    loss, _ = model._head(x, ids)
-    loss.backward()
+        x = model.recurrent.plain(x, ctx)
+    model.head(model.run_layers("coda", x, ctx), labels=ids).loss.backward()
 
 
 def ouroboros_step(model, opt, ids, depth, ckpt: bool):
-    model.config.checkpoint_from_depth = 1 if ckpt else 0
+    model.checkpointing = "always" if ckpt else "never"
     model(ids, labels=ids, depth=depth).loss.backward()
     if opt is not None:
         opt.step()
@@ -70,8 +66,7 @@ def timed(fn, device):
 
 def build(args, device, dtype, depths):
     torch.manual_seed(0)
-    cfg = OuroborosConfig(**SPLITS[args.shapes], rank=args.rank, depths=tuple(depths), max_steps=max(64, max(depths)),
-                          checkpoint_from_depth=0)
+    cfg = OuroborosConfig(**SPLITS[args.shapes], rank=args.rank, max_steps=max(64, max(depths)))
     model = OuroborosModel.from_base(base_model(args.shapes, device, dtype), cfg).train()
     ids = torch.randint(0, model.vocab_size, (args.batch_size, args.seq_len), device=device)
     return model, ids

@@ -42,9 +42,12 @@ def tiny_base(arch: str = "llama", seed: int = 0):
     return model.eval()
 
 
-def tiny_ouroboros(arch: str = "llama", seed: int = 0, **overrides) -> OuroborosModel:
+def tiny_ouroboros(arch: str = "llama", seed: int = 0, checkpointing: str = "auto", **overrides) -> OuroborosModel:
+    """A tiny model on `tiny_base(arch, seed)`; `overrides` are OuroborosConfig fields."""
     cfg = OuroborosConfig(**{**TINY_SPLIT, **overrides})
-    return OuroborosModel.from_base(tiny_base(arch, seed), cfg).eval()
+    model = OuroborosModel.from_base(tiny_base(arch, seed), cfg).eval()
+    model.checkpointing = checkpointing
+    return model
 
 
 def randomize_trainables(model: OuroborosModel, seed: int = 1, scale: float = 0.5) -> None:

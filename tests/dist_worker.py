@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from conftest import TINY_SPLIT, tiny_base, tiny_tokenizer, write_corpus
+from ouroboros_lm import load_adapter, save_adapter
 from ouroboros_lm import OuroborosConfig, OuroborosModel
 from ouroboros_lm.data import build_corpus
 from ouroboros_lm.train import TrainConfig, train
@@ -21,13 +22,13 @@ if acc.is_main_process:
     write_corpus(text, n_docs=12)
 acc.wait_for_everyone()
 corpus = build_corpus([str(text)], tiny_tokenizer(), seq_len=32, heldout_fraction=0.2)
-model = OuroborosModel.from_base(tiny_base("llama"), OuroborosConfig(**{**TINY_SPLIT, "depths": (1, 2)}))
+model = OuroborosModel.from_base(tiny_base("llama"), OuroborosConfig(**TINY_SPLIT))
 before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
 if acc.is_main_process:
-    model.save_adapter(run)
+    save_adapter(model, run)
 acc.wait_for_everyone()
 seen = []
-tc = TrainConfig(steps=4, batch_size=2, lr=1e-2, warmup_steps=1, log_every=1, eval_every=4, eval_blocks=2, save_every=2, progress=False)
+tc = TrainConfig(steps=4, batch_size=2, lr=1e-2, warmup_steps=1, log_every=1, eval_every=4, eval_blocks=2, save_every=2, progress=False, depths=(1, 2))
 train(model, corpus, run, tc, accelerator=acc, on_batch=lambda step, micro, idx: seen.append(idx.tolist()))
 h = hashlib.sha256()
 changed = False

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import TINY, randomize_trainables, tiny_ouroboros
-from ouroboros_lm.generate import OuroborosCache, cached_forward, full_forward
 
 CASES = [(d, v, g) for d in (1, 4, 8) for v in ("controller", "static", "none") for g in (True, False)]
 
@@ -19,11 +18,12 @@ def test_cached_greedy_equals_recomputing_the_prefix(depth, variant, gate):
     b = model.generate(prompt, max_new_tokens=10, depth=depth, use_cache=False)
     assert torch.equal(a, b)
     # and the logits of every generated position agree
-    cache = OuroborosCache.empty(model, depth)
-    step = [cached_forward(model, a[:, :7], cache)[:, -1]]
-    for t in range(7, a.shape[1] - 1):
-        step.append(cached_forward(model, a[:, t : t + 1], cache)[:, -1])
-    ref = full_forward(model, a[:, :-1], None, depth)[:, 6:]
+    cache = model.new_cache(depth)
+    with torch.no_grad():
+        step = [model(a[:, :7], depth=depth, cache=cache).logits[:, -1]]
+        for t in range(7, a.shape[1] - 1):
+            step.append(model(a[:, t : t + 1], depth=depth, cache=cache).logits[:, -1])
+        ref = model(a[:, :-1], depth=depth).logits[:, 6:]
     torch.testing.assert_close(torch.stack(step, 1), ref, atol=1e-4, rtol=1e-4)
 
 

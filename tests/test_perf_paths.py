@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import randomize_trainables, tiny_ouroboros
+from conftest import TINY, randomize_trainables, tiny_ouroboros
 from ouroboros_lm.config import TARGETS
 
 
@@ -43,8 +43,8 @@ def grads(model, tokens, depth):
 
 
 def test_activation_checkpointing_gives_identical_gradients(tokens):
-    plain = tiny_ouroboros("llama", checkpoint_from_depth=0).train()
-    ckpt = tiny_ouroboros("llama", checkpoint_from_depth=4).train()
+    plain = tiny_ouroboros("llama", checkpointing="never").train()
+    ckpt = tiny_ouroboros("llama", checkpointing="always").train()
     randomize_trainables(plain)
     randomize_trainables(ckpt)
     a, b = grads(plain, tokens, 6), grads(ckpt, tokens, 6)
@@ -53,20 +53,33 @@ def test_activation_checkpointing_gives_identical_gradients(tokens):
     assert any(v.abs().sum() > 0 for v in a.values())
 
 
-def test_checkpointing_is_used_only_from_the_configured_depth(tokens, monkeypatch):
+def test_auto_checkpointing_only_when_the_activations_would_not_fit(tokens, monkeypatch):
+    """checkpointing="auto" keeps every step's activations while depth x (one step's estimated
+    bytes) fits half the free memory, and checkpoints each step once it would not."""
+    import ouroboros_lm.memory as memory
     import ouroboros_lm.recurrence as rec
 
     calls = []
     real = rec.checkpoint
     monkeypatch.setattr(rec, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model = tiny_ouroboros("llama", checkpoint_from_depth=4).train()
-    model(tokens, labels=tokens, depth=3).loss.backward()
+    model = tiny_ouroboros("llama").train()
+    h = torch.zeros(*tokens.shape, TINY["hidden_size"])
+    step = memory.step_activation_bytes(h, model.recurrent.layer)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 8 * step)  # half of it: 4 steps fit
+    model(tokens, labels=tokens, depth=4).loss.backward()
     assert not calls
     model(tokens, labels=tokens, depth=5).loss.backward()
     assert len(calls) == 5
     with torch.no_grad():
         model(tokens, depth=5)  # no checkpointing without gradients
+    model.checkpointing = "never"
+    model(tokens, labels=tokens, depth=5).loss.backward()
     assert len(calls) == 5
+    model.checkpointing = "always"
+    model(tokens, labels=tokens, depth=1).loss.backward()
+    assert len(calls) == 6
+    with pytest.raises(ValueError, match="checkpointing must be one of auto, always, never"):
+        model.checkpointing = "sometimes"
 
 
 def test_folded_weights_follow_changes_to_the_bases_and_the_layer(tokens, monkeypatch):
@@ -92,7 +105,7 @@ def test_training_forward_and_backward_never_wait_for_the_device(arch, variant, 
     """No host-device sync (.item(), bool(tensor), .cpu(), data-dependent shapes) in a training
     step: on the weightless "meta" device any of them raises, so this runs the whole step there,
     padding mask and activation checkpointing included."""
-    model = tiny_ouroboros(arch, variant=variant, pooling=pooling, checkpoint_from_depth=4).train().to("meta")
+    model = tiny_ouroboros(arch, variant=variant, pooling=pooling, checkpointing="always").train().to("meta")
     ids = torch.zeros(2, 12, dtype=torch.long, device="meta")
     mask = torch.ones(2, 12, dtype=torch.long, device="meta")
     for depth, m in ((2, None), (5, mask)):
@@ -120,9 +133,9 @@ def test_moving_or_casting_the_model_drops_the_old_folded_weights(tokens):
 def test_bf16_base_under_autocast_matches_float32(variant, tokens):
     """The GPU recipe (bf16 base weights, bf16 autocast, float32 trainables), run on the CPU:
     forward and backward work at every depth, checkpointed or not, and agree with float32."""
-    ref = tiny_ouroboros("qwen2", variant=variant, checkpoint_from_depth=4).train()
+    ref = tiny_ouroboros("qwen2", variant=variant, checkpointing="always").train()
     randomize_trainables(ref, scale=0.05)
-    low = tiny_ouroboros("qwen2", variant=variant, checkpoint_from_depth=4).train()
+    low = tiny_ouroboros("qwen2", variant=variant, checkpointing="always").train()
     low.load_state_dict(ref.state_dict())
     for module in filter(None, (low.embed_tokens, low.prelude, low.coda, low.norm, low.lm_head, low.recurrent.layer, low.recurrent.bases)):
         module.to(torch.bfloat16)  # the frozen model in bf16; trainables stay float32

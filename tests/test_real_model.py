@@ -9,6 +9,7 @@ import importlib.util
 import pytest
 import torch
 
+from ouroboros_lm import load_adapter, save_adapter
 from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model, load_tokenizer
 
 pytestmark = [
@@ -40,7 +41,7 @@ def test_real_baseline_loss_equals_hugging_face(smollm2):
     with torch.no_grad():
         full = base(ids, labels=ids, use_cache=False).loss.item()
     ref = copy.deepcopy(base)
-    cfg = OuroborosConfig(**SPLIT, rank=32, depths=(4,))
+    cfg = OuroborosConfig(**SPLIT, rank=32)
     keep = cfg.kept_layers(30)
     ref.model.layers = torch.nn.ModuleList([ref.model.layers[i] for i in keep])
     ref.config.num_hidden_layers = len(keep)
@@ -68,13 +69,14 @@ def sotu_slice(n: int = 6):
 
 def test_real_training_lowers_the_loss_and_the_adapter_reloads_exactly(smollm2, tmp_path):
     from ouroboros_lm.data import build_corpus
+    from ouroboros_lm.checkpoints import read_metrics
     from ouroboros_lm.evaluate import mean_loss
-    from ouroboros_lm.train import TrainConfig, read_metrics, train
+    from ouroboros_lm.train import TrainConfig, train
 
     base, tok = smollm2
     files = sotu_slice()
     corpus = build_corpus(files[1:], tok, seq_len=64, heldout=files[:1])
-    cfg = OuroborosConfig(**SPLIT, rank=32, depths=(2,), seed=0)
+    cfg = OuroborosConfig(**SPLIT, rank=32, default_depth=2)
     model = OuroborosModel.from_base(copy.deepcopy(base), cfg)
     held = corpus.heldout[:4]
     probe = corpus.train[:4]
@@ -86,13 +88,13 @@ def test_real_training_lowers_the_loss_and_the_adapter_reloads_exactly(smollm2, 
 
     train_before, held_before = losses(model)
     run = tmp_path / "run"
-    model.save_adapter(run)
+    save_adapter(model, run)
     train(model, corpus, run, TrainConfig(steps=12, batch_size=2, lr=2e-3, warmup_steps=2, eval_every=12, log_every=1,
-                                          eval_blocks=2, save_every=12, progress=False))
+                                          eval_blocks=2, save_every=12, progress=False, depths=(2,)))
     train_after, held_after = losses(model)
     print(f"\nSmolLM2, 12 steps: loss on fixed training blocks {train_before:.4f} -> {train_after:.4f}, "
           f"held-out {held_before:.4f} -> {held_after:.4f}")
     assert train_after < train_before - 0.05
     assert len([m for m in read_metrics(run) if "loss" in m]) == 12
-    reloaded = OuroborosModel.load_adapter(run, base=copy.deepcopy(base))
+    reloaded = load_adapter(run, base=copy.deepcopy(base))
     assert losses(reloaded)[1] == held_after  # identical held-out loss after a round trip

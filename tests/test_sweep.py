@@ -8,7 +8,7 @@ import shutil
 import yaml
 
 from conftest import save_tiny_base, write_corpus
-from ouroboros_lm.sweep import SweepSpec, run_sweep
+from ouroboros_lm.experiments.sweep import SweepSpec, run_sweep
 
 PLOTS = ["training_curves.png", "gap_by_variant_depth.png", "gap_by_rank.png", "controller_heatmaps.png", "controller_spread.png"]
 
@@ -60,5 +60,10 @@ def test_bad_spec_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'colour' cannot vary in a sweep"):
         SweepSpec.load(p)
     p.write_text(yaml.safe_dump({"name": "x", "base": "b", "split": {"n_prelude": -1}, "data": {"train": ["a"]}, "runs": [{}]}))
-    with pytest.raises(ValueError, match="n_prelude must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"n_prelude must be in \[0, 1024\]; got -1"):
+        SweepSpec.load(p)
+    # a typo in the shared training settings is found before anything is loaded or run
+    p.write_text(yaml.safe_dump({"name": "x", "base": "b", "split": {}, "data": {"train": ["a"]}, "train": {"stpes": 3},
+                                 "runs": [{}]}))
+    with pytest.raises(ValueError, match="unknown train setting.*stpes"):
         SweepSpec.load(p)

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from conftest import TINY_SPLIT, save_tiny_base, tiny_tokenizer, write_corpus
+from ouroboros_lm import load_adapter, save_adapter
 from ouroboros_lm import OuroborosConfig, OuroborosModel
 from ouroboros_lm.data import build_corpus
-from ouroboros_lm.train import TrainConfig, lr_lambda, read_metrics, train
+from ouroboros_lm.checkpoints import read_metrics
+from ouroboros_lm.train import TrainConfig, lr_lambda, train
 
 HERE = Path(__file__).parent
 
@@ -21,9 +23,9 @@ HERE = Path(__file__).parent
 def make_run(tmp_path, name, corpus, **cfg):
     from conftest import tiny_base
 
-    model = OuroborosModel.from_base(tiny_base("llama"), OuroborosConfig(**{**TINY_SPLIT, "depths": (1, 2, 3), **cfg}))
+    model = OuroborosModel.from_base(tiny_base("llama"), OuroborosConfig(**{**TINY_SPLIT, **cfg}))
     run = tmp_path / name
-    model.save_adapter(run)
+    save_adapter(model, run)
     return model, run
 
 
@@ -34,7 +36,7 @@ def corpus(tmp_path):
 
 def quiet(**kw):
     return TrainConfig(**{"steps": 8, "batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "log_every": 1, "eval_every": 4,
-                          "eval_blocks": 2, "save_every": 3, "progress": False, **kw})
+                          "eval_blocks": 2, "save_every": 3, "progress": False, "depths": (1, 2, 3), **kw})
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus):
@@ -44,7 +46,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus):
     out = train(model, corpus, run_b, quiet(stop_after=5))
     assert out["steps_done"] == 5
     # a fresh process would rebuild the model from the adapter; so do we
-    model_b = OuroborosModel.load_adapter(run_b, base=__import__("conftest").tiny_base("llama"))
+    model_b = load_adapter(run_b, base=__import__("conftest").tiny_base("llama"))
     train(model_b, corpus, run_b, quiet(), resume=True)
     a, b = read_metrics(run_a), read_metrics(run_b)
     la = [m["loss"] for m in a if "loss" in m]
@@ -52,8 +54,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus):
     assert len(la) == len(lb) == 8
     assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-6
     assert [m["step"] for m in b if "loss" in m] == list(range(1, 9))  # no duplicated lines after resume
-    wa = OuroborosModel.load_adapter(run_a, base=__import__("conftest").tiny_base("llama")).trainable_state_dict()
-    wb = OuroborosModel.load_adapter(run_b, base=__import__("conftest").tiny_base("llama")).trainable_state_dict()
+    wa = load_adapter(run_a, base=__import__("conftest").tiny_base("llama")).trainable_state_dict()
+    wb = load_adapter(run_b, base=__import__("conftest").tiny_base("llama")).trainable_state_dict()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
 
@@ -76,8 +78,8 @@ def test_bf16_mixed_precision_trains(tmp_path, corpus):
     full-precision run in the same process (accelerate keeps one precision per process)."""
     model, run = make_run(tmp_path, "fp32", corpus)
     train(model, corpus, run, quiet(steps=1, mixed_precision="no"))
-    model, run = make_run(tmp_path, "r", corpus, checkpoint_from_depth=3)
-    out = train(model, corpus, run, quiet(steps=4, mixed_precision="bf16", eval_every=2))
+    model, run = make_run(tmp_path, "r", corpus)
+    out = train(model, corpus, run, quiet(steps=4, mixed_precision="bf16", eval_every=2, checkpoint="always"))
     losses = [m["loss"] for m in read_metrics(run) if "loss" in m]
     assert out["steps_done"] == 4 and len(losses) == 4 and all(0 < x < 20 for x in losses)
     assert all(torch.isfinite(p).all() for p in model.trainable_state_dict().values())
@@ -131,14 +133,14 @@ def test_cli_convert_train_eval(tmp_path):
         return subprocess.run([sys.executable, "-m", "ouroboros_lm.cli", *args], capture_output=True, text=True, env=env, timeout=300)
 
     split = ["--n-prelude", "2", "--recurrent-layer", "4", "--n-coda", "2", "--rank", "4", "--style-dim", "8",
-             "--controller-hidden", "8", "--max-steps", "8", "--depths", "1,2"]
+             "--controller-hidden", "8", "--max-steps", "8", "--default-depth", "2"]
     r = run("convert", "--base", base, "--out", str(ad), *split)
     assert r.returncode == 0, r.stderr
     assert (ad / "adapter_config.json").is_file()
     r = run("convert", "--base", base, "--out", str(ad), *split)
     assert r.returncode == 2 and "already holds an adapter" in r.stderr
     r = run("train", "--adapter", str(ad), "--data", str(data), "--seq-len", "32", "--steps", "4", "--batch-size", "2",
-            "--eval-every", "2", "--save-every", "2", "--warmup-steps", "1")
+            "--eval-every", "2", "--save-every", "2", "--warmup-steps", "1", "--depths", "1,2")
     assert r.returncode == 0, r.stderr[-2000:]
     r = run("eval", "--adapter", str(ad), "--data", str(data), "--seq-len", "32", "--depths", "1,2", "--blocks", "4")
     assert r.returncode == 0, r.stderr[-2000:]

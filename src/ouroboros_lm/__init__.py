@@ -1,8 +1,11 @@
 """ouroboros-lm: turn a pretrained decoder into a recursive transformer with an
 input-conditioned, Controller-modulated recurrent block."""
+from .adapter import load_adapter, save_adapter
 from .config import OuroborosConfig
 from .loading import load_base_model, load_tokenizer
 from .model import OuroborosModel, OuroborosOutput
+from .train import TrainConfig, Trainer, train
 
-__all__ = ["OuroborosConfig", "OuroborosModel", "OuroborosOutput", "load_base_model", "load_tokenizer"]
+__all__ = ["OuroborosConfig", "OuroborosModel", "OuroborosOutput", "TrainConfig", "Trainer", "load_adapter",
+           "load_base_model", "load_tokenizer", "save_adapter", "train"]
 __version__ = "0.1.0"

@@ -21,14 +21,18 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write_bytes
 from .config import OuroborosConfig
+from .loading import load_base_model
+from .model import OuroborosModel
+from .settings import structural_fields
+from .surgery import kept_fingerprints
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # Fields that change the shape or meaning of the saved weights; the rest may be overridden.
-STRUCTURAL = ("n_prelude", "recurrent_layer", "n_coda", "rank", "alpha", "variant", "gate", "step_norm",
-              "pooling", "style_dim", "controller_hidden", "max_steps")
+STRUCTURAL = structural_fields(OuroborosConfig)
 SPLIT = ("n_prelude", "recurrent_layer", "n_coda")
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps")
@@ -38,60 +42,12 @@ class AdapterError(ValueError):
     """An adapter that cannot be loaded onto this base; the message says why."""
 
 
-# ---------------------------------------------------------------------- fingerprints
 def architecture(base_config) -> dict:
     return {k: getattr(base_config, k, None) for k in ARCH_FIELDS}
 
 
 def architecture_hash(base_config) -> str:
     return hashlib.sha256(json.dumps(architecture(base_config), sort_keys=True, default=str).encode()).hexdigest()
-
-
-def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """Hash of names, shapes and a strided sample of values rounded to bfloat16, so the same
-    weights loaded in fp32 or bf16 give the same fingerprint."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        h.update(f"{name}:{tuple(t.shape)};".encode())
-        if t.is_meta:
-            continue
-        flat = t.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
-        h.update(sample.to(torch.bfloat16).to(torch.float32).cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def kept_fingerprints(base, config: OuroborosConfig) -> dict[str, str]:
-    """Fingerprints of what an Ouroboros model keeps from `base` (before surgery)."""
-    layers = base.model.layers
-    out = {f"layer.{i}": tensor_fingerprint(dict(layers[i].named_parameters())) for i in config.kept_layers(len(layers))}
-    out["embed_tokens"] = tensor_fingerprint({"w": base.model.embed_tokens.weight})
-    out["norm"] = tensor_fingerprint(dict(base.model.norm.named_parameters()))
-    out["lm_head"] = tensor_fingerprint({"w": base.lm_head.weight})
-    return out
-
-
-# ---------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 GATE = "recurrent.gate."
@@ -110,7 +66,9 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- save / load
-def save_adapter(model, directory: str | os.PathLike, base_fingerprints: dict | None = None) -> Path:
+def save_adapter(model: OuroborosModel, directory: str | os.PathLike) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (trained weights and the frozen
+    SVD bases) to `directory`, atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save
@@ -123,7 +81,7 @@ def save_adapter(model, directory: str | os.PathLike, base_fingerprints: dict | 
         "base_model": model.base_name,
         "base_architecture": architecture(model.base_config),
         "base_architecture_hash": architecture_hash(model.base_config),
-        "kept_weights_fingerprints": base_fingerprints or model.kept_fingerprints,
+        "kept_weights_fingerprints": model.base_fingerprints,
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
         "trainable_parameters": model.trainable_parameter_breakdown(),
     }
@@ -216,6 +174,12 @@ def check_base(meta: dict, base, config: OuroborosConfig) -> dict[str, str]:
         )
     fps = kept_fingerprints(base, config)
     saved = meta.get("kept_weights_fingerprints", {})
+    if not isinstance(saved, dict) or set(saved) != set(fps):
+        raise AdapterError(
+            f"the adapter's layer split (n_prelude={config.n_prelude}, recurrent_layer={config.recurrent_layer}, "
+            f"n_coda={config.n_coda}) does not match the layers its fingerprints were recorded for "
+            f"({', '.join(sorted(saved)) if isinstance(saved, dict) else saved!r}): the config was edited or is corrupt"
+        )
     bad = [k for k in fps if saved.get(k) != fps[k]]
     if bad:
         raise AdapterError(
@@ -225,21 +189,20 @@ def check_base(meta: dict, base, config: OuroborosConfig) -> dict[str, str]:
     return fps
 
 
-def load_adapter(directory, base=None, dtype=torch.float32, device=None, **overrides):
-    """Build an OuroborosModel from `base` (a model, a source string, or None for the base
-    recorded in the adapter) and the adapter in `directory`."""
-    from .loading import load_base_model
-    from .model import OuroborosModel
-
+def load_adapter(directory, base=None, dtype=torch.float32, device=None, **overrides) -> OuroborosModel:
+    """Rebuild a saved model on `base` (a model, a source string, or None for the base recorded
+    in the adapter) bit for bit, without recomputing the SVD. `overrides` may change the
+    non-structural settings (e.g. default_depth). Fails with AdapterError (a ValueError) on a
+    different base, a different layer split, an incompatible format or a corrupt file, before
+    anything is loaded."""
     meta, tensors = read_adapter(directory)
     config = resolve_config(meta, overrides)
     if base is None:
         base = meta["base_model"]
     if isinstance(base, (str, os.PathLike)):
         base = load_base_model(base, dtype=dtype, device=device)
-    fps = check_base(meta, base, config)
-    model = OuroborosModel.from_base(base, config, compute_bases=False)
-    model.kept_fingerprints = fps
+    check_base(meta, base, config)
+    model = OuroborosModel.from_base(base, config, compute_bases=False, base_name=meta.get("base_model"))
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -252,5 +215,4 @@ def load_adapter(directory, base=None, dtype=torch.float32, device=None, **overr
         if tuple(tensors[k].shape) != tuple(t.shape):
             raise AdapterError(f"{Path(directory) / WEIGHTS_NAME}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(t.shape)}")
     copy_into(model, tensors)
-    model.adapter_meta = meta
     return model

@@ -1,94 +1,67 @@
-"""`OuroborosConfig`: every knob of the recursive model, validated on construction.
+"""`OuroborosConfig`: the architecture of a recursive model, what an adapter records.
 
 Defaults reproduce the paper's Qwen2.5-3B run: 8 prelude layers, layer 18 recurrent,
 8 coda layers (17 of 36 kept), rank-32 SVD LoRA bases, alpha 16, gated recurrence.
+How the model is trained (depths, checkpointing, learning rate...) lives in `TrainConfig`.
+Every field is declared once with its help, range and whether it is structural (`settings`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
+
+from .settings import from_dict, setting, to_dict, validate_fields
 
 VARIANTS = ("controller", "static", "none")
 POOLINGS = ("prefix_mean", "token", "sequence_mean")
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+MAX_LAYERS = 1024
+MAX_STEPS = 1024
+MAX_WIDTH = 65536
 
 
 @dataclass
 class OuroborosConfig:
-    """Configuration of an Ouroboros model.
+    """Configuration of an Ouroboros model (see `help` of each field, or `ouroboros convert --help`).
 
-    variant: "controller" (input-dependent modulation from the Controller hypernetwork),
-        "static" (a learned r-vector per step and projection, no Controller: the paper's
-        ablation) or "none" (no low-rank paths at all: only gate and step norms train).
-    gate: gated recurrence h = g*h_new + (1-g)*h_old; False gives plain replacement h = h_new.
-    pooling: what the Controller reads. "prefix_mean" (default, causal): position t sees the
-        mean of the hidden states at positions <= t. "token": the position's own state.
-        "sequence_mean": the mean over the whole sequence, as the published code does. It
-        LEAKS FUTURE TOKENS into every position and is kept only to reproduce that code.
-    depths: recurrence depths sampled (uniformly) per training step; eval uses the largest.
-    checkpoint_from_depth: activation checkpointing per recurrence step while training at
-        this depth or deeper (0 disables it).
+    pooling "sequence_mean" (the mean over the whole sequence, as the published code does)
+    LEAKS FUTURE TOKENS into every position and is kept only to reproduce that code.
     """
 
-    n_prelude: int = 8
-    recurrent_layer: int = 18
-    n_coda: int = 8
-    rank: int = 32
-    alpha: float = 16.0
-    variant: str = "controller"
-    gate: bool = True
-    gate_bias: float = -2.0
-    step_norm: bool = True
-    pooling: str = "prefix_mean"
-    style_dim: int = 128
-    controller_hidden: int = 256
-    max_steps: int = 64
-    depths: tuple[int, ...] = (4, 8, 16)
-    checkpoint_from_depth: int = 8
-    seed: int = 0
+    n_prelude: int = setting(8, "frozen layers kept before the recurrent block", low=0, high=MAX_LAYERS,
+                             structural=True, sweep=False)
+    recurrent_layer: int = setting(18, "index of the base layer applied N times", low=0, high=MAX_LAYERS,
+                                   structural=True, sweep=False)
+    n_coda: int = setting(8, "frozen layers kept after the recurrent block", low=0, high=MAX_LAYERS,
+                          structural=True, sweep=False)
+    rank: int = setting(32, "rank r of the SVD LoRA bases", low=1, high=4096, structural=True)
+    alpha: float = setting(16.0, "LoRA scale alpha (delta = alpha/r * B diag(d) A x)", above=0, high=1e4,
+                           structural=True)
+    variant: str = setting("controller", "where the modulation comes from: the Controller (input-dependent), "
+                           "static per-step vectors, or none", choices=VARIANTS, structural=True)
+    gate: bool = setting(True, "gated recurrence h = g*h_new + (1-g)*h_old (--no-gate: h = h_new)", structural=True)
+    gate_bias: float = setting(-2.0, "initial gate bias b_g (-2 keeps 88%% of the old state)", low=-30.0, high=30.0)
+    step_norm: bool = setting(True, "a separate pair of RMSNorm weights per recurrence step", structural=True)
+    pooling: str = setting("prefix_mean", "what the Controller reads (sequence_mean leaks future tokens; "
+                           "reproduction only)", choices=POOLINGS, structural=True)
+    style_dim: int = setting(128, "Controller style / step-embedding width", low=1, high=MAX_WIDTH, structural=True)
+    controller_hidden: int = setting(256, "Controller hidden width", low=1, high=MAX_WIDTH, structural=True)
+    max_steps: int = setting(64, "largest recurrence depth the model can run", low=1, high=MAX_STEPS, structural=True)
+    default_depth: int = setting(8, "recurrence depth used when none is given (evaluation, generation)",
+                                 low=1, high=MAX_STEPS)
+    init_seed: int = setting(0, "seed of the trainable parts' initialisation", low=0, high=2**63 - 1)
 
     def __post_init__(self) -> None:
-        if isinstance(self.depths, int):
-            self.depths = (self.depths,)
-        self.depths = tuple(self.depths)
         self.validate()
 
-    # ------------------------------------------------------------------ validation
     def validate(self, num_layers: int | None = None) -> None:
         """Raise ValueError naming the field and its allowed range.
 
         Without `num_layers` only the checks that need no base model run; `from_base`
         calls it again with the base model's layer count before touching any weight.
         """
-        _int_at_least("n_prelude", self.n_prelude, 0)
-        _int_at_least("n_coda", self.n_coda, 0)
-        _int_at_least("recurrent_layer", self.recurrent_layer, 0)
-        _int_at_least("rank", self.rank, 1)
-        _int_at_least("style_dim", self.style_dim, 1)
-        _int_at_least("controller_hidden", self.controller_hidden, 1)
-        _int_at_least("max_steps", self.max_steps, 1)
-        _int_at_least("checkpoint_from_depth", self.checkpoint_from_depth, 0)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not _is_number(self.alpha) or self.alpha <= 0 or self.alpha != self.alpha:
-            raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
-        if not _is_number(self.gate_bias) or abs(self.gate_bias) == float("inf") or self.gate_bias != self.gate_bias:
-            raise ValueError(f"gate_bias must be a finite number, got {self.gate_bias!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}")
-        for name in ("gate", "step_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not self.depths:
-            raise ValueError("depths must list at least one depth in [1, max_steps]")
-        for d in self.depths:
-            if not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= self.max_steps:
-                raise ValueError(
-                    f"depths: every depth must be an integer in [1, max_steps={self.max_steps}]; got {d!r}"
-                )
+        validate_fields(self)
+        self.check_depth(self.default_depth, "default_depth")
         if num_layers is None:
             return
         L = num_layers
@@ -104,9 +77,9 @@ class OuroborosConfig:
                 f"(n_prelude={self.n_prelude}, n_coda={self.n_coda}, {L} layers); got {self.recurrent_layer}"
             )
 
-    def check_depth(self, depth: int) -> int:
+    def check_depth(self, depth: int, name: str = "depth") -> int:
         if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= self.max_steps:
-            raise ValueError(f"depth must be an integer in [1, max_steps={self.max_steps}]; got {depth!r}")
+            raise ValueError(f"{name} must be an integer in [1, max_steps={self.max_steps}]; got {depth!r}")
         return depth
 
     # ------------------------------------------------------------------ layout
@@ -119,32 +92,27 @@ class OuroborosConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["depths"] = list(self.depths)
-        return d
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "OuroborosConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown OuroborosConfig field(s): {', '.join(unknown)}")
-        d = dict(d)
-        if "depths" in d:
-            d["depths"] = tuple(d["depths"])
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return from_dict(cls, migrate(d), "OuroborosConfig")
 
     def replace(self, **changes) -> "OuroborosConfig":
         return dataclasses.replace(self, **changes)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _int_at_least(name: str, value, lo: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}; got {value!r}")
+def migrate(d: dict) -> dict:
+    """Adapters written before training settings left the architecture (format 1, first
+    releases) carry `depths`, `checkpoint_from_depth` and `seed`: the largest training depth
+    becomes `default_depth`, the seed `init_seed`, and checkpointing is a training setting now."""
+    if not isinstance(d, dict):
+        return d
+    d = dict(d)
+    depths = d.pop("depths", None)
+    if depths and "default_depth" not in d:
+        d["default_depth"] = max(depths) if isinstance(depths, (list, tuple)) else depths
+    d.pop("checkpoint_from_depth", None)
+    if "seed" in d and "init_seed" not in d:
+        d["init_seed"] = d.pop("seed")
+    return d

@@ -2,20 +2,31 @@
 depths, on the same tokens, for the training distribution and the held-out split."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_text
+from .loss import causal_lm_loss, scored_tokens
 
-def summed_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
-    """(sum of next-token cross-entropies, number of scored tokens) for full blocks."""
-    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].reshape(-1).to(logits.device), reduction="sum")
-    return ce.item(), input_ids[:, 1:].numel()
+DEFAULT_EVAL_DEPTHS = (1, 4, 8, 16)
+
+
+def gap_recovered(loss: float, baseline: float, full: float) -> float | None:
+    """Share (in %) of the pruned baseline's loss gap to the full model that `loss` closes;
+    None when the two references coincide."""
+    if abs(baseline - full) <= 1e-12:
+        return None
+    return 100.0 * (baseline - loss) / (baseline - full)
+
+
+def reduction_vs_baseline(loss: float, baseline: float) -> float:
+    return 100.0 * (baseline - loss) / baseline
 
 
 @torch.no_grad()
@@ -25,8 +36,8 @@ def mean_loss(forward, blocks: torch.Tensor, batch_size: int, device, desc: str 
     batches = range(0, blocks.shape[0], batch_size)
     for i in tqdm(batches, desc=desc, leave=False, disable=not progress or desc is None):
         ids = blocks[i : i + batch_size].to(device)
-        s, n = summed_loss(forward(ids), ids)
-        total, count = total + s, count + n
+        total += causal_lm_loss(forward(ids), ids, reduction="sum").item()
+        count += scored_tokens(ids)
     return total / count
 
 
@@ -57,11 +68,8 @@ class EvalReport:
         base, full = self.row(split, "baseline"), self.row(split, "full")
         if base is None or row.model in ("baseline",):
             return None, None
-        reduction = 100.0 * (base.loss - row.loss) / base.loss
-        gap = None
-        if full is not None and row.model != "full" and abs(base.loss - full.loss) > 1e-12:
-            gap = 100.0 * (base.loss - row.loss) / (base.loss - full.loss)
-        return reduction, gap
+        gap = gap_recovered(row.loss, base.loss, full.loss) if full is not None and row.model != "full" else None
+        return reduction_vs_baseline(row.loss, base.loss), gap
 
     def to_dict(self) -> dict:
         out = {"meta": self.meta, "tokens": self.tokens, "splits": {}}
@@ -97,15 +105,15 @@ class EvalReport:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         j, m = directory / f"{stem}.json", directory / f"{stem}.md"
-        j.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        m.write_text(self.table(markdown=True) + "\n")
+        atomic_write_text(j, json.dumps(self.to_dict(), indent=2) + "\n")  # replaces a link, never writes through it
+        atomic_write_text(m, self.table(markdown=True) + "\n")
         return j, m
 
 
-def evaluate(model, splits: dict[str, torch.Tensor], depths=(1, 4, 8, 16), full_model=None,
+def evaluate(model, splits: dict[str, torch.Tensor], depths=DEFAULT_EVAL_DEPTHS, full_model=None,
              batch_size: int = 4, progress: bool = True, meta: dict | None = None,
-             known: dict[str, dict[str, float]] | None = None) -> EvalReport:
-    """Evaluate every row on exactly the same blocks of each split.
+             known: dict[str, dict[str, float]] | None = None, runtime=None) -> EvalReport:
+    """Evaluate every row on exactly the same blocks of each split (under `runtime`'s autocast).
 
     known: losses already measured on these very blocks ({split: {"full": .., "baseline": ..}}),
     reused instead of recomputed (a sweep evaluates the references once for all runs)."""
@@ -120,7 +128,7 @@ def evaluate(model, splits: dict[str, torch.Tensor], depths=(1, 4, 8, 16), full_
         jobs.append(("full", None, lambda ids: full_model(ids.to(full_device), use_cache=False).logits))
         report.meta.setdefault("full_layers", n_layers)
     if not known:
-        jobs.append(("baseline", None, lambda ids: model.forward_baseline(ids).logits))
+        jobs.append(("baseline", None, lambda ids: model(ids, baseline=True).logits))
     for d in depths:
         jobs.append((f"ouroboros@{d}", d, lambda ids, d=d: model(ids, depth=d).logits))
     bar = tqdm(total=len(splits) * len(jobs), desc="evaluating", disable=not progress)
@@ -129,7 +137,8 @@ def evaluate(model, splits: dict[str, torch.Tensor], depths=(1, 4, 8, 16), full_
         report.tokens[split] = int(blocks[:, 1:].numel())
         for name, depth, fwd in jobs:
             bar.set_postfix_str(f"{split}: {name}")
-            loss = mean_loss(fwd, blocks, batch_size, device)
+            with runtime.autocast() if runtime is not None else contextlib.nullcontext():
+                loss = mean_loss(fwd, blocks, batch_size, device)
             report.splits[split].append(EvalRow(name, loss, depth))
             bar.update(1)
     bar.close()

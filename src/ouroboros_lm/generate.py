@@ -1,79 +1,13 @@
 """Generation through the recursion, with a cache that makes each new token cost one pass
-through P + depth + C layers on one position.
-
-The cache keeps keys and values of every prelude layer, of *each recurrence step separately*
-(the same layer sees different hidden states at step s and s+1), and of every coda layer,
-plus the running sum and count that the Controller's causal prefix-mean pooling needs, per
-step. `tests/test_generate.py` checks it against recomputing the whole prefix every token.
+through P + depth + C layers on one position (`cache.OuroborosCache`, read and extended by
+`OuroborosModel.forward`). `tests/test_generate.py` checks it against recomputing the whole
+prefix every token.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
-from .controller import PoolState
-from .layers import KVSlot, build_context, decoder_layer
-
-
-@dataclass
-class OuroborosCache:
-    depth: int | None  # None: the pruned baseline (recurrent layer once, nothing added)
-    prelude: list[KVSlot]
-    steps: list[KVSlot]
-    pools: list[PoolState]
-    coda: list[KVSlot]
-    key_padding: torch.Tensor | None = None  # [B, S] bool, all positions so far
-    next_position: torch.Tensor | None = None  # [B] rotary position of the next real token
-    length: int = 0
-
-    @classmethod
-    def empty(cls, model, depth: int | None, capacity: int | None = None) -> "OuroborosCache":
-        """capacity: total positions (prompt + new tokens) to preallocate the KV buffers for."""
-        n_steps = depth if depth is not None else 1
-        slot = lambda: KVSlot(capacity)
-        return cls(depth, [slot() for _ in model.prelude], [slot() for _ in range(n_steps)],
-                   [PoolState() for _ in range(n_steps)], [slot() for _ in model.coda])
-
-
-@torch.no_grad()
-def cached_forward(model, input_ids: torch.Tensor, cache: OuroborosCache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits for `input_ids` (new positions only), extending `cache`."""
-    B, T = input_ids.shape
-    device = model.device
-    new_mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None else attention_mask.to(device).long()
-    if cache.next_position is None:
-        cache.next_position = torch.zeros(B, dtype=torch.long, device=device)
-    position_ids = (cache.next_position[:, None] + new_mask.cumsum(-1) - 1).clamp(min=0)
-    cache.next_position = cache.next_position + new_mask.sum(-1)
-    padded = attention_mask is not None and not bool(new_mask.all())
-    if cache.key_padding is None and padded:
-        cache.key_padding = torch.ones(B, cache.length, dtype=torch.bool, device=device)
-    if cache.key_padding is not None:
-        cache.key_padding = torch.cat([cache.key_padding, new_mask.bool()], dim=1)
-    h = model.embed_tokens(input_ids.to(device))
-    ctx = build_context(model.rotary_emb, h, position_ids, cache.key_padding, past_length=cache.length)
-    for layer, w, slot in zip(model.prelude, model.prelude_windows, cache.prelude):
-        h = decoder_layer(layer, h, ctx, window=w, kv=slot)
-    rec = model.recurrent
-    if cache.depth is None:
-        h = decoder_layer(rec.layer, h, ctx, window=rec.window, kv=cache.steps[0])
-    else:
-        pool_mask = new_mask if cache.key_padding is not None else None
-        h = rec(h, ctx, cache.depth, mask=pool_mask, cache=(cache.steps, cache.pools))
-    for layer, w, slot in zip(model.coda, model.coda_windows, cache.coda):
-        h = decoder_layer(layer, h, ctx, window=w, kv=slot)
-    cache.length += T
-    return model.lm_head(model.norm(h))
-
-
-@torch.no_grad()
-def full_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, depth: int | None) -> torch.Tensor:
-    """Logits of the whole sequence, recomputed from scratch (the reference for the cache)."""
-    if depth is None:
-        return model.forward_baseline(input_ids, attention_mask=attention_mask).logits
-    return model(input_ids, attention_mask=attention_mask, depth=depth).logits
 
 
 def next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
@@ -124,7 +58,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     baseline=True generates with the pruned stack instead of the recursion. A row that
     produced EOS is padded with `pad_token_id` (default: the EOS id) until all rows finish.
     `on_token(ids [B])` is called with every new token (streaming)."""
-    depth = None if baseline else model.resolve_depth(depth if depth is not None else max(model.config.depths))
+    depth = None if baseline else model.resolve_depth(depth)
     check_generation_args(model, max_new_tokens, depth, do_sample, temperature, top_k, top_p)
     model.check_inputs(input_ids, attention_mask)
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
@@ -143,14 +77,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if max_pos is not None and ids.shape[1] + max_new_tokens > max_pos:
         raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the base model's "
                          f"max_position_embeddings {max_pos}")
-    cache = OuroborosCache.empty(model, depth, capacity=ids.shape[1] + max_new_tokens) if use_cache else None
+    cache = model.new_cache(depth, capacity=ids.shape[1] + max_new_tokens, baseline=baseline) if use_cache else None
     step_ids, step_mask = ids, mask
     try:
         for _ in range(max_new_tokens):
             if use_cache:
-                logits = cached_forward(model, step_ids, cache, step_mask)[:, -1]
+                logits = model(step_ids, attention_mask=step_mask, depth=depth, cache=cache, baseline=baseline).logits[:, -1]
             else:
-                logits = full_forward(model, ids, mask, depth)[:, -1]
+                logits = model(ids, attention_mask=mask, depth=depth, baseline=baseline).logits[:, -1]
             tok = next_token(logits, do_sample, temperature, top_k, top_p, generator)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             ids = torch.cat([ids, tok[:, None]], dim=1)

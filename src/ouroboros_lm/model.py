@@ -1,33 +1,29 @@
-"""`OuroborosModel`: prelude -> recurrent block x N -> coda, on a pretrained decoder."""
+"""`OuroborosModel`: prelude -> recurrent block x N -> coda, on a pretrained decoder.
+
+`forward` is the only code that walks the stack. Training, evaluation, generation (with a
+`cache`, one new token at a time) and the pruned baseline (`baseline=True`) all go through it.
+"""
 from __future__ import annotations
 
 import copy
-import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .cache import OuroborosCache
 from .config import OuroborosConfig
-from .layers import build_context, decoder_layer, layer_window
+from .generate import generate as generate_tokens
+from .layers import AttentionContext, KVSlot, build_context, decoder_layer, layer_window
+from .loss import causal_lm_loss
 from .recurrence import RecurrentBlock
-from .surgery import split_layers
+from .surgery import check_architecture, kept_fingerprints, split_layers
 
 
 @dataclass
 class OuroborosOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor
-    depth: int | None = None
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy with Hugging Face's convention: `labels` are aligned
-    with the inputs, position t is scored against labels[t+1], -100 is ignored."""
-    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    return F.cross_entropy(logits.float().flatten(0, -2), shifted.reshape(-1), ignore_index=-100)
 
 
 def check_token_range(input_ids: torch.Tensor, vocab_size: int, what: str = "input_ids") -> None:
@@ -41,13 +37,18 @@ class OuroborosModel(nn.Module):
 
     Build it with `OuroborosModel.from_base(base, OuroborosConfig(...))`. Only the Controller
     (or static vectors), the recurrence gate and the per-step norms are trainable.
+
+    base_name: where the base model comes from (recorded in adapters).
+    base_fingerprints: fingerprints of the kept weights in the base (see `surgery.kept_fingerprints`).
     """
 
-    def __init__(self, config: OuroborosConfig, base: nn.Module, prelude, recurrent, coda, bases, base_config=None):
+    def __init__(self, config: OuroborosConfig, base: nn.Module, prelude, recurrent, coda, bases,
+                 base_config=None, base_name: str | None = None, base_fingerprints: dict | None = None):
         super().__init__()
         self.config = config
         self.base_config = base_config if base_config is not None else base.config  # the full model's config
-        self.base_name = getattr(base.config, "_name_or_path", "") or type(base).__name__
+        self.base_name = base_name or getattr(base.config, "_name_or_path", "") or type(base).__name__
+        self.base_fingerprints = dict(base_fingerprints or {})
         inner = base.model
         self.embed_tokens = inner.embed_tokens
         self.rotary_emb = inner.rotary_emb
@@ -55,56 +56,37 @@ class OuroborosModel(nn.Module):
         self.coda = nn.ModuleList(coda)
         self.norm = inner.norm
         self.lm_head = base.lm_head
-        self.prelude_windows = [layer_window(l, base.config) for l in prelude]
-        self.coda_windows = [layer_window(l, base.config) for l in coda]
+        self.windows = {"prelude": [layer_window(l, base.config) for l in prelude],
+                        "coda": [layer_window(l, base.config) for l in coda]}
         for p in self.parameters():
             p.requires_grad_(False)
         w = recurrent.self_attn.q_proj.weight
-        # The trainable parts are initialised from config.seed on the CPU, whatever the device, so
+        # The trainable parts are initialised from config.init_seed on the CPU, whatever the device, so
         # the same config gives the same initial model everywhere (and the global RNG is untouched).
         with torch.random.fork_rng(devices=[]), torch.device("meta" if w.is_meta else "cpu"):
-            torch.manual_seed(config.seed)
-            self.recurrent = RecurrentBlock(recurrent, layer_window(recurrent, base.config), bases, config, base.config.hidden_size)
+            torch.manual_seed(config.init_seed)
+            self.recurrent = RecurrentBlock(recurrent, layer_window(recurrent, base.config), bases, config,
+                                            base.config.hidden_size)
         self.recurrent.to(w.device)
-        self._depth_rng = random.Random(config.seed)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_base(cls, base: nn.Module, config: OuroborosConfig | None = None, compute_bases: bool = True) -> "OuroborosModel":
+    def from_base(cls, base: nn.Module, config: OuroborosConfig | None = None, compute_bases: bool = True,
+                  base_name: str | None = None) -> "OuroborosModel":
         """Convert `base` (a Hugging Face Llama/Qwen2/Qwen3/Mistral causal LM).
 
         The base model is consumed: its removed layers are deleted to free memory, and the
         layers that are kept are shared with the returned model (and frozen).
+        compute_bases=False allocates the SVD bases without factoring (an adapter fills them).
         """
-        from .adapter import kept_fingerprints
-        from .surgery import check_architecture
-
         config = config or OuroborosConfig()
         check_architecture(base)
         config.validate(num_layers=len(base.model.layers))
         fingerprints = kept_fingerprints(base, config)  # before surgery: identifies the base in adapters
         full_config = copy.deepcopy(base.config)
         prelude, recurrent, coda, bases = split_layers(base, config, compute_bases)
-        model = cls(config, base, prelude, recurrent, coda, bases, base_config=full_config)
-        model.kept_fingerprints = fingerprints
-        return model
-
-    # ------------------------------------------------------------------ adapters
-    def save_adapter(self, directory) -> "Path":
-        """Write adapter_config.json + adapter_model.safetensors (trained weights and the frozen
-        SVD bases) to `directory`, atomically."""
-        from .adapter import save_adapter
-
-        return save_adapter(self, directory)
-
-    @classmethod
-    def load_adapter(cls, directory, base=None, dtype=torch.float32, device=None, **overrides) -> "OuroborosModel":
-        """Rebuild a saved model on `base` (a model, a source, or None for the recorded base).
-        Fails with AdapterError (a ValueError) on a different base, a different layer split, an
-        incompatible format or a corrupt file, before anything is loaded."""
-        from .adapter import load_adapter
-
-        return load_adapter(directory, base=base, dtype=dtype, device=device, **overrides)
+        return cls(config, base, prelude, recurrent, coda, bases, base_config=full_config, base_name=base_name,
+                   base_fingerprints=fingerprints)
 
     @property
     def vocab_size(self) -> int:
@@ -114,16 +96,20 @@ class OuroborosModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
+    @property
+    def checkpointing(self) -> str:
+        """Activation checkpointing per recurrence step while training: "auto" (when the step's
+        activations would not fit the memory budget), "always" or "never"."""
+        return self.recurrent.checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, mode: str) -> None:
+        self.recurrent.set_checkpointing(mode)
+
     # ------------------------------------------------------------------ parameters
     def trainable_parameter_breakdown(self) -> dict[str, int]:
-        r = self.recurrent
-        parts = {
-            "controller": r.controller,
-            "static": r.static,
-            "gate": r.gate,
-            "step_norms": r.step_norms,
-        }
-        out = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in parts.items() if m is not None}
+        out = {name: sum(p.numel() for p in m.parameters() if p.requires_grad)
+               for name, m in self.recurrent.trainable_parts().items()}
         out["total"] = sum(out.values())
         return out
 
@@ -135,13 +121,9 @@ class OuroborosModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def resolve_depth(self, depth: int | None) -> int:
-        if depth is None:
-            if self.training:
-                return self._depth_rng.choice(self.config.depths)
-            return max(self.config.depths)
-        return self.config.check_depth(depth)
+        return self.config.default_depth if depth is None else self.config.check_depth(depth)
 
-    def check_inputs(self, input_ids: torch.Tensor, attention_mask=None, labels=None) -> None:
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask=None, labels=None, past: int = 0) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError("input_ids must be an integer tensor of shape [batch, seq_len]")
         if input_ids.numel() == 0:
@@ -149,64 +131,79 @@ class OuroborosModel(nn.Module):
         if input_ids.device.type == "cpu":  # on an accelerator this check would cost a host sync per forward
             check_token_range(input_ids, self.vocab_size)
         max_pos = getattr(self.base_config, "max_position_embeddings", None)
-        if max_pos is not None and input_ids.shape[1] > max_pos:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the base model's max_position_embeddings {max_pos}")
+        if max_pos is not None and past + input_ids.shape[1] > max_pos:
+            raise ValueError(f"sequence length {past + input_ids.shape[1]} exceeds the base model's "
+                             f"max_position_embeddings {max_pos}")
         for name, t in (("attention_mask", attention_mask), ("labels", labels)):
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(t.shape)}")
 
-    def _embed(self, input_ids, attention_mask):
-        h = self.embed_tokens(input_ids)
+    def new_cache(self, depth: int | None = None, capacity: int | None = None, baseline: bool = False) -> OuroborosCache:
+        """An empty cache for cached decoding at `depth` (or of the pruned baseline)."""
+        return OuroborosCache.empty(len(self.prelude), len(self.coda), None if baseline else self.resolve_depth(depth),
+                                    capacity)
+
+    def embed(self, input_ids, attention_mask=None, cache: OuroborosCache | None = None):
+        """(token embeddings h, the AttentionContext every layer shares, the pooling mask)."""
+        h = self.embed_tokens(input_ids.to(self.device))
+        B, T = input_ids.shape
+        if cache is not None:
+            position_ids, key_padding, pool_mask = cache.extend(attention_mask, B, T, h.device)
+            return h, build_context(self.rotary_emb, h, position_ids, key_padding, past_length=cache.length), pool_mask
         if attention_mask is None:
-            position_ids = torch.arange(input_ids.shape[1], device=h.device).unsqueeze(0)
-            key_padding = None
+            position_ids, key_padding = torch.arange(T, device=h.device).unsqueeze(0), None
         else:
             attention_mask = attention_mask.to(h.device)
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             key_padding = attention_mask.bool()
-        ctx = build_context(self.rotary_emb, h, position_ids, key_padding)
-        return h, ctx
+        return h, build_context(self.rotary_emb, h, position_ids, key_padding), attention_mask
 
-    def _run_stack(self, layers, windows, h, ctx):
-        for layer, w in zip(layers, windows):
-            h = decoder_layer(layer, h, ctx, window=w)
+    def run_layers(self, part: str, h: torch.Tensor, ctx: AttentionContext, slots: list[KVSlot] | None = None):
+        """The frozen prelude or coda ("prelude" / "coda"), extending the cache `slots` if given."""
+        layers = self.prelude if part == "prelude" else self.coda
+        for i, (layer, window) in enumerate(zip(layers, self.windows[part])):
+            h = decoder_layer(layer, h, ctx, window=window, kv=slots[i] if slots is not None else None)
         return h
 
-    def _head(self, h, labels):
+    def head(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> OuroborosOutput:
         logits = self.lm_head(self.norm(h))
-        loss = causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
-        return loss, logits
+        return OuroborosOutput(loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None) -> OuroborosOutput:
-        depth = self.resolve_depth(depth)
-        self.check_inputs(input_ids, attention_mask, labels)
-        h, ctx = self._embed(input_ids, attention_mask)
-        h = self._run_stack(self.prelude, self.prelude_windows, h, ctx)
-        h = self.recurrent(h, ctx, depth, mask=attention_mask)
-        h = self._run_stack(self.coda, self.coda_windows, h, ctx)
-        loss, logits = self._head(h, labels)
-        return OuroborosOutput(loss=loss, logits=logits, depth=depth)
+    def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None, *,
+                cache: OuroborosCache | None = None, baseline: bool = False) -> OuroborosOutput:
+        """Logits (and the loss, given HF-aligned `labels`) of `input_ids` [B, T].
+
+        depth: recurrence steps (default `config.default_depth`).
+        baseline: the pruned stack (prelude + recurrent layer once + coda) with nothing added.
+        cache: an `OuroborosCache` (`new_cache`) holding earlier positions; the new positions are
+            appended to it, and the logits are those of the new positions only.
+        """
+        depth = None if baseline else self.resolve_depth(depth)
+        self.check_inputs(input_ids, attention_mask, labels, past=cache.length if cache is not None else 0)
+        if cache is not None:
+            cache.check(depth)
+        h, ctx, pool_mask = self.embed(input_ids, attention_mask, cache)
+        h = self.run_layers("prelude", h, ctx, cache.prelude if cache is not None else None)
+        steps = cache.steps if cache is not None else None
+        if baseline:
+            h = self.recurrent.plain(h, ctx, kv=steps[0].kv if steps is not None else None)
+        else:
+            h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps)
+        h = self.run_layers("coda", h, ctx, cache.coda if cache is not None else None)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.head(h, labels)
 
     def forward_baseline(self, input_ids, attention_mask=None, labels=None) -> OuroborosOutput:
         """The pruned stack (prelude + recurrent layer once + coda) with nothing added."""
-        self.check_inputs(input_ids, attention_mask, labels)
-        h, ctx = self._embed(input_ids, attention_mask)
-        h = self._run_stack(self.prelude, self.prelude_windows, h, ctx)
-        h = decoder_layer(self.recurrent.layer, h, ctx, window=self.recurrent.window)
-        h = self._run_stack(self.coda, self.coda_windows, h, ctx)
-        loss, logits = self._head(h, labels)
-        return OuroborosOutput(loss=loss, logits=logits, depth=None)
+        return self(input_ids, attention_mask=attention_mask, labels=labels, baseline=True)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, depth: int | None = None,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id=None, seed: int | None = None, **kwargs) -> torch.Tensor:
-        """Prompt + new token ids, through the recursion with a per-step KV cache (see generate.py).
-        Left-pad batches and pass their attention_mask. baseline=True uses the pruned stack."""
-        from .generate import generate
-
-        return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, depth=depth,
-                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, seed=seed, **kwargs)
+                 **kwargs) -> torch.Tensor:
+        """Prompt + new token ids, through the recursion with a per-step KV cache; see
+        `generate.generate` for sampling, EOS, streaming and baseline=True."""
+        return generate_tokens(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, depth=depth,
+                        **kwargs)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import OuroborosConfig
 from .controller import Controller, PoolState, StaticModulation, pool
 from .layers import AttentionContext, KVSlot, decoder_layer
+from .memory import activations_fit
 from .lora import SVDLoRABases
 
 
@@ -70,6 +71,9 @@ class StepNorms(nn.Module):
         return w[0], w[1]
 
 
+CHECKPOINTING = ("auto", "always", "never")
+
+
 class RecurrentBlock(nn.Module):
     def __init__(self, layer: nn.Module, window: int | None, bases: SVDLoRABases | None, config: OuroborosConfig, hidden_size: int):
         super().__init__()
@@ -89,6 +93,16 @@ class RecurrentBlock(nn.Module):
             if config.step_norm
             else None
         )
+        self.checkpointing = "auto"
+
+    def set_checkpointing(self, mode: str) -> None:
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}; got {mode!r}")
+        self.checkpointing = mode
+
+    def trainable_parts(self) -> dict[str, nn.Module]:
+        parts = {"controller": self.controller, "static": self.static, "gate": self.gate, "step_norms": self.step_norms}
+        return {k: m for k, m in parts.items() if m is not None}
 
     def modulation(self, h: torch.Tensor, step: int, mask, pool_state: PoolState | None) -> torch.Tensor | None:
         if self.controller is not None:
@@ -104,20 +118,23 @@ class RecurrentBlock(nn.Module):
         h_new = decoder_layer(self.layer, h, ctx, window=self.window, project=project, norm_weights=norms, kv=kv)
         return self.gate(h_new, h) if self.gate is not None else h_new
 
+    def plain(self, h: torch.Tensor, ctx: AttentionContext, kv: KVSlot | None = None) -> torch.Tensor:
+        """The recurrent layer applied once with nothing added (the pruned baseline)."""
+        return decoder_layer(self.layer, h, ctx, window=self.window, kv=kv)
+
+    def uses_checkpointing(self, h: torch.Tensor, depth: int) -> bool:
+        if not (self.training and torch.is_grad_enabled()) or self.checkpointing == "never":
+            return False
+        return self.checkpointing == "always" or not activations_fit(h, depth, self.layer)
+
     def forward(self, h: torch.Tensor, ctx: AttentionContext, depth: int, mask=None, cache=None) -> torch.Tensor:
-        """cache: optional (list of KVSlot, list of PoolState), one entry per step."""
-        use_ckpt = (
-            self.training
-            and torch.is_grad_enabled()
-            and cache is None
-            and self.config.checkpoint_from_depth > 0
-            and depth >= self.config.checkpoint_from_depth
-        )
+        """cache: optional list of `cache.StepCache`, one per step (cached decoding)."""
+        use_ckpt = cache is None and self.uses_checkpointing(h, depth)
         for s in range(depth):
             if use_ckpt:
                 h = checkpoint(self.step, h, s, ctx, mask, use_reentrant=False)
             elif cache is not None:
-                h = self.step(h, s, ctx, mask, cache[0][s], cache[1][s])
+                h = self.step(h, s, ctx, mask, cache[s].kv, cache[s].pool)
             else:
                 h = self.step(h, s, ctx, mask)
         return h

@@ -1,6 +1,9 @@
 """Surgery on a pretrained Llama-family decoder: keep prelude, recurrent layer and coda,
-factor the removed layers into SVD bases, drop the rest."""
+factor the removed layers into SVD bases, drop the rest; fingerprints of what is kept (so an
+adapter can tell whether a base model is the one it was made from)."""
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import nn
@@ -77,3 +80,29 @@ def split_layers(base: nn.Module, config: OuroborosConfig, compute_bases: bool =
     base.model.layers = nn.ModuleList(prelude + [recurrent] + coda)
     base.config.num_hidden_layers = len(base.model.layers)
     return prelude, recurrent, coda, bases
+
+
+def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of names, shapes and a strided sample of values rounded to bfloat16, so the same
+    weights loaded in fp32 or bf16 give the same fingerprint."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        if t.is_meta:
+            continue
+        flat = t.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+        h.update(sample.to(torch.bfloat16).to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def kept_fingerprints(base: nn.Module, config: OuroborosConfig) -> dict[str, str]:
+    """Fingerprints of what an Ouroboros model keeps from `base` (before surgery): each kept
+    layer under its index in the base, the embeddings, the final norm and the head."""
+    layers = base.model.layers
+    out = {f"layer.{i}": tensor_fingerprint(dict(layers[i].named_parameters())) for i in config.kept_layers(len(layers))}
+    out["embed_tokens"] = tensor_fingerprint({"w": base.model.embed_tokens.weight})
+    out["norm"] = tensor_fingerprint(dict(base.model.norm.named_parameters()))
+    out["lm_head"] = tensor_fingerprint({"w": base.lm_head.weight})
+    return out

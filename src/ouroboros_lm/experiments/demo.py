@@ -12,26 +12,32 @@ from pathlib import Path
 
 import torch
 
-from .config import OuroborosConfig
-from .loading import cache_dir
+from ..adapter import save_adapter
+from ..config import OuroborosConfig
+from ..data import build_corpus
+from ..evaluate import DEFAULT_EVAL_DEPTHS, evaluate
+from ..loading import cache_dir, load_base_model, load_tokenizer
+from ..model import OuroborosModel
+from ..settings import setting
+from ..train import TrainConfig, train
 
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    base: str = "smollm2-135m"
-    corpus: str | None = None  # folder of <year>_<name>.txt files; default: cache/sotu
-    last_train_year: int = 2000
-    seq_len: int = 256
-    steps: int = 150
-    batch_size: int = 4
-    lr: float = 1e-3  # a short CPU run: higher than the paper's 3e-4 (300K GPU steps)
-    warmup_steps: int = 15
-    time_budget: float = 540.0  # seconds of training at most
-    depths: tuple[int, ...] = (2, 4, 8)
-    eval_depths: tuple[int, ...] = (1, 4, 8, 16)
-    eval_blocks: int = 16
-    seed: int = 0
+    out: str = setting("runs/demo", "run folder (recreated)")
+    base: str = setting("smollm2-135m", "base model", cli=False)
+    corpus: str | None = setting(None, "folder of SOTU <year>_<name>.txt files (default: the cache, `make assets`)")
+    last_train_year: int = setting(2000, "addresses up to this year train; later ones are held out", low=1790, high=2100)
+    seq_len: int = setting(256, "tokens per block", low=8, high=8192)
+    steps: int = setting(150, "training steps", low=1, high=10**6)
+    batch_size: int = setting(4, "blocks per step", low=1, high=1024)
+    lr: float = setting(1e-3, "peak learning rate (a short CPU run: higher than the paper's 3e-4)", above=0, high=1.0)
+    warmup_steps: int = setting(15, "warmup steps", low=0, high=10**6)
+    time_budget: float = setting(540.0, "seconds of training at most", above=0, high=1e7)
+    depths: tuple[int, ...] = setting((2, 4, 8), "training depths", low=1, high=64)
+    eval_depths: tuple[int, ...] = setting(DEFAULT_EVAL_DEPTHS, "evaluated depths", low=1, high=64)
+    eval_blocks: int = setting(16, "blocks evaluated per split", low=1, high=4096)
+    seed: int = setting(0, "seed", low=0, high=2**31)
 
 
 def sotu_files(corpus: Path, last_train_year: int) -> tuple[list[str], list[str]]:
@@ -48,12 +54,6 @@ def sotu_files(corpus: Path, last_train_year: int) -> tuple[list[str], list[str]
 
 
 def run_demo(dc: DemoConfig) -> dict:
-    from .data import build_corpus
-    from .evaluate import evaluate
-    from .loading import load_base_model, load_tokenizer
-    from .model import OuroborosModel
-    from .train import TrainConfig, train
-
     t0 = time.time()
     torch.manual_seed(dc.seed)
     corpus_dir = Path(dc.corpus) if dc.corpus else cache_dir() / "sotu"
@@ -63,10 +63,10 @@ def run_demo(dc: DemoConfig) -> dict:
         shutil.rmtree(out)
     print(f"[1/4] converting {dc.base}: prelude 7, recurrent layer 15, coda 7 (15 of 30 layers)")
     base = load_base_model(dc.base)
-    cfg = OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32, depths=dc.depths,
-                          checkpoint_from_depth=0, seed=dc.seed)
-    model = OuroborosModel.from_base(base, cfg)
-    model.save_adapter(out)
+    cfg = OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32, default_depth=max(dc.depths),
+                          init_seed=dc.seed)
+    model = OuroborosModel.from_base(base, cfg, base_name=dc.base)
+    save_adapter(model, out)
     print("      trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in model.trainable_parameter_breakdown().items()))
 
     print(f"[2/4] tokenizing {len(train_files)} addresses <= {dc.last_train_year} (train) and {len(held_files)} after (held out)")
@@ -78,7 +78,7 @@ def run_demo(dc: DemoConfig) -> dict:
           f"lr {dc.lr}, at most {dc.time_budget:.0f}s)")
     tc = TrainConfig(steps=dc.steps, batch_size=dc.batch_size, lr=dc.lr, warmup_steps=dc.warmup_steps,
                      log_every=5, eval_every=max(dc.steps // 3, 1), eval_blocks=8, save_every=50,
-                     seed=dc.seed, time_budget=dc.time_budget)
+                     seed=dc.seed, time_budget=dc.time_budget, depths=dc.depths, checkpoint="never")
     summary = train(model, corpus, out, tc)
 
     print(f"[4/4] evaluating full model, pruned baseline and Ouroboros at depths {dc.eval_depths}")

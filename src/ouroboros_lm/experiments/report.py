@@ -14,7 +14,8 @@ import csv
 import json
 from pathlib import Path
 
-from .config import TARGETS
+from ..config import TARGETS
+from ..evaluate import gap_recovered, reduction_vs_baseline
 
 RUN_COLUMNS = ["name", "variant", "gate", "pooling", "rank", "train_depths", "lr", "trainable_parameters", "steps", "wall_s"]
 DEPTH_COLUMNS = ["train_loss", "heldout_loss", "train_reduction_pct", "heldout_reduction_pct",
@@ -43,8 +44,14 @@ def load_results(sweep_dir: Path) -> list[dict]:
 def metrics(result: dict, split: str, depth_key: str) -> tuple[float, float, float]:
     ref = result["reference"][split]
     loss = result["losses"][split][depth_key]
-    base, full = ref["baseline"], ref["full"]
-    return loss, 100 * (base - loss) / base, 100 * (base - loss) / (base - full)
+    gap = gap_recovered(loss, ref["baseline"], ref["full"])
+    return loss, reduction_vs_baseline(loss, ref["baseline"]), float("nan") if gap is None else gap
+
+
+def train_depths(result: dict) -> list[int]:
+    """The run's training depths (results written before they moved to the training settings
+    kept them in the model config)."""
+    return result.get("train_config", result["config"])["depths"]
 
 
 def rows(results: list[dict]) -> list[dict]:
@@ -58,7 +65,7 @@ def rows(results: list[dict]) -> list[dict]:
             hl, hr, hg = metrics(r, "heldout", key)
             out.append({
                 "name": r["name"], "variant": c["variant"], "gate": c["gate"], "pooling": c["pooling"], "rank": c["rank"],
-                "train_depths": "/".join(map(str, c["depths"])), "lr": r["settings"].get("lr", ""),
+                "train_depths": "/".join(map(str, train_depths(r))), "lr": r["settings"].get("lr", ""),
                 "trainable_parameters": r["trainable_parameters"], "steps": r["steps"], "wall_s": round(r["wall_s"], 1),
                 "eval_depth": int(key.split("@")[1]), "train_loss": round(tl, 4), "heldout_loss": round(hl, 4),
                 "train_reduction_pct": round(tr, 2), "heldout_reduction_pct": round(hr, 2),

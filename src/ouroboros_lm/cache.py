@@ -1,0 +1,64 @@
+"""The cache that lets generation feed one new token at a time through the recursion.
+
+It keeps keys and values of every prelude layer, of *each recurrence step separately* (the
+same layer sees different hidden states at step s and s+1), and of every coda layer, plus
+per step the running sum and count that the Controller's causal prefix-mean pooling needs,
+and the rotary position and padding of every position so far. `OuroborosModel.forward(...,
+cache=)` reads and extends it; `tests/test_generate.py` checks it against recomputing the
+whole prefix every token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .controller import PoolState
+from .layers import KVSlot
+
+
+@dataclass
+class StepCache:
+    """What one recurrence step (or the baseline's single application) keeps."""
+
+    kv: KVSlot
+    pool: PoolState = field(default_factory=PoolState)
+
+
+@dataclass
+class OuroborosCache:
+    depth: int | None  # None: the pruned baseline (recurrent layer once, nothing added)
+    prelude: list[KVSlot]
+    steps: list[StepCache]
+    coda: list[KVSlot]
+    key_padding: torch.Tensor | None = None  # [B, S] bool, all positions so far (None: no padding seen)
+    next_position: torch.Tensor | None = None  # [B] rotary position of the next real token
+    length: int = 0  # positions cached so far
+
+    @classmethod
+    def empty(cls, n_prelude: int, n_coda: int, depth: int | None, capacity: int | None = None) -> "OuroborosCache":
+        """capacity: total positions (prompt + new tokens) to preallocate the KV buffers for."""
+        slot = lambda: KVSlot(capacity)  # noqa: E731
+        n_steps = depth if depth is not None else 1
+        return cls(depth, [slot() for _ in range(n_prelude)], [StepCache(slot()) for _ in range(n_steps)],
+                   [slot() for _ in range(n_coda)])
+
+    def check(self, depth: int | None) -> None:
+        if depth != self.depth:
+            what = lambda d: "the pruned baseline" if d is None else f"depth {d}"  # noqa: E731
+            raise ValueError(f"this cache was built for {what(self.depth)}; the forward asked for {what(depth)}")
+
+    def extend(self, attention_mask: torch.Tensor | None, batch: int, new: int, device) -> tuple:
+        """Positions for `new` tokens appended to every row: (position_ids [B, new], key padding
+        of all positions [B, S] or None, the pooling mask of the new positions or None)."""
+        new_mask = (torch.ones(batch, new, dtype=torch.long, device=device) if attention_mask is None
+                    else attention_mask.to(device).long())
+        if self.next_position is None:
+            self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        position_ids = (self.next_position[:, None] + new_mask.cumsum(-1) - 1).clamp(min=0)
+        self.next_position = self.next_position + new_mask.sum(-1)
+        if self.key_padding is None and attention_mask is not None and not bool(new_mask.all()):
+            self.key_padding = torch.ones(batch, self.length, dtype=torch.bool, device=device)
+        if self.key_padding is not None:
+            self.key_padding = torch.cat([self.key_padding, new_mask.bool()], dim=1)
+        return position_ids, self.key_padding, (new_mask if self.key_padding is not None else None)

@@ -1,0 +1,268 @@
+"""The experiment grid as one command: `ouroboros sweep SPEC.yaml`.
+
+A spec names the base, the layer split, the data, one training budget and the grid. Every run
+gets the same data, seed and budget, goes into its own subfolder (adapter, metrics, eval),
+and the sweep can be rerun at any time: finished runs are skipped, an interrupted one resumes
+from its last checkpoint. The full model and the pruned baseline are evaluated once, on the
+same blocks as every run. `experiments/report.py` turns the folder into tables and plots.
+
+Spec (YAML):
+    name: smollm2-sotu-cpu
+    base: smollm2-135m
+    split: {n_prelude: 7, recurrent_layer: 15, n_coda: 7}
+    data: {train: ["{cache}/sotu/1*.txt"], heldout: ["{cache}/sotu/202*.txt"], seq_len: 128}
+    train: {steps: 150, batch_size: 4, lr: 1.0e-3, warmup_steps: 15}
+    eval: {depths: [1, 4, 8, 16], blocks: 16, modulation_inputs: 6}
+    defaults: {variant: controller, gate: true, pooling: prefix_mean, rank: 32, depths: [2, 4, 8]}
+    grid: {variant: [controller, static], gate: [true, false]}     # cartesian product, and/or
+    runs: [{variant: none}, {rank: 8}]                               # explicit extra runs
+
+defaults / grid / runs may set any OuroborosConfig or TrainConfig field (`settings.sweep_keys`)
+but the layer split; `train:` holds TrainConfig fields shared by every run. The whole spec,
+every run's settings included, is validated before anything is loaded.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..adapter import load_adapter, save_adapter
+from ..checkpoints import list_checkpoints
+from ..config import OuroborosConfig
+from ..data import build_corpus
+from ..evaluate import DEFAULT_EVAL_DEPTHS, evaluate
+from ..loading import cache_dir, load_base_model, load_tokenizer
+from ..model import OuroborosModel
+from ..runtime import choose_runtime
+from ..settings import from_dict, sweep_keys, to_dict
+from ..train import TrainConfig, train
+from .report import write_report
+
+RESULT = "result.json"
+REFERENCE = "reference.json"
+EVAL_DEFAULTS = {"depths": list(DEFAULT_EVAL_DEPTHS), "blocks": 16, "batch_size": 4, "modulation_inputs": 6}
+SPLIT_KEYS = ("n_prelude", "recurrent_layer", "n_coda")
+
+
+def grid_keys(model_cls=OuroborosConfig, train_cls=TrainConfig) -> set[str]:
+    """What defaults / grid / runs may vary: every sweepable field of both settings classes."""
+    return sweep_keys(model_cls, train_cls)
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: str
+    split: dict
+    data: dict
+    train: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)
+    grid: dict = field(default_factory=dict)
+    runs: list = field(default_factory=list)
+    seed: int = 0
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SweepSpec":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sweep spec not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid YAML: {str(e)[:200]}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a mapping (name, base, split, data, train, eval, defaults, grid, runs)")
+        for req in ("name", "base", "split", "data"):
+            if req not in raw:
+                raise ValueError(f"{path}: missing required key {req!r}")
+        try:
+            spec = from_dict(cls, raw, "sweep spec")
+            spec.validate()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+        return spec
+
+    def validate(self) -> None:
+        """Every key and every run's settings, before anything starts."""
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name must be a plain folder name (no '/', not starting with '.'); got {self.name!r}")
+        for section in ("split", "data", "train", "eval", "defaults", "grid"):
+            if not isinstance(getattr(self, section), dict):
+                raise ValueError(f"{section} must be a mapping")
+        if not isinstance(self.runs, list) or not all(isinstance(r, dict) for r in self.runs):
+            raise ValueError("runs must be a list of mappings")
+        allowed = grid_keys()
+        for key in list(self.grid) + [k for r in self.runs for k in r] + list(self.defaults):
+            if key not in allowed:
+                raise ValueError(f"{key!r} cannot vary in a sweep; allowed: {', '.join(sorted(allowed))}")
+        for k, v in self.grid.items():
+            if not isinstance(v, list) or not v:
+                raise ValueError(f"grid.{k} must be a non-empty list")
+        if "train" not in self.data:
+            raise ValueError("data.train must list the training sources")
+        unknown = sorted(set(self.split) - set(SPLIT_KEYS)) + sorted(set(self.eval) - set(EVAL_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(map(str, unknown))} in split/eval")
+        from_dict(TrainConfig, dict(self.train), "train")
+        for run in self.expand():  # every run's configuration must be valid before anything starts
+            run.model_config(self), run.train_config(self)
+
+    def expand(self) -> list["Run"]:
+        keys = list(self.grid)
+        combos = [dict(zip(keys, vals)) for vals in itertools.product(*(self.grid[k] for k in keys))] if keys else []
+        seen, out = set(), []
+        for overrides in combos + [dict(r) for r in self.runs]:
+            run = Run({**self.defaults, **overrides})
+            if run.name not in seen:
+                seen.add(run.name)
+                out.append(run)
+        if not out:
+            raise ValueError("the sweep has no runs: give a grid or a runs list")
+        return out
+
+    def sources(self, key: str) -> list[str] | None:
+        vals = self.data.get(key)
+        if vals is None:
+            return None
+        return [os.path.expanduser(str(v).replace("{cache}", str(cache_dir()))) for v in vals]
+
+
+NAMED = ("variant", "gate", "pooling", "rank", "depths", "lr", "step_norm")
+
+
+@dataclass
+class Run:
+    settings: dict
+
+    def get(self, key, default=None):
+        return self.settings.get(key, default)
+
+    @property
+    def name(self) -> str:
+        """A folder name from the settings (no path separators whatever the values)."""
+        s = self.settings
+        parts = [s.get("variant", "controller"), "gate" if s.get("gate", True) else "nogate", s.get("pooling", "prefix_mean"),
+                 f"r{s.get('rank', 32)}", "d" + "_".join(str(d) for d in s.get("depths", (4, 8, 16)))]
+        if "lr" in s:
+            parts.append(f"lr{s['lr']:g}")
+        if s.get("step_norm", True) is False:
+            parts.append("nonorm")
+        parts += [f"{k}{v}" for k, v in sorted(s.items()) if k not in NAMED]
+        return "-".join(str(p) for p in parts).replace("/", "_").replace("\\", "_").replace(" ", "")
+
+    def split_settings(self) -> tuple[dict, dict]:
+        model_keys = {f for f in OuroborosConfig.__dataclass_fields__}
+        model = {k: v for k, v in self.settings.items() if k in model_keys}
+        return model, {k: v for k, v in self.settings.items() if k not in model_keys}
+
+    def model_config(self, spec: SweepSpec) -> OuroborosConfig:
+        model, _ = self.split_settings()
+        return from_dict(OuroborosConfig, {**spec.split, "init_seed": spec.seed, **model}, "run")
+
+    def train_config(self, spec: SweepSpec, progress: bool = True) -> TrainConfig:
+        _, train_settings = self.split_settings()
+        return from_dict(TrainConfig, {"seed": spec.seed, "progress": progress, **spec.train, **train_settings}, "run")
+
+
+@torch.no_grad()
+def capture_modulation(model, blocks: torch.Tensor, depth: int) -> dict | None:
+    """The Controller's modulation vectors on some held-out inputs: per input and step, d
+    averaged over positions -> [inputs, steps, targets, rank]."""
+    ctrl = model.recurrent.controller
+    if ctrl is None:
+        return None
+    seen: list[torch.Tensor] = []
+    handle = ctrl.register_forward_hook(lambda mod, args, out: seen.append(out.mean(dim=1).float().cpu()))
+    try:
+        model.eval()
+        model(blocks.to(model.device), depth=depth)
+    finally:
+        handle.remove()
+    return {"depth": depth, "d": torch.stack(seen, dim=1)}  # [inputs, steps, 7, r]
+
+
+def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, ev: dict, runtime, progress: bool) -> dict:
+    """Full model and pruned baseline: once, on the same blocks as every run (cached in out/reference.json)."""
+    ref_path = out / REFERENCE
+    if not ref_path.is_file():
+        base = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
+        model = OuroborosModel.from_base(base, runs[0].model_config(spec).replace(variant="none"))
+        full = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
+        rep = evaluate(model, splits, depths=(), full_model=full, batch_size=ev["batch_size"], progress=progress,
+                       runtime=runtime)
+        ref = {split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()}
+        ref["tokens"] = rep.tokens
+        ref_path.write_text(json.dumps(ref, indent=2) + "\n")
+    return json.loads(ref_path.read_text())
+
+
+def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, reference: dict, ev: dict, runtime,
+            progress: bool) -> None:
+    """Train (or resume) one run, evaluate it, and write result.json last (it marks the run done)."""
+    cfg, tc = run.model_config(spec), run.train_config(spec, progress)
+    resume = bool(list_checkpoints(rdir))
+    if resume:
+        model = load_adapter(rdir, base=load_base_model(spec.base, dtype=runtime.dtype))
+    else:
+        model = OuroborosModel.from_base(load_base_model(spec.base, dtype=runtime.dtype), cfg, base_name=spec.base)
+        save_adapter(model, rdir)
+    summary = train(model, corpus, rdir, tc, resume=resume)
+    known = {split: {k: reference[split][k] for k in ("full", "baseline")} for split in splits}
+    rep = evaluate(model, splits, depths=tuple(d for d in ev["depths"] if d <= cfg.max_steps),
+                   batch_size=ev["batch_size"], progress=progress, known=known, runtime=runtime)
+    mod = capture_modulation(model, corpus.heldout[: ev["modulation_inputs"]], max(tc.depths))
+    if mod is not None:
+        torch.save(mod, rdir / "modulation.pt")
+    result = {
+        "name": run.name, "settings": run.settings, "config": cfg.to_dict(), "train_config": to_dict(tc),
+        "trainable_parameters": model.num_trainable_parameters(), "wall_s": summary["wall_s"],
+        "steps": summary["steps_done"], "seq_len": corpus.seq_len, "batch_size": tc.batch_size,
+        "losses": {split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()},
+        "reference": reference,
+    }
+    rep.write(rdir)
+    (rdir / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def select_runs(spec: SweepSpec, only: list[str] | None) -> list[Run]:
+    runs = spec.expand()
+    if only:
+        unknown = sorted(set(only) - {r.name for r in runs})
+        if unknown:
+            raise ValueError(f"--only: no run named {', '.join(unknown)}; runs are {', '.join(r.name for r in runs)}")
+        runs = [r for r in runs if r.name in only]
+    return runs
+
+
+def run_sweep(spec_path: str | Path, out: str | Path | None = None, only: list[str] | None = None,
+              progress: bool = True) -> Path:
+    spec = SweepSpec.load(spec_path)
+    runs = select_runs(spec, only)
+    runtime = choose_runtime()
+    out = Path(out or Path("runs") / spec.name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.yaml").write_text(Path(spec_path).read_text())
+    seq_len = int(spec.data.get("seq_len", runtime.default_seq_len))
+    corpus = build_corpus(spec.sources("train"), load_tokenizer(spec.base), seq_len, heldout=spec.sources("heldout"),
+                          heldout_fraction=float(spec.data.get("heldout_fraction", 0.1)), seed=spec.seed,
+                          text_field=spec.data.get("text_field", "text"))
+    print(f"sweep {spec.name}: {len(runs)} runs into {out}; {corpus.describe()}")
+    ev = {**EVAL_DEFAULTS, **spec.eval}
+    splits = corpus.eval_splits(min(ev["blocks"], corpus.train.shape[0], corpus.heldout.shape[0]), spec.seed + 1)
+    reference = reference_losses(spec, runs, splits, out, ev, runtime, progress)
+    for i, run in enumerate(runs, 1):
+        rdir = out / "runs" / run.name
+        if (rdir / RESULT).is_file():
+            print(f"[{i}/{len(runs)}] {run.name}: done, skipped")
+            continue
+        print(f"[{i}/{len(runs)}] {run.name}: {'resuming' if list_checkpoints(rdir) else 'training'}")
+        run_one(spec, run, rdir, corpus, splits, reference, ev, runtime, progress)
+    write_report(out)
+    return out

@@ -1,0 +1,73 @@
+"""Settings are declared once (a dataclass field with its help, range and role) and everything
+else is derived from them: flags, validation, sweep keys, what an adapter fixes."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import tiny_base, tiny_ouroboros
+from ouroboros_lm import OuroborosConfig, TrainConfig, load_adapter, save_adapter
+from ouroboros_lm.adapter import CONFIG_NAME, STRUCTURAL
+from ouroboros_lm.cli import build_parser
+from ouroboros_lm.experiments.sweep import grid_keys
+from ouroboros_lm.settings import add_flags, fields, from_flags, setting, structural_fields
+
+
+@dataclass
+class Extended(OuroborosConfig):
+    warp: float = setting(1.5, "a knob added by a user", low=0.0, high=2.0, structural=True)
+    laps: int = setting(3, "another one", low=1, high=9)
+
+
+def test_a_new_field_gets_its_flag_sweep_key_validation_and_role_from_the_dataclass_alone():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Extended)
+    cfg = from_flags(Extended, parser.parse_args(["--warp", "0.5", "--rank", "8"]))
+    assert (cfg.warp, cfg.laps, cfg.rank) == (0.5, 3, 8)
+    assert "a knob added by a user (in [0.0, 2.0])" in parser.format_help()
+    assert {"warp", "laps"} <= grid_keys(Extended, TrainConfig)
+    assert "warp" in structural_fields(Extended) and "laps" not in structural_fields(Extended)
+    with pytest.raises(ValueError, match=r"warp must be in \[0.0, 2.0\]; got 3.0"):
+        Extended(warp=3.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--laps", "10"])
+
+
+def subcommand(name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("command,cls", [("convert", OuroborosConfig), ("train", TrainConfig)])
+def test_every_setting_is_a_flag_with_its_default(command, cls):
+    dests = {a.dest: a for a in subcommand(command)._actions}
+    for f, _ in fields(cls):
+        if f.metadata.get("cli", True):
+            assert f.name in dests, f.name
+            default = dests[f.name].default
+            assert (list(default) if isinstance(default, tuple) else default) == (
+                list(f.default) if isinstance(f.default, tuple) else f.default)
+
+
+def test_the_adapter_fixes_exactly_the_structural_fields():
+    assert set(STRUCTURAL) == {"n_prelude", "recurrent_layer", "n_coda", "rank", "alpha", "variant", "gate",
+                               "step_norm", "pooling", "style_dim", "controller_hidden", "max_steps"}
+
+
+def test_adapters_written_before_the_split_of_settings_still_load(tmp_path):
+    """Format-1 adapters of the first releases kept training depths, checkpointing and the seed in
+    the model config; they load, the largest training depth becoming default_depth."""
+    model = tiny_ouroboros("llama")
+    save_adapter(model, tmp_path / "ad")
+    meta = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
+    cfg = meta["ouroboros_config"]
+    del cfg["default_depth"]
+    cfg["seed"] = cfg.pop("init_seed")
+    cfg.update(depths=[2, 4, 6], checkpoint_from_depth=8)
+    (tmp_path / "ad" / CONFIG_NAME).write_text(json.dumps(meta))
+    loaded = load_adapter(tmp_path / "ad", base=tiny_base("llama"))
+    assert loaded.config.default_depth == 6 and loaded.config.init_seed == 0
+    assert all((loaded.trainable_state_dict()[k] == v).all() for k, v in model.trainable_state_dict().items())
