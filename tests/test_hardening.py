@@ -59,7 +59,7 @@ def test_sigkill_while_saving_then_resume_matches_uninterrupted(setup):
     a = converted(tmp_path, base, "a")
     assert cli("train", "--adapter", str(a), "--data", str(data), *TRAIN).returncode == 0
     b = converted(tmp_path, base, "b")
-    r = cli("train", "--adapter", str(b), "--data", str(data), *TRAIN, env={"OUROBOROS_FAULT": "kill_during_save:4"})
+    r = cli("train", "--adapter", str(b), "--data", str(data), *TRAIN, env={"OUROBOROS_FAULT": "kill:save:4"})
     assert r.returncode == -9  # SIGKILL, mid-save of step 4
     done = [p.name for p in list_checkpoints(b)]
     assert done[-1] == "step_000003"  # the torn step-4 save is not taken for a checkpoint

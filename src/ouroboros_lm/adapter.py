@@ -118,14 +118,18 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
             raise AdapterError(f"{p} is missing: {directory} is not a complete adapter (run `ouroboros convert` first)")
     try:
         meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cfg_path} is corrupt (not valid JSON: {e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterError(f"{cfg_path} is corrupt (not valid JSON: {str(e)[:120]})") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
         raise AdapterError(
             f"{cfg_path} has format_version {version!r}; this ouroboros-lm reads version {FORMAT_VERSION} "
             "(incompatible format version)"
         )
+    for key, kind in (("base_model", str), ("weights_sha256", str), ("ouroboros_config", dict),
+                      ("kept_weights_fingerprints", dict), ("base_architecture_hash", str)):
+        if not isinstance(meta.get(key), kind):
+            raise AdapterError(f"{cfg_path} is incomplete: {key!r} is missing or not a {kind.__name__}")
     blob = w_path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
         raise AdapterError(f"{w_path} is corrupt or truncated: its sha256 does not match {CONFIG_NAME}")
@@ -214,5 +218,9 @@ def load_adapter(directory, base=None, dtype=torch.float32, device=None, **overr
     for k, t in expected.items():
         if tuple(tensors[k].shape) != tuple(t.shape):
             raise AdapterError(f"{Path(directory) / WEIGHTS_NAME}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(t.shape)}")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterError(f"{Path(directory) / WEIGHTS_NAME} holds non-finite values (NaN or inf) in "
+                           f"{', '.join(bad[:4])}: refusing to load it")
     copy_into(model, tensors)
     return model

@@ -7,6 +7,7 @@ links, and fault injection for the crash tests.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,11 +26,14 @@ TMP_PREFIX = ".tmp-step_"
 
 
 def fault_point(name: str, step: int) -> None:
-    """Fault injection for the crash tests: OUROBOROS_FAULT=<name>:<step> kills this process
-    with SIGKILL at that point. Never set in normal use."""
-    spec = os.environ.get("OUROBOROS_FAULT")
-    if spec and spec == f"{name}:{step}":
+    """Fault injection for the crash tests, never set in normal use: OUROBOROS_FAULT=kill:<name>:<step>
+    kills this process with SIGKILL at that point, OUROBOROS_FAULT=enospc:<name>:<step> fails
+    there as a full disk would."""
+    spec = os.environ.get("OUROBOROS_FAULT", "")
+    if spec == f"kill:{name}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if spec == f"enospc:{name}:{step}":
+        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -60,7 +64,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, state
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_adapter(model, tmp)
-        fault_point("kill_during_save", step)
+        fault_point("save", step)
         for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict())):
             with open(tmp / name, "wb") as f:
                 torch.save(obj, f)

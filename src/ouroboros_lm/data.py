@@ -76,9 +76,17 @@ def read_file(path: Path, text_field: str = "text") -> list[Document]:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading .parquet needs pyarrow (`pip install 'ouroboros-lm[data]'`)") from None
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises its own error types for a bad file
+            raise DataError(f"{path} is not a readable parquet file ({str(e)[:120]})") from None
         if text_field not in table.column_names:
             raise DataError(f"{path} has no column {text_field!r} (columns: {', '.join(table.column_names)})")
+        import pyarrow as pa
+
+        kind = table.schema.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{path}: column {text_field!r} holds {kind}, not text")
         docs = [Document(f"{path}:{i}", t) for i, t in enumerate(table.column(text_field).to_pylist()) if t and t.strip()]
         if not docs:
             raise DataError(f"{path} has no non-empty {text_field!r} values")

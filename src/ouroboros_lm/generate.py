@@ -15,7 +15,10 @@ def next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k:
     """Greedy or sampled next token from logits [B, V]."""
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # in float64 (any positive Python temperature is representable) and shifted so the largest
+    # logit is 0 before dividing: no 0/0 or inf - inf (NaN probabilities) however small it is
+    logits = logits.double()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -39,8 +42,8 @@ def check_generation_args(model, max_new_tokens, depth, do_sample, temperature, 
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
     if do_sample:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling; got {temperature!r}")
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number > 0 when sampling; got {temperature!r}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:

@@ -31,7 +31,9 @@ ALIASES = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("OUROBOROS_CACHE", Path.home() / ".cache" / "ouroboros-lm"))
+    """$OUROBOROS_CACHE, or ~/.cache/ouroboros-lm when it is unset or empty (an empty value must
+    not mean the current folder)."""
+    return Path(os.environ.get("OUROBOROS_CACHE") or Path.home() / ".cache" / "ouroboros-lm")
 
 
 def alias_gguf(alias: str) -> Path:
