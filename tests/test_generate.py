@@ -86,7 +86,7 @@ def test_sequence_mean_refuses_to_generate():
 def test_bad_generation_arguments():
     model = tiny_ouroboros("llama")
     p = torch.zeros(1, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         model.generate(p, do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="left padding"):
         model.generate(p, attention_mask=torch.tensor([[1, 1, 0]]))
