@@ -169,3 +169,18 @@ def test_sampling_with_a_tiny_temperature_is_greedy_not_nan():
 def test_an_empty_cache_variable_means_the_default_not_the_current_folder(monkeypatch):
     monkeypatch.setenv("OUROBOROS_CACHE", "")
     assert cache_dir() == cache_dir().home() / ".cache" / "ouroboros-lm"
+
+
+@pytest.mark.parametrize("overrides", [{}, {"variant": "static", "gate": False}, {"variant": "none", "step_norm": False}])
+def test_the_size_check_counts_what_the_model_will_hold(overrides):
+    from ouroboros_lm.memory import trainable_parameter_count
+
+    model = tiny_ouroboros("llama", **overrides)
+    assert trainable_parameter_count(model.config, 64) == model.num_trainable_parameters()
+
+
+def test_settings_too_large_for_the_machine_are_refused_before_allocating():
+    base = tiny_base("llama")
+    with pytest.raises(ValueError, match=r"trainable parameters .* GiB free on cpu: lower controller_hidden"):
+        OuroborosModel.from_base(base, OuroborosConfig(**{**TINY_SPLIT, "controller_hidden": 65536, "style_dim": 65536}))
+    assert len(base.model.layers) == 8  # nothing touched

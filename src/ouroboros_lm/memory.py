@@ -50,3 +50,33 @@ def activations_fit(h: torch.Tensor, depth: int, layer: nn.Module, fraction: flo
     """Whether `depth` steps' activations fit `fraction` of the free memory (True where unknown)."""
     free = free_bytes(h.device)
     return free is None or depth * step_activation_bytes(h, layer) <= fraction * free
+
+
+def trainable_parameter_count(config, hidden_size: int) -> int:
+    """Parameters the trainable parts of `config` will have on a base of this hidden size,
+    counted from the settings alone (before anything is allocated)."""
+    from .config import TARGETS
+
+    H, r, steps, n = hidden_size, config.rank, config.max_steps, 0
+    if config.variant == "controller":
+        ch, sd = config.controller_hidden, config.style_dim
+        n += H + (H * ch + ch) + (ch * sd + sd) + steps * sd + (sd * len(TARGETS) * r + len(TARGETS) * r)
+    elif config.variant == "static":
+        n += steps * len(TARGETS) * r
+    if config.gate:
+        n += 2 * H * H + H
+    if config.step_norm:
+        n += steps * 2 * H
+    return n
+
+
+def check_trainable_size(config, hidden_size: int, device: torch.device) -> None:
+    """Refuse settings whose trainable parts (float32 weights, gradients and two AdamW moments)
+    could not fit the memory free on `device`, before anything is allocated."""
+    n = trainable_parameter_count(config, hidden_size)
+    need, free = 16 * n, free_bytes(device)
+    if free is not None and need > free:
+        raise ValueError(
+            f"these settings give {n:,} trainable parameters ({need / 2**30:.1f} GiB with gradients and optimizer "
+            f"state), more than the {free / 2**30:.1f} GiB free on {device}: lower controller_hidden, style_dim, "
+            "max_steps or rank")

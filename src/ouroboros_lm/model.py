@@ -16,6 +16,7 @@ from .config import OuroborosConfig
 from .generate import generate as generate_tokens
 from .layers import AttentionContext, KVSlot, build_context, decoder_layer, layer_window
 from .loss import causal_lm_loss
+from .memory import check_trainable_size
 from .recurrence import RecurrentBlock
 from .surgery import check_architecture, kept_fingerprints, split_layers
 
@@ -82,6 +83,7 @@ class OuroborosModel(nn.Module):
         config = config or OuroborosConfig()
         check_architecture(base)
         config.validate(num_layers=len(base.model.layers))
+        check_trainable_size(config, base.config.hidden_size, base.model.embed_tokens.weight.device)
         fingerprints = kept_fingerprints(base, config)  # before surgery: identifies the base in adapters
         full_config = copy.deepcopy(base.config)
         prelude, recurrent, coda, bases = split_layers(base, config, compute_bases)
