@@ -50,6 +50,9 @@ class OuroborosConfig:
     default_depth: int = setting(8, "recurrence depth used when none is given (evaluation, generation)",
                                  low=1, high=MAX_STEPS)
     init_seed: int = setting(0, "seed of the trainable parts' initialisation", low=0, high=2**63 - 1)
+    trained_depth: int = setting(0, "steps at or past this depth reuse the last trained step's per-step parameters "
+                                 "(0: every step its own; training sets it to its largest depth)", low=0,
+                                 high=MAX_STEPS)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,6 +65,8 @@ class OuroborosConfig:
         """
         validate_fields(self)
         self.check_depth(self.default_depth, "default_depth")
+        if self.trained_depth > self.max_steps:
+            raise ValueError(f"trained_depth must be in [0, max_steps={self.max_steps}]; got {self.trained_depth}")
         if num_layers is None:
             return
         L = num_layers

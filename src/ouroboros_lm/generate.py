@@ -50,24 +50,33 @@ def check_generation_args(model, max_new_tokens, depth, do_sample, temperature, 
             raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
 
 
+def check_prompt(model, input_ids, attention_mask, max_new_tokens: int) -> None:
+    model.check_inputs(input_ids, attention_mask)
+    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate needs left padding: the last position of every row must be a real token")
+    max_pos = getattr(model.base_config, "max_position_embeddings", None)
+    if max_pos is not None and input_ids.shape[1] + max_new_tokens > max_pos:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the base model's "
+                         f"max_position_embeddings {max_pos}")
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
              depth: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | list[int] | None = None, seed: int | None = None,
              use_cache: bool = True, baseline: bool = False, pad_token_id: int | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, exit_rule=None,
+             stats: dict | None = None) -> torch.Tensor:
     """Prompt + generated ids [B, T + new]. Batches must be left-padded, with `attention_mask`.
 
-    baseline=True generates with the pruned stack instead of the recursion. A row that
-    produced EOS is padded with `pad_token_id` (default: the EOS id) until all rows finish.
-    `on_token(ids [B])` is called with every new token (streaming)."""
+    baseline=True generates with the pruned stack instead of the recursion; `exit_rule` (an
+    `exits.ExitRule`) lets each token stop recurring early (`depth` is then the maximum). A row
+    that produced EOS is padded with `pad_token_id` (default: the EOS id) until all rows finish.
+    `on_token(ids [B])` is called with every new token (streaming). With `stats` (a dict), its
+    "steps" receives the recurrence steps each new token took ([B] per token)."""
     depth = None if baseline else model.resolve_depth(depth)
     check_generation_args(model, max_new_tokens, depth, do_sample, temperature, top_k, top_p)
-    model.check_inputs(input_ids, attention_mask)
-    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError("generate needs left padding: the last position of every row must be a real token")
-    was_training = model.training
-    model.eval()
+    check_prompt(model, input_ids, attention_mask, max_new_tokens)
     device = model.device
     ids = input_ids.to(device)
     mask = attention_mask.to(device).long() if attention_mask is not None else None
@@ -76,19 +85,17 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    max_pos = getattr(model.base_config, "max_position_embeddings", None)
-    if max_pos is not None and ids.shape[1] + max_new_tokens > max_pos:
-        raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the base model's "
-                         f"max_position_embeddings {max_pos}")
     cache = model.new_cache(depth, capacity=ids.shape[1] + max_new_tokens, baseline=baseline) if use_cache else None
-    step_ids, step_mask = ids, mask
+    kw = dict(depth=depth, baseline=baseline, exit_rule=exit_rule)
+    step_ids, step_mask, was_training = ids, mask, model.training
+    model.eval()
     try:
         for _ in range(max_new_tokens):
-            if use_cache:
-                logits = model(step_ids, attention_mask=step_mask, depth=depth, cache=cache, baseline=baseline).logits[:, -1]
-            else:
-                logits = model(ids, attention_mask=mask, depth=depth, baseline=baseline).logits[:, -1]
-            tok = next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            out = (model(step_ids, attention_mask=step_mask, cache=cache, **kw) if use_cache
+                   else model(ids, attention_mask=mask, **kw))
+            if stats is not None and out.steps is not None:
+                stats.setdefault("steps", []).append(out.steps[:, -1].cpu())
+            tok = next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             ids = torch.cat([ids, tok[:, None]], dim=1)
             if mask is not None:

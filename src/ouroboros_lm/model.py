@@ -13,6 +13,7 @@ from torch import nn
 
 from .cache import OuroborosCache
 from .config import OuroborosConfig
+from .exits import ExitRule, TokenExits
 from .generate import generate as generate_tokens
 from .layers import AttentionContext, KVSlot, build_context, decoder_layer, layer_window
 from .loss import causal_lm_loss
@@ -25,6 +26,7 @@ from .surgery import check_architecture, kept_fingerprints, split_layers
 class OuroborosOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor
+    steps: torch.Tensor | None = None  # [B, T] recurrence steps each position ran (adaptive exit only)
 
 
 def check_token_range(input_ids: torch.Tensor, vocab_size: int, what: str = "input_ids") -> None:
@@ -172,29 +174,39 @@ class OuroborosModel(nn.Module):
         return OuroborosOutput(loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits)
 
     def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None, *,
-                cache: OuroborosCache | None = None, baseline: bool = False) -> OuroborosOutput:
+                cache: OuroborosCache | None = None, baseline: bool = False, exit_rule: ExitRule | None = None,
+                exit_steps: torch.Tensor | None = None) -> OuroborosOutput:
         """Logits (and the loss, given HF-aligned `labels`) of `input_ids` [B, T].
 
-        depth: recurrence steps (default `config.default_depth`).
+        depth: recurrence steps (default `config.default_depth`); the maximum under adaptive exit.
         baseline: the pruned stack (prelude + recurrent layer once + coda) with nothing added.
         cache: an `OuroborosCache` (`new_cache`) holding earlier positions; the new positions are
             appended to it, and the logits are those of the new positions only.
+        exit_rule: per-token adaptive depth (`exits.ExitRule`); or exit_steps [B, T], the steps each
+            position takes (replaying recorded decisions). The output's `steps` says how many ran.
         """
         depth = None if baseline else self.resolve_depth(depth)
         self.check_inputs(input_ids, attention_mask, labels, past=cache.length if cache is not None else 0)
         if cache is not None:
             cache.check(depth)
+        exits = None
+        if exit_rule is not None or exit_steps is not None:
+            if baseline:
+                raise ValueError("the pruned baseline has no recursion to exit from")
+            exits = TokenExits(input_ids.shape, self.device, exit_rule, exit_steps)
         h, ctx, pool_mask = self.embed(input_ids, attention_mask, cache)
         h = self.run_layers("prelude", h, ctx, cache.prelude if cache is not None else None)
         steps = cache.steps if cache is not None else None
         if baseline:
             h = self.recurrent.plain(h, ctx, kv=steps[0].kv if steps is not None else None)
         else:
-            h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps)
+            h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps, exits=exits)
         h = self.run_layers("coda", h, ctx, cache.coda if cache is not None else None)
         if cache is not None:
             cache.length += input_ids.shape[1]
-        return self.head(h, labels)
+        out = self.head(h, labels)
+        out.steps = exits.steps if exits is not None else None
+        return out
 
     def forward_baseline(self, input_ids, attention_mask=None, labels=None) -> OuroborosOutput:
         """The pruned stack (prelude + recurrent layer once + coda) with nothing added."""

@@ -7,12 +7,15 @@ Each step s:
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import OuroborosConfig
 from .controller import Controller, PoolState, StaticModulation, pool
+from .exits import ExitKV, TokenExits
 from .layers import AttentionContext, KVSlot, decoder_layer
 from .memory import activations_fit
 from .lora import SVDLoRABases
@@ -94,6 +97,7 @@ class RecurrentBlock(nn.Module):
             else None
         )
         self.checkpointing = "auto"
+        self.backprop_steps = 0  # while training: gradients through only the last k steps (0 = all)
 
     def set_checkpointing(self, mode: str) -> None:
         if mode not in CHECKPOINTING:
@@ -111,10 +115,18 @@ class RecurrentBlock(nn.Module):
             return self.static(step)
         return None
 
+    def parameter_step(self, s: int) -> int:
+        """Whose per-step parameters (norms, step embedding, static vectors) step s uses: its own,
+        or, past the depths the model was trained at (`config.trained_depth`), the last trained
+        step's, so that running deeper never reaches parameters that never saw a gradient."""
+        trained = self.config.trained_depth
+        return min(s, trained - 1) if trained else s
+
     def step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, kv: KVSlot | None = None, pool_state: PoolState | None = None) -> torch.Tensor:
-        d = self.modulation(h, s, mask, pool_state)
+        p = self.parameter_step(s)
+        d = self.modulation(h, p, mask, pool_state)
         project = self.bases.modulated(d) if d is not None else None
-        norms = self.step_norms(s, h.dtype) if self.step_norms is not None else None
+        norms = self.step_norms(p, h.dtype) if self.step_norms is not None else None
         h_new = decoder_layer(self.layer, h, ctx, window=self.window, project=project, norm_weights=norms, kv=kv)
         return self.gate(h_new, h) if self.gate is not None else h_new
 
@@ -127,14 +139,37 @@ class RecurrentBlock(nn.Module):
             return False
         return self.checkpointing == "always" or not activations_fit(h, depth, self.layer)
 
-    def forward(self, h: torch.Tensor, ctx: AttentionContext, depth: int, mask=None, cache=None) -> torch.Tensor:
-        """cache: optional list of `cache.StepCache`, one per step (cached decoding)."""
-        use_ckpt = cache is None and self.uses_checkpointing(h, depth)
+    def forward(self, h: torch.Tensor, ctx: AttentionContext, depth: int, mask=None, cache=None,
+                exits: TokenExits | None = None) -> torch.Tensor:
+        """`depth` steps (at most, with `exits`: per-position adaptive depth).
+        cache: optional list of `cache.StepCache`, one per step (cached decoding)."""
+        if exits is not None:
+            for s in range(depth):
+                h = self.exit_step(h, s, ctx, mask, cache[s] if cache is not None else None, exits)
+            return h
+        grad = self.training and torch.is_grad_enabled()
+        first_grad = depth - self.backprop_steps if grad and self.backprop_steps else 0
+        use_ckpt = cache is None and self.uses_checkpointing(h, depth - first_grad)
         for s in range(depth):
-            if use_ckpt:
-                h = checkpoint(self.step, h, s, ctx, mask, use_reentrant=False)
-            elif cache is not None:
-                h = self.step(h, s, ctx, mask, cache[s].kv, cache[s].pool)
-            else:
-                h = self.step(h, s, ctx, mask)
+            slot = cache[s] if cache is not None else None
+            with torch.no_grad() if s < first_grad else contextlib.nullcontext():  # truncated backprop
+                if use_ckpt and s >= first_grad:
+                    h = checkpoint(self.step, h, s, ctx, mask, use_reentrant=False)
+                else:
+                    h = self.step(h, s, ctx, mask, slot.kv if slot else None, slot.pool if slot else None)
         return h
+
+    def exit_step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, slot, exits: TokenExits) -> torch.Tensor:
+        """One step under adaptive exit: stopped positions keep their state and lend their last
+        keys/values to this step's attention; once every position has stopped, the step is skipped
+        (with a cache, its slot still receives their keys/values and pooled states)."""
+        exits.start_step(s)
+        if exits.all_stopped():
+            if slot is not None:
+                exits.extend(slot.kv, exits.last_k, exits.last_v)
+                if self.controller is not None:
+                    pool(h, self.config.pooling, mask, slot.pool)
+            return h
+        kv = ExitKV(exits, slot.kv if slot is not None else None)
+        h_new = self.step(h, s, ctx, mask, kv, slot.pool if slot is not None else None)
+        return exits.update(s, h, h_new)

@@ -31,6 +31,7 @@ from .runtime import PRECISIONS, choose_runtime
 from .settings import setting, structural_fields, to_dict, validate_fields
 
 BIG = 10**9
+DEPTH_SCHEDULES = ("uniform", "lognormal_poisson", "curriculum")
 
 
 class TrainingError(RuntimeError):
@@ -51,8 +52,17 @@ class TrainConfig:
     weight_decay: float = setting(0.01, "AdamW weight decay", low=0, high=10.0, structural=True)
     warmup_steps: int = setting(100, "linear warmup steps", low=0, high=BIG, structural=True)
     grad_clip: float = setting(1.0, "gradient norm clip (0 = off)", low=0, high=1e9, structural=True)
-    depths: tuple[int, ...] = setting((4, 8, 16), "recurrence depths, one drawn uniformly per step (e.g. 4,8,16)",
-                                      low=1, high=MAX_STEPS, structural=True)
+    depths: tuple[int, ...] = setting((4, 8, 16), "recurrence depths: uniform draws from this list; the other "
+                                      "schedules draw within [min, max] of it", low=1, high=MAX_STEPS, structural=True)
+    depth_schedule: str = setting("uniform", "how each step's depth is drawn: uniform over depths; lognormal_poisson "
+                                  "(Huginn: Poisson with a log-normal rate of mean depth_mean, clipped to the depths' "
+                                  "range); curriculum (uniform over depths, the largest unlocked linearly over the first "
+                                  "half of training)", choices=DEPTH_SCHEDULES, structural=True)
+    depth_mean: float = setting(6.0, "mean depth of the lognormal_poisson schedule", above=0, high=MAX_STEPS,
+                                structural=True)
+    backprop_steps: int = setting(0, "backpropagate through only the last k recurrence steps (earlier ones run "
+                                  "without gradients, so deep draws cost what k steps cost; 0 = all)", low=0,
+                                  high=MAX_STEPS, structural=True)
     seed: int = setting(0, "seed of the data order and the depth draws", low=0, high=2**63 - 1, structural=True)
     mixed_precision: str = setting("auto", "auto = bf16 on GPU, fp32 on CPU", choices=PRECISIONS, structural=True)
     checkpoint: str = setting("auto", "activation checkpointing per recurrence step: auto (when the step's "
@@ -94,8 +104,29 @@ def lr_lambda(tc: TrainConfig):
 
 
 def step_depth(tc: TrainConfig, step: int) -> int:
-    """The depth trained at `step`: uniform over `depths`, a function of (seed, step) only (exact resume)."""
-    return random.Random(tc.seed * 7_919 + step).choice(tc.depths)
+    """The depth trained at `step`, a function of (seed, step) only (exact resume)."""
+    rng = random.Random(tc.seed * 7_919 + step)
+    lo, hi = min(tc.depths), max(tc.depths)
+    if tc.depth_schedule == "lognormal_poisson":
+        # Huginn's draw: rate = exp(N(log(mean) - sigma^2 / 2, sigma)), so E[rate] = mean; depth ~ 1 + Poisson(rate - 1)
+        sigma = 0.5
+        rate = math.exp(rng.gauss(math.log(tc.depth_mean) - sigma**2 / 2, sigma))
+        return min(hi, max(lo, 1 + poisson(rng, max(rate - 1.0, 0.0))))
+    if tc.depth_schedule == "curriculum":
+        unlocked = lo + (hi - lo) * min(1.0, 2.0 * step / max(1, tc.steps))
+        return rng.choice([d for d in tc.depths if d <= unlocked] or [lo])
+    return rng.choice(tc.depths)
+
+
+def poisson(rng: random.Random, lam: float) -> int:
+    """A Poisson draw (Knuth's method for small rates, a rounded normal for large ones)."""
+    if lam > 50:
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    limit, k, p = math.exp(-lam), 0, rng.random()
+    while p > limit:
+        k += 1
+        p *= rng.random()
+    return k
 
 
 def out_of_memory_message(tc: TrainConfig, seq_len: int, depth: int, device, err) -> str:
@@ -198,6 +229,9 @@ class Trainer:
         self.device = acc.device
         self.model.to(self.device)
         self.model.checkpointing = tc.checkpoint
+        self.model.recurrent.backprop_steps = tc.backprop_steps
+        # steps past the deepest trained one reuse its parameters (never ones that saw no gradient)
+        self.model.config.trained_depth = max(self.model.config.trained_depth, max(tc.depths))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))

@@ -1,0 +1,114 @@
+"""Depth that pays: per-step parameters past the trained depths, truncated backpropagation,
+depth schedules, and per-token adaptive exit (causal, and cached = recomputed under the same
+decisions)."""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from conftest import TINY, randomize_trainables, tiny_ouroboros
+from ouroboros_lm import TrainConfig
+from ouroboros_lm.exits import ExitRule
+from ouroboros_lm.train import step_depth
+
+
+def trained_model(**kw):
+    model = tiny_ouroboros("qwen2", **kw)
+    randomize_trainables(model, scale=0.3)
+    return model
+
+
+def test_steps_past_the_trained_depth_use_the_last_trained_steps_parameters(tokens):
+    model = trained_model()
+    reference = trained_model()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the reference copies step 3's parameters into steps 4 and 5 by hand
+        for p in (reference.recurrent.step_norms.weight, reference.recurrent.controller.step_embedding.weight):
+            p[4:] = p[3]
+    model.config.trained_depth = 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, depth=6).logits, reference(tokens, depth=6).logits, atol=0, rtol=0)
+        assert not torch.equal(model(tokens, depth=6).logits, model(tokens, depth=4).logits)
+
+
+def test_truncated_backprop_trains_only_the_last_k_steps_and_keeps_the_loss(tokens):
+    model = trained_model(checkpointing="never").train()
+    full = model(tokens, labels=tokens, depth=6).loss
+    model.recurrent.backprop_steps = 2
+    model.zero_grad(set_to_none=True)
+    truncated = model(tokens, labels=tokens, depth=6).loss
+    truncated.backward()
+    assert torch.equal(full, truncated)
+    g = model.recurrent.step_norms.weight.grad
+    assert g[:4].abs().sum() == 0 and (g[4:6].abs().sum(dim=(1, 2)) > 0).all()
+    emb = model.recurrent.controller.step_embedding.weight.grad
+    assert emb[:4].abs().sum() == 0 and (emb[4:6].abs().sum(dim=1) > 0).all()
+
+
+def test_depth_schedules_are_deterministic_and_stay_in_range():
+    uniform = TrainConfig(depths=(2, 4, 8))
+    assert [step_depth(uniform, s) for s in range(50)] == [step_depth(uniform, s) for s in range(50)]
+    assert {step_depth(uniform, s) for s in range(200)} == {2, 4, 8}
+    huginn = TrainConfig(depths=(1, 32), depth_schedule="lognormal_poisson", depth_mean=6.0)
+    draws = [step_depth(huginn, s) for s in range(4000)]
+    assert min(draws) >= 1 and max(draws) <= 32 and abs(statistics.mean(draws) - 6.0) < 0.3
+    curriculum = TrainConfig(depths=(2, 4, 8, 16), depth_schedule="curriculum", steps=100)
+    assert {step_depth(curriculum, s) for s in range(5)} == {2}  # the deep ones unlock later
+    assert 16 in {step_depth(curriculum, s) for s in range(50, 100)}
+
+
+def test_forced_full_depth_equals_the_fixed_depth_forward(tokens):
+    model = trained_model()
+    with torch.no_grad():
+        fixed = model(tokens, depth=5).logits
+        forced = model(tokens, depth=5, exit_steps=torch.full_like(tokens, 5))
+    assert torch.equal(fixed, forced.logits) and (forced.steps == 5).all()
+
+
+@pytest.mark.parametrize("variant,gate", [("controller", True), ("static", False), ("none", True)])
+def test_cached_decoding_equals_recomputing_under_the_same_exit_decisions(variant, gate):
+    model = trained_model(variant=variant, gate=gate)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 14), generator=torch.Generator().manual_seed(3))
+    decided = torch.randint(1, 9, ids.shape, generator=torch.Generator().manual_seed(4))  # varied decisions
+    with torch.no_grad():
+        full = model(ids, depth=8, exit_steps=decided)
+        assert torch.equal(full.steps, decided)
+        cache = model.new_cache(8)
+        parts = [model(ids[:, :6], depth=8, cache=cache, exit_steps=full.steps[:, :6])]
+        parts += [model(ids[:, t : t + 1], depth=8, cache=cache, exit_steps=full.steps[:, t : t + 1]) for t in range(6, 14)]
+    torch.testing.assert_close(torch.cat([p.logits for p in parts], 1), full.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_adaptive_exit_is_causal():
+    model = trained_model()
+    a = torch.randint(0, TINY["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(5))
+    b = a.clone()
+    b[:, 9:] = (b[:, 9:] + 7) % TINY["vocab_size"]
+    rule = ExitRule(threshold=0.2)
+    with torch.no_grad():
+        oa, ob = model(a, depth=8, exit_rule=rule), model(b, depth=8, exit_rule=rule)
+    assert torch.equal(oa.steps[:, :9], ob.steps[:, :9])
+    torch.testing.assert_close(oa.logits[:, :9], ob.logits[:, :9], atol=1e-5, rtol=1e-5)
+
+
+def test_generation_with_an_exit_rule_matches_recomputation_and_reports_steps():
+    model = trained_model()
+    prompt = torch.randint(0, TINY["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(2))
+    rule, stats = ExitRule(threshold=0.15), {}
+    cached = model.generate(prompt, max_new_tokens=8, depth=8, exit_rule=rule, stats=stats)
+    recomputed = model.generate(prompt, max_new_tokens=8, depth=8, exit_rule=rule, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    steps = torch.stack(stats["steps"])
+    assert steps.shape == (8, 1) and 1 <= steps.min() and steps.max() <= 8
+
+
+def test_exit_settings_are_validated():
+    with pytest.raises(ValueError, match="rule must be one of converged, halter"):
+        ExitRule(rule="sometimes")
+    with pytest.raises(ValueError, match="threshold must be > 0"):
+        ExitRule(threshold=0.0)
+    model = tiny_ouroboros("llama")
+    with pytest.raises(ValueError, match="the pruned baseline has no recursion"):
+        model(torch.zeros(1, 4, dtype=torch.long), baseline=True, exit_rule=ExitRule())
