@@ -142,12 +142,18 @@ def test_cli_convert_train_eval(tmp_path):
     r = run("train", "--adapter", str(ad), "--data", str(data), "--seq-len", "32", "--steps", "4", "--batch-size", "2",
             "--eval-every", "2", "--save-every", "2", "--warmup-steps", "1", "--depths", "1,2")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run("eval", "--adapter", str(ad), "--data", str(data), "--seq-len", "32", "--depths", "1,2", "--blocks", "4")
+    r = run("eval", "--adapter", str(ad), "--data", str(data), "--seq-len", "32", "--depths", "1,2", "--blocks", "4",
+            "--exit-thresholds", "1e-9", "--exit-max-depth", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((ad / "eval.json").read_text())
     assert set(report["splits"]) == {"train", "heldout"}
-    models = [row["model"] for row in report["splits"]["heldout"]]
-    assert models == ["full", "baseline", "ouroboros@1", "ouroboros@2"]
+    rows = report["splits"]["heldout"]
+    assert [row["model"] for row in rows] == ["full", "baseline", "ouroboros@1", "ouroboros@2",
+                                              "ouroboros@auto(converged<1e-09,max3)"]
+    assert [row["mean_steps"] for row in rows] == [None, None, 1.0, 2.0, 3.0]  # a tiny threshold never stops early
+    r = run("generate", "--adapter", str(ad), "--prompt", "ba ko", "--depth", "auto", "--exit-threshold", "0.5",
+            "--exit-max-depth", "4", "--max-new-tokens", "3")
+    assert r.returncode == 0 and "recurrence steps per new token: mean" in r.stdout, r.stderr[-2000:]
     assert "| heldout" in (ad / "eval.md").read_text()
     r = run("eval", "--adapter", str(ad), "--data", str(data), "--depths", "1,99")
     assert r.returncode == 2 and "max_steps=8" in r.stderr and "Traceback" not in r.stderr

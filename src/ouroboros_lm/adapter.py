@@ -54,9 +54,11 @@ GATE = "recurrent.gate."
 
 
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
-    """Trainable weights (float32) and the frozen SVD bases. The gate is stored as the spec
-    writes it: W_g (H x 2H) whole, `recurrent.gate.proj.weight`, and `recurrent.gate.proj.bias`."""
-    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and not n.startswith(GATE)}
+    """The trainable parts' weights (float32; whether or not they are being trained right now, e.g.
+    frozen while a halter trains) and the frozen SVD bases. The gate is stored as the spec writes
+    it: W_g (H x 2H) whole, `recurrent.gate.proj.weight`, and `recurrent.gate.proj.bias`."""
+    state = {f"recurrent.{part}.{n}": p.detach() for part, module in model.recurrent.trainable_parts().items()
+             for n, p in module.named_parameters() if part != "gate"}
     if model.recurrent.gate is not None:
         state.update({GATE + k: v for k, v in model.recurrent.gate.joined().items()})
     if model.recurrent.bases is not None:

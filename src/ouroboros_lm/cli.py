@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .config import OuroborosConfig
 from .evaluate import DEFAULT_EVAL_DEPTHS
+from .exits import ExitRule
+from .halter_training import HalterConfig
 from .experiments.demo import DemoConfig
 from .settings import add_flags, from_flags
 from .train import TrainConfig
@@ -48,6 +50,20 @@ def _positive(kind, noun: str, bound: str):
 
 
 positive_int = _positive(int, "an integer", ">= 1")
+
+
+def floats_arg(text: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.05; got {text!r}") from None
+    if not out or not all(0 < x < float("inf") for x in out):
+        raise argparse.ArgumentTypeError(f"expected finite numbers > 0; got {text!r}")
+    return out
+
+
+def depth_or_auto(text: str):
+    return "auto" if text == "auto" else positive_int(text)
 positive_float = _positive(float, "a finite number", "> 0")
 
 
@@ -60,6 +76,42 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heldout-fraction", type=float, default=0.1, help="fraction of documents held out without --heldout")
     g.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
     g.add_argument("--seq-len", type=positive_int, default=None, help="tokens per block (default 2048 on GPU, 256 on CPU)")
+
+
+def add_eval_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    add_data_flags(p)
+    p.add_argument("--depths", type=depths_arg, default=DEFAULT_EVAL_DEPTHS, help="Ouroboros depths to evaluate")
+    p.add_argument("--exit-thresholds", type=floats_arg, default=(), metavar="T[,T...]",
+                   help="also evaluate adaptive exit (--exit-rule) at each threshold, up to --exit-max-depth steps")
+    p.add_argument("--exit-max-depth", type=positive_int, default=None, help="maximum steps under adaptive exit "
+                   "(default: the largest of --depths)")
+    add_flags(p, ExitRule, "adaptive exit (per token)", skip=("threshold",))
+    p.add_argument("--blocks", type=positive_int, default=32, help="blocks evaluated per split")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="blocks per forward pass")
+    p.add_argument("--no-full", action="store_true", help="skip the full base model row")
+    p.add_argument("--out", default=None, help="folder for eval.json / eval.md (default: the adapter folder)")
+    p.add_argument("--eval-seed", type=int, default=0, help="seed choosing the training-distribution blocks")
+
+
+def add_generate_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--depth", type=depth_or_auto, default=None, help="recurrence depth (default: the adapter's "
+                   "default_depth), or auto: each token stops by the exit rule below, up to --exit-max-depth steps")
+    p.add_argument("--exit-max-depth", type=positive_int, default=32, help="maximum steps with --depth auto")
+    add_flags(p, ExitRule, "adaptive exit (with --depth auto)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=positive_float, default=None, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--baseline", action="store_true", help="generate with the pruned model instead")
+    who.add_argument("--full", action="store_true", help="generate with the full base model instead")
+    who.add_argument("--compare", action="store_true", help="print full, pruned and Ouroboros continuations")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,32 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, TrainConfig, "training (TrainConfig; the paper's recipe by default)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the adapter folder")
 
-    p = sub.add_parser("eval", help="evaluate full model, pruned baseline and Ouroboros on the same tokens", formatter_class=fmt)
-    p.add_argument("--adapter", required=True, help="adapter folder")
+    p = sub.add_parser("train-halter", help="train a per-token halter on top of a trained adapter (the rest frozen)",
+                       formatter_class=fmt)
+    p.add_argument("--adapter", required=True, help="trained adapter folder; the halter is saved into it")
     add_data_flags(p)
-    p.add_argument("--depths", type=depths_arg, default=DEFAULT_EVAL_DEPTHS, help="Ouroboros depths to evaluate")
-    p.add_argument("--blocks", type=positive_int, default=32, help="blocks evaluated per split")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="blocks per forward pass")
-    p.add_argument("--no-full", action="store_true", help="skip the full base model row")
-    p.add_argument("--out", default=None, help="folder for eval.json / eval.md (default: the adapter folder)")
-    p.add_argument("--eval-seed", type=int, default=0, help="seed choosing the training-distribution blocks")
+    add_flags(p, HalterConfig, "halter training (HalterConfig)")
 
-    p = sub.add_parser("generate", help="generate text through the recursion (streams tokens)", formatter_class=fmt)
-    p.add_argument("--adapter", required=True, help="adapter folder")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--depth", type=positive_int, default=None, help="recurrence depth (default: the adapter's default_depth)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=positive_float, default=None, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--baseline", action="store_true", help="generate with the pruned model instead")
-    who.add_argument("--full", action="store_true", help="generate with the full base model instead")
-    who.add_argument("--compare", action="store_true", help="print full, pruned and Ouroboros continuations")
-
+    add_eval_parser(sub.add_parser("eval", help="evaluate full model, pruned baseline and Ouroboros on the same tokens",
+                                   formatter_class=fmt))
+    add_generate_parser(sub.add_parser("generate", help="generate text through the recursion (streams tokens)",
+                                       formatter_class=fmt))
     p = sub.add_parser("sweep", help="run an experiment grid from a YAML spec (resumable)", formatter_class=fmt)
     p.add_argument("spec", help="sweep spec (YAML); see configs/")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/<spec name>)")
@@ -159,6 +195,23 @@ def cmd_train(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def cmd_train_halter(args) -> None:
+    from .adapter import load_adapter, read_adapter
+    from .halter_training import train_halter
+    from .loading import load_tokenizer
+    from .runtime import choose_runtime
+
+    hc = from_flags(HalterConfig, args)
+    meta, _ = read_adapter(args.adapter)
+    OuroborosConfig.from_dict(meta["ouroboros_config"]).check_depth(hc.max_depth, "--max-depth")
+    runtime = choose_runtime()
+    corpus = corpus_for(args, load_tokenizer(meta["base_model"]), runtime)
+    print(corpus.describe())
+    model = load_adapter(args.adapter, dtype=runtime.dtype, device=runtime.device)
+    with runtime.autocast():
+        print(json.dumps(train_halter(model, corpus, args.adapter, hc), indent=2))
+
+
 def cmd_eval(args) -> None:
     from .adapter import load_adapter, read_adapter
     from .evaluate import evaluate
@@ -174,7 +227,10 @@ def cmd_eval(args) -> None:
     model = load_adapter(args.adapter, dtype=runtime.dtype, device=runtime.device)
     full = None if args.no_full else load_base_model(meta["base_model"], dtype=runtime.dtype, device=runtime.device)
     splits = corpus.eval_splits(args.blocks, args.eval_seed)
+    top = model.config.check_depth(args.exit_max_depth or max(args.depths), "--exit-max-depth")
+    rules = [(ExitRule(args.rule, t, args.min_steps), top) for t in args.exit_thresholds]
     report = evaluate(model, splits, depths=args.depths, full_model=full, batch_size=args.batch_size, runtime=runtime,
+                      exit_rules=rules,
                       meta={"adapter": str(args.adapter), "base_model": meta["base_model"], "seq_len": corpus.seq_len})
     print(report.table())
     j, m = report.write(args.out or args.adapter)
@@ -219,7 +275,9 @@ def cmd_generate(args) -> None:
 
     meta, _ = read_adapter(args.adapter)
     cfg = OuroborosConfig.from_dict(meta["ouroboros_config"])
-    depth = cfg.check_depth(args.depth, "--depth") if args.depth is not None else cfg.default_depth
+    rule = from_flags(ExitRule, args) if args.depth == "auto" else None
+    depth = args.exit_max_depth if args.depth == "auto" else args.depth if args.depth is not None else cfg.default_depth
+    depth = cfg.check_depth(depth, "--exit-max-depth" if args.depth == "auto" else "--depth")
     if args.top_p is not None and args.top_p > 1:
         raise ValueError(f"--top-p must be in (0, 1]; got {args.top_p}")
     tok = load_tokenizer(meta["base_model"])
@@ -229,7 +287,8 @@ def cmd_generate(args) -> None:
     model = load_adapter(args.adapter, dtype=runtime.dtype, device=runtime.device) if runs != ["full"] else None
     full = load_base_model(meta["base_model"], dtype=runtime.dtype, device=runtime.device) if "full" in runs else None
     ids = prompt_ids(tok, args).to(runtime.device)
-    labels = {"full": "full model", "baseline": "pruned baseline", "ouroboros": f"ouroboros (depth {depth})"}
+    how = f"adaptive depth, at most {depth}" if rule is not None else f"depth {depth}"
+    labels = {"full": "full model", "baseline": "pruned baseline", "ouroboros": f"ouroboros ({how})"}
     for who in runs:
         if args.compare:
             print(f"\n=== {labels[who]} ===")
@@ -237,9 +296,14 @@ def cmd_generate(args) -> None:
         if who == "full":
             generate_full(full, tok, ids, args, sample)
             continue
+        stats: dict = {}
         model.generate(ids, max_new_tokens=args.max_new_tokens, depth=depth, eos_token_id=tok.eos_token_id,
-                       seed=args.seed, baseline=who == "baseline", on_token=streaming_printer(tok), **sample)
+                       seed=args.seed, baseline=who == "baseline", on_token=streaming_printer(tok),
+                       exit_rule=rule if who == "ouroboros" else None, stats=stats, **sample)
         print()
+        if stats.get("steps"):
+            steps = [int(x[0]) for x in stats["steps"]]
+            print(f"[recurrence steps per new token: mean {sum(steps) / len(steps):.2f}, {steps}]")
 
 
 def cmd_sweep(args) -> None:
@@ -262,7 +326,7 @@ def cmd_demo(args) -> None:
     run_demo(from_flags(DemoConfig, args))
 
 
-COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
+COMMANDS = {"convert": cmd_convert, "train": cmd_train, "train-halter": cmd_train_halter, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
             "report": cmd_report, "demo": cmd_demo}
 
 

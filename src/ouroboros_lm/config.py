@@ -46,6 +46,8 @@ class OuroborosConfig:
                            "reproduction only)", choices=POOLINGS, structural=True)
     style_dim: int = setting(128, "Controller style / step-embedding width", low=1, high=MAX_WIDTH, structural=True)
     controller_hidden: int = setting(256, "Controller hidden width", low=1, high=MAX_WIDTH, structural=True)
+    halter: bool = setting(False, "a trained per-token halter for adaptive depth (added by `ouroboros train-halter`)",
+                           structural=True, cli=False, sweep=False)
     max_steps: int = setting(64, "largest recurrence depth the model can run", low=1, high=MAX_STEPS, structural=True)
     default_depth: int = setting(8, "recurrence depth used when none is given (evaluation, generation)",
                                  low=1, high=MAX_STEPS)

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
+from .exits import ExitRule
 from .loss import causal_lm_loss, scored_tokens
 
 DEFAULT_EVAL_DEPTHS = (1, 4, 8, 16)
@@ -45,7 +46,8 @@ def mean_loss(forward, blocks: torch.Tensor, batch_size: int, device, desc: str 
 class EvalRow:
     model: str
     loss: float
-    depth: int | None = None
+    depth: int | None = None  # the fixed depth, or the maximum under an exit rule
+    steps: float | None = None  # mean recurrence steps per token (compute), None for full / baseline
 
     @property
     def perplexity(self) -> float:
@@ -63,6 +65,10 @@ class EvalReport:
     def row(self, split: str, model: str) -> EvalRow | None:
         return next((r for r in self.splits[split] if r.model == model), None)
 
+    def curve(self, split: str) -> list[EvalRow]:
+        """The Ouroboros rows of a split: loss against mean recurrence steps per token."""
+        return [r for r in self.splits[split] if r.steps is not None]
+
     def derived(self, split: str, row: EvalRow) -> tuple[float | None, float | None]:
         """(loss reduction vs pruned baseline in %, gap recovered in %)."""
         base, full = self.row(split, "baseline"), self.row(split, "full")
@@ -78,19 +84,20 @@ class EvalReport:
             for r in rows:
                 red, gap = self.derived(split, r)
                 out["splits"][split].append(
-                    {"model": r.model, "depth": r.depth, "loss": r.loss, "perplexity": r.perplexity,
+                    {"model": r.model, "depth": r.depth, "mean_steps": r.steps, "loss": r.loss, "perplexity": r.perplexity,
                      "reduction_vs_baseline_pct": red, "gap_recovered_pct": gap}
                 )
         return out
 
     def table(self, markdown: bool = False) -> str:
-        head = ["split", "model", "loss", "ppl", "vs baseline", "gap recovered"]
+        head = ["split", "model", "steps/token", "loss", "ppl", "vs baseline", "gap recovered"]
         lines = []
         for split, rows in self.splits.items():
             for r in rows:
                 red, gap = self.derived(split, r)
                 lines.append([
-                    f"{split} ({self.tokens.get(split, 0):,} tok)", r.model, f"{r.loss:.4f}", f"{r.perplexity:.1f}",
+                    f"{split} ({self.tokens.get(split, 0):,} tok)", r.model, "" if r.steps is None else f"{r.steps:.2f}",
+                    f"{r.loss:.4f}", f"{r.perplexity:.1f}",
                     "" if red is None else f"{red:+.2f}%", "" if gap is None else f"{gap:+.1f}%",
                 ])
         if markdown:
@@ -110,37 +117,65 @@ class EvalReport:
         return j, m
 
 
+def exit_name(rule: ExitRule, max_depth: int) -> str:
+    return f"ouroboros@auto({rule.rule}<{rule.threshold:g},max{max_depth})" if rule.rule == "converged" else \
+        f"ouroboros@auto({rule.rule}>{rule.threshold:g},max{max_depth})"
+
+
+def ouroboros_job(model, depth: int, rule: ExitRule | None = None):
+    """(forward for mean_loss, its list of (steps summed, positions) per batch)."""
+    seen: list[tuple[float, int]] = []
+
+    def forward(ids):
+        out = model(ids, depth=depth, exit_rule=rule)
+        steps = out.steps if out.steps is not None else torch.full(ids.shape, depth)
+        seen.append((float(steps.float().sum()), steps.numel()))
+        return out.logits
+
+    return forward, seen
+
+
 def evaluate(model, splits: dict[str, torch.Tensor], depths=DEFAULT_EVAL_DEPTHS, full_model=None,
              batch_size: int = 4, progress: bool = True, meta: dict | None = None,
-             known: dict[str, dict[str, float]] | None = None, runtime=None) -> EvalReport:
-    """Evaluate every row on exactly the same blocks of each split (under `runtime`'s autocast).
+             known: dict[str, dict[str, float]] | None = None, runtime=None,
+             exit_rules: list[tuple[ExitRule, int]] = ()) -> EvalReport:
+    """Evaluate every row on exactly the same blocks of each split (under `runtime`'s autocast):
+    the full model, the pruned baseline, Ouroboros at each fixed depth and under each
+    (exit rule, maximum depth); Ouroboros rows carry their mean recurrence steps per token.
 
     known: losses already measured on these very blocks ({split: {"full": .., "baseline": ..}}),
     reused instead of recomputed (a sweep evaluates the references once for all runs)."""
     was_training = model.training
     model.eval()
-    device = model.device
     report = EvalReport(meta=dict(meta or {}))
     jobs = []
     if full_model is not None:
-        n_layers = full_model.config.num_hidden_layers
         full_device = next(full_model.parameters()).device
-        jobs.append(("full", None, lambda ids: full_model(ids.to(full_device), use_cache=False).logits))
-        report.meta.setdefault("full_layers", n_layers)
+        jobs.append(("full", None, lambda ids: (full_model(ids.to(full_device), use_cache=False).logits, None)))
+        report.meta.setdefault("full_layers", full_model.config.num_hidden_layers)
     if not known:
-        jobs.append(("baseline", None, lambda ids: model(ids, baseline=True).logits))
-    for d in depths:
-        jobs.append((f"ouroboros@{d}", d, lambda ids, d=d: model(ids, depth=d).logits))
+        jobs.append(("baseline", None, lambda ids: (model(ids, baseline=True).logits, None)))
+    jobs += [(f"ouroboros@{d}", d, (d, None)) for d in depths]
+    jobs += [(exit_name(rule, d), d, (d, rule)) for rule, d in exit_rules]
     bar = tqdm(total=len(splits) * len(jobs), desc="evaluating", disable=not progress)
     for split, blocks in splits.items():
         report.splits[split] = [EvalRow(name, loss) for name, loss in (known or {}).get(split, {}).items()]
         report.tokens[split] = int(blocks[:, 1:].numel())
-        for name, depth, fwd in jobs:
+        for name, depth, job in jobs:
             bar.set_postfix_str(f"{split}: {name}")
-            with runtime.autocast() if runtime is not None else contextlib.nullcontext():
-                loss = mean_loss(fwd, blocks, batch_size, device)
-            report.splits[split].append(EvalRow(name, loss, depth))
+            report.splits[split].append(run_row(model, name, depth, job, blocks, batch_size, runtime))
             bar.update(1)
     bar.close()
     model.train(was_training)
     return report
+
+
+def run_row(model, name: str, depth, job, blocks, batch_size: int, runtime) -> EvalRow:
+    if callable(job):  # a reference row: no recursion, no steps
+        forward, seen = (lambda ids: job(ids)[0]), None
+    else:
+        forward, seen = ouroboros_job(model, *job)
+    with runtime.autocast() if runtime is not None else contextlib.nullcontext():
+        loss = mean_loss(forward, blocks, batch_size, model.device)
+    steps = sum(s for s, _ in seen) / sum(n for _, n in seen) if seen else None
+    return EvalRow(name, loss, depth, steps)

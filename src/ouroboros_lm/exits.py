@@ -25,9 +25,10 @@ class ExitRule:
 
     rule: str = setting("converged", "converged: the relative change of the state ||h_s - h_(s-1)|| / ||h_(s-1)|| "
                         "falls below the threshold; halter: the trained halter's stop probability exceeds it",
-                        choices=RULES)
-    threshold: float = setting(0.05, "the rule's threshold", above=0, high=1e6)
-    min_steps: int = setting(1, "steps every position takes before it may stop", low=1, high=MAX_STEPS)
+                        choices=RULES, flag="--exit-rule")
+    threshold: float = setting(0.05, "the rule's threshold", above=0, high=1e6, flag="--exit-threshold")
+    min_steps: int = setting(1, "steps every position takes before it may stop", low=1, high=MAX_STEPS,
+                             flag="--exit-min-steps")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -71,16 +72,18 @@ class TokenExits:
         self.last_k, self.last_v = k, v
         return slot.extend(k, v) if slot is not None else (k, v)
 
-    def update(self, s: int, h_old: torch.Tensor, h_new: torch.Tensor, stop_probability=None) -> torch.Tensor:
+    def update(self, s: int, h_old: torch.Tensor, h_new: torch.Tensor, halter=None) -> torch.Tensor:
         """The states after step s: new where the position is active, frozen elsewhere; then decide
-        who stops."""
+        who stops (`halter`: the model's trained Halter, for the "halter" rule)."""
         h = torch.where(self.active[..., None], h_new, h_old)
         self.steps += self.active.long()
         if self.rule is not None and s + 1 >= self.rule.min_steps:
             if self.rule.rule == "converged":
                 stop = relative_change(h_new, h_old) < self.rule.threshold
             else:
-                stop = stop_probability > self.rule.threshold
+                if halter is None:
+                    raise ValueError("exit rule 'halter' needs a model with a trained halter (ouroboros train-halter)")
+                stop = halter(h_new, h_old, s) > self.rule.threshold
             self.active = self.active & ~stop
         return h
 

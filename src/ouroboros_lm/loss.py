@@ -26,3 +26,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
 def scored_tokens(labels: torch.Tensor) -> int:
     """How many positions `causal_lm_loss` scores for these labels."""
     return int((shift_labels(labels) != IGNORE).sum())
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] next-token cross-entropy of each position (0 where nothing is scored)."""
+    target = shift_labels(labels.to(logits.device))
+    ce = F.cross_entropy(logits.float().flatten(0, -2), target.reshape(-1), ignore_index=IGNORE, reduction="none")
+    return ce.view(target.shape)

@@ -67,6 +67,8 @@ def trainable_parameter_count(config, hidden_size: int) -> int:
         n += 2 * H * H + H
     if config.step_norm:
         n += steps * 2 * H
+    if config.halter:
+        n += 2 * H + 1 + steps
     return n
 
 

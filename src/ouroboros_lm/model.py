@@ -16,7 +16,7 @@ from .config import OuroborosConfig
 from .exits import ExitRule, TokenExits
 from .generate import generate as generate_tokens
 from .layers import AttentionContext, KVSlot, build_context, decoder_layer, layer_window
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, token_losses
 from .memory import check_trainable_size
 from .recurrence import RecurrentBlock
 from .surgery import check_architecture, kept_fingerprints, split_layers
@@ -27,6 +27,8 @@ class OuroborosOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor
     steps: torch.Tensor | None = None  # [B, T] recurrence steps each position ran (adaptive exit only)
+    states: list[torch.Tensor] | None = None  # per_step: the recurrence's state before step 1 and after each step
+    step_losses: torch.Tensor | None = None  # per_step: [depth, B, T] next-token loss if the recursion stopped there
 
 
 def check_token_range(input_ids: torch.Tensor, vocab_size: int, what: str = "input_ids") -> None:
@@ -112,8 +114,7 @@ class OuroborosModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameter_breakdown(self) -> dict[str, int]:
-        out = {name: sum(p.numel() for p in m.parameters() if p.requires_grad)
-               for name, m in self.recurrent.trainable_parts().items()}
+        out = {name: sum(p.numel() for p in m.parameters()) for name, m in self.recurrent.trainable_parts().items()}
         out["total"] = sum(out.values())
         return out
 
@@ -175,7 +176,7 @@ class OuroborosModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None, *,
                 cache: OuroborosCache | None = None, baseline: bool = False, exit_rule: ExitRule | None = None,
-                exit_steps: torch.Tensor | None = None) -> OuroborosOutput:
+                exit_steps: torch.Tensor | None = None, per_step: bool = False) -> OuroborosOutput:
         """Logits (and the loss, given HF-aligned `labels`) of `input_ids` [B, T].
 
         depth: recurrence steps (default `config.default_depth`); the maximum under adaptive exit.
@@ -184,6 +185,8 @@ class OuroborosModel(nn.Module):
             appended to it, and the logits are those of the new positions only.
         exit_rule: per-token adaptive depth (`exits.ExitRule`); or exit_steps [B, T], the steps each
             position takes (replaying recorded decisions). The output's `steps` says how many ran.
+        per_step: also return every step's state and, with labels, each position's loss had the
+            recursion stopped after each step (what the halter is trained on; no cache).
         """
         depth = None if baseline else self.resolve_depth(depth)
         self.check_inputs(input_ids, attention_mask, labels, past=cache.length if cache is not None else 0)
@@ -197,15 +200,21 @@ class OuroborosModel(nn.Module):
         h, ctx, pool_mask = self.embed(input_ids, attention_mask, cache)
         h = self.run_layers("prelude", h, ctx, cache.prelude if cache is not None else None)
         steps = cache.steps if cache is not None else None
+        states = [h] if per_step else None
         if baseline:
             h = self.recurrent.plain(h, ctx, kv=steps[0].kv if steps is not None else None)
         else:
-            h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps, exits=exits)
+            h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps, exits=exits,
+                               observe=(lambda s, x: states.append(x)) if per_step else None)
         h = self.run_layers("coda", h, ctx, cache.coda if cache is not None else None)
         if cache is not None:
             cache.length += input_ids.shape[1]
         out = self.head(h, labels)
         out.steps = exits.steps if exits is not None else None
+        if per_step and labels is not None:
+            out.step_losses = torch.stack([token_losses(self.head(self.run_layers("coda", x, ctx)).logits, labels)
+                                           for x in states[1:]])
+        out.states = states
         return out
 
     def forward_baseline(self, input_ids, attention_mask=None, labels=None) -> OuroborosOutput:

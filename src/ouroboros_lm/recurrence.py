@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import OuroborosConfig
 from .controller import Controller, PoolState, StaticModulation, pool
 from .exits import ExitKV, TokenExits
+from .halter import Halter
 from .layers import AttentionContext, KVSlot, decoder_layer
 from .memory import activations_fit
 from .lora import SVDLoRABases
@@ -96,6 +97,7 @@ class RecurrentBlock(nn.Module):
             if config.step_norm
             else None
         )
+        self.halter = Halter(hidden_size, config.max_steps) if config.halter else None
         self.checkpointing = "auto"
         self.backprop_steps = 0  # while training: gradients through only the last k steps (0 = all)
 
@@ -105,7 +107,8 @@ class RecurrentBlock(nn.Module):
         self.checkpointing = mode
 
     def trainable_parts(self) -> dict[str, nn.Module]:
-        parts = {"controller": self.controller, "static": self.static, "gate": self.gate, "step_norms": self.step_norms}
+        parts = {"controller": self.controller, "static": self.static, "gate": self.gate, "step_norms": self.step_norms,
+                 "halter": self.halter}
         return {k: m for k, m in parts.items() if m is not None}
 
     def modulation(self, h: torch.Tensor, step: int, mask, pool_state: PoolState | None) -> torch.Tensor | None:
@@ -140,9 +143,10 @@ class RecurrentBlock(nn.Module):
         return self.checkpointing == "always" or not activations_fit(h, depth, self.layer)
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext, depth: int, mask=None, cache=None,
-                exits: TokenExits | None = None) -> torch.Tensor:
+                exits: TokenExits | None = None, observe=None) -> torch.Tensor:
         """`depth` steps (at most, with `exits`: per-position adaptive depth).
-        cache: optional list of `cache.StepCache`, one per step (cached decoding)."""
+        cache: optional list of `cache.StepCache`, one per step (cached decoding).
+        observe: optional callback observe(s, h) with the state after each step."""
         if exits is not None:
             for s in range(depth):
                 h = self.exit_step(h, s, ctx, mask, cache[s] if cache is not None else None, exits)
@@ -157,6 +161,8 @@ class RecurrentBlock(nn.Module):
                     h = checkpoint(self.step, h, s, ctx, mask, use_reentrant=False)
                 else:
                     h = self.step(h, s, ctx, mask, slot.kv if slot else None, slot.pool if slot else None)
+            if observe is not None:
+                observe(s, h)
         return h
 
     def exit_step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, slot, exits: TokenExits) -> torch.Tensor:
@@ -172,4 +178,4 @@ class RecurrentBlock(nn.Module):
             return h
         kv = ExitKV(exits, slot.kv if slot is not None else None)
         h_new = self.step(h, s, ctx, mask, kv, slot.pool if slot is not None else None)
-        return exits.update(s, h, h_new)
+        return exits.update(s, h, h_new, self.halter)
