@@ -5,7 +5,12 @@
 2. Per-token decode time of Ouroboros at depth N divided by that of the full base model under
    Hugging Face `generate` with its own cache, against the layer-count ratio (P + N + C) / L.
 
+3. With --exit-thresholds: decoding a held-out State of the Union passage with adaptive exit
+   (converged rule, at most --exit-max-depth steps) against fixed depth --exit-reference:
+   tokens/s side by side, and the mean steps per token.
+
     python bench/generate.py [--adapter DIR] [--contexts 128,512] [--depths 1,4,8,16]
+    python bench/generate.py --adapter runs/demo --exit-thresholds 0.1,0.05 --depths 8 --contexts 128
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import time
 
 import torch
 
-from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model
+from ouroboros_lm import OuroborosConfig, OuroborosModel, load_adapter, load_base_model, load_tokenizer
+from ouroboros_lm.exits import ExitRule
 
 
 @torch.no_grad()
@@ -64,6 +70,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--uncached-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--exit-thresholds", default="", help="adaptive exit thresholds to compare (needs --adapter)")
+    ap.add_argument("--exit-max-depth", type=int, default=32)
+    ap.add_argument("--exit-reference", type=int, default=8, help="the fixed depth adaptive decoding is compared with")
     args = ap.parse_args()
     contexts = [int(x) for x in args.contexts.split(",")]
     depths = [int(x) for x in args.depths.split(",")]
@@ -71,7 +80,7 @@ def main():
     full = load_base_model(args.base)
     L = full.config.num_hidden_layers
     if args.adapter:
-        model = OuroborosModel.load_adapter(args.adapter, base=load_base_model(args.base))
+        model = load_adapter(args.adapter, base=load_base_model(args.base))
     else:
         model = OuroborosModel.from_base(load_base_model(args.base), OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7))
     model.eval()
@@ -96,6 +105,35 @@ def main():
             o = best(lambda: per_token_cached(model, prompt, d, args.new_tokens), args.repeats)
             ideal = (P + d + C) / L
             print(f"{ctx:>8} {d:>6} {o * 1e3:>13.2f} {hf * 1e3:>11.2f} {o / hf:>7.3f} {ideal:>10.3f} {1.1 * ideal:>7.3f}")
+    if args.exit_thresholds:
+        adaptive_decode(model, args)
+
+
+def adaptive_decode(model, args) -> None:
+    """Greedy decoding of a real held-out passage: fixed depth vs adaptive exit, interleaved."""
+    from ouroboros_lm.loading import cache_dir
+
+    text = sorted((cache_dir() / "sotu").glob("2019_*.txt"))[0].read_text()
+    prompt = load_tokenizer(args.base)(text, return_tensors="pt").input_ids[:, :128]
+    n = args.new_tokens
+
+    def run(depth, rule):
+        stats = {}
+        t = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n, depth=depth, exit_rule=rule, stats=stats)
+        steps = torch.stack(stats["steps"]).float().mean().item() if stats.get("steps") else float(depth)
+        return time.perf_counter() - t, steps
+
+    print(f"\n## adaptive exit vs fixed depth {args.exit_reference} (128-token held-out prompt, {n} new tokens, "
+          "prefill included)")
+    print(f"{'rule':>34} {'steps/token':>12} {'tok/s':>8} {'vs fixed':>9}")
+    ref_t, _ = min(run(args.exit_reference, None) for _ in range(args.repeats))
+    print(f"{'fixed depth ' + str(args.exit_reference):>34} {args.exit_reference:>12.2f} {n / ref_t:>8.1f} {1.0:>8.2f}x")
+    for t in [float(x) for x in args.exit_thresholds.split(",") if x]:
+        rule = ExitRule(threshold=t)
+        secs, steps = min(run(args.exit_max_depth, rule) for _ in range(args.repeats))
+        name = f"converged<{t:g}, at most {args.exit_max_depth}"
+        print(f"{name:>34} {steps:>12.2f} {n / secs:>8.1f} {ref_t / secs:>8.2f}x")
 
 
 if __name__ == "__main__":

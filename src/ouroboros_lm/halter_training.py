@@ -26,7 +26,7 @@ from .train import run_lock
 @dataclass
 class HalterConfig:
     steps: int = setting(60, "optimizer steps", low=1, high=10**7)
-    batch_size: int = setting(4, "blocks per step", low=1, high=65536)
+    batch_size: int = setting(2, "blocks per step", low=1, high=65536)
     lr: float = setting(1e-2, "learning rate (AdamW)", above=0, high=10.0)
     ponder_cost: float = setting(0.005, "loss in nats per token charged for each recurrence step", low=0, high=100.0)
     max_depth: int = setting(16, "steps the halter chooses among", low=1, high=MAX_STEPS)

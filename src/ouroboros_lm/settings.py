@@ -130,11 +130,14 @@ def flag_name(f: dataclasses.Field) -> str:
 def _parse_as(name: str, tp, meta: dict):
     inner, _ = _optional(tp)
     if typing.get_origin(inner) is tuple:
+        elem = typing.get_args(inner)[0]
+
         def parse_list(text: str):
             try:
-                out = tuple(int(x) for x in text.split(",") if x.strip())
+                out = tuple(elem(x) for x in text.split(",") if x.strip())
             except ValueError:
-                raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,4,8; got {text!r}") from None
+                example = "1,4,8" if elem is int else "0.1,0.05"
+                raise argparse.ArgumentTypeError(f"expected comma-separated numbers like {example}; got {text!r}") from None
             try:
                 return check_value(name, out, tp, meta)
             except ValueError as e:

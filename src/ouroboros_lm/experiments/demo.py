@@ -19,7 +19,10 @@ from ..evaluate import DEFAULT_EVAL_DEPTHS, evaluate
 from ..loading import cache_dir, load_base_model, load_tokenizer
 from ..model import OuroborosModel
 from ..settings import setting
-from ..train import TrainConfig, train
+from ..exits import ExitRule
+from ..halter_training import HalterConfig, train_halter
+from ..train import DEPTH_SCHEDULES, TrainConfig, train
+from .report import plot_depth_curve, plot_exit_steps
 
 
 @dataclass
@@ -34,8 +37,18 @@ class DemoConfig:
     lr: float = setting(1e-3, "peak learning rate (a short CPU run: higher than the paper's 3e-4)", above=0, high=1.0)
     warmup_steps: int = setting(15, "warmup steps", low=0, high=10**6)
     time_budget: float = setting(540.0, "seconds of training at most", above=0, high=1e7)
-    depths: tuple[int, ...] = setting((2, 4, 8), "training depths", low=1, high=64)
-    eval_depths: tuple[int, ...] = setting(DEFAULT_EVAL_DEPTHS, "evaluated depths", low=1, high=64)
+    depths: tuple[int, ...] = setting((2, 4, 8), "training depths (uniform) or their range (other schedules)",
+                                      low=1, high=64)
+    depth_schedule: str = setting("uniform", "how training draws its depths", choices=DEPTH_SCHEDULES)
+    depth_mean: float = setting(6.0, "mean depth of the lognormal_poisson schedule", above=0, high=64)
+    backprop_steps: int = setting(0, "gradients through only the last k steps (0 = all)", low=0, high=64)
+    eval_depths: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "evaluated fixed depths (the compute curve)",
+                                           low=1, high=64)
+    exit_thresholds: tuple[float, ...] = setting((), "adaptive exit thresholds evaluated (converged rule)", above=0,
+                                                 high=1e3)
+    halter_steps: int = setting(0, "train a halter for this many steps after the adapter (0 = none)", low=0,
+                                high=10**5)
+    halter_thresholds: tuple[float, ...] = setting((0.5,), "halter thresholds evaluated", above=0, high=1.0)
     eval_blocks: int = setting(16, "blocks evaluated per split", low=1, high=4096)
     seed: int = setting(0, "seed", low=0, high=2**31)
 
@@ -53,6 +66,40 @@ def sotu_files(corpus: Path, last_train_year: int) -> tuple[list[str], list[str]
     return train, held
 
 
+def demo_model(dc: DemoConfig, out: Path):
+    base = load_base_model(dc.base)
+    cfg = OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32, default_depth=8, init_seed=dc.seed)
+    model = OuroborosModel.from_base(base, cfg, base_name=dc.base)
+    save_adapter(model, out)
+    print("      trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in model.trainable_parameter_breakdown().items()))
+    return model
+
+
+def demo_training(dc: DemoConfig) -> TrainConfig:
+    return TrainConfig(steps=dc.steps, batch_size=dc.batch_size, lr=dc.lr, warmup_steps=dc.warmup_steps,
+                       log_every=5, eval_every=max(dc.steps // 3, 1), eval_blocks=8, save_every=50,
+                       seed=dc.seed, time_budget=dc.time_budget, depths=dc.depths, depth_schedule=dc.depth_schedule,
+                       depth_mean=dc.depth_mean, backprop_steps=dc.backprop_steps, checkpoint="never")
+
+
+def exit_rules(dc: DemoConfig, model) -> list[tuple[ExitRule, int]]:
+    top = max(dc.eval_depths)
+    rules = [(ExitRule(threshold=t), top) for t in dc.exit_thresholds]
+    if model.recurrent.halter is not None:
+        rules += [(ExitRule(rule="halter", threshold=t), top) for t in dc.halter_thresholds]
+    return rules
+
+
+@torch.no_grad()
+def exit_passage(model, tok, corpus, rule: ExitRule, depth: int, out: Path, n: int = 64) -> Path:
+    """Where a held-out passage's tokens stop under `rule`: a bar per token and a histogram."""
+    ids = corpus.heldout[:1, :n]
+    steps = model(ids, depth=depth, exit_rule=rule).steps[0].tolist()
+    tokens = [tok.decode([int(i)]) for i in ids[0]]
+    return plot_exit_steps(tokens, steps, out / "exit_steps.png",
+                           f"held-out passage: steps per token ({rule.rule}, threshold {rule.threshold:g}, at most {depth})")
+
+
 def run_demo(dc: DemoConfig) -> dict:
     t0 = time.time()
     torch.manual_seed(dc.seed)
@@ -62,34 +109,32 @@ def run_demo(dc: DemoConfig) -> dict:
     if out.exists():
         shutil.rmtree(out)
     print(f"[1/4] converting {dc.base}: prelude 7, recurrent layer 15, coda 7 (15 of 30 layers)")
-    base = load_base_model(dc.base)
-    cfg = OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32, default_depth=max(dc.depths),
-                          init_seed=dc.seed)
-    model = OuroborosModel.from_base(base, cfg, base_name=dc.base)
-    save_adapter(model, out)
-    print("      trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in model.trainable_parameter_breakdown().items()))
-
+    model = demo_model(dc, out)
     print(f"[2/4] tokenizing {len(train_files)} addresses <= {dc.last_train_year} (train) and {len(held_files)} after (held out)")
     tok = load_tokenizer(dc.base)
     corpus = build_corpus(train_files, tok, dc.seq_len, heldout=held_files, seed=dc.seed)
     print("      " + corpus.describe())
-
-    print(f"[3/4] training {dc.steps} steps (batch {dc.batch_size} x {dc.seq_len} tokens, depths {dc.depths}, "
-          f"lr {dc.lr}, at most {dc.time_budget:.0f}s)")
-    tc = TrainConfig(steps=dc.steps, batch_size=dc.batch_size, lr=dc.lr, warmup_steps=dc.warmup_steps,
-                     log_every=5, eval_every=max(dc.steps // 3, 1), eval_blocks=8, save_every=50,
-                     seed=dc.seed, time_budget=dc.time_budget, depths=dc.depths, checkpoint="never")
-    summary = train(model, corpus, out, tc)
-
-    print(f"[4/4] evaluating full model, pruned baseline and Ouroboros at depths {dc.eval_depths}")
-    full = load_base_model(dc.base)
+    print(f"[3/4] training {dc.steps} steps (batch {dc.batch_size} x {dc.seq_len} tokens, depths {dc.depths} "
+          f"{dc.depth_schedule}, lr {dc.lr}, at most {dc.time_budget:.0f}s)")
+    summary = train(model, corpus, out, demo_training(dc))
+    if dc.halter_steps:
+        print(f"      training a halter for {dc.halter_steps} steps (everything else frozen)")
+        summary["halter"] = train_halter(model, corpus, out, HalterConfig(steps=dc.halter_steps, max_depth=16,
+                                                                          seed=dc.seed))
+    print(f"[4/4] evaluating full model, pruned baseline and Ouroboros at depths {dc.eval_depths} and adaptive exit")
     splits = corpus.eval_splits(dc.eval_blocks, dc.seed + 1)
-    report = evaluate(model, splits, depths=dc.eval_depths, full_model=full, batch_size=dc.batch_size,
+    rules = exit_rules(dc, model)
+    report = evaluate(model, splits, depths=dc.eval_depths, full_model=load_base_model(dc.base),
+                      batch_size=dc.batch_size, exit_rules=rules,
                       meta={"base_model": dc.base, "seq_len": dc.seq_len, "train_steps": summary["steps_done"],
                             "train_wall_s": round(summary["wall_s"], 1)})
     print()
     print(report.table())
     report.write(out)
+    plot_depth_curve(report, out / "depth_curve.png")
+    if rules:
+        exit_passage(model, tok, corpus, *rules[0], out)
     (out / "demo_summary.json").write_text(json.dumps({**summary, "total_wall_s": time.time() - t0}, indent=2) + "\n")
-    print(f"\nwrote {out}/eval.md, {out}/eval.json, {out}/metrics.jsonl; total {time.time() - t0:.0f}s")
+    print(f"\nwrote {out}/eval.md, eval.json, depth_curve.png{', exit_steps.png' if rules else ''}, metrics.jsonl; "
+          f"total {time.time() - t0:.0f}s")
     return {"report": report, "train": summary}

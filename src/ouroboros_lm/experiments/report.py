@@ -7,6 +7,8 @@ Plots (PNG, matplotlib):
   gap_by_rank.png          held-out gap recovered by rank (runs that differ only in rank)
   controller_heatmaps.png  the Controller's modulation (targets x rank) per step, several inputs
   controller_spread.png    per step: spread of the modulation across inputs vs its size
+  compute.png              loss against mean recurrence steps per token (fixed depths as curves,
+                           adaptive exit as points), training distribution and held out
 """
 from __future__ import annotations
 
@@ -59,8 +61,8 @@ def rows(results: list[dict]) -> list[dict]:
     for r in results:
         c = r["config"]
         for key in r["losses"]["heldout"]:
-            if not key.startswith("ouroboros@"):
-                continue
+            if not key.startswith("ouroboros@") or not key.split("@")[1].isdigit():
+                continue  # fixed depths here; adaptive rows are in the compute plot
             tl, tr, tg = metrics(r, "train", key)
             hl, hr, hg = metrics(r, "heldout", key)
             out.append({
@@ -215,6 +217,76 @@ def plot_controller(sweep_dir: Path, results: list[dict], plt) -> None:
     plt.close(fig)
 
 
+def draw_compute(ax, points: list[tuple[str, float, float]], label: str, color=None) -> None:
+    """Loss against mean recurrence steps per token: fixed depths as a curve, adaptive rules as points."""
+    fixed = sorted((st, loss) for name, st, loss in points if name.split("@")[-1].isdigit())
+    line = ax.plot([p[0] for p in fixed], [p[1] for p in fixed], "o-", label=label, color=color, lw=1.3, ms=4)[0]
+    auto = [(st, loss) for name, st, loss in points if not name.split("@")[-1].isdigit()]
+    if auto:
+        ax.plot([p[0] for p in auto], [p[1] for p in auto], "*", color=line.get_color(), ms=11,
+                label=f"{label}: adaptive exit")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("mean recurrence steps per token")
+    ax.set_ylabel("loss (nats/token)")
+
+
+def plot_depth_curve(report, path: Path, references: bool = True) -> Path:
+    """An evaluation report's compute curve, one line per split, with the full and pruned models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, split in enumerate(report.splits):
+        color = f"C{i}"
+        draw_compute(ax, [(r.model, r.steps, r.loss) for r in report.curve(split)], split, color)
+        for name, ls in (("baseline", "--"), ("full", ":")):
+            row = report.row(split, name)
+            if references and row is not None:
+                ax.axhline(row.loss, color=color, ls=ls, lw=0.9, label=f"{split}: {name} ({row.loss:.2f})")
+    ax.set_title("Loss against compute")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_exit_steps(tokens: list[str], steps: list[int], path: Path, title: str) -> Path:
+    """Steps each token of a passage took under adaptive exit, the token under its bar, and their histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, hist) = plt.subplots(2, 1, figsize=(max(8, 0.22 * len(tokens)), 6.5), gridspec_kw={"height_ratios": [2, 1]})
+    top.bar(range(len(steps)), steps, color="C0")
+    top.set_xticks(range(len(tokens)), [t.replace("\n", "\\n") or "·" for t in tokens], rotation=90, fontsize=7)
+    top.set_ylabel("recurrence steps")
+    top.set_title(title)
+    hist.hist(steps, bins=range(1, max(steps) + 2), align="left", rwidth=0.85, color="C1")
+    hist.set_xlabel("steps before exit")
+    hist.set_ylabel("tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_compute(sweep_dir: Path, results: list[dict], plt) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
+    for ax, split in zip(axes, ("train", "heldout")):
+        for i, r in enumerate(results):
+            steps = r.get("mean_steps", {}).get(split, {})
+            draw_compute(ax, [(k, steps[k], v) for k, v in r["losses"][split].items() if k in steps], r["name"], f"C{i}")
+        ax.set_title(f"{split}: loss against mean steps per token")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "compute.png", dpi=120)
+    plt.close(fig)
+
+
 def write_report(sweep_dir: str | Path) -> Path:
     import matplotlib
 
@@ -230,5 +302,7 @@ def write_report(sweep_dir: str | Path) -> Path:
     plot_training_curves(sweep_dir, results, plt)
     plot_gap(sweep_dir, table, plt)
     plot_controller(sweep_dir, results, plt)
-    print(f"report: {len(results)} runs -> {sweep_dir}/results.{{csv,json,md}} and 5 plots")
+    if any("mean_steps" in r for r in results):
+        plot_compute(sweep_dir, results, plt)
+    print(f"report: {len(results)} runs -> {sweep_dir}/results.{{csv,json,md}} and plots")
     return sweep_dir

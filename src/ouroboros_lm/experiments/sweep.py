@@ -37,6 +37,7 @@ from ..checkpoints import list_checkpoints
 from ..config import OuroborosConfig
 from ..data import build_corpus
 from ..evaluate import DEFAULT_EVAL_DEPTHS, evaluate
+from ..exits import ExitRule
 from ..loading import cache_dir, load_base_model, load_tokenizer
 from ..model import OuroborosModel
 from ..runtime import choose_runtime
@@ -46,7 +47,8 @@ from .report import write_report
 
 RESULT = "result.json"
 REFERENCE = "reference.json"
-EVAL_DEFAULTS = {"depths": list(DEFAULT_EVAL_DEPTHS), "blocks": 16, "batch_size": 4, "modulation_inputs": 6}
+EVAL_DEFAULTS = {"depths": list(DEFAULT_EVAL_DEPTHS), "blocks": 16, "batch_size": 4, "modulation_inputs": 6,
+                 "exit_thresholds": [], "exit_max_depth": 32}
 SPLIT_KEYS = ("n_prelude", "recurrent_layer", "n_coda")
 
 
@@ -215,8 +217,10 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
         save_adapter(model, rdir)
     summary = train(model, corpus, rdir, tc, resume=resume)
     known = {split: {k: reference[split][k] for k in ("full", "baseline")} for split in splits}
+    top = min(ev["exit_max_depth"], cfg.max_steps)
     rep = evaluate(model, splits, depths=tuple(d for d in ev["depths"] if d <= cfg.max_steps),
-                   batch_size=ev["batch_size"], progress=progress, known=known, runtime=runtime)
+                   batch_size=ev["batch_size"], progress=progress, known=known, runtime=runtime,
+                   exit_rules=[(ExitRule(threshold=t), top) for t in ev["exit_thresholds"]])
     mod = capture_modulation(model, corpus.heldout[: ev["modulation_inputs"]], max(tc.depths))
     if mod is not None:
         torch.save(mod, rdir / "modulation.pt")
@@ -225,6 +229,7 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
         "trainable_parameters": model.num_trainable_parameters(), "wall_s": summary["wall_s"],
         "steps": summary["steps_done"], "seq_len": corpus.seq_len, "batch_size": tc.batch_size,
         "losses": {split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()},
+        "mean_steps": {split: {r.model: r.steps for r in rep.curve(split)} for split in rep.splits},
         "reference": reference,
     }
     rep.write(rdir)
