@@ -234,7 +234,10 @@ def cmd_eval(args) -> None:
                       meta={"adapter": str(args.adapter), "base_model": meta["base_model"], "seq_len": corpus.seq_len})
     print(report.table())
     j, m = report.write(args.out or args.adapter)
-    print(f"wrote {j} and {m}")
+    from .experiments.report import plot_depth_curve
+
+    curve = plot_depth_curve(report, j.parent / "depth_curve.png")
+    print(f"wrote {j}, {m} and {curve}")
 
 
 def streaming_printer(tok):
