@@ -3,31 +3,16 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import OuroborosConfig
-from .layers import build_context, decoder_layer, layer_window
+from .layers import build_context, decoder_layer, layer_window, rms_norm
+from .loss import OuroborosOutput, causal_lm_loss, head_loss, lazy_logits  # noqa: F401 (causal_lm_loss: re-exported)
 from .recurrence import RecurrentBlock
 from .surgery import split_layers
-
-
-@dataclass
-class OuroborosOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-    depth: int | None = None
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy with Hugging Face's convention: `labels` are aligned
-    with the inputs, position t is scored against labels[t+1], -100 is ignored."""
-    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    return F.cross_entropy(logits.float().flatten(0, -2), shifted.reshape(-1), ignore_index=-100)
 
 
 def check_token_range(input_ids: torch.Tensor, vocab_size: int, what: str = "input_ids") -> None:
@@ -173,9 +158,8 @@ class OuroborosModel(nn.Module):
         return h
 
     def _head(self, h, labels):
-        logits = self.lm_head(self.norm(h))
-        loss = causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
-        return loss, logits
+        h = rms_norm(h, self.norm.weight, self.norm.variance_epsilon)  # = self.norm(h), saving less
+        return (head_loss(h, self.lm_head, labels) if labels is not None else None), lazy_logits(h, self.lm_head)
 
     def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None) -> OuroborosOutput:
         depth = self.resolve_depth(depth)
