@@ -149,3 +149,28 @@ def test_swiglu_and_gate_mix_match_autograd_of_the_plain_ops():
     assert torch.autograd.gradcheck(lambda z, a, b: _GateMix.apply(z, a, b, torch.float64), (z, a, b))
     torch.testing.assert_close(_SwiGLU.apply(a, b), F.silu(a) * b)
     torch.testing.assert_close(_GateMix.apply(z, a, b, torch.float64), torch.sigmoid(z) * a + (1 - torch.sigmoid(z)) * b)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_prefix_mean_norm_function_matches_pool_then_rms_norm(masked):
+    from ouroboros_lm.controller import Controller, pool
+
+    g = torch.Generator().manual_seed(5)
+    ctrl = Controller(12, 10, 6, 4, 8)
+    with torch.no_grad():
+        ctrl.head.weight.normal_(generator=g)
+        ctrl.norm_weight.add_(0.1 * torch.randn(12, generator=g))
+    h = torch.randn(2, 9, 12, generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    if masked:
+        mask[1, :3] = 0
+    m = mask if masked else None
+    h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    a = ctrl.from_hidden(h1, 2, "prefix_mean", m)
+    b = ctrl(pool(h2, "prefix_mean", m), 2)
+    assert torch.equal(a, b)
+    gy = torch.randn(a.shape, generator=g)
+    ga = torch.autograd.grad(a, [h1, ctrl.norm_weight], gy)
+    gb = torch.autograd.grad(b, [h2, ctrl.norm_weight], gy)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)

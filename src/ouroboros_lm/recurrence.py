@@ -8,13 +8,53 @@ Each step s:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import OuroborosConfig
-from .controller import Controller, PoolState, StaticModulation, pool
+from .controller import Controller, PoolState, StaticModulation
 from .layers import AttentionContext, KVSlot, decoder_layer
 from .lora import SVDLoRABases
+
+CHECKPOINT_SETTINGS = ("auto", "always", "never")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for activations on `device` (None where unknown, e.g. meta)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return None
+    return None
+
+
+class _GateMix(torch.autograd.Function):
+    """lerp(h_old, h_new, sigmoid(z)) computed in `dt`, saving z, h_new and h_old as they are (in
+    their own, possibly bf16, precision; h_new and h_old are kept anyway for W_g's gradient)
+    instead of float32 copies of the states and of g."""
+
+    @staticmethod
+    def forward(ctx, z, h_new, h_old, dt):
+        ctx.save_for_backward(z, h_new, h_old)
+        ctx.dt = dt
+        g = torch.sigmoid(z.to(dt))
+        return torch.lerp(h_old.to(dt), h_new.to(dt), g).to(h_new.dtype)  # g*h_new + (1-g)*h_old
+
+    @staticmethod
+    def backward(ctx, go):
+        z, h_new, h_old = ctx.saved_tensors
+        dt = ctx.dt
+        g = torch.sigmoid(z.to(dt))
+        go = go.to(dt)
+        g_new = go * g
+        gz = (go * (h_new.to(dt) - h_old.to(dt)) * g * (1 - g)).to(z.dtype)
+        return gz, g_new.to(h_new.dtype), (go - g_new).to(h_old.dtype), None
 
 
 class RecurrenceGate(nn.Module):
@@ -35,13 +75,13 @@ class RecurrenceGate(nn.Module):
         self.bias = nn.Parameter(torch.full((hidden_size,), float(bias)))
 
     def forward(self, h_new: torch.Tensor, h_old: torch.Tensor) -> torch.Tensor:
-        out_dtype, dt = h_new.dtype, self.bias.dtype  # the gate computes in its own (float32) precision
-        h_new, h_old = h_new.to(dt), h_old.to(dt)
-        # Out of place on purpose: under autocast the matmuls run in bf16/fp16, and an in-place
-        # addmm_ into a low-precision result with float32 operands would fail.
-        z = torch.addmm(torch.addmm(self.bias, h_new.flatten(0, -2), self.weight_new.t()), h_old.flatten(0, -2), self.weight_old.t())
-        g = torch.sigmoid(z.to(dt)).view_as(h_new)
-        return torch.lerp(h_old, h_new, g).to(out_dtype)  # g*h_new + (1-g)*h_old
+        dt = self.bias.dtype  # the gate computes in its own (float32) precision
+        a, b = h_new, h_old
+        if not (torch.amp.is_autocast_available(a.device.type) and torch.is_autocast_enabled(a.device.type)):
+            a, b = a.to(dt), b.to(dt)  # (under autocast the matmuls cast, and these copies would be saved)
+        # F.linear on the leaf parameters, so autocast casts each weight once per forward, not once per step
+        z = F.linear(a, self.weight_new, self.bias) + F.linear(b, self.weight_old)
+        return _GateMix.apply(z, h_new, h_old, dt)
 
     def joined(self) -> dict[str, torch.Tensor]:
         """{"proj.weight": W_g (H x 2H), "proj.bias": b_g}: the gate as the spec (and files) write it."""
@@ -89,10 +129,12 @@ class RecurrentBlock(nn.Module):
             if config.step_norm
             else None
         )
+        self.checkpointing = getattr(config, "checkpoint", None)  # see use_checkpoint
+        self.memory_fraction = 0.5
 
     def modulation(self, h: torch.Tensor, step: int, mask, pool_state: PoolState | None) -> torch.Tensor | None:
         if self.controller is not None:
-            return self.controller(pool(h, self.config.pooling, mask, pool_state), step)
+            return self.controller.from_hidden(h, step, self.config.pooling, mask, pool_state)
         if self.static is not None:
             return self.static(step)
         return None
@@ -104,15 +146,43 @@ class RecurrentBlock(nn.Module):
         h_new = decoder_layer(self.layer, h, ctx, window=self.window, project=project, norm_weights=norms, kv=kv)
         return self.gate(h_new, h) if self.gate is not None else h_new
 
+    def step_activation_bytes(self, h: torch.Tensor) -> int:
+        """Estimated bytes one plain training step saves for backward (what checkpointing would
+        free), from the layer's shapes: the gated MLP's two inputs, the norms' and attention's
+        inputs and outputs, the gate's state and pre-activation, the Controller's hidden layers
+        (counted per token, from this round's `bench/saved_attribution.py`)."""
+        dev = h.device.type
+        amp = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        e = torch.finfo(torch.get_autocast_dtype(dev)).bits // 8 if amp else h.element_size()
+        attn, mlp, H = self.layer.self_attn, self.layer.mlp, h.shape[-1]
+        per_token = e * (2 * mlp.gate_proj.out_features + 7 * H + 2 * attn.k_proj.out_features)
+        if self.controller is not None:
+            per_token += e * (2 * self.config.controller_hidden + self.config.style_dim)
+        return h[..., 0].numel() * per_token
+
+    def use_checkpoint(self, h: torch.Tensor, depth: int, cache=None) -> bool:
+        """Whether this forward checkpoints its steps (each step's input kept, the step recomputed
+        in the backward pass).
+
+        `self.checkpointing` (prototype of a config setting `checkpoint`): "never"; "always";
+        "auto": only when `depth` plain steps' activations (`step_activation_bytes`) would exceed
+        `memory_fraction` of the device's free memory; None (the default until the config has
+        the setting): the config's checkpoint_from_depth rule."""
+        if not (self.training and torch.is_grad_enabled()) or cache is not None:
+            return False
+        setting = self.checkpointing
+        if setting is None:
+            return 0 < self.config.checkpoint_from_depth <= depth
+        if setting not in CHECKPOINT_SETTINGS:
+            raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINT_SETTINGS)}; got {setting!r}")
+        if setting != "auto":
+            return setting == "always"
+        free = free_memory(h.device)
+        return free is not None and depth * self.step_activation_bytes(h) > self.memory_fraction * free
+
     def forward(self, h: torch.Tensor, ctx: AttentionContext, depth: int, mask=None, cache=None) -> torch.Tensor:
         """cache: optional (list of KVSlot, list of PoolState), one entry per step."""
-        use_ckpt = (
-            self.training
-            and torch.is_grad_enabled()
-            and cache is None
-            and self.config.checkpoint_from_depth > 0
-            and depth >= self.config.checkpoint_from_depth
-        )
+        use_ckpt = self.use_checkpoint(h, depth, cache)
         for s in range(depth):
             if use_ckpt:
                 h = checkpoint(self.step, h, s, ctx, mask, use_reentrant=False)
