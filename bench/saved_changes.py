@@ -3,11 +3,12 @@
 Variants (the old implementations are restated here and patched in):
 
     new            everything as in the package now
-    old            all four changes reverted (the code before this round)
+    old            all five changes reverted (the code before this round)
     -loss          the LM head + loss as before: lm_head(norm(h)) and F.cross_entropy(logits.float())
     -rmsnorm       RMSNorm by autograd of the plain ops (a float32 copy of x and the normalised product saved)
     -swiglu        act_fn(g) * u by autograd (silu(g) saved as well)
     -gate          the gate casting h_new/h_old to float32 first and using lerp under autograd
+    -pool          the Controller's prefix-mean pooling and RMSNorm as separate ops (the float32 means saved)
 
 A training step = forward + backward at `--depth` (SmolLM2 shapes, random weights, no
 checkpointing), median of `--repeats`, all variants interleaved in one run, each timed call right
@@ -25,12 +26,12 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import ouroboros_lm.controller as controller_mod
 import ouroboros_lm.layers as layers_mod
 from common import autocast, random_base
 from ouroboros_lm import OuroborosConfig, OuroborosModel
+from ouroboros_lm.controller import Controller, pool
 from ouroboros_lm.loss import causal_lm_loss
 from ouroboros_lm.model import OuroborosModel as _M
 from ouroboros_lm.recurrence import RecurrenceGate
@@ -62,6 +63,7 @@ PATCHES = {
     "rmsnorm": [(layers_mod, "rms_norm", old_rms_norm), (controller_mod, "rms_norm", old_rms_norm)],
     "swiglu": [(layers_mod, "gated_activation", lambda act, g, u: act(g) * u)],
     "gate": [(RecurrenceGate, "forward", old_gate_forward)],
+    "pool": [(Controller, "from_hidden", lambda self, h, step, pooling, mask=None, state=None: self(pool(h, pooling, mask, state), step))],
 }
 VARIANTS = {"new": [], "old": list(PATCHES), **{f"-{k}": [k] for k in PATCHES}}
 

@@ -118,6 +118,15 @@ def test_logits_are_lazy_and_follow_the_forward_modes(tokens):
     logits = out.logits
     assert not logits.requires_grad and out.logits is logits  # computed once, in the forward's grad mode
     assert torch.is_tensor(OuroborosOutput(None, logits).logits)
+    # DDP (find_unused_parameters) walks a dataclass's fields for tensors: it finds the loss and
+    # leaves the logits uncomputed
+    import dataclasses
+
+    from torch.nn.parallel.distributed import _find_tensors
+
+    out = model.train()(tokens, labels=tokens, depth=2)
+    assert [f.name for f in dataclasses.fields(out)] == ["loss", "depth"]
+    assert [t is out.loss for t in _find_tensors(out)] == [True] and callable(out._logits)
 
 
 def test_rms_norm_function_matches_autograd_of_the_plain_ops():

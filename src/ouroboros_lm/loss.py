@@ -20,6 +20,7 @@ the [batch, seq, vocab] logits at all.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -112,11 +113,17 @@ def lazy_logits(hidden: torch.Tensor, lm_head: nn.Module) -> Callable[[], torch.
     return compute
 
 
+@dataclass(init=False, eq=False)
 class OuroborosOutput:
     """loss (None without labels), logits [batch, seq, vocab], depth.
 
     `logits` may be given as a tensor or as a function computing it (`lazy_logits`); then it is
-    computed on first access and kept."""
+    computed on first access and kept. (A dataclass whose fields are loss and depth, so that
+    code walking the fields for tensors, e.g. DDP's find_unused_parameters, sees the loss and
+    does not compute the logits.)"""
+
+    loss: torch.Tensor | None
+    depth: int | None
 
     def __init__(self, loss: torch.Tensor | None, logits, depth: int | None = None):
         self.loss = loss
@@ -132,6 +139,3 @@ class OuroborosOutput:
     @logits.setter
     def logits(self, value) -> None:
         self._logits = value
-
-    def __repr__(self) -> str:
-        return f"OuroborosOutput(loss={self.loss!r}, depth={self.depth!r})"
