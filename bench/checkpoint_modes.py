@@ -1,7 +1,8 @@
 """Activation checkpointing of the recurrence steps: plain vs full vs selective, time and memory.
 
 Forward + backward of `--depth` recurrence steps (the recurrent block alone, random weights, a
-4-layer model with the chosen shapes), measured interleaved in one run, median of `--repeats`:
+4-layer model with the chosen shapes), measured interleaved in one run, median of `--repeats` in CPU seconds of the process (time.process_time: a shared machine's
+time slicing does not count):
 
     plain      no checkpointing
     full       torch.utils.checkpoint per step: only the step's input is kept, the whole step is
@@ -119,12 +120,12 @@ def main():
     for _ in range(args.repeats):
         for m in modes:
             run(m)  # the steady state: each timed call right after an untimed one
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             run(m)
-            times[m].append(time.perf_counter() - t0)
+            times[m].append(time.process_time() - t0)
     med = {m: statistics.median(v) for m, v in times.items()}
     print(f"{args.shapes} shapes, {args.batch_size} x {args.seq_len}, {args.dtype}, depth {args.depth}, "
-          f"median of {args.repeats} (interleaved), {args.threads} thread(s)")
+          f"median of {args.repeats} (interleaved), {args.threads} thread(s), CPU seconds of the process (robust to a shared machine)")
     print("| mode | s (fwd+bwd) | x plain | MiB kept per step | x plain |")
     print("|---|---:|---:|---:|---:|")
     for m in modes:

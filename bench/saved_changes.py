@@ -11,7 +11,8 @@ Variants (the old implementations are restated here and patched in):
     -pool          the Controller's prefix-mean pooling and RMSNorm as separate ops (the float32 means saved)
 
 A training step = forward + backward at `--depth` (SmolLM2 shapes, random weights, no
-checkpointing), median of `--repeats`, all variants interleaved in one run, each timed call right
+checkpointing), median of `--repeats` in CPU seconds of the process (time.process_time: a shared machine's
+time slicing does not count), all variants interleaved in one run, each timed call right
 after an untimed one. Saved bytes: storages saved for backward at depth 1 and depth 2 that are freed
 after the step (as /work/shared/bench/saved_bytes.py counts them).
 
@@ -131,13 +132,13 @@ def main():
         for v, names in VARIANTS.items():
             with reverted(names):
                 step(args.depth)
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 step(args.depth)
-                times[v].append(time.perf_counter() - t0)
+                times[v].append(time.process_time() - t0)
     med = {v: statistics.median(t) for v, t in times.items()}
     mb = 2 ** 20
     print(f"SmolLM2 shapes, {args.batch_size} x {args.seq_len}, {args.dtype}, training step at depth {args.depth}, "
-          f"median of {args.repeats} (interleaved), {args.threads} thread(s)")
+          f"median of {args.repeats} (interleaved), {args.threads} thread(s), CPU seconds of the process (robust to a shared machine)")
     print("| variant | step s | x new | saved MiB, depth 1 | per step (depth 2 - 1) |")
     print("|---|---:|---:|---:|---:|")
     for v in VARIANTS:

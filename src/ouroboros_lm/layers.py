@@ -88,13 +88,10 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go):
-        g, u = ctx.saved_tensors
-        gf, go = g.to(torch.float32), go.to(torch.float32)
-        s = torch.sigmoid(gf)
-        silu = gf * s
-        gg = go * u * (s * (1 + gf * (1 - s))) if ctx.needs_input_grad[0] else None
-        gu = go * silu if ctx.needs_input_grad[1] else None
-        return (None if gg is None else gg.to(g.dtype)), (None if gu is None else gu.to(u.dtype))
+        g, u = ctx.saved_tensors  # the same kernels as autograd of the two ops, silu(g) recomputed
+        gg = torch.ops.aten.silu_backward(go * u, g) if ctx.needs_input_grad[0] else None
+        gu = go * F.silu(g) if ctx.needs_input_grad[1] else None
+        return gg, gu
 
 
 def gated_activation(act_fn: nn.Module, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
