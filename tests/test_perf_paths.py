@@ -64,7 +64,7 @@ def test_auto_checkpointing_only_when_the_activations_would_not_fit(tokens, monk
     monkeypatch.setattr(rec, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_ouroboros("llama").train()
     h = torch.zeros(*tokens.shape, TINY["hidden_size"])
-    step = memory.step_activation_bytes(h, model.recurrent.layer)
+    step = model.recurrent.step_activation_bytes(h)
     monkeypatch.setattr(memory, "free_bytes", lambda device: 8 * step)  # half of it: 4 steps fit
     model(tokens, labels=tokens, depth=4).loss.backward()
     assert not calls

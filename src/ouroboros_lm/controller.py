@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TARGETS
-from .layers import rms_norm
+from .layers import _rms_normalize, rms_norm
 
 
 class PoolState:
@@ -69,6 +69,42 @@ def pool(h: torch.Tensor, mode: str, mask: torch.Tensor | None = None, state: Po
     raise ValueError(f"unknown pooling {mode!r}")
 
 
+class _PrefixMeanRMSNorm(torch.autograd.Function):
+    """weight * rms_norm(prefix mean of h) (pooling "prefix_mean" followed by the Controller's
+    norm), saving h and the [.., 1] rsqrt for the backward pass instead of the float32 means
+    (a fresh [B, T, H] float32 tensor); the backward recomputes them (one cumsum)."""
+
+    @staticmethod
+    def _means(h, m):
+        if m is None:
+            counts = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=torch.float32).expand(h.shape[:2])
+            return h.float().cumsum(dim=1), counts.clamp(min=1.0).unsqueeze(-1)
+        return (h.float() * m.unsqueeze(-1)).cumsum(dim=1), m.cumsum(dim=1).clamp(min=1.0).unsqueeze(-1)
+
+    @staticmethod
+    def forward(ctx, h, m, weight, eps):
+        sums, counts = _PrefixMeanRMSNorm._means(h, m)
+        n, r = _rms_normalize(sums / counts, eps)
+        ctx.save_for_backward(h, m, weight, r)
+        return weight * n
+
+    @staticmethod
+    def backward(ctx, gy):
+        h, m, weight, r = ctx.saved_tensors
+        sums, counts = _PrefixMeanRMSNorm._means(h, m)
+        n = (sums / counts) * r
+        gw = (gy * n).sum_to_size(weight.shape) if ctx.needs_input_grad[2] else None
+        gh = None
+        if ctx.needs_input_grad[0]:
+            gn = gy * weight
+            gs = r * (gn - n * (gn * n).mean(-1, keepdim=True)) / counts
+            gh = gs.flip(1).cumsum(dim=1).flip(1)  # the cumsum's backward: a reversed cumsum
+            if m is not None:
+                gh = gh * m.unsqueeze(-1)
+            gh = gh.to(h.dtype)
+        return gh, None, gw, None
+
+
 class Controller(nn.Module):
     """pooled h [B, T, H], step s  ->  d [B, T, 7, r].
 
@@ -89,6 +125,19 @@ class Controller(nn.Module):
 
     def forward(self, pooled: torch.Tensor, step: int) -> torch.Tensor:
         x = rms_norm(pooled.to(self.norm_weight.dtype), self.norm_weight, 1e-6)  # in the Controller's own precision
+        return self._mlp(x, step)
+
+    def from_hidden(self, h: torch.Tensor, step: int, pooling: str, mask=None, state: PoolState | None = None) -> torch.Tensor:
+        """forward(pool(h, pooling, mask, state), step); while training with prefix-mean pooling,
+        without keeping the float32 means for the backward pass (`_PrefixMeanRMSNorm`)."""
+        w = self.norm_weight
+        if pooling == "prefix_mean" and state is None and w.dtype == torch.float32 and torch.is_grad_enabled() \
+                and (h.requires_grad or w.requires_grad):
+            m = None if mask is None else mask.to(h.device, torch.float32)
+            return self._mlp(_PrefixMeanRMSNorm.apply(h, m, w, 1e-6), step)
+        return self(pool(h, pooling, mask, state), step)
+
+    def _mlp(self, x: torch.Tensor, step: int) -> torch.Tensor:
         z = F.silu(self.inp(x))
         z = F.silu(self.mid(z) + self.step_embedding.weight[step])
         return self.head(z).unflatten(-1, (len(TARGETS), self.rank))

@@ -40,12 +40,66 @@ def get_projection(layer: nn.Module, target: str) -> nn.Linear:
     return mod
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm exactly as Hugging Face's Llama/Qwen do it (float32 statistics)."""
-    dtype = x.dtype
+def _rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h * r, r
+
+
+class _RMSNorm(torch.autograd.Function):
+    """weight * rms_norm(x), saving only x and the rsqrt (autograd of the plain ops would keep a
+    float32 copy of x and the normalised product as well); the backward recomputes x * rsqrt."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        n, r = _rms_normalize(x, eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * n.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, r = ctx.saved_tensors
+        n = x.to(torch.float32) * r
+        gx = gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (gy * n.to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            gn = (gy * weight).to(x.dtype).to(torch.float32)
+            gx = (r * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
+        return gx, gw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as Hugging Face's Llama/Qwen do it (float32 statistics). When a gradient
+    is needed it keeps only x and the [.., 1] rsqrt for the backward pass (`_RMSNorm`)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNorm.apply(x, weight, eps)
+    n, _ = _rms_normalize(x, eps)
+    return weight * n.to(x.dtype)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(g) * u saving g and u only (autograd of the two ops also keeps silu(g))."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, go):
+        g, u = ctx.saved_tensors  # the same kernels as autograd of the two ops, silu(g) recomputed
+        gg = torch.ops.aten.silu_backward(go * u, g) if ctx.needs_input_grad[0] else None
+        gu = go * F.silu(g) if ctx.needs_input_grad[1] else None
+        return gg, gu
+
+
+def gated_activation(act_fn: nn.Module, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """act_fn(g) * u, the gated MLP's product (`_SwiGLU` for SiLU when a gradient is needed)."""
+    if type(act_fn).__name__ in ("SiLU", "SiLUActivation") and torch.is_grad_enabled() and (g.requires_grad or u.requires_grad) \
+            and g.dtype == u.dtype:
+        return _SwiGLU.apply(g, u)
+    return act_fn(g) * u
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -223,4 +277,4 @@ def decoder_layer(
     x = rms_norm(h, w_post, eps_post)
     g = proj("gate", mlp.gate_proj, x)
     u = proj("up", mlp.up_proj, x)
-    return h + proj("down", mlp.down_proj, mlp.act_fn(g) * u)
+    return h + proj("down", mlp.down_proj, gated_activation(mlp.act_fn, g, u))

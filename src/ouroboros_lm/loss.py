@@ -1,31 +1,46 @@
-"""The one next-token loss every number in this package is computed with.
+"""The LM head and its loss, without holding the full-vocabulary float32 logits.
 
-Hugging Face's convention: `labels` are aligned with the inputs, position t is scored against
-labels[t+1] (shifted once, here), and -100 is ignored. Computed in float32 whatever the
-logits' precision.
+`causal_lm_loss(logits, labels)` is the plain form: Hugging Face's next-token cross-entropy on
+float32 logits. Autograd keeps its float32 log-softmax for the backward pass, a [tokens, vocab]
+tensor (256 x 49,152 x 4 B = 48 MiB per 256-token sequence at SmolLM2's vocabulary, 1.2 GiB for
+2,048 tokens at Qwen2.5-3B's): by far the largest thing a training step saves.
+
+`head_loss(hidden, lm_head, labels)` computes the same value from the (normed) hidden states,
+chunk by chunk over the tokens: each chunk's logits are computed, upcast, reduced to its
+log-sum-exp and target logit, and, when a gradient is needed, turned straight into that chunk's
+gradient with respect to the hidden states ((softmax - onehot) / n) @ W. Only that [tokens, hidden]
+gradient is kept for the backward pass, which then just scales it: no logits are recomputed, so
+the LM head costs the same two matmuls as the plain form. Under autocast every product runs in
+the same precision as the plain form's (the chunk's logits are the lm_head's own output, upcast).
+
+`OuroborosOutput.logits` is computed on first access (`lazy_logits`), in the grad and autocast
+mode of the forward that produced it: a training step that reads only `.loss` never materialises
+the [batch, seq, vocab] logits at all.
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE = -100
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """labels[t+1] at position t, -100 at the last position."""
+    """Position t is scored against labels[t + 1] (Hugging Face's convention); the last gets -100."""
     return F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy: mean over scored tokens, or their sum (reduction="sum")."""
+    """Next-token cross-entropy with Hugging Face's convention: `labels` are aligned with the
+    inputs, position t is scored against labels[t+1], -100 is ignored. The mean over scored
+    tokens, or their sum (reduction="sum", as evaluation accumulates it)."""
     target = shift_labels(labels.to(logits.device)).reshape(-1)
     return F.cross_entropy(logits.float().flatten(0, -2), target, ignore_index=IGNORE, reduction=reduction)
-
-
-def scored_tokens(labels: torch.Tensor) -> int:
-    """How many positions `causal_lm_loss` scores for these labels."""
-    return int((shift_labels(labels) != IGNORE).sum())
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,3 +48,108 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     target = shift_labels(labels.to(logits.device))
     ce = F.cross_entropy(logits.float().flatten(0, -2), target.reshape(-1), ignore_index=IGNORE, reduction="none")
     return ce.view(target.shape)
+
+
+def scored_tokens(labels: torch.Tensor) -> int:
+    """How many positions `causal_lm_loss` scores for these labels."""
+    return int((shift_labels(labels) != IGNORE).sum())
+
+
+def default_chunk(vocab_size: int) -> int:
+    """Tokens per chunk: about 8M float32 logits (32 MiB) per chunk, at least 128 tokens."""
+    return max(128, (1 << 23) // max(vocab_size, 1))
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """sum over tokens of CE(hidden @ W^T + b, target) / n_valid, in chunks of `chunk` tokens.
+
+    With `need_grad`, the forward also computes d loss / d hidden and saves only that."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, need_grad):
+        N = hidden.shape[0]
+        valid = targets != IGNORE
+        n_valid = valid.sum()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(hidden) if need_grad else None
+        w_mm = None
+        for i in range(0, N, chunk):
+            h, t, v = hidden[i : i + chunk], targets[i : i + chunk], valid[i : i + chunk]
+            logits = F.linear(h, weight, bias)  # as the plain form: under autocast, in its dtype
+            lf = logits.float()
+            lse = torch.logsumexp(lf, dim=-1)
+            tl = lf.gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            total = total + torch.where(v, lse - tl, 0.0).sum()
+            if need_grad:
+                if w_mm is None:
+                    w_mm = weight.to(logits.dtype)  # the weight the forward product used (autocast's cast)
+                p = torch.exp(lf.sub_(lse.unsqueeze(-1)))  # softmax, in place of the upcast logits
+                p.scatter_add_(-1, t.clamp(min=0).unsqueeze(-1), -torch.ones_like(tl).unsqueeze(-1))
+                p.mul_(v.unsqueeze(-1) / n_valid)
+                grad[i : i + chunk] = (p.to(logits.dtype) @ w_mm).to(hidden.dtype)
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, go):
+        (grad,) = ctx.saved_tensors
+        return (grad.float() * go).to(grad.dtype), None, None, None, None, None
+
+
+def head_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """`causal_lm_loss(lm_head(hidden), labels)` without the full logits (see the module's doc).
+
+    hidden: [..., T, H] final (normed) hidden states; labels: [..., T] aligned with the inputs.
+    Falls back to the plain form when the LM head itself is trained (its weight gradient would
+    need the logits' gradient for every token).
+    """
+    weight, bias = lm_head.weight, lm_head.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return causal_lm_loss(lm_head(hidden), labels)
+    targets = shift_labels(labels.to(hidden.device)).reshape(-1)
+    need_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _ChunkedHeadLoss.apply(hidden.flatten(0, -2), weight, bias, targets, chunk or default_chunk(weight.shape[0]), need_grad)
+
+
+def lazy_logits(hidden: torch.Tensor, lm_head: nn.Module) -> Callable[[], torch.Tensor]:
+    """A function computing lm_head(hidden) later, in the grad and autocast mode of now."""
+    grad = torch.is_grad_enabled()
+    dev = hidden.device.type
+    amp = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    amp_dtype = torch.get_autocast_dtype(dev) if amp else None
+
+    def compute() -> torch.Tensor:
+        ctx = torch.autocast(dev, dtype=amp_dtype) if amp else torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+        with torch.set_grad_enabled(grad), ctx:
+            return lm_head(hidden)
+
+    return compute
+
+
+@dataclass(init=False, eq=False)
+class OuroborosOutput:
+    """loss (None without labels), logits [batch, seq, vocab]; under adaptive exit, steps [B, T]
+    (the recurrence steps each position ran); with per_step, states (the recurrence's state before
+    step 1 and after each step) and step_losses [depth, B, T] (each position's loss had the
+    recursion stopped after each step).
+
+    `logits` may be given as a tensor or as a function computing it (`lazy_logits`); then it is
+    computed on first access and kept. (The logits are not a dataclass field, so that code walking
+    the fields for tensors, e.g. DDP's find_unused_parameters, sees the loss and does not compute
+    the logits.)"""
+
+    loss: torch.Tensor | None
+    steps: torch.Tensor | None
+    states: list | None
+    step_losses: torch.Tensor | None
+
+    def __init__(self, loss: torch.Tensor | None, logits, steps=None, states=None, step_losses=None):
+        self.loss, self.steps, self.states, self.step_losses = loss, steps, states, step_losses
+        self.logits_or_thunk = logits
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if callable(self.logits_or_thunk) and not torch.is_tensor(self.logits_or_thunk):
+            self.logits_or_thunk = self.logits_or_thunk()
+        return self.logits_or_thunk

@@ -12,19 +12,19 @@ import torch
 from torch import nn
 
 MEMORY_FRACTION = 0.5
-# Tensors one recurrence step keeps for backward, per token, in units of hidden size H and MLP
-# width I (measured with bench/saved_bytes-style counting: norms, q/k/v/o inputs and outputs,
-# attention output, the MLP's three inputs, the gate's operands, the Controller's pooled view).
-PER_TOKEN_H, PER_TOKEN_I = 14, 4
 
 
-def step_activation_bytes(h: torch.Tensor, layer: nn.Module) -> int:
-    """Estimated bytes one recurrence step keeps for backward for hidden states `h` [B, T, H]."""
-    H = h.shape[-1]
-    inter = layer.mlp.gate_proj.weight.shape[0]
-    elem = torch.finfo(torch.get_autocast_dtype(h.device.type)).bits // 8 if torch.is_autocast_enabled(h.device.type) \
-        else h.element_size()
-    return h.shape[0] * h.shape[1] * (PER_TOKEN_H * H + PER_TOKEN_I * inter) * max(elem, 2)
+def step_activation_bytes(h: torch.Tensor, layer: nn.Module, controller_per_token: int = 0) -> int:
+    """Estimated bytes one plain training step keeps for backward for hidden states `h` [B, T, H],
+    per token from the layer's shapes (attributed with `bench/saved_attribution.py`): the gated MLP's
+    two inputs, the norms' and attention's inputs and outputs, the gate's state and pre-activation,
+    plus `controller_per_token` elements for the Controller's hidden layers."""
+    dev = h.device.type
+    amp = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    elem = torch.finfo(torch.get_autocast_dtype(dev)).bits // 8 if amp else h.element_size()
+    attn, mlp, H = layer.self_attn, layer.mlp, h.shape[-1]
+    per_token = 2 * mlp.gate_proj.out_features + 7 * H + 2 * attn.k_proj.out_features + controller_per_token
+    return h[..., 0].numel() * per_token * elem
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -46,10 +46,10 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def activations_fit(h: torch.Tensor, depth: int, layer: nn.Module, fraction: float = MEMORY_FRACTION) -> bool:
-    """Whether `depth` steps' activations fit `fraction` of the free memory (True where unknown)."""
-    free = free_bytes(h.device)
-    return free is None or depth * step_activation_bytes(h, layer) <= fraction * free
+def activations_fit(step_bytes: int, depth: int, device: torch.device, fraction: float = MEMORY_FRACTION) -> bool:
+    """Whether `depth` steps of `step_bytes` each fit `fraction` of the free memory (True where unknown)."""
+    free = free_bytes(device)
+    return free is None or depth * step_bytes <= fraction * free
 
 
 def trainable_parameter_count(config, hidden_size: int) -> int:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,20 +14,11 @@ from .cache import OuroborosCache
 from .config import OuroborosConfig
 from .exits import ExitRule, TokenExits
 from .generate import generate as generate_tokens
-from .layers import AttentionContext, KVSlot, build_context, decoder_layer, layer_window
-from .loss import causal_lm_loss, token_losses
+from .layers import AttentionContext, KVSlot, build_context, decoder_layer, layer_window, rms_norm
+from .loss import OuroborosOutput, head_loss, lazy_logits, token_losses
 from .memory import check_trainable_size
 from .recurrence import RecurrentBlock
 from .surgery import check_architecture, kept_fingerprints, split_layers
-
-
-@dataclass
-class OuroborosOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-    steps: torch.Tensor | None = None  # [B, T] recurrence steps each position ran (adaptive exit only)
-    states: list[torch.Tensor] | None = None  # per_step: the recurrence's state before step 1 and after each step
-    step_losses: torch.Tensor | None = None  # per_step: [depth, B, T] next-token loss if the recursion stopped there
 
 
 def check_token_range(input_ids: torch.Tensor, vocab_size: int, what: str = "input_ids") -> None:
@@ -171,8 +161,11 @@ class OuroborosModel(nn.Module):
         return h
 
     def head(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> OuroborosOutput:
-        logits = self.lm_head(self.norm(h))
-        return OuroborosOutput(loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits)
+        """Final norm and LM head: the loss from chunks of the vocabulary (never the whole float32
+        logits, `loss.head_loss`), the logits computed only when read (`loss.lazy_logits`)."""
+        h = rms_norm(h, self.norm.weight, self.norm.variance_epsilon)  # = self.norm(h), saving less
+        loss = head_loss(h, self.lm_head, labels) if labels is not None else None
+        return OuroborosOutput(loss, lazy_logits(h, self.lm_head))
 
     def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None, *,
                 cache: OuroborosCache | None = None, baseline: bool = False, exit_rule: ExitRule | None = None,

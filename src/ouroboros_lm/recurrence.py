@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -18,8 +19,30 @@ from .controller import Controller, PoolState, StaticModulation, pool
 from .exits import ExitKV, TokenExits
 from .halter import Halter
 from .layers import AttentionContext, KVSlot, decoder_layer
-from .memory import activations_fit
+from .memory import activations_fit, step_activation_bytes
 from .lora import SVDLoRABases
+
+class _GateMix(torch.autograd.Function):
+    """lerp(h_old, h_new, sigmoid(z)) computed in `dt`, saving z, h_new and h_old as they are (in
+    their own, possibly bf16, precision; h_new and h_old are kept anyway for W_g's gradient)
+    instead of float32 copies of the states and of g."""
+
+    @staticmethod
+    def forward(ctx, z, h_new, h_old, dt):
+        ctx.save_for_backward(z, h_new, h_old)
+        ctx.dt = dt
+        g = torch.sigmoid(z.to(dt))
+        return torch.lerp(h_old.to(dt), h_new.to(dt), g).to(h_new.dtype)  # g*h_new + (1-g)*h_old
+
+    @staticmethod
+    def backward(ctx, go):
+        z, h_new, h_old = ctx.saved_tensors
+        dt = ctx.dt
+        g = torch.sigmoid(z.to(dt))
+        go = go.to(dt)
+        g_new = go * g
+        gz = (go * (h_new.to(dt) - h_old.to(dt)) * g * (1 - g)).to(z.dtype)
+        return gz, g_new.to(h_new.dtype), (go - g_new).to(h_old.dtype), None
 
 
 class RecurrenceGate(nn.Module):
@@ -40,13 +63,13 @@ class RecurrenceGate(nn.Module):
         self.bias = nn.Parameter(torch.full((hidden_size,), float(bias)))
 
     def forward(self, h_new: torch.Tensor, h_old: torch.Tensor) -> torch.Tensor:
-        out_dtype, dt = h_new.dtype, self.bias.dtype  # the gate computes in its own (float32) precision
-        h_new, h_old = h_new.to(dt), h_old.to(dt)
-        # Out of place on purpose: under autocast the matmuls run in bf16/fp16, and an in-place
-        # addmm_ into a low-precision result with float32 operands would fail.
-        z = torch.addmm(torch.addmm(self.bias, h_new.flatten(0, -2), self.weight_new.t()), h_old.flatten(0, -2), self.weight_old.t())
-        g = torch.sigmoid(z.to(dt)).view_as(h_new)
-        return torch.lerp(h_old, h_new, g).to(out_dtype)  # g*h_new + (1-g)*h_old
+        dt = self.bias.dtype  # the gate computes in its own (float32) precision
+        a, b = h_new, h_old
+        if not (torch.amp.is_autocast_available(a.device.type) and torch.is_autocast_enabled(a.device.type)):
+            a, b = a.to(dt), b.to(dt)  # (under autocast the matmuls cast, and these copies would be saved)
+        # F.linear on the leaf parameters, so autocast casts each weight once per forward, not once per step
+        z = F.linear(a, self.weight_new, self.bias) + F.linear(b, self.weight_old)
+        return _GateMix.apply(z, h_new, h_old, dt)
 
     def joined(self) -> dict[str, torch.Tensor]:
         """{"proj.weight": W_g (H x 2H), "proj.bias": b_g}: the gate as the spec (and files) write it."""
@@ -113,7 +136,7 @@ class RecurrentBlock(nn.Module):
 
     def modulation(self, h: torch.Tensor, step: int, mask, pool_state: PoolState | None) -> torch.Tensor | None:
         if self.controller is not None:
-            return self.controller(pool(h, self.config.pooling, mask, pool_state), step)
+            return self.controller.from_hidden(h, step, self.config.pooling, mask, pool_state)
         if self.static is not None:
             return self.static(step)
         return None
@@ -137,10 +160,15 @@ class RecurrentBlock(nn.Module):
         """The recurrent layer applied once with nothing added (the pruned baseline)."""
         return decoder_layer(self.layer, h, ctx, window=self.window, kv=kv)
 
+    def step_activation_bytes(self, h: torch.Tensor) -> int:
+        """Estimated bytes one plain training step keeps for backward (what checkpointing frees)."""
+        ctrl = 2 * self.config.controller_hidden + self.config.style_dim if self.controller is not None else 0
+        return step_activation_bytes(h, self.layer, ctrl)
+
     def uses_checkpointing(self, h: torch.Tensor, depth: int) -> bool:
         if not (self.training and torch.is_grad_enabled()) or self.checkpointing == "never":
             return False
-        return self.checkpointing == "always" or not activations_fit(h, depth, self.layer)
+        return self.checkpointing == "always" or not activations_fit(self.step_activation_bytes(h), depth, h.device)
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext, depth: int, mask=None, cache=None,
                 exits: TokenExits | None = None, observe=None) -> torch.Tensor:

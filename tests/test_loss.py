@@ -1,0 +1,185 @@
+"""The chunked LM-head loss and the memory-saving autograd functions (RMSNorm, SwiGLU, gate mix)
+against independent computations: float64, written out term by term, gradients by autograd."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import TINY, randomize_trainables, tiny_ouroboros
+from ouroboros_lm.layers import _RMSNorm, _SwiGLU, rms_norm
+from ouroboros_lm.loss import OuroborosOutput, causal_lm_loss, head_loss
+from ouroboros_lm.recurrence import _GateMix
+
+
+def reference_loss(hidden, weight, bias, labels):
+    """float64 next-token NLL, written out: -(z[t, y_{t+1}] - log sum exp z[t]) averaged over scored tokens."""
+    z = hidden.double() @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    total, n = 0.0, 0
+    B, T = labels.shape
+    for b in range(B):
+        for t in range(T - 1):
+            y = int(labels[b, t + 1])
+            if y == -100:
+                continue
+            total = total + (z[b, t].exp().sum().log() - z[b, t, y])
+            n += 1
+    return total / n
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_head_loss_equals_the_plain_loss_and_its_gradient(chunk, bias):
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 3, 11, 16, 53
+    hidden = torch.randn(B, T, H, generator=g)
+    head = nn.Linear(H, V, bias=bias).requires_grad_(False)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 3] = labels[2, :5] = -100  # ignored positions
+    h1 = hidden.clone().requires_grad_(True)
+    h2 = hidden.double().clone().requires_grad_(True)
+    loss = head_loss(h1, head, labels, chunk=chunk)
+    ref = reference_loss(h2, head.weight, head.bias, labels)
+    assert abs(loss.item() - ref.item()) < 1e-5
+    plain = causal_lm_loss(head(hidden), labels)  # today's form
+    assert abs(loss.item() - plain.item()) < 1e-5
+    (2.5 * loss).backward()
+    (2.5 * ref).backward()
+    torch.testing.assert_close(h1.grad.double(), h2.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_head_loss_without_gradient_and_with_a_trained_head():
+    g = torch.Generator().manual_seed(1)
+    hidden, labels = torch.randn(2, 9, 8, generator=g), torch.randint(0, 20, (2, 9), generator=g)
+    head = nn.Linear(8, 20, bias=False)
+    with torch.no_grad():
+        a = head_loss(hidden, head, labels)
+    head.requires_grad_(True)  # falls back to the plain form, which also trains the head
+    b = head_loss(hidden, head, labels)
+    b.backward()
+    assert head.weight.grad is not None
+    assert abs(a.item() - b.item()) < 1e-6
+    assert abs(a.item() - reference_loss(hidden, head.weight.detach(), None, labels).item()) < 1e-5
+
+
+def test_chunked_head_loss_under_bf16_autocast_matches_the_plain_form():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 30, 32, generator=g).bfloat16()
+    head = nn.Linear(32, 300, bias=False).requires_grad_(False).bfloat16()
+    labels = torch.randint(0, 300, (2, 30), generator=g)
+    h1, h2 = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = head_loss(h1, head, labels, chunk=13)
+        b = causal_lm_loss(head(h2), labels)
+    assert a.dtype == torch.float32 and abs(a.item() - b.item()) < 1e-5
+    a.backward()
+    b.backward()
+    assert h1.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-4, rtol=2e-2)
+
+
+@pytest.mark.parametrize("variant", ["controller", "static"])
+def test_model_loss_and_gradients_equal_the_plain_head(variant, tokens):
+    """The model's loss and every trainable gradient equal those of lm_head(norm(h)) + F.cross_entropy."""
+    model = tiny_ouroboros("llama", variant=variant).train()
+    randomize_trainables(model)
+    labels = tokens.clone()
+    labels[1, :6] = -100
+    out = model(tokens, labels=labels, depth=3)
+    out.loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    logits = out.logits  # computed now, lazily, with the forward's graph
+    assert logits.shape == (*tokens.shape, TINY["vocab_size"])
+    model2 = tiny_ouroboros("llama", variant=variant).train()
+    randomize_trainables(model2)
+    h, ctx, _ = model2.embed(tokens)
+    h = model2.run_layers("prelude", h, ctx)
+    h = model2.recurrent(h, ctx, 3)
+    h = model2.run_layers("coda", h, ctx)
+    plain_logits = model2.lm_head(model2.norm(h))
+    plain = F.cross_entropy(plain_logits[:, :-1].reshape(-1, TINY["vocab_size"]).float(), labels[:, 1:].reshape(-1))
+    assert abs(out.loss.item() - plain.item()) < 1e-5
+    torch.testing.assert_close(logits, plain_logits, atol=1e-5, rtol=1e-5)
+    plain.backward()
+    for n, p in model2.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[n], p.grad, atol=2e-5, rtol=1e-4, msg=n)  # float32 rounding on gradients of size ~10
+
+
+def test_logits_are_lazy_and_follow_the_forward_modes(tokens):
+    model = tiny_ouroboros("llama")
+    with torch.no_grad():
+        out = model(tokens, labels=tokens, depth=2)
+    assert callable(out.logits_or_thunk)  # not computed yet
+    logits = out.logits
+    assert not logits.requires_grad and out.logits is logits  # computed once, in the forward's grad mode
+    assert torch.is_tensor(OuroborosOutput(None, logits).logits)
+    # DDP (find_unused_parameters) walks a dataclass's fields for tensors: it finds the loss and
+    # leaves the logits uncomputed
+    import dataclasses
+
+    from torch.nn.parallel.distributed import _find_tensors
+
+    out = model.train()(tokens, labels=tokens, depth=2)
+    assert [f.name for f in dataclasses.fields(out)] == ["loss", "depth"]
+    assert [t is out.loss for t in _find_tensors(out)] == [True] and callable(out.logits_or_thunk)
+
+
+def test_rms_norm_function_matches_autograd_of_the_plain_ops():
+    g = torch.Generator().manual_seed(3)
+    for x_dtype, w_dtype in ((torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
+        x = torch.randn(2, 5, 12, generator=g).to(x_dtype).requires_grad_(True)
+        w = (1 + 0.1 * torch.randn(12, generator=g)).to(w_dtype).requires_grad_(True)
+        gy = torch.randn(2, 5, 12, generator=g)
+        y = _RMSNorm.apply(x, w, 1e-6)
+        x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+        h = x2.to(torch.float32)  # float32 statistics, as Hugging Face (even for a float64 x)
+        y2 = w2 * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x_dtype)
+        assert y.dtype == y2.dtype and torch.equal(y, y2)
+        torch.autograd.backward(y, gy.to(y.dtype))
+        torch.autograd.backward(y2, gy.to(y2.dtype))
+        tol = dict(atol=1e-5, rtol=1e-4) if x_dtype != torch.bfloat16 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(x.grad, x2.grad, **tol)
+        torch.testing.assert_close(w.grad, w2.grad, **tol)
+    with torch.no_grad():  # the plain path, same values
+        assert torch.equal(rms_norm(x, w, 1e-6), y)
+
+
+def test_swiglu_and_gate_mix_match_autograd_of_the_plain_ops():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _SwiGLU.apply(a, b), (a, b))
+    assert torch.autograd.gradcheck(lambda z, a, b: _GateMix.apply(z, a, b, torch.float64), (z, a, b))
+    torch.testing.assert_close(_SwiGLU.apply(a, b), F.silu(a) * b)
+    torch.testing.assert_close(_GateMix.apply(z, a, b, torch.float64), torch.sigmoid(z) * a + (1 - torch.sigmoid(z)) * b)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_prefix_mean_norm_function_matches_pool_then_rms_norm(masked):
+    from ouroboros_lm.controller import Controller, pool
+
+    g = torch.Generator().manual_seed(5)
+    ctrl = Controller(12, 10, 6, 4, 8)
+    with torch.no_grad():
+        ctrl.head.weight.normal_(generator=g)
+        ctrl.norm_weight.add_(0.1 * torch.randn(12, generator=g))
+    h = torch.randn(2, 9, 12, generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    if masked:
+        mask[1, :3] = 0
+    m = mask if masked else None
+    h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    a = ctrl.from_hidden(h1, 2, "prefix_mean", m)
+    b = ctrl(pool(h2, "prefix_mean", m), 2)
+    assert torch.equal(a, b)
+    gy = torch.randn(a.shape, generator=g)
+    ga = torch.autograd.grad(a, [h1, ctrl.norm_weight], gy)
+    gb = torch.autograd.grad(b, [h2, ctrl.norm_weight], gy)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
