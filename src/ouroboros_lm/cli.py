@@ -1,4 +1,4 @@
-"""The `ouroboros` command: convert, train, eval, generate, sweep, report, demo.
+"""The `ouroboros` command: convert, train, eval, generate, export, sweep, report, demo.
 
 Flags use the names of the OuroborosConfig fields (--n-prelude, --recurrent-layer, ...).
 Bad input exits with status 2 and one line saying what is wrong.
@@ -62,6 +62,18 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=positive_int, default=None, help="tokens per block (default 2048 on GPU, 256 on CPU)")
 
 
+def add_export_parser(sub, fmt) -> None:
+    p = sub.add_parser("export", help="write a Hugging Face model folder (transformers, pipeline, lm-eval)",
+                       formatter_class=fmt)
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--out", required=True,
+                   help="folder to write (AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True))")
+    p.add_argument("--depth", type=positive_int, default=None,
+                   help="depth the exported model runs at (default: the adapter's default_depth)")
+    p.add_argument("--baseline", action="store_true", help="export the pruned stack's behaviour instead of the recursion")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="ouroboros", description=__doc__.splitlines()[0], formatter_class=fmt)
@@ -104,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--baseline", action="store_true", help="generate with the pruned model instead")
     who.add_argument("--full", action="store_true", help="generate with the full base model instead")
     who.add_argument("--compare", action="store_true", help="print full, pruned and Ouroboros continuations")
+
+    add_export_parser(sub, fmt)
 
     p = sub.add_parser("sweep", help="run an experiment grid from a YAML spec (resumable)", formatter_class=fmt)
     p.add_argument("spec", help="sweep spec (YAML); see configs/")
@@ -242,6 +256,13 @@ def cmd_generate(args) -> None:
         print()
 
 
+def cmd_export(args) -> None:
+    from .export import export_hf
+
+    out = export_hf(args.adapter, args.out, depth=args.depth, baseline=args.baseline, overwrite=args.overwrite)
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
 def cmd_sweep(args) -> None:
     from .experiments.sweep import run_sweep
 
@@ -262,7 +283,8 @@ def cmd_demo(args) -> None:
     run_demo(from_flags(DemoConfig, args))
 
 
-COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
+COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export,
+            "sweep": cmd_sweep,
             "report": cmd_report, "demo": cmd_demo}
 
 
