@@ -3,6 +3,7 @@ perplexity equal ours computed independently (our forward, our sums), for the re
 through `model_args=...,baseline=True`, for the pruned stack; the multiple-choice task runs."""
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -11,6 +12,7 @@ import torch
 
 from conftest import TINY_SPLIT, randomize_trainables, save_tiny_base, tiny_tokenizer
 from ouroboros_lm import OuroborosConfig, OuroborosModel, load_adapter, load_base_model, save_adapter
+from ouroboros_lm.cli import main
 from ouroboros_lm.export import export_hf
 from ouroboros_lm.harness import TASKS_DIR, load_passages, next_sentence_items
 
@@ -56,13 +58,15 @@ def test_harness_perplexity_equals_ours(tmp_path, monkeypatch):
         data.write_text(TEXT)
         passages = load_passages(str(data))["test"]["text"]
         assert len(passages) == 3 and max(len(p) for p in passages) < 250
-        results = {}
-        for name, extra in (("ouroboros", ""), ("baseline", ",baseline=True")):
-            out = lm_eval.simple_evaluate(
-                model="hf", model_args=f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32{extra}",
-                tasks=["ouroboros_ppl", "ouroboros_next_sentence"], batch_size=1, device="cpu",
-                task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data": str(data)}))
-            results[name] = out["results"]
+        results = {"ouroboros": lm_eval.simple_evaluate(
+            model="hf", model_args=f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32",
+            tasks=["ouroboros_ppl", "ouroboros_next_sentence"], batch_size=1, device="cpu",
+            task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data": str(data)}),
+        )["results"]}
+        # the pruned stack through the shortcut: `ouroboros harness --baseline` (model_args baseline=True)
+        assert main(["harness", "--model", str(tmp_path / "hf"), "--data", str(data), "--baseline",
+                     "--out", str(tmp_path / "baseline.json")]) == 0
+        results["baseline"] = json.loads((tmp_path / "baseline.json").read_text())
         ours = load_adapter(tmp_path / "adapter").eval()
         want = {"ouroboros": our_perplexities(ours, passages, depth=DEPTH),
                 "baseline": our_perplexities(ours, passages, baseline=True)}

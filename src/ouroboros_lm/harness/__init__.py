@@ -99,3 +99,22 @@ def load_next_sentence(data=None, passage_words: int = 200, max_items: int = 200
     if not rows:
         raise ValueError(f"ouroboros_next_sentence: no passage of data={data!r} has 4 sentences or more")
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def run_harness(model: str | os.PathLike, data=None, tasks=TASKS, depth: int | None = None, baseline: bool = False,
+                batch_size: int = 1, limit: int | None = None, device: str | None = None) -> dict:
+    """lm-evaluation-harness's `simple_evaluate` with the "hf" model on `model` (a folder from
+    `ouroboros export`, or any Hugging Face model folder for the full model's row) and our local
+    tasks over `data`; depth / baseline override the exported model's. Returns its results dict."""
+    import lm_eval
+    import torch
+    from lm_eval.tasks import TaskManager
+
+    args = f"pretrained={model},trust_remote_code=True,dtype=float32"
+    args += f",depth={depth}" if depth is not None else ""
+    args += ",baseline=True" if baseline else ""
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                          metadata={"data": [str(d) for d in data] if isinstance(data, (list, tuple)) else data})
+    return lm_eval.simple_evaluate(model="hf", model_args=args, tasks=list(tasks), batch_size=batch_size, limit=limit,
+                                   device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                                   task_manager=manager)
