@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .families import generic_decoder_layer, is_generic
+
 # Names of the seven projections, in the order the low-rank paths use them.
 PROJECTIONS = {
     "q": "self_attn.q_proj",
@@ -185,7 +187,11 @@ def decoder_layer(
         low-rank modulation); by default the layer's own nn.Linear.
     norm_weights: optional (input_norm, post_attention_norm) weights replacing the layer's own.
     kv: optional cache slot; new keys/values are appended and attention covers all of them.
+    Gemma 2, OLMo 2 and Granite layers run Hugging Face's own forward (`families.py`).
     """
+    if is_generic(layer):
+        return generic_decoder_layer(layer, h, ctx, window=window, project=project, norm_weights=norm_weights, kv=kv,
+                                     paths=PROJECTIONS)
     attn, mlp = layer.self_attn, layer.mlp
     eps_in = layer.input_layernorm.variance_epsilon
     eps_post = layer.post_attention_layernorm.variance_epsilon

@@ -13,6 +13,7 @@ from torch import nn
 
 from .cache import OuroborosCache
 from .config import OuroborosConfig
+from .families import final_logits, scale_embeddings
 from .generate import generate as generate_tokens
 from .layers import AttentionContext, KVSlot, build_context, decoder_layer, layer_window
 from .loss import causal_lm_loss
@@ -147,7 +148,7 @@ class OuroborosModel(nn.Module):
 
     def embed(self, input_ids, attention_mask=None, cache: OuroborosCache | None = None):
         """(token embeddings h, the AttentionContext every layer shares, the pooling mask)."""
-        h = self.embed_tokens(input_ids.to(self.device))
+        h = scale_embeddings(self.embed_tokens(input_ids.to(self.device)), self.base_config)
         B, T = input_ids.shape
         if cache is not None:
             position_ids, key_padding, pool_mask = cache.extend(attention_mask, B, T, h.device)
@@ -168,7 +169,7 @@ class OuroborosModel(nn.Module):
         return h
 
     def head(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> OuroborosOutput:
-        logits = self.lm_head(self.norm(h))
+        logits = final_logits(self.lm_head(self.norm(h)), self.base_config)
         return OuroborosOutput(loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits)
 
     def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None, *,
