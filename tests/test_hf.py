@@ -84,6 +84,14 @@ def test_export_folder_loads_in_a_fresh_process_with_trust_remote_code(exported,
     with torch.no_grad():
         assert torch.equal(got["logits"], ours(ids, depth=DEPTH).logits)
     assert torch.equal(got["gen"], ours.generate(ids, max_new_tokens=10, depth=DEPTH, eos_token_id=96))
+    # without trust_remote_code, once ouroboros_lm is imported: the Auto classes know model_type
+    # "ouroboros", and transformers' modeling code is only imported when a model is loaded
+    lazy = ("import sys, ouroboros_lm\n"
+            "assert 'ouroboros_lm.hf' not in sys.modules and 'transformers.modeling_utils' not in sys.modules\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"print(type(AutoModelForCausalLM.from_pretrained({str(hf_dir)!r})).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", lazy], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OuroborosForCausalLM"), r.stderr[-3000:]
     cfg = json.loads((hf_dir / "config.json").read_text())
     assert cfg["model_type"] == "ouroboros" and cfg["auto_map"]["AutoModelForCausalLM"].startswith("modeling_ouroboros.")
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "model.safetensors"} <= {

@@ -16,73 +16,20 @@ this model; the first cached forward creates the wrapper. Beam search reorders i
 `OuroborosCache.reorder`. A plain forward call without `use_cache=True` builds no cache (the
 cheaper path lm-evaluation-harness's log-likelihoods take).
 
-Both classes are registered with `AutoConfig` / `AutoModelForCausalLM` when `ouroboros_lm` is
-imported. `export.export_hf` writes a folder that loads with `trust_remote_code=True` in a process
+Both classes are registered with `AutoConfig` / `AutoModelForCausalLM` once `ouroboros_lm` is
+imported (the model class lazily, see `hf_config.py`). `export.export_hf` writes a folder that loads with `trust_remote_code=True` in a process
 that never imported `ouroboros_lm` itself.
 """
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import OuroborosCache
-from .config import OuroborosConfig
+from .hf_config import OuroborosHFConfig, register_config
 from .model import OuroborosModel
-
-MODEL_TYPE = "ouroboros"
-# Fields of the base model's configuration that tools read from the top-level config
-# (sequence length, vocabulary, special tokens).
-MIRRORED = ("vocab_size", "hidden_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-class OuroborosHFConfig(PretrainedConfig):
-    """ouroboros: the `OuroborosConfig` as a dict; base: the FULL base model's config as a dict
-    (its `model_type` included); base_model: where the base came from; base_fingerprints: the
-    kept weights' fingerprints (so `save_adapter` on a loaded model still identifies the base);
-    depth: the recurrence depth forward and generate use (None: the config's default_depth);
-    baseline: run the pruned stack instead of the recursion."""
-
-    model_type = MODEL_TYPE
-
-    ouroboros: dict | None = None
-    base: dict | None = None
-    base_model: str = ""
-    base_fingerprints: dict | None = None
-    depth: int | None = None
-    baseline: bool = False
-    vocab_size: int | None = None
-    hidden_size: int | None = None
-    max_position_embeddings: int | None = None
-    bos_token_id: int | list[int] | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    tie_word_embeddings: bool = False
-    use_cache: bool = True
-
-    def __post_init__(self, **kwargs):
-        self.ouroboros = dict(self.ouroboros or {})
-        self.base = dict(self.base or {})
-        self.base_fingerprints = dict(self.base_fingerprints or {})
-        for key in MIRRORED:
-            if getattr(self, key) is None and self.base.get(key) is not None:
-                setattr(self, key, self.base[key])
-        self.tie_word_embeddings = bool(self.base.get("tie_word_embeddings", self.tie_word_embeddings))
-        if self.ouroboros:
-            cfg = OuroborosConfig.from_dict(self.ouroboros)  # validated here, not at the first forward
-            if self.depth is not None:
-                cfg.check_depth(self.depth)
-        super().__post_init__(**kwargs)
-
-    def ouroboros_config(self) -> OuroborosConfig:
-        return OuroborosConfig.from_dict(self.ouroboros)
-
-    def base_config(self):
-        """The full base model's `transformers` configuration."""
-        d = dict(self.base)
-        return AutoConfig.for_model(d.pop("model_type"), **d)
-
 
 class OuroborosHFCache(Cache):
     """A `transformers.Cache` holding our per-step `OuroborosCache` (created by the first cached
@@ -250,8 +197,10 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def register() -> None:
-    """Make AutoConfig / AutoModelForCausalLM know model_type "ouroboros" (done on import)."""
-    AutoConfig.register(MODEL_TYPE, OuroborosHFConfig, exist_ok=True)
+    """Make AutoConfig / AutoModelForCausalLM know model_type "ouroboros" (`import ouroboros_lm`
+    registers the config at once and this on the first OuroborosHFConfig; importing this module
+    registers both)."""
+    register_config()
     AutoModelForCausalLM.register(OuroborosHFConfig, OuroborosForCausalLM, exist_ok=True)
 
 
