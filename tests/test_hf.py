@@ -199,3 +199,21 @@ def test_export_refuses_a_non_empty_folder_and_bad_depth(exported, tmp_path, cap
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "x"), "--depth", "999"]) == 2
     assert "max_steps" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_bfloat16_load_matches_load_adapter_in_bfloat16(exported):
+    """from_pretrained(dtype=bfloat16) builds what load_adapter(dtype=bfloat16) builds: frozen
+    weights and SVD bases in bfloat16, the trained parts in float32; same logits and tokens."""
+    from transformers import AutoModelForCausalLM
+
+    adapter, hf_dir, _ = exported
+    ours = load_adapter(adapter, dtype=torch.bfloat16).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
+    want = {n: p.dtype for n, p in ours.named_parameters()}
+    assert want == {n.removeprefix("model."): p.dtype for n, p in hf.named_parameters()}
+    assert {want["recurrent.gate.weight_new"], want["prelude.0.self_attn.q_proj.weight"]} == {torch.float32, torch.bfloat16}
+    ids = prompt(seed=6)
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, ours(ids, depth=DEPTH).logits)
+    assert torch.equal(hf.generate(ids, max_new_tokens=5, do_sample=False),
+                       ours.generate(ids, max_new_tokens=5, depth=DEPTH, eos_token_id=96))

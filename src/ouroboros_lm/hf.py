@@ -114,14 +114,20 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _tied_weights_keys = {"model.lm_head.weight": "model.embed_tokens.weight"}  # only when the base ties them
+    # the trained parts stay float32 whatever dtype the rest loads in, as with load_adapter(dtype=...)
+    _keep_in_fp32_modules = ["recurrent.controller", "recurrent.static", "recurrent.gate", "recurrent.step_norms"]
 
     def __init__(self, config: OuroborosHFConfig, model: OuroborosModel | None = None):
         super().__init__(config)
         if model is None:
-            base = AutoModelForCausalLM.from_config(config.base_config())
+            # the frozen weights in the dtype asked of from_pretrained (its default while building),
+            # the trained parts in float32: what load_adapter(dtype=...) builds
+            base = AutoModelForCausalLM.from_config(config.base_config(), dtype=torch.get_default_dtype())
             model = OuroborosModel.from_base(base, config.ouroboros_config(), compute_bases=False,
                                              base_name=config.base_model)
             model.base_fingerprints = dict(config.base_fingerprints)
+            for part in model.recurrent.trainable_parts().values():
+                part.float()
         self.model = model
         self.post_init()
 
