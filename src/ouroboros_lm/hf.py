@@ -151,9 +151,14 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):
         # Everything of ours is initialised by OuroborosModel (zero Controller head, gate bias...) or
-        # loaded; only the rotary tables (non-persistent buffers) need transformers' initialisation.
+        # loaded; only non-persistent buffers (rotary tables, Gemma's embedding scale) need
+        # transformers' initialisation.
         if "RotaryEmbedding" in type(module).__name__:
             super()._init_weights(module)
+        elif hasattr(module, "scalar_embed_scale") and isinstance(getattr(module, "embed_scale", None), torch.Tensor):
+            from transformers import initialization
+
+            initialization.constant_(module.embed_scale, module.scalar_embed_scale)  # Gemma's scaled embeddings
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
