@@ -142,6 +142,8 @@ def test_hf_generate_equals_ours_greedy_padded_sampled_streamed(models):
     want = ours.generate(batch, attention_mask=mask, max_new_tokens=5, depth=DEPTH, eos_token_id=eos)
     got = hf.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=eos)
     assert torch.equal(got, want)
+    assert torch.equal(hf.generate(ids, max_new_tokens=4, do_sample=False, baseline=True),
+                       ours.generate(ids, max_new_tokens=4, baseline=True, eos_token_id=eos))
     # another depth through generate's model kwargs
     assert torch.equal(hf.generate(ids, max_new_tokens=4, do_sample=False, depth=2),
                        ours.generate(ids, max_new_tokens=4, depth=2, eos_token_id=eos))
