@@ -279,6 +279,10 @@ def cmd_export(args) -> None:
 
 
 def cmd_harness(args) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("ouroboros harness needs lm-evaluation-harness: pip install 'ouroboros-lm[hf]' (or lm-eval)")
     from lm_eval.utils import make_table
 
     from .harness import run_harness
