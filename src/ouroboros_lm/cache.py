@@ -62,3 +62,18 @@ class OuroborosCache:
         if self.key_padding is not None:
             self.key_padding = torch.cat([self.key_padding, new_mask.bool()], dim=1)
         return position_ids, self.key_padding, (new_mask if self.key_padding is not None else None)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep (and repeat or permute) the batch rows `index` [B'] of everything cached: beam
+        search reorders its beams this way, and `index` may repeat a row or drop one."""
+        slots = self.prelude + [s.kv for s in self.steps] + self.coda
+        for slot in slots:
+            if slot.k is not None:
+                slot.k, slot.v = slot.k.index_select(0, index.to(slot.k.device)), slot.v.index_select(0, index.to(slot.v.device))
+        for s in self.steps:
+            if s.pool.sum is not None:
+                s.pool.sum, s.pool.count = s.pool.sum[index.to(s.pool.sum.device)], s.pool.count[index.to(s.pool.count.device)]
+        if self.key_padding is not None:
+            self.key_padding = self.key_padding[index.to(self.key_padding.device)]
+        if self.next_position is not None:
+            self.next_position = self.next_position[index.to(self.next_position.device)]

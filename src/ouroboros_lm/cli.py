@@ -1,4 +1,4 @@
-"""The `ouroboros` command: convert, train, eval, generate, sweep, report, demo.
+"""The `ouroboros` command: convert, train, eval, generate, export, harness, sweep, report, demo.
 
 Flags use the names of the OuroborosConfig fields (--n-prelude, --recurrent-layer, ...).
 Bad input exits with status 2 and one line saying what is wrong.
@@ -114,6 +114,32 @@ def add_generate_parser(p: argparse.ArgumentParser) -> None:
     who.add_argument("--compare", action="store_true", help="print full, pruned and Ouroboros continuations")
 
 
+def add_export_parser(sub, fmt) -> None:
+    p = sub.add_parser("export", help="write a Hugging Face model folder (transformers, pipeline, lm-eval)",
+                       formatter_class=fmt)
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--out", required=True,
+                   help="folder to write (AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True))")
+    p.add_argument("--depth", type=positive_int, default=None,
+                   help="depth the exported model runs at (default: the adapter's default_depth)")
+    p.add_argument("--baseline", action="store_true", help="export the pruned stack's behaviour instead of the recursion")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def add_harness_parser(sub, fmt) -> None:
+    p = sub.add_parser("harness", help="lm-evaluation-harness on our local tasks (perplexity, next sentence)",
+                       formatter_class=fmt)
+    p.add_argument("--model", required=True, help="folder from `ouroboros export` (or any HF model folder: the full model)")
+    p.add_argument("--data", nargs="*", default=None, metavar="SRC",
+                   help="text files, folders or globs (default: the sample shipped with the tasks)")
+    p.add_argument("--tasks", default="ouroboros_ppl,ouroboros_next_sentence", help="comma-separated task names")
+    p.add_argument("--depth", type=positive_int, default=None, help="override the exported model's depth")
+    p.add_argument("--baseline", action="store_true", help="evaluate the pruned stack instead of the recursion")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="harness batch size")
+    p.add_argument("--limit", type=positive_int, default=None, help="documents per task (for a quick look)")
+    p.add_argument("--out", default=None, help="write the harness's results as JSON here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="ouroboros", description=__doc__.splitlines()[0], formatter_class=fmt)
@@ -141,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=fmt))
     add_generate_parser(sub.add_parser("generate", help="generate text through the recursion (streams tokens)",
                                        formatter_class=fmt))
+    add_export_parser(sub, fmt)
+    add_harness_parser(sub, fmt)
+
     p = sub.add_parser("sweep", help="run an experiment grid from a YAML spec (resumable)", formatter_class=fmt)
     p.add_argument("spec", help="sweep spec (YAML); see configs/")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/<spec name>)")
@@ -309,6 +338,32 @@ def cmd_generate(args) -> None:
             print(f"[recurrence steps per new token: mean {sum(steps) / len(steps):.2f}, {steps}]")
 
 
+def cmd_export(args) -> None:
+    from .export import export_hf
+
+    out = export_hf(args.adapter, args.out, depth=args.depth, baseline=args.baseline, overwrite=args.overwrite)
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
+def cmd_harness(args) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("ouroboros harness needs lm-evaluation-harness: pip install 'ouroboros-lm[hf]' (or lm-eval)")
+    from lm_eval.utils import make_table
+
+    from .harness import run_harness
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.model} is not a Hugging Face model folder (run `ouroboros export` first)")
+    out = run_harness(args.model, args.data, tuple(t for t in args.tasks.split(",") if t), depth=args.depth,
+                      baseline=args.baseline, batch_size=args.batch_size, limit=args.limit)
+    print(make_table(out))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out["results"], indent=2, default=str) + "\n")
+        print(f"wrote {args.out}")
+
+
 def cmd_sweep(args) -> None:
     from .experiments.sweep import run_sweep
 
@@ -329,7 +384,8 @@ def cmd_demo(args) -> None:
     run_demo(from_flags(DemoConfig, args))
 
 
-COMMANDS = {"convert": cmd_convert, "train": cmd_train, "train-halter": cmd_train_halter, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
+COMMANDS = {"convert": cmd_convert, "train": cmd_train, "train-halter": cmd_train_halter, "eval": cmd_eval,
+            "generate": cmd_generate, "export": cmd_export, "harness": cmd_harness, "sweep": cmd_sweep,
             "report": cmd_report, "demo": cmd_demo}
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TARGETS
-from .layers import _rms_normalize, rms_norm
+from .layers import rms_normalize, rms_norm
 
 
 class PoolState:
@@ -75,7 +75,7 @@ class _PrefixMeanRMSNorm(torch.autograd.Function):
     (a fresh [B, T, H] float32 tensor); the backward recomputes them (one cumsum)."""
 
     @staticmethod
-    def _means(h, m):
+    def means(h, m):
         if m is None:
             counts = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=torch.float32).expand(h.shape[:2])
             return h.float().cumsum(dim=1), counts.clamp(min=1.0).unsqueeze(-1)
@@ -83,15 +83,15 @@ class _PrefixMeanRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, m, weight, eps):
-        sums, counts = _PrefixMeanRMSNorm._means(h, m)
-        n, r = _rms_normalize(sums / counts, eps)
+        sums, counts = _PrefixMeanRMSNorm.means(h, m)
+        n, r = rms_normalize(sums / counts, eps)
         ctx.save_for_backward(h, m, weight, r)
         return weight * n
 
     @staticmethod
     def backward(ctx, gy):
         h, m, weight, r = ctx.saved_tensors
-        sums, counts = _PrefixMeanRMSNorm._means(h, m)
+        sums, counts = _PrefixMeanRMSNorm.means(h, m)
         n = (sums / counts) * r
         gw = (gy * n).sum_to_size(weight.shape) if ctx.needs_input_grad[2] else None
         gh = None

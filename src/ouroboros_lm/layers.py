@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .families import generic_decoder_layer, is_generic
+
 # Names of the seven projections, in the order the low-rank paths use them.
 PROJECTIONS = {
     "q": "self_attn.q_proj",
@@ -40,7 +42,7 @@ def get_projection(layer: nn.Module, target: str) -> nn.Linear:
     return mod
 
 
-def _rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     h = x.to(torch.float32)
     r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return h * r, r
@@ -52,7 +54,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        n, r = _rms_normalize(x, eps)
+        n, r = rms_normalize(x, eps)
         ctx.save_for_backward(x, weight, r)
         return weight * n.to(x.dtype)
 
@@ -74,7 +76,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     is needed it keeps only x and the [.., 1] rsqrt for the backward pass (`_RMSNorm`)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps)
-    n, _ = _rms_normalize(x, eps)
+    n, _ = rms_normalize(x, eps)
     return weight * n.to(x.dtype)
 
 
@@ -239,7 +241,11 @@ def decoder_layer(
         low-rank modulation); by default the layer's own nn.Linear.
     norm_weights: optional (input_norm, post_attention_norm) weights replacing the layer's own.
     kv: optional cache slot; new keys/values are appended and attention covers all of them.
+    Gemma 2, OLMo 2 and Granite layers run Hugging Face's own forward (`families.py`).
     """
+    if is_generic(layer):
+        return generic_decoder_layer(layer, h, ctx, window=window, project=project, norm_weights=norm_weights, kv=kv,
+                                     paths=PROJECTIONS)
     attn, mlp = layer.self_attn, layer.mlp
     eps_in = layer.input_layernorm.variance_epsilon
     eps_post = layer.post_attention_layernorm.variance_epsilon

@@ -13,9 +13,10 @@ from torch import nn
 from .cache import OuroborosCache
 from .config import OuroborosConfig
 from .exits import ExitRule, TokenExits
+from .families import GENERIC_MODEL_TYPES, final_logits, scale_embeddings
 from .generate import generate as generate_tokens
 from .layers import AttentionContext, KVSlot, build_context, decoder_layer, layer_window, rms_norm
-from .loss import OuroborosOutput, head_loss, lazy_logits, token_losses
+from .loss import OuroborosOutput, causal_lm_loss, head_loss, lazy_logits, token_losses
 from .memory import check_trainable_size
 from .recurrence import RecurrentBlock
 from .surgery import check_architecture, kept_fingerprints, split_layers
@@ -140,7 +141,7 @@ class OuroborosModel(nn.Module):
 
     def embed(self, input_ids, attention_mask=None, cache: OuroborosCache | None = None):
         """(token embeddings h, the AttentionContext every layer shares, the pooling mask)."""
-        h = self.embed_tokens(input_ids.to(self.device))
+        h = scale_embeddings(self.embed_tokens(input_ids.to(self.device)), self.base_config)
         B, T = input_ids.shape
         if cache is not None:
             position_ids, key_padding, pool_mask = cache.extend(attention_mask, B, T, h.device)
@@ -161,8 +162,12 @@ class OuroborosModel(nn.Module):
         return h
 
     def head(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> OuroborosOutput:
-        """Final norm and LM head: the loss from chunks of the vocabulary (never the whole float32
-        logits, `loss.head_loss`), the logits computed only when read (`loss.lazy_logits`)."""
+        """Final norm and LM head. Llama-family heads: the loss from chunks of the vocabulary (never the
+        whole float32 logits, `loss.head_loss`), the logits computed only when read (`loss.lazy_logits`).
+        Families that scale or soft-cap their logits (Granite, Gemma 2): their own norm and the plain loss."""
+        if self.base_config.model_type in GENERIC_MODEL_TYPES:
+            logits = final_logits(self.lm_head(self.norm(h)), self.base_config)
+            return OuroborosOutput(causal_lm_loss(logits, labels) if labels is not None else None, logits)
         h = rms_norm(h, self.norm.weight, self.norm.variance_epsilon)  # = self.norm(h), saving less
         loss = head_loss(h, self.lm_head, labels) if labels is not None else None
         return OuroborosOutput(loss, lazy_logits(h, self.lm_head))

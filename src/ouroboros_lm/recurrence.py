@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import OuroborosConfig
 from .controller import Controller, PoolState, StaticModulation, pool
 from .exits import ExitKV, TokenExits
+from .families import step_norm_names
 from .halter import Halter
 from .layers import AttentionContext, KVSlot, decoder_layer
 from .memory import activations_fit, step_activation_bytes
@@ -116,7 +117,7 @@ class RecurrentBlock(nn.Module):
             self.static = StaticModulation(config.rank, config.max_steps)
         self.gate = RecurrenceGate(hidden_size, config.gate_bias) if config.gate else None
         self.step_norms = (
-            StepNorms(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, config.max_steps)
+            StepNorms(*(getattr(layer, n).weight for n in step_norm_names(layer)), config.max_steps)
             if config.step_norm
             else None
         )

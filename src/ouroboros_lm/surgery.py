@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from .config import TARGETS, OuroborosConfig
+from .families import GENERIC_MODEL_TYPES, step_norm_names
 from .layers import PROJECTIONS, get_projection
 from .lora import SVDLoRABases
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral") + GENERIC_MODEL_TYPES
 
 
 def check_architecture(base: nn.Module) -> None:
@@ -31,7 +32,7 @@ def check_architecture(base: nn.Module) -> None:
     layers = getattr(inner, "layers", None) if inner is not None else None
     if layers is not None and len(layers) > 0:
         layer = layers[0]
-        for path in list(PROJECTIONS.values()) + ["input_layernorm", "post_attention_layernorm", "mlp.act_fn"]:
+        for path in list(PROJECTIONS.values()) + list(step_norm_names(layer)) + ["mlp.act_fn"]:
             mod = layer
             for part in path.split("."):
                 mod = getattr(mod, part, None)
@@ -43,7 +44,7 @@ def check_architecture(base: nn.Module) -> None:
         why = f"missing {', '.join(missing)}" if missing else f"model_type {model_type!r} is not a known Llama-family type"
         raise ValueError(
             f"unsupported architecture {name} (model_type={model_type!r}): {why}. "
-            f"Ouroboros supports Llama-family decoders: {', '.join(SUPPORTED_MODEL_TYPES)}."
+            f"Ouroboros supports these decoders: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
 
 

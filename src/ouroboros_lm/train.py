@@ -32,6 +32,8 @@ from .settings import setting, structural_fields, to_dict, validate_fields
 
 BIG = 10**9
 DEPTH_SCHEDULES = ("uniform", "lognormal_poisson", "curriculum")
+TRACKERS = ("none", "tensorboard", "wandb")
+TRACKING_DIR = "tracking"  # trackers' local files (TensorBoard events) under the run folder
 
 
 class TrainingError(RuntimeError):
@@ -77,6 +79,9 @@ class TrainConfig:
     stop_after: int | None = setting(None, "stop after this step as if interrupted (the schedule still runs to "
                                      "`steps`)", low=1, high=BIG, cli=False, sweep=False)
     progress: bool = setting(True, "show a progress bar", cli=False, sweep=False)
+    report_to: str = setting("none", "also log metrics and the run's settings to an experiment tracker through "
+                             "accelerate (tensorboard: RUN/tracking/; wandb: set WANDB_MODE=offline to stay offline); "
+                             "metrics.jsonl is always written", choices=TRACKERS, sweep=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -222,7 +227,9 @@ class Trainer:
             release_accelerator_state(runtime.mixed_precision)
             # cpu=True on a machine without CUDA: under `accelerate launch`/torchrun that is what makes
             # several CPU processes form a gloo process group instead of each running alone.
-            self.accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=not torch.cuda.is_available())
+            self.accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=not torch.cuda.is_available(),
+                                           log_with=None if self.tc.report_to == "none" else self.tc.report_to,
+                                           project_dir=str(self.run_dir / TRACKING_DIR))
 
     def setup(self) -> None:
         tc, acc = self.tc, self.accelerator
@@ -239,6 +246,7 @@ class Trainer:
             remove_partial_checkpoints(self.run_dir)
         if self.resuming:
             self.resume()
+        self.start_tracking()
         self.ddp_model, self.optimizer = acc.prepare(self.model, self.optimizer)
         self.model = acc.unwrap_model(self.ddp_model)
         self.model.train()
@@ -255,6 +263,35 @@ class Trainer:
         self.start, self.prior_elapsed = state["step"], state.get("elapsed_s", 0.0)
         if self.accelerator.is_main_process:
             truncate_metrics(self.run_dir, self.start)
+
+    def start_tracking(self) -> None:
+        """Experiment trackers (`report_to`), with the run's settings (training, model, data) as their
+        configuration. A resumed run tells TensorBoard to drop events after the checkpoint's step."""
+        if self.tc.report_to == "none":
+            return
+        import importlib.util
+
+        if importlib.util.find_spec(self.tc.report_to) is None:
+            raise ValueError(f"--report-to {self.tc.report_to} needs the {self.tc.report_to} package: "
+                             f"pip install {self.tc.report_to}")
+        config = {**{f"train/{k}": v for k, v in to_dict(self.tc).items()},
+                  **{f"model/{k}": v for k, v in self.model.config.to_dict().items()},
+                  "data/seq_len": self.corpus.seq_len, "base_model": self.model.base_name}
+        config = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
+        init_kwargs = {"tensorboard": {"purge_step": self.start + 1}} if self.resuming else {}
+        self.accelerator.init_trackers("ouroboros-lm", config=config, init_kwargs=init_kwargs)
+
+    def track(self, rec: dict) -> None:
+        """Send a metrics record to the trackers (numbers only, at its step)."""
+        self.accelerator.log({k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))},
+                             step=rec["step"])
+
+    def stop_tracking(self) -> None:
+        """Close the trackers (not `end_training`, which would also end the process group that a
+        sweep or notebook may still use)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
 
     # ------------------------------------------------------------------ one step
     def forward_backward(self, ids: torch.Tensor, depth: int, sync: bool) -> torch.Tensor:
@@ -337,6 +374,7 @@ class Trainer:
                "depth": window[-1]["depth"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": window[-1]["grad_norm"],
                "tokens_per_s": (step - self.start) * self.tokens_per_step / max(elapsed, 1e-9), "elapsed_s": elapsed}
         append_metrics(self.run_dir, rec)
+        self.track(rec)
         self.last["baseline_loss"] = rec["baseline_loss"]
         bar.set_postfix(loss=f"{rec['loss']:.3f}", base=f"{rec['baseline_loss']:.3f}" if bases else "-",
                         d=rec["depth"], tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -344,6 +382,7 @@ class Trainer:
     def write_eval(self, step: int, bar) -> None:
         rec = self.evaluate(step)
         append_metrics(self.run_dir, rec)
+        self.track(rec)
         bar.write(f"step {step}: held-out loss {rec['heldout_loss']:.4f} at depth {rec['eval_depth']} "
                   f"(pruned baseline {rec['heldout_baseline_loss']:.4f})")
 
@@ -355,7 +394,10 @@ class Trainer:
         # one lock per run: the main process holds it for all of them
         with run_lock(self.run_dir) if self.accelerator.is_main_process else contextlib.nullcontext():
             self.setup()
-            return self.loop()
+            try:
+                return self.loop()
+            finally:
+                self.stop_tracking()
 
     def loop(self) -> dict:
         tc, main = self.tc, self.accelerator.is_main_process

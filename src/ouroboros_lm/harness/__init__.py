@@ -1,0 +1,120 @@
+"""Two local lm-evaluation-harness tasks, built offline from plain text.
+
+  ouroboros_ppl            rolling log-likelihood over passages (word / byte perplexity, bits per
+                           byte), like wikitext, but over the text you point it at
+  ouroboros_next_sentence  multiple choice: after three sentences of a passage, which of four
+                           sentences comes next (the true one, or three drawn from elsewhere in
+                           the text; seeded, so the same text gives the same questions)
+
+Both read `data` from the harness's metadata (a file, a folder of .txt files, a glob, or a list of
+them; default: `sample.txt`, the opening of the 2021 State of the Union address, public domain):
+
+    lm_eval --model hf --model_args pretrained=HFDIR,trust_remote_code=True \\
+        --include_path $(python -c "import ouroboros_lm.harness as h; print(h.TASKS_DIR)") \\
+        --tasks ouroboros_ppl,ouroboros_next_sentence --metadata '{"data": "heldout/*.txt"}'
+
+or `ouroboros harness --model HFDIR --data 'heldout/*.txt'`. Passages are runs of whole
+sentences up to `passage_words` words (default 200; a blank line also ends one).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).resolve().parent
+SAMPLE = TASKS_DIR / "sample.txt"
+TASKS = ("ouroboros_ppl", "ouroboros_next_sentence")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def text_files(data) -> list[Path]:
+    """The .txt files `data` names (a file, folder, glob, or a list of them); the sample without it."""
+    if not data:
+        return [SAMPLE]
+    out: list[Path] = []
+    for item in [data] if isinstance(data, (str, os.PathLike)) else data:
+        path = Path(os.path.expanduser(str(item)))
+        if path.is_dir():
+            out += sorted(path.glob("*.txt"))
+        elif path.is_file():
+            out.append(path)
+        else:
+            out += [Path(p) for p in sorted(glob.glob(os.path.expanduser(str(item))))]
+    if not out:
+        raise FileNotFoundError(f"no text files in data={data!r}")
+    return out
+
+
+def passages(data=None, passage_words: int = 200) -> list[list[str]]:
+    """Passages (lists of sentences) of every document: whole sentences up to `passage_words`
+    words, a blank line ending a passage too."""
+    out = []
+    for path in text_files(data):
+        for para in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")):
+            current: list[str] = []
+            for sentence in (s.strip() for s in SENTENCE_END.split(para.strip())):
+                if not sentence:
+                    continue
+                if current and sum(len(s.split()) for s in current) + len(sentence.split()) > passage_words:
+                    out.append(current)
+                    current = []
+                current.append(sentence)
+            if current:
+                out.append(current)
+    return out
+
+
+def load_passages(data=None, passage_words: int = 200, **_):
+    """The ouroboros_ppl dataset: {"test": [{"text": passage}]}."""
+    import datasets
+
+    rows = [{"text": " ".join(p)} for p in passages(data, int(passage_words))]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def next_sentence_items(data=None, passage_words: int = 200, max_items: int = 200, seed: int = 1234) -> list[dict]:
+    """Multiple-choice items: three sentences of context, the true next sentence and three others."""
+    rng = random.Random(seed)
+    ps = passages(data, passage_words)
+    pool = [s for p in ps for s in p]
+    items = []
+    for p in ps:
+        for i in range(3, len(p)):
+            others = rng.sample([s for s in pool if s != p[i]], 3)
+            choices = others + [p[i]]
+            rng.shuffle(choices)
+            items.append({"context": " ".join(p[i - 3:i]), "choices": choices, "label": choices.index(p[i])})
+    rng.shuffle(items)
+    return items[: int(max_items)]
+
+
+def load_next_sentence(data=None, passage_words: int = 200, max_items: int = 200, seed: int = 1234, **_):
+    """The ouroboros_next_sentence dataset: {"test": [{"context", "choices", "label"}]}."""
+    import datasets
+
+    rows = next_sentence_items(data, passage_words, max_items, seed)
+    if not rows:
+        raise ValueError(f"ouroboros_next_sentence: no passage of data={data!r} has 4 sentences or more")
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def run_harness(model: str | os.PathLike, data=None, tasks=TASKS, depth: int | None = None, baseline: bool = False,
+                batch_size: int = 1, limit: int | None = None, device: str | None = None) -> dict:
+    """lm-evaluation-harness's `simple_evaluate` with the "hf" model on `model` (a folder from
+    `ouroboros export`, or any Hugging Face model folder for the full model's row) and our local
+    tasks over `data`; depth / baseline override the exported model's. Returns its results dict."""
+    import lm_eval
+    import torch
+    from lm_eval.tasks import TaskManager
+
+    args = f"pretrained={model},trust_remote_code=True,dtype=float32"
+    args += f",depth={depth}" if depth is not None else ""
+    args += ",baseline=True" if baseline else ""
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                          metadata={"data": [str(d) for d in data] if isinstance(data, (list, tuple)) else data})
+    return lm_eval.simple_evaluate(model="hf", model_args=args, tasks=list(tasks), batch_size=batch_size, limit=limit,
+                                   device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                                   task_manager=manager)

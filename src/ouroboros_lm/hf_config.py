@@ -1,0 +1,75 @@
+"""`OuroborosHFConfig`: an Ouroboros model's configuration as a `transformers` configuration
+(model_type "ouroboros"). Kept apart from the model class (`hf.py`) so that `import ouroboros_lm`
+registers it with `AutoConfig` without importing transformers' modeling code; the model class is
+registered with `AutoModelForCausalLM` when the first such configuration is created
+(`on_create`, wired by the package), which every way of loading the model goes through.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from transformers import AutoConfig, PretrainedConfig
+
+from .config import OuroborosConfig
+
+MODEL_TYPE = "ouroboros"
+# Fields of the base model's configuration that tools read from the top-level config
+# (sequence length, vocabulary, special tokens).
+MIRRORED = ("vocab_size", "hidden_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class OuroborosHFConfig(PretrainedConfig):
+    """ouroboros: the `OuroborosConfig` as a dict; base: the FULL base model's config as a dict
+    (its `model_type` included); base_model: where the base came from; base_fingerprints: the
+    kept weights' fingerprints (so `save_adapter` on a loaded model still identifies the base);
+    depth: the recurrence depth forward and generate use (None: the config's default_depth);
+    baseline: run the pruned stack instead of the recursion."""
+
+    model_type = MODEL_TYPE
+
+    ouroboros: dict | None = None
+    base: dict | None = None
+    base_model: str = ""
+    base_fingerprints: dict | None = None
+    depth: int | None = None
+    baseline: bool = False
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    max_position_embeddings: int | None = None
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+
+    def __post_init__(self, **kwargs):
+        self.ouroboros = dict(self.ouroboros or {})
+        self.base = dict(self.base or {})
+        self.base_fingerprints = dict(self.base_fingerprints or {})
+        for key in MIRRORED:
+            if getattr(self, key) is None and self.base.get(key) is not None:
+                setattr(self, key, self.base[key])
+        self.tie_word_embeddings = bool(self.base.get("tie_word_embeddings", self.tie_word_embeddings))
+        if self.ouroboros:
+            cfg = OuroborosConfig.from_dict(self.ouroboros)  # validated here, not at the first forward
+            if self.depth is not None:
+                cfg.check_depth(self.depth)
+        super().__post_init__(**kwargs)
+        if on_create:
+            on_create[0]()
+
+    def ouroboros_config(self) -> OuroborosConfig:
+        return OuroborosConfig.from_dict(self.ouroboros)
+
+    def base_config(self):
+        """The full base model's `transformers` configuration."""
+        d = dict(self.base)
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+# Called whenever an OuroborosHFConfig is created: the package registers the model class here.
+on_create: list[Callable[[], None]] = []
+
+
+def register_config() -> None:
+    AutoConfig.register(MODEL_TYPE, OuroborosHFConfig, exist_ok=True)
