@@ -54,8 +54,9 @@ def main():
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     base = random_base(args.shapes, "cpu", dtype, num_hidden_layers=4, vocab_size=1000)
-    cfg = OuroborosConfig(n_prelude=1, recurrent_layer=2, n_coda=1, rank=32, depths=(args.depth,), checkpoint_from_depth=0)
+    cfg = OuroborosConfig(n_prelude=1, recurrent_layer=2, n_coda=1, rank=32)
     model = OuroborosModel.from_base(base, cfg).train()
+    model.checkpointing = "never"
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -63,8 +64,8 @@ def main():
     rb = model.recurrent
     ids = torch.randint(0, 1000, (args.batch_size, args.seq_len))
     with torch.no_grad():
-        h0, ctx = model._embed(ids, None)
-        h0 = model._run_stack(model.prelude, model.prelude_windows, h0, ctx)
+        h0, ctx, _ = model.embed(ids)
+        h0 = model.run_layers("prelude", h0, ctx)
     amp = lambda: autocast("cpu", dtype)
     with torch.no_grad(), amp():
         rb.step(h0, 0, ctx, None)  # folded weights built

@@ -69,9 +69,7 @@ def main():
     base = AutoModelForCausalLM.from_config(LlamaConfig(**DIMS), dtype=torch.bfloat16 if BF16 else torch.float32)
     model = OuroborosModel.from_base(base.eval().requires_grad_(False),
                                      OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32)).train()
-    model.config.checkpoint_from_depth = 0
-    if hasattr(model.config, "checkpoint"):
-        model.config.checkpoint = "never"
+    model.checkpointing = "never"
     ids = torch.randint(0, DIMS["vocab_size"], (1, 256))
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16)
     with torch.no_grad(), amp():

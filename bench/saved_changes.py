@@ -33,7 +33,7 @@ import ouroboros_lm.layers as layers_mod
 from common import autocast, random_base
 from ouroboros_lm import OuroborosConfig, OuroborosModel
 from ouroboros_lm.controller import Controller, pool
-from ouroboros_lm.loss import causal_lm_loss
+from ouroboros_lm.loss import OuroborosOutput, causal_lm_loss
 from ouroboros_lm.model import OuroborosModel as _M
 from ouroboros_lm.recurrence import RecurrenceGate
 
@@ -53,14 +53,13 @@ def old_gate_forward(self, h_new, h_old):
     return torch.lerp(h_old, h_new, g).to(out_dtype)
 
 
-def old_head(self, h, labels):
+def old_head(self, h, labels=None):
     logits = self.lm_head(self.norm(h))
-    loss = causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
-    return loss, logits
+    return OuroborosOutput(causal_lm_loss(logits, labels) if labels is not None else None, logits)
 
 
 PATCHES = {
-    "loss": [(_M, "_head", old_head)],
+    "loss": [(_M, "head", old_head)],
     "rmsnorm": [(layers_mod, "rms_norm", old_rms_norm), (controller_mod, "rms_norm", old_rms_norm)],
     "swiglu": [(layers_mod, "gated_activation", lambda act, g, u: act(g) * u)],
     "gate": [(RecurrenceGate, "forward", old_gate_forward)],
@@ -96,8 +95,8 @@ def main():
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = OuroborosModel.from_base(random_base("smollm2", "cpu", dtype),
-                                     OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32,
-                                                     checkpoint_from_depth=0)).train()
+                                     OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32)).train()
+    model.checkpointing = "never"
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

@@ -60,8 +60,11 @@ class TrainConfig:
                                   "(Huginn: Poisson with a log-normal rate of mean depth_mean, clipped to the depths' "
                                   "range); curriculum (uniform over depths, the largest unlocked linearly over the first "
                                   "half of training)", choices=DEPTH_SCHEDULES, structural=True)
-    depth_mean: float = setting(6.0, "mean depth of the lognormal_poisson schedule", above=0, high=MAX_STEPS,
+    depth_mean: float = setting(6.0, "mean depth of the lognormal_poisson schedule", above=1.0, high=MAX_STEPS,
                                 structural=True)
+    param_steps: int = setting(0, "distinct per-step parameter sets (norms, step embedding) to train: deeper steps "
+                               "reuse the last one (0: the largest training depth)", low=0, high=MAX_STEPS,
+                               structural=True)
     backprop_steps: int = setting(0, "backpropagate through only the last k recurrence steps (earlier ones run "
                                   "without gradients, so deep draws cost what k steps cost; 0 = all)", low=0,
                                   high=MAX_STEPS, structural=True)
@@ -113,10 +116,10 @@ def step_depth(tc: TrainConfig, step: int) -> int:
     rng = random.Random(tc.seed * 7_919 + step)
     lo, hi = min(tc.depths), max(tc.depths)
     if tc.depth_schedule == "lognormal_poisson":
-        # Huginn's draw: rate = exp(N(log(mean) - sigma^2 / 2, sigma)), so E[rate] = mean; depth ~ 1 + Poisson(rate - 1)
+        # Huginn's draw: rate = exp(N(log(mean - 1) - sigma^2 / 2, sigma)), so E[rate] = mean - 1; depth = 1 + Poisson(rate)
         sigma = 0.5
-        rate = math.exp(rng.gauss(math.log(tc.depth_mean) - sigma**2 / 2, sigma))
-        return min(hi, max(lo, 1 + poisson(rng, max(rate - 1.0, 0.0))))
+        rate = math.exp(rng.gauss(math.log(tc.depth_mean - 1.0) - sigma**2 / 2, sigma))
+        return min(hi, max(lo, 1 + poisson(rng, rate)))
     if tc.depth_schedule == "curriculum":
         unlocked = lo + (hi - lo) * min(1.0, 2.0 * step / max(1, tc.steps))
         return rng.choice([d for d in tc.depths if d <= unlocked] or [lo])
@@ -238,7 +241,7 @@ class Trainer:
         self.model.checkpointing = tc.checkpoint
         self.model.recurrent.backprop_steps = tc.backprop_steps
         # steps past the deepest trained one reuse its parameters (never ones that saw no gradient)
-        self.model.config.trained_depth = max(self.model.config.trained_depth, max(tc.depths))
+        self.model.config.trained_depth = tc.param_steps or max(self.model.config.trained_depth, max(tc.depths))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))

@@ -37,15 +37,17 @@ class DemoConfig:
     lr: float = setting(1e-3, "peak learning rate (a short CPU run: higher than the paper's 3e-4)", above=0, high=1.0)
     warmup_steps: int = setting(15, "warmup steps", low=0, high=10**6)
     time_budget: float = setting(540.0, "seconds of training at most", above=0, high=1e7)
-    depths: tuple[int, ...] = setting((2, 4, 8), "training depths (uniform) or their range (other schedules)",
+    depths: tuple[int, ...] = setting((1, 32), "training depths (uniform) or their range (other schedules)",
                                       low=1, high=64)
-    depth_schedule: str = setting("uniform", "how training draws its depths", choices=DEPTH_SCHEDULES)
-    depth_mean: float = setting(6.0, "mean depth of the lognormal_poisson schedule", above=0, high=64)
-    backprop_steps: int = setting(0, "gradients through only the last k steps (0 = all)", low=0, high=64)
+    depth_schedule: str = setting("lognormal_poisson", "how training draws its depths", choices=DEPTH_SCHEDULES)
+    depth_mean: float = setting(6.0, "mean depth of the lognormal_poisson schedule", above=1.0, high=64)
+    param_steps: int = setting(8, "distinct per-step parameter sets; deeper steps reuse the last (0: max depth)",
+                               low=0, high=64)
+    backprop_steps: int = setting(8, "gradients through only the last k steps (0 = all)", low=0, high=64)
     eval_depths: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "evaluated fixed depths (the compute curve)",
                                            low=1, high=64)
-    exit_thresholds: tuple[float, ...] = setting((), "adaptive exit thresholds evaluated (converged rule)", above=0,
-                                                 high=1e3)
+    exit_thresholds: tuple[float, ...] = setting((0.08,), "adaptive exit thresholds evaluated (converged rule)",
+                                                 above=0, high=1e3)
     halter_steps: int = setting(0, "train a halter for this many steps after the adapter (0 = none)", low=0,
                                 high=10**5)
     halter_thresholds: tuple[float, ...] = setting((0.5,), "halter thresholds evaluated", above=0, high=1.0)
@@ -79,11 +81,12 @@ def demo_training(dc: DemoConfig) -> TrainConfig:
     return TrainConfig(steps=dc.steps, batch_size=dc.batch_size, lr=dc.lr, warmup_steps=dc.warmup_steps,
                        log_every=5, eval_every=max(dc.steps // 3, 1), eval_blocks=8, save_every=50,
                        seed=dc.seed, time_budget=dc.time_budget, depths=dc.depths, depth_schedule=dc.depth_schedule,
-                       depth_mean=dc.depth_mean, backprop_steps=dc.backprop_steps, checkpoint="never")
+                       depth_mean=dc.depth_mean, param_steps=dc.param_steps, backprop_steps=dc.backprop_steps,
+                       checkpoint="never")
 
 
 def exit_rules(dc: DemoConfig, model) -> list[tuple[ExitRule, int]]:
-    top = max(dc.eval_depths)
+    top = min(16, max(dc.eval_depths))  # adaptive exit chooses among up to 16 steps
     rules = [(ExitRule(threshold=t), top) for t in dc.exit_thresholds]
     if model.recurrent.halter is not None:
         rules += [(ExitRule(rule="halter", threshold=t), top) for t in dc.halter_thresholds]
