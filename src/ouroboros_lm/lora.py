@@ -36,12 +36,10 @@ def mean_residual(recurrent: nn.Module, removed: list[nn.Module], target: str) -
     return acc / len(removed)
 
 
-def svd_bases(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A [r, in], B [out, r], S all singular values) of the rank-r truncation."""
+def svd_bases(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r]) of the rank-r truncation."""
     U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
-    A = Vh[:rank].contiguous()
-    B = (U[:, :rank] * S[:rank]).contiguous()
-    return A, B, S
+    return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous()
 
 
 class SVDLoRABases(nn.Module):
@@ -72,7 +70,7 @@ class SVDLoRABases(nn.Module):
         for group in GROUPS:
             As = []
             for t in group:
-                A, B, _ = svd_bases(mean_residual(recurrent, removed, t), rank)
+                A, B = svd_bases(mean_residual(recurrent, removed, t), rank)
                 As.append(A)
                 getattr(bases, "B_" + t).copy_(B)
             getattr(bases, "A_" + group[0]).copy_(torch.cat(As))

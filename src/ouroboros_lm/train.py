@@ -343,9 +343,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self, step: int) -> dict:
-        """Held-out loss at the largest training depth and the pruned baseline's, both under the
+        """Held-out loss at the model's default depth and the pruned baseline's, both under the
         run's autocast, on the first `eval_blocks` held-out blocks."""
-        heldout, depth = self.corpus.heldout[: self.tc.eval_blocks], max(self.tc.depths)
+        heldout, depth = self.corpus.heldout[: self.tc.eval_blocks], self.model.config.default_depth
         self.model.eval()
         with self.accelerator.autocast():
             if self.heldout_baseline is None:

@@ -79,7 +79,7 @@ def demo_model(dc: DemoConfig, out: Path):
 
 def demo_training(dc: DemoConfig) -> TrainConfig:
     return TrainConfig(steps=dc.steps, batch_size=dc.batch_size, lr=dc.lr, warmup_steps=dc.warmup_steps,
-                       log_every=5, eval_every=max(dc.steps // 3, 1), eval_blocks=8, save_every=50,
+                       log_every=10, eval_every=max(dc.steps // 3, 1), eval_blocks=8, save_every=50,
                        seed=dc.seed, time_budget=dc.time_budget, depths=dc.depths, depth_schedule=dc.depth_schedule,
                        depth_mean=dc.depth_mean, param_steps=dc.param_steps, backprop_steps=dc.backprop_steps,
                        checkpoint="never")
