@@ -30,6 +30,15 @@ CONFIGS = {
 TINY_SPLIT = dict(n_prelude=2, recurrent_layer=4, n_coda=2, rank=4, style_dim=16, controller_hidden=24, max_steps=16)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster, and on a shared, busy machine far faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_base(arch: str = "llama", seed: int = 0):
     torch.manual_seed(seed)
     cfg = CONFIGS[arch]()
