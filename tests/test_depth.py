@@ -148,3 +148,22 @@ def test_a_halter_trains_alone_and_travels_in_the_adapter(tmp_path):
     with pytest.raises(ValueError, match="needs a model with a trained halter"):
         with torch.no_grad():
             trained_model()(corpus.heldout[:1], depth=4, exit_rule=rule)
+
+
+def test_step_damping_scales_each_update_past_the_trained_depth(tokens):
+    model = trained_model()
+    model.config.trained_depth = 4
+    with torch.no_grad():
+        at_4 = model(tokens, depth=4).logits
+        model.config.step_damping = 0.0
+        assert torch.equal(model(tokens, depth=9).logits, at_4)  # nothing moves past the trained depth
+        model.config.step_damping = 1.0  # the reference, step by step: h + 0.5^(s - 3) * (step(h) - h) from s = 4
+        h, ctx, _ = model.embed(tokens)
+        h = model.run_layers("prelude", h, ctx)
+        for s in range(6):
+            h = h + (0.5 ** (s - 3) if s >= 4 else 1.0) * (model.recurrent.step(h, s, ctx, None) - h)
+        reference = model.head(model.run_layers("coda", h, ctx)).logits
+        model.config.step_damping = 0.5
+        torch.testing.assert_close(model(tokens, depth=6).logits, reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"step_damping must be in \[0.0, 1.0\]"):
+        model.config.replace(step_damping=1.5)

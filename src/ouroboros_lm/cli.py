@@ -87,6 +87,8 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-max-depth", type=positive_int, default=None, help="maximum steps under adaptive exit "
                    "(default: the largest of --depths)")
     add_flags(p, ExitRule, "adaptive exit (per token)", skip=("threshold",))
+    p.add_argument("--step-damping", type=float, default=None,
+                   help="override the adapter's step_damping (updates past trained_depth scaled geometrically)")
     p.add_argument("--blocks", type=positive_int, default=32, help="blocks evaluated per split")
     p.add_argument("--batch-size", type=positive_int, default=4, help="blocks per forward pass")
     p.add_argument("--no-full", action="store_true", help="skip the full base model row")
@@ -253,7 +255,7 @@ def cmd_eval(args) -> None:
         raise ValueError(f"--depths: every depth must be in [1, max_steps={max_steps}]; got {max(args.depths)}")
     runtime = choose_runtime()
     corpus = corpus_for(args, load_tokenizer(meta["base_model"]), runtime)
-    model = load_adapter(args.adapter, dtype=runtime.dtype, device=runtime.device)
+    model = load_adapter(args.adapter, dtype=runtime.dtype, device=runtime.device, step_damping=args.step_damping)
     full = None if args.no_full else load_base_model(meta["base_model"], dtype=runtime.dtype, device=runtime.device)
     splits = corpus.eval_splits(args.blocks, args.eval_seed)
     top = model.config.check_depth(args.exit_max_depth or max(args.depths), "--exit-max-depth")

@@ -51,6 +51,9 @@ class OuroborosConfig:
     max_steps: int = setting(64, "largest recurrence depth the model can run", low=1, high=MAX_STEPS, structural=True)
     default_depth: int = setting(8, "recurrence depth used when none is given (evaluation, generation)",
                                  low=1, high=MAX_STEPS)
+    step_damping: float = setting(1.0, "past trained_depth, step s's update is scaled by step_damping^(s - "
+                                  "trained_depth + 1), so deeper recursion settles (1: off; 0.5: the steps past it "
+                                  "add at most one step's update in all)", low=0.0, high=1.0)
     init_seed: int = setting(0, "seed of the trainable parts' initialisation", low=0, high=2**63 - 1)
     trained_depth: int = setting(0, "steps at or past this depth reuse the last trained step's per-step parameters "
                                  "(0: every step its own; training sets it to its largest depth)", low=0,

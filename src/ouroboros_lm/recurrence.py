@@ -155,7 +155,15 @@ class RecurrentBlock(nn.Module):
         project = self.bases.modulated(d) if d is not None else None
         norms = self.step_norms(p, h.dtype) if self.step_norms is not None else None
         h_new = decoder_layer(self.layer, h, ctx, window=self.window, project=project, norm_weights=norms, kv=kv)
-        return self.gate(h_new, h) if self.gate is not None else h_new
+        out = self.gate(h_new, h) if self.gate is not None else h_new
+        damping = self.update_scale(s)
+        return out if damping == 1.0 else torch.lerp(h, out, damping)  # h + damping * (out - h)
+
+    def update_scale(self, s: int) -> float:
+        """How much of step s's update is kept: 1 up to `config.trained_depth`, then
+        `config.step_damping` ** (steps past it), so the recursion settles past the trained depths."""
+        trained, damping = self.config.trained_depth, self.config.step_damping
+        return 1.0 if not trained or s < trained or damping == 1.0 else damping ** (s - trained + 1)
 
     def plain(self, h: torch.Tensor, ctx: AttentionContext, kv: KVSlot | None = None) -> torch.Tensor:
         """The recurrent layer applied once with nothing added (the pruned baseline)."""
