@@ -127,6 +127,14 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+def checked_arg(name: str, value, tp, meta: dict):
+    """check_value for argparse: a bad value is a usage error naming the field."""
+    try:
+        return check_value(name, value, tp, meta)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parse_as(name: str, tp, meta: dict):
     inner, _ = _optional(tp)
     if typing.get_origin(inner) is tuple:
@@ -138,10 +146,7 @@ def _parse_as(name: str, tp, meta: dict):
             except ValueError:
                 example = "1,4,8" if elem is int else "0.1,0.05"
                 raise argparse.ArgumentTypeError(f"expected comma-separated numbers like {example}; got {text!r}") from None
-            try:
-                return check_value(name, out, tp, meta)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
+            return checked_arg(name, out, tp, meta)
         return parse_list
 
     def parse(text: str):
@@ -149,10 +154,7 @@ def _parse_as(name: str, tp, meta: dict):
             value = inner(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if inner is int else 'a number'}; got {text!r}") from None
-        try:
-            return check_value(name, value, tp, meta)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+        return checked_arg(name, value, tp, meta)
     return parse
 
 
