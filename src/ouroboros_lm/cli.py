@@ -26,14 +26,24 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def depths_arg(text: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,4,8,16; got {text!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"depths must be integers >= 1; got {text!r}")
-    return out
+def number_list(kind, example: str, ok, bound: str):
+    """argparse type: comma-separated numbers of `kind`, each passing `ok` (e.g. 1,4,8)."""
+    noun = "integers" if kind is int else "numbers"
+
+    def parse(text: str) -> tuple:
+        try:
+            out = tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {noun} like {example}; got {text!r}") from None
+        if not out or not all(ok(x) for x in out):
+            raise argparse.ArgumentTypeError(f"expected {bound}; got {text!r}")
+        return out
+
+    return parse
+
+
+depths_arg = number_list(int, "1,4,8,16", lambda d: d >= 1, "depths: integers >= 1")
+floats_arg = number_list(float, "0.1,0.05", lambda x: 0 < x < float("inf"), "finite numbers > 0")
 
 
 def _positive(kind, noun: str, bound: str):
@@ -50,16 +60,6 @@ def _positive(kind, noun: str, bound: str):
 
 
 positive_int = _positive(int, "an integer", ">= 1")
-
-
-def floats_arg(text: str) -> tuple[float, ...]:
-    try:
-        out = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.05; got {text!r}") from None
-    if not out or not all(0 < x < float("inf") for x in out):
-        raise argparse.ArgumentTypeError(f"expected finite numbers > 0; got {text!r}")
-    return out
 
 
 def depth_or_auto(text: str):
