@@ -151,10 +151,10 @@ def evaluate(model, splits: dict[str, torch.Tensor], depths=DEFAULT_EVAL_DEPTHS,
     jobs = []
     if full_model is not None:
         full_device = next(full_model.parameters()).device
-        jobs.append(("full", None, lambda ids: (full_model(ids.to(full_device), use_cache=False).logits, None)))
+        jobs.append(("full", None, lambda ids: full_model(ids.to(full_device), use_cache=False).logits))
         report.meta.setdefault("full_layers", full_model.config.num_hidden_layers)
     if not known:
-        jobs.append(("baseline", None, lambda ids: (model(ids, baseline=True).logits, None)))
+        jobs.append(("baseline", None, lambda ids: model(ids, baseline=True).logits))
     jobs += [(f"ouroboros@{d}", d, (d, None)) for d in depths]
     jobs += [(exit_name(rule, d), d, (d, rule)) for rule, d in exit_rules]
     bar = tqdm(total=len(splits) * len(jobs), desc="evaluating", disable=not progress)
@@ -171,8 +171,8 @@ def evaluate(model, splits: dict[str, torch.Tensor], depths=DEFAULT_EVAL_DEPTHS,
 
 
 def run_row(model, name: str, depth, job, blocks, batch_size: int, runtime) -> EvalRow:
-    if callable(job):  # a reference row: no recursion, no steps
-        forward, seen = (lambda ids: job(ids)[0]), None
+    if callable(job):  # a reference row (a forward giving logits): no recursion, no steps
+        forward, seen = job, None
     else:
         forward, seen = ouroboros_job(model, *job)
     with runtime.autocast() if runtime is not None else contextlib.nullcontext():

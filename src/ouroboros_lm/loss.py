@@ -38,16 +38,14 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy with Hugging Face's convention: `labels` are aligned with the
     inputs, position t is scored against labels[t+1], -100 is ignored. The mean over scored
-    tokens, or their sum (reduction="sum", as evaluation accumulates it)."""
+    tokens, their sum (reduction="sum", as evaluation accumulates it) or each one ("none")."""
     target = shift_labels(labels.to(logits.device)).reshape(-1)
     return F.cross_entropy(logits.float().flatten(0, -2), target, ignore_index=IGNORE, reduction=reduction)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, T] next-token cross-entropy of each position (0 where nothing is scored)."""
-    target = shift_labels(labels.to(logits.device))
-    ce = F.cross_entropy(logits.float().flatten(0, -2), target.reshape(-1), ignore_index=IGNORE, reduction="none")
-    return ce.view(target.shape)
+    return causal_lm_loss(logits, labels, reduction="none").view(labels.shape)
 
 
 def scored_tokens(labels: torch.Tensor) -> int:
