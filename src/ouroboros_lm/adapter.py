@@ -22,13 +22,16 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_bytes
+from .adaptation import adapted_parameters
 from .config import OuroborosConfig
 from .loading import load_base_model
 from .model import OuroborosModel
 from .settings import structural_fields
 from .surgery import kept_fingerprints
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # adapters of a model whose outer layers are not adapted (readable by every release)
+OUTER_FORMAT_VERSION = 2  # with an outer-layer section (coda / prelude-tail LoRA, coda norms)
+READABLE_VERSIONS = (FORMAT_VERSION, OUTER_FORMAT_VERSION)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # Fields that change the shape or meaning of the saved weights; the rest may be overridden.
@@ -64,6 +67,8 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     if model.recurrent.bases is not None:
         for n, b in model.recurrent.bases.named_buffers():
             state[f"recurrent.bases.{n}"] = b.detach()
+    # the outer-layer section: PEFT LoRA of the coda / prelude tail and the coda norms, under their model names
+    state.update({n: p.detach() for n, p in adapted_parameters(model).items()})
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
@@ -75,9 +80,10 @@ def save_adapter(model: OuroborosModel, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save
 
-    blob = save(adapter_state_dict(model), metadata={"format": "pt", "ouroboros_format_version": str(FORMAT_VERSION)})
+    version = OUTER_FORMAT_VERSION if model.config.adapts_outer_layers else FORMAT_VERSION
+    blob = save(adapter_state_dict(model), metadata={"format": "pt", "ouroboros_format_version": str(version)})
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "library": "ouroboros-lm",
         "ouroboros_config": model.config.to_dict(),
         "base_model": model.base_name,
@@ -123,10 +129,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise AdapterError(f"{cfg_path} is corrupt (not valid JSON: {str(e)[:120]})") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise AdapterError(
-            f"{cfg_path} has format_version {version!r}; this ouroboros-lm reads version {FORMAT_VERSION} "
-            "(incompatible format version)"
+            f"{cfg_path} has format_version {version!r}; this ouroboros-lm reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (incompatible format version: a newer release wrote it?)"
         )
     for key, kind in (("base_model", str), ("weights_sha256", str), ("ouroboros_config", dict),
                       ("kept_weights_fingerprints", dict), ("base_architecture_hash", str)):

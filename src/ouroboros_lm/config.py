@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .settings import from_dict, setting, to_dict, validate_fields
 
 VARIANTS = ("controller", "static", "none")
-POOLINGS = ("prefix_mean", "token", "sequence_mean")
+POOLINGS = ("prefix_mean", "token", "mean_and_token", "sequence_mean")
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 MAX_LAYERS = 1024
 MAX_STEPS = 1024
@@ -42,10 +42,24 @@ class OuroborosConfig:
     gate: bool = setting(True, "gated recurrence h = g*h_new + (1-g)*h_old (--no-gate: h = h_new)", structural=True)
     gate_bias: float = setting(-2.0, "initial gate bias b_g (-2 keeps 88%% of the old state)", low=-30.0, high=30.0)
     step_norm: bool = setting(True, "a separate pair of RMSNorm weights per recurrence step", structural=True)
-    pooling: str = setting("prefix_mean", "what the Controller reads (sequence_mean leaks future tokens; "
-                           "reproduction only)", choices=POOLINGS, structural=True)
+    pooling: str = setting("prefix_mean", "what the Controller reads: the prefix mean, the token's own state, "
+                           "both side by side (mean_and_token), or the whole-sequence mean (sequence_mean leaks "
+                           "future tokens; reproduction only)", choices=POOLINGS, structural=True)
+    step_dropout: float = setting(0.0, "while training, the probability that a sequence's Controller gets no step "
+                                  "embedding at a step (so the step index cannot carry all of the modulation)",
+                                  low=0.0, high=1.0)
     style_dim: int = setting(128, "Controller style / step-embedding width", low=1, high=MAX_WIDTH, structural=True)
     controller_hidden: int = setting(256, "Controller hidden width", low=1, high=MAX_WIDTH, structural=True)
+    coda_lora_rank: int = setting(0, "rank of plain LoRA (PEFT) on the adapted outer layers' seven projections "
+                                  "(0: none)", low=0, high=1024, structural=True)
+    coda_lora_alpha: float = setting(8.0, "LoRA scale alpha of the outer layers (delta = alpha/rank B A x)", above=0,
+                                     high=1e4, structural=True)
+    coda_lora_layers: int = setting(0, "how many of the last coda layers get LoRA (0: all n_coda)", low=0,
+                                    high=MAX_LAYERS, structural=True)
+    prelude_lora_layers: int = setting(0, "how many of the last prelude layers (the prelude's tail) also get LoRA",
+                                       low=0, high=MAX_LAYERS, structural=True)
+    coda_norms: bool = setting(False, "train the coda layers' RMSNorm weights and the final norm (--coda-norms)",
+                               structural=True)
     halter: bool = setting(False, "a trained per-token halter for adaptive depth (added by `ouroboros train-halter`)",
                            structural=True, cli=False, sweep=False)
     max_steps: int = setting(64, "largest recurrence depth the model can run", low=1, high=MAX_STEPS, structural=True)
@@ -72,6 +86,12 @@ class OuroborosConfig:
         self.check_depth(self.default_depth, "default_depth")
         if self.trained_depth > self.max_steps:
             raise ValueError(f"trained_depth must be in [0, max_steps={self.max_steps}]; got {self.trained_depth}")
+        if self.coda_lora_layers > self.n_coda:
+            raise ValueError(f"coda_lora_layers must be in [0, n_coda={self.n_coda}]; got {self.coda_lora_layers}")
+        if self.prelude_lora_layers > self.n_prelude:
+            raise ValueError(f"prelude_lora_layers must be in [0, n_prelude={self.n_prelude}]; got {self.prelude_lora_layers}")
+        if self.prelude_lora_layers and not self.coda_lora_rank:
+            raise ValueError("prelude_lora_layers needs coda_lora_rank > 0 (the LoRA rank of every adapted outer layer)")
         if num_layers is None:
             return
         L = num_layers
@@ -86,6 +106,19 @@ class OuroborosConfig:
                 f"recurrent_layer must lie between the prelude and the coda, in [{lo}, {hi}] "
                 f"(n_prelude={self.n_prelude}, n_coda={self.n_coda}, {L} layers); got {self.recurrent_layer}"
             )
+
+    def lora_layers(self) -> dict[str, list[int]]:
+        """Indices (within the prelude and the coda) of the outer layers that get plain LoRA."""
+        if not self.coda_lora_rank:
+            return {"prelude": [], "coda": []}
+        n_coda = self.coda_lora_layers or self.n_coda
+        return {"prelude": list(range(self.n_prelude - self.prelude_lora_layers, self.n_prelude)),
+                "coda": list(range(self.n_coda - n_coda, self.n_coda))}
+
+    @property
+    def adapts_outer_layers(self) -> bool:
+        """Whether anything outside the recurrent block trains (outer LoRA or coda norms)."""
+        return bool(self.coda_lora_rank or self.coda_norms)
 
     def check_depth(self, depth: int, name: str = "depth") -> int:
         if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= self.max_steps:

@@ -6,7 +6,8 @@ head is zero-initialised, so a fresh model is exactly the un-modulated recursion
 
 Pooling decides what "the hidden state" a position sees is:
   prefix_mean    mean of positions <= t (causal; the default)
-  token          the position's own state (causal)
+  token          the position's own state (causal): per-token modulation
+  mean_and_token both, side by side (each RMS-normalised): the context and the token itself
   sequence_mean  mean of the whole sequence, as the published code does: position t then
                  depends on tokens after t. Kept only to reproduce that code.
 """
@@ -39,6 +40,8 @@ def pool(h: torch.Tensor, mode: str, mask: torch.Tensor | None = None, state: Po
     """
     if mode == "token":
         return h.float()
+    if mode == "mean_and_token":
+        return torch.cat([pool(h, "prefix_mean", mask, state), h.float()], dim=-1)
     if mask is None:  # every position is a real token: no masking pass, counts are 1..T
         hm = h.float()
         m = None
@@ -111,11 +114,14 @@ class Controller(nn.Module):
     z = silu(W_in rmsnorm(h));  z = silu(W_mid z + e_s);  d = W_head z  (W_head = 0 at init)
     """
 
-    def __init__(self, hidden_size: int, controller_hidden: int, style_dim: int, rank: int, max_steps: int):
+    def __init__(self, hidden_size: int, controller_hidden: int, style_dim: int, rank: int, max_steps: int,
+                 pooling: str = "prefix_mean", step_dropout: float = 0.0):
         super().__init__()
         self.rank = rank
-        self.norm_weight = nn.Parameter(torch.ones(hidden_size))
-        self.inp = nn.Linear(hidden_size, controller_hidden)
+        self.views = 2 if pooling == "mean_and_token" else 1  # pooled views side by side, each normalised
+        self.step_dropout = step_dropout
+        self.norm_weight = nn.Parameter(torch.ones(self.views * hidden_size))
+        self.inp = nn.Linear(self.views * hidden_size, controller_hidden)
         self.mid = nn.Linear(controller_hidden, style_dim)
         self.step_embedding = nn.Embedding(max_steps, style_dim)
         self.head = nn.Linear(style_dim, len(TARGETS) * rank)
@@ -124,8 +130,11 @@ class Controller(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, pooled: torch.Tensor, step: int) -> torch.Tensor:
-        x = rms_norm(pooled.to(self.norm_weight.dtype), self.norm_weight, 1e-6)  # in the Controller's own precision
-        return self._mlp(x, step)
+        x = pooled.to(self.norm_weight.dtype)  # in the Controller's own precision
+        if self.views == 1:
+            return self._mlp(rms_norm(x, self.norm_weight, 1e-6), step)
+        parts = zip(x.chunk(self.views, dim=-1), self.norm_weight.chunk(self.views))
+        return self._mlp(torch.cat([rms_norm(v, w, 1e-6) for v, w in parts], dim=-1), step)
 
     def from_hidden(self, h: torch.Tensor, step: int, pooling: str, mask=None, state: PoolState | None = None) -> torch.Tensor:
         """forward(pool(h, pooling, mask, state), step); while training with prefix-mean pooling,
@@ -137,9 +146,18 @@ class Controller(nn.Module):
             return self._mlp(_PrefixMeanRMSNorm.apply(h, m, w, 1e-6), step)
         return self(pool(h, pooling, mask, state), step)
 
+    def step_input(self, step: int, batch: int) -> torch.Tensor:
+        """The step embedding, [style] or, under step dropout while training, [B, 1, style] with
+        each sequence's row zeroed with probability `step_dropout`."""
+        e = self.step_embedding.weight[step]
+        if not (self.training and self.step_dropout > 0 and torch.is_grad_enabled()):
+            return e
+        keep = torch.rand(batch, 1, 1, device=e.device) >= self.step_dropout
+        return e * keep.to(e.dtype)
+
     def _mlp(self, x: torch.Tensor, step: int) -> torch.Tensor:
         z = F.silu(self.inp(x))
-        z = F.silu(self.mid(z) + self.step_embedding.weight[step])
+        z = F.silu(self.mid(z) + self.step_input(step, x.shape[0]))
         return self.head(z).unflatten(-1, (len(TARGETS), self.rank))
 
 

@@ -246,3 +246,12 @@ class BlockSampler:
     def batch(self, index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         start = (index * world_size + rank) * batch_size
         return torch.stack([self._perm(p // self.n_blocks)[p % self.n_blocks] for p in range(start, start + batch_size)])
+
+
+def domain_blocks(sources: list[str], tokenizer, seq_len: int, n_blocks: int, seed: int,
+                  text_field: str = "text") -> torch.Tensor:
+    """`n_blocks` blocks (a seeded sample, so not only a document's opening) of an evaluation-only
+    domain: text that no training run ever reads, e.g. another genre than the training set."""
+    blocks = pack(tokenize_documents(load_documents(sources, text_field), tokenizer), seq_len, f"domain {sources}")
+    n = min(n_blocks, blocks.shape[0])
+    return blocks[BlockSampler(blocks.shape[0], seed).batch(0, n)]

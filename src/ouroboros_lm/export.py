@@ -14,8 +14,10 @@ imported. It holds
   generation_config.json
   modeling_ouroboros.py       `from ouroboros_lm.hf import ...` (what trust_remote_code runs)
   tokenizer files             the base model's tokenizer
-  adapter_config.json         our adapter, unchanged: `load_adapter(folder, base=...)` still
-  adapter_model.safetensors   works on the full base (e.g. to compare with the full model)
+  adapter/                    our adapter, unchanged: `load_adapter(folder / "adapter", base=...)`
+                              still works on the full base (e.g. to compare with the full model).
+                              In a subfolder: transformers takes an `adapter_config.json` at the
+                              top of a model folder for a PEFT adapter whenever peft is installed.
 
 The folder is written under a temporary name and renamed when complete.
 """
@@ -34,6 +36,7 @@ from .hf import OuroborosForCausalLM
 from .loading import load_tokenizer
 
 MODELING_FILE = "modeling_ouroboros.py"
+ADAPTER_SUBFOLDER = "adapter"
 MODELING_SOURCE = '''"""Ouroboros recursive transformer (https://pypi.org/project/ouroboros-lm): loaded by
 transformers with trust_remote_code=True. The code lives in the installed `ouroboros-lm` package;
 this file only re-exports it. Install it with `pip install ouroboros-lm`."""
@@ -63,8 +66,9 @@ def export_hf(adapter: str | os.PathLike, out: str | os.PathLike, depth: int | N
     try:
         hf.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / ADAPTER_SUBFOLDER).mkdir()
         for name in (CONFIG_NAME, WEIGHTS_NAME):
-            shutil.copyfile(Path(adapter) / name, tmp / name)
+            shutil.copyfile(Path(adapter) / name, tmp / ADAPTER_SUBFOLDER / name)
         (tmp / MODELING_FILE).write_text(MODELING_SOURCE)
         if out.exists():
             shutil.rmtree(out)

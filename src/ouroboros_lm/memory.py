@@ -60,7 +60,8 @@ def trainable_parameter_count(config, hidden_size: int) -> int:
     H, r, steps, n = hidden_size, config.rank, config.max_steps, 0
     if config.variant == "controller":
         ch, sd = config.controller_hidden, config.style_dim
-        n += H + (H * ch + ch) + (ch * sd + sd) + steps * sd + (sd * len(TARGETS) * r + len(TARGETS) * r)
+        Hc = 2 * H if config.pooling == "mean_and_token" else H  # what the Controller reads
+        n += Hc + (Hc * ch + ch) + (ch * sd + sd) + steps * sd + (sd * len(TARGETS) * r + len(TARGETS) * r)
     elif config.variant == "static":
         n += steps * len(TARGETS) * r
     if config.gate:
@@ -72,10 +73,11 @@ def trainable_parameter_count(config, hidden_size: int) -> int:
     return n
 
 
-def check_trainable_size(config, hidden_size: int, device: torch.device) -> None:
-    """Refuse settings whose trainable parts (float32 weights, gradients and two AdamW moments)
-    could not fit the memory free on `device`, before anything is allocated."""
-    n = trainable_parameter_count(config, hidden_size)
+def check_trainable_size(config, hidden_size: int, device: torch.device, extra: int = 0) -> None:
+    """Refuse settings whose trainable parts (float32 weights, gradients and two AdamW moments; `extra`
+    parameters outside the recurrent block) could not fit the memory free on `device`, before
+    anything is allocated."""
+    n = trainable_parameter_count(config, hidden_size) + extra
     need, free = 16 * n, free_bytes(device)
     if free is not None and need > free:
         raise ValueError(

@@ -5,11 +5,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from torch import nn
 
+from .adaptation import adapt_outer_layers, adaptation_disabled, adaptation_parameter_count, adapted_parameters
 from .cache import OuroborosCache
 from .config import OuroborosConfig
 from .exits import ExitRule, TokenExits
@@ -56,6 +58,7 @@ class OuroborosModel(nn.Module):
                         "coda": [layer_window(l, base.config) for l in coda]}
         for p in self.parameters():
             p.requires_grad_(False)
+        self.base_norms = adapt_outer_layers(self)  # coda / prelude-tail LoRA and coda norms, if configured
         w = recurrent.self_attn.q_proj.weight
         # The trainable parts are initialised from config.init_seed on the CPU, whatever the device, so
         # the same config gives the same initial model everywhere (and the global RNG is untouched).
@@ -78,7 +81,8 @@ class OuroborosModel(nn.Module):
         config = config or OuroborosConfig()
         check_architecture(base)
         config.validate(num_layers=len(base.model.layers))
-        check_trainable_size(config, base.config.hidden_size, base.model.embed_tokens.weight.device)
+        check_trainable_size(config, base.config.hidden_size, base.model.embed_tokens.weight.device,
+                             extra=adaptation_parameter_count(config, base.model.layers[0], base.config.hidden_size))
         fingerprints = kept_fingerprints(base, config)  # before surgery: identifies the base in adapters
         full_config = copy.deepcopy(base.config)
         prelude, recurrent, coda, bases = split_layers(base, config, compute_bases)
@@ -106,6 +110,11 @@ class OuroborosModel(nn.Module):
     # ------------------------------------------------------------------ parameters
     def trainable_parameter_breakdown(self) -> dict[str, int]:
         out = {name: sum(p.numel() for p in m.parameters()) for name, m in self.recurrent.trainable_parts().items()}
+        outer = adapted_parameters(self)
+        if self.config.coda_lora_rank:
+            out["outer_lora"] = sum(p.numel() for n, p in outer.items() if ".lora_" in n)
+        if self.config.coda_norms:
+            out["coda_norms"] = sum(p.numel() for n, p in outer.items() if ".lora_" not in n)
         out["total"] = sum(out.values())
         return out
 
@@ -195,23 +204,25 @@ class OuroborosModel(nn.Module):
             if baseline:
                 raise ValueError("the pruned baseline has no recursion to exit from")
             exits = TokenExits(input_ids.shape, self.device, exit_rule, exit_steps)
-        h, ctx, pool_mask = self.embed(input_ids, attention_mask, cache)
-        h = self.run_layers("prelude", h, ctx, cache.prelude if cache is not None else None)
-        steps = cache.steps if cache is not None else None
-        states = [h] if per_step else None
-        if baseline:
-            h = self.recurrent.plain(h, ctx, kv=steps[0].kv if steps is not None else None)
-        else:
-            h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps, exits=exits,
-                               observe=(lambda s, x: states.append(x)) if per_step else None)
-        h = self.run_layers("coda", h, ctx, cache.coda if cache is not None else None)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        out = self.head(h, labels)
-        out.steps = exits.steps if exits is not None else None
-        if per_step and labels is not None:
-            out.step_losses = torch.stack([token_losses(self.head(self.run_layers("coda", x, ctx)).logits, labels)
-                                           for x in states[1:]])
+        outer = adaptation_disabled(self) if baseline and self.config.adapts_outer_layers else contextlib.nullcontext()
+        with outer:  # the pruned baseline runs the outer layers as the base has them
+            h, ctx, pool_mask = self.embed(input_ids, attention_mask, cache)
+            h = self.run_layers("prelude", h, ctx, cache.prelude if cache is not None else None)
+            steps = cache.steps if cache is not None else None
+            states = [h] if per_step else None
+            if baseline:
+                h = self.recurrent.plain(h, ctx, kv=steps[0].kv if steps is not None else None)
+            else:
+                h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps, exits=exits,
+                                   observe=(lambda s, x: states.append(x)) if per_step else None)
+            h = self.run_layers("coda", h, ctx, cache.coda if cache is not None else None)
+            if cache is not None:
+                cache.length += input_ids.shape[1]
+            out = self.head(h, labels)
+            out.steps = exits.steps if exits is not None else None
+            if per_step and labels is not None:
+                out.step_losses = torch.stack([token_losses(self.head(self.run_layers("coda", x, ctx)).logits, labels)
+                                               for x in states[1:]])
         out.states = states
         return out
 

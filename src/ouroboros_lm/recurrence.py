@@ -112,7 +112,8 @@ class RecurrentBlock(nn.Module):
         self.controller = None
         self.static = None
         if config.variant == "controller":
-            self.controller = Controller(hidden_size, config.controller_hidden, config.style_dim, config.rank, config.max_steps)
+            self.controller = Controller(hidden_size, config.controller_hidden, config.style_dim, config.rank,
+                                         config.max_steps, config.pooling, config.step_dropout)
         elif config.variant == "static":
             self.static = StaticModulation(config.rank, config.max_steps)
         self.gate = RecurrenceGate(hidden_size, config.gate_bias) if config.gate else None

@@ -9,6 +9,9 @@ Plots (PNG, matplotlib):
   controller_spread.png    per step: spread of the modulation across inputs vs its size
   compute.png              loss against mean recurrence steps per token (fixed depths as curves,
                            adaptive exit as points), training distribution and held out
+  summary.md / summary.json  per configuration (its seeds pooled): mean +- standard deviation over
+                           seeds of the gap recovered on every split (train, held-out, each extra
+                           domain) at each depth, and of the Controller's input dependence
 """
 from __future__ import annotations
 
@@ -287,6 +290,61 @@ def plot_compute(sweep_dir: Path, results: list[dict], plt) -> None:
     plt.close(fig)
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
+def seed_summary(results: list[dict]) -> list[dict]:
+    """One entry per configuration (runs that differ only in seed): for every split and fixed depth the
+    gap recovered as mean, std and the values per seed; the Controller's input dependence likewise."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r.get("config_name", r["name"]), []).append(r)
+    out = []
+    for name, runs in groups.items():
+        entry = {"config": name, "seeds": [r.get("seed") for r in runs], "trainable_parameters": runs[0]["trainable_parameters"],
+                 "gap": {}, "loss": {}}
+        for split in runs[0]["losses"]:
+            for key in runs[0]["losses"][split]:
+                if not (key.startswith("ouroboros@") and key.split("@")[1].isdigit()):
+                    continue
+                gaps = [metrics(r, split, key)[2] for r in runs]
+                entry["gap"][f"{split}@{key.split('@')[1]}"] = (*mean_std(gaps), gaps)
+                entry["loss"][f"{split}@{key.split('@')[1]}"] = mean_std([r["losses"][split][key] for r in runs])
+        spreads = [r["modulation_spread"] for r in runs if r.get("modulation_spread")]
+        if spreads:
+            entry["input_dependence"] = {split: mean_std([sp[split]["input_dependence"] for sp in spreads])
+                                         for split in spreads[0]}
+        out.append(entry)
+    return out
+
+
+def write_summary(sweep_dir: Path, results: list[dict]) -> None:
+    summary = seed_summary(results)
+    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    splits = list(results[0]["losses"])
+    depths = sorted({int(k.split("@")[1]) for e in summary for k in e["gap"]})
+    ref = results[0]["reference"]
+    lines = ["Gap recovered (%, mean +- std over seeds) per split; reference losses (full / pruned): "
+             + "; ".join(f"{s} {ref[s]['full']:.3f} / {ref[s]['baseline']:.3f}" for s in splits) + ".", ""]
+    for d in depths:
+        head = ["configuration", "seeds", "params"] + splits + ["input dependence (held-out)"]
+        lines += [f"**depth {d}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for e in summary:
+            cells = [e["config"], str(len(e["seeds"])), f"{e['trainable_parameters']:,}"]
+            for s in splits:
+                g = e["gap"].get(f"{s}@{d}")
+                cells.append("" if g is None else f"{g[0]:+.1f} ± {g[1]:.1f}")
+            dep = e.get("input_dependence", {}).get("heldout")
+            cells.append("" if dep is None else f"{dep[0]:.3f} ± {dep[1]:.3f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    (sweep_dir / "summary.md").write_text("\n".join(lines))
+
+
 def write_report(sweep_dir: str | Path) -> Path:
     import matplotlib
 
@@ -299,6 +357,7 @@ def write_report(sweep_dir: str | Path) -> Path:
         raise ValueError(f"{sweep_dir} holds no finished runs (runs/*/result.json)")
     table = rows(results)
     write_tables(sweep_dir, table, results)
+    write_summary(sweep_dir, results)
     plot_training_curves(sweep_dir, results, plt)
     plot_gap(sweep_dir, table, plt)
     plot_controller(sweep_dir, results, plt)

@@ -10,16 +10,21 @@ Spec (YAML):
     name: smollm2-sotu-cpu
     base: smollm2-135m
     split: {n_prelude: 7, recurrent_layer: 15, n_coda: 7}
-    data: {train: ["{cache}/sotu/1*.txt"], heldout: ["{cache}/sotu/202*.txt"], seq_len: 128}
+    data: {train: ["{cache}/sotu/1*.txt"], heldout: ["{cache}/sotu/202*.txt"], seq_len: 128,
+           domains: {shakespeare: ["{cache}/domains/shakespeare"]}}   # evaluation-only text, optional
     train: {steps: 150, batch_size: 4, lr: 1.0e-3, warmup_steps: 15}
     eval: {depths: [1, 4, 8, 16], blocks: 16, modulation_inputs: 6}
     defaults: {variant: controller, gate: true, pooling: prefix_mean, rank: 32, depths: [2, 4, 8]}
     grid: {variant: [controller, static], gate: [true, false]}     # cartesian product, and/or
     runs: [{variant: none}, {rank: 8}]                               # explicit extra runs
+    seeds: [0, 1, 2]                                                 # every run once per seed (optional)
 
 defaults / grid / runs may set any OuroborosConfig or TrainConfig field (`settings.sweep_keys`)
-but the layer split; `train:` holds TrainConfig fields shared by every run. The whole spec,
-every run's settings included, is validated before anything is loaded.
+but the layer split; `train:` holds TrainConfig fields shared by every run. With `seeds`, every
+run is repeated per seed (its initialisation and data order; folder suffix `-seed<n>`), and the
+report gives mean and standard deviation over seeds. `data.domains` names extra held-out text
+(no run trains on it), evaluated like the held-out split. The whole spec, every run's settings
+included, is validated before anything is loaded.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import yaml
 from ..adapter import load_adapter, save_adapter
 from ..checkpoints import list_checkpoints
 from ..config import OuroborosConfig
-from ..data import build_corpus
+from ..data import build_corpus, domain_blocks
 from ..evaluate import DEFAULT_EVAL_DEPTHS, evaluate
 from ..exits import ExitRule
 from ..loading import cache_dir, load_base_model, load_tokenizer
@@ -69,6 +74,7 @@ class SweepSpec:
     grid: dict = field(default_factory=dict)
     runs: list = field(default_factory=list)
     seed: int = 0
+    seeds: list = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path) -> "SweepSpec":
@@ -109,6 +115,15 @@ class SweepSpec:
                 raise ValueError(f"grid.{k} must be a non-empty list")
         if "train" not in self.data:
             raise ValueError("data.train must list the training sources")
+        domains = self.data.get("domains", {})
+        if not isinstance(domains, dict) or not all(isinstance(v, list) and v for v in domains.values()):
+            raise ValueError("data.domains must map a domain name to a non-empty list of sources")
+        clash = sorted(set(domains) & {"train", "heldout"})
+        if clash:
+            raise ValueError(f"data.domains cannot be named {', '.join(clash)} (those are the corpus's own splits)")
+        if not isinstance(self.seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                       for x in self.seeds):
+            raise ValueError(f"seeds must be a list of non-negative integers; got {self.seeds!r}")
         unknown = sorted(set(self.split) - set(SPLIT_KEYS)) + sorted(set(self.eval) - set(EVAL_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(map(str, unknown))} in split/eval")
@@ -120,20 +135,27 @@ class SweepSpec:
         keys = list(self.grid)
         combos = [dict(zip(keys, vals)) for vals in itertools.product(*(self.grid[k] for k in keys))] if keys else []
         seen, out = set(), []
-        for overrides in combos + [dict(r) for r in self.runs]:
-            run = Run({**self.defaults, **overrides})
-            if run.name not in seen:
-                seen.add(run.name)
-                out.append(run)
+        for seed in self.seeds or [None]:  # seed outermost: a sweep cut short has every configuration once
+            for overrides in combos + [dict(r) for r in self.runs]:
+                run = Run({**self.defaults, **overrides}, seed)
+                if run.name not in seen:
+                    seen.add(run.name)
+                    out.append(run)
         if not out:
             raise ValueError("the sweep has no runs: give a grid or a runs list")
         return out
 
     def sources(self, key: str) -> list[str] | None:
-        vals = self.data.get(key)
+        return self.expand_paths(self.data.get(key))
+
+    @staticmethod
+    def expand_paths(vals) -> list[str] | None:
         if vals is None:
             return None
         return [os.path.expanduser(str(v).replace("{cache}", str(cache_dir()))) for v in vals]
+
+    def domain_sources(self) -> dict[str, list[str]]:
+        return {name: self.expand_paths(v) for name, v in self.data.get("domains", {}).items()}
 
 
 NAMED = ("variant", "gate", "pooling", "rank", "depths", "lr", "step_norm")
@@ -142,13 +164,19 @@ NAMED = ("variant", "gate", "pooling", "rank", "depths", "lr", "step_norm")
 @dataclass
 class Run:
     settings: dict
+    seed: int | None = None  # from the spec's `seeds` (None: the spec's one seed)
 
     def get(self, key, default=None):
         return self.settings.get(key, default)
 
     @property
     def name(self) -> str:
-        """A folder name from the settings (no path separators whatever the values)."""
+        """A folder name from the settings and the seed (no path separators whatever the values)."""
+        return self.config_name + ("" if self.seed is None else f"-seed{self.seed}")
+
+    @property
+    def config_name(self) -> str:
+        """The name shared by the seeds of one configuration."""
         s = self.settings
         parts = [s.get("variant", "controller"), "gate" if s.get("gate", True) else "nogate", s.get("pooling", "prefix_mean"),
                  f"r{s.get('rank', 32)}", "d" + "_".join(str(d) for d in s.get("depths", (4, 8, 16)))]
@@ -166,11 +194,15 @@ class Run:
 
     def model_config(self, spec: SweepSpec) -> OuroborosConfig:
         model, _ = self.split_settings()
-        return from_dict(OuroborosConfig, {**spec.split, "init_seed": spec.seed, **model}, "run")
+        return from_dict(OuroborosConfig, {**spec.split, "init_seed": self.seed_in(spec), **model}, "run")
 
     def train_config(self, spec: SweepSpec, progress: bool = True) -> TrainConfig:
         _, train_settings = self.split_settings()
-        return from_dict(TrainConfig, {"seed": spec.seed, "progress": progress, **spec.train, **train_settings}, "run")
+        return from_dict(TrainConfig, {"seed": self.seed_in(spec), "progress": progress, **spec.train, **train_settings},
+                         "run")
+
+    def seed_in(self, spec: SweepSpec) -> int:
+        return spec.seed if self.seed is None else self.seed
 
 
 @torch.no_grad()
@@ -190,12 +222,39 @@ def capture_modulation(model, blocks: torch.Tensor, depth: int) -> dict | None:
     return {"depth": depth, "d": torch.stack(seen, dim=1)}  # [inputs, steps, 7, r]
 
 
+@torch.no_grad()
+def modulation_spread(model, blocks: torch.Tensor, depth: int) -> dict | None:
+    """How much the Controller's modulation depends on the input, over every position of `blocks`:
+    per step, sqrt(variance of d across positions / mean of d^2) (0: one vector for every token,
+    input-independent; 1: all of d varies with the input), averaged over steps; and the size of d
+    (its root mean square). None without a Controller."""
+    ctrl = model.recurrent.controller
+    if ctrl is None:
+        return None
+    seen: list[torch.Tensor] = []
+    handle = ctrl.register_forward_hook(lambda mod, args, out: seen.append(out.float().flatten(0, -3).flatten(1)))
+    try:
+        model.eval()
+        model(blocks.to(model.device), depth=depth)
+    finally:
+        handle.remove()
+    ratios, sizes = [], []
+    for d in seen:  # [positions, 7 * r]
+        second = d.pow(2).mean(0).sum()
+        ratios.append(float((d.var(0, unbiased=False).sum() / second.clamp_min(1e-30)).sqrt()))
+        sizes.append(float(second.div(d.shape[1]).sqrt()))
+    return {"input_dependence": sum(ratios) / len(ratios), "rms": sum(sizes) / len(sizes),
+            "per_step": ratios, "depth": depth}
+
+
 def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, ev: dict, runtime, progress: bool) -> dict:
     """Full model and pruned baseline: once, on the same blocks as every run (cached in out/reference.json)."""
     ref_path = out / REFERENCE
     if not ref_path.is_file():
         base = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
-        model = OuroborosModel.from_base(base, runs[0].model_config(spec).replace(variant="none"))
+        plain = runs[0].model_config(spec).replace(variant="none", coda_lora_rank=0, coda_lora_layers=0,
+                                                   prelude_lora_layers=0, coda_norms=False)
+        model = OuroborosModel.from_base(base, plain)
         full = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
         rep = evaluate(model, splits, depths=(), full_model=full, batch_size=ev["batch_size"], progress=progress,
                        runtime=runtime)
@@ -224,8 +283,11 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
     mod = capture_modulation(model, corpus.heldout[: ev["modulation_inputs"]], max(tc.depths))
     if mod is not None:
         torch.save(mod, rdir / "modulation.pt")
+    spread = {split: modulation_spread(model, blocks[: ev["modulation_inputs"]], cfg.default_depth)
+              for split, blocks in splits.items()}
     result = {
-        "name": run.name, "settings": run.settings, "config": cfg.to_dict(), "train_config": to_dict(tc),
+        "name": run.name, "config_name": run.config_name, "seed": run.seed_in(spec), "settings": run.settings,
+        "modulation_spread": spread if cfg.variant == "controller" else None, "config": cfg.to_dict(), "train_config": to_dict(tc),
         "trainable_parameters": model.num_trainable_parameters(), "wall_s": summary["wall_s"],
         "steps": summary["steps_done"], "seq_len": corpus.seq_len, "batch_size": tc.batch_size,
         "losses": {split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()},
@@ -255,12 +317,17 @@ def run_sweep(spec_path: str | Path, out: str | Path | None = None, only: list[s
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(Path(spec_path).read_text())
     seq_len = int(spec.data.get("seq_len", runtime.default_seq_len))
-    corpus = build_corpus(spec.sources("train"), load_tokenizer(spec.base), seq_len, heldout=spec.sources("heldout"),
+    tokenizer = load_tokenizer(spec.base)
+    corpus = build_corpus(spec.sources("train"), tokenizer, seq_len, heldout=spec.sources("heldout"),
                           heldout_fraction=float(spec.data.get("heldout_fraction", 0.1)), seed=spec.seed,
                           text_field=spec.data.get("text_field", "text"))
     print(f"sweep {spec.name}: {len(runs)} runs into {out}; {corpus.describe()}")
     ev = {**EVAL_DEFAULTS, **spec.eval}
     splits = corpus.eval_splits(min(ev["blocks"], corpus.train.shape[0], corpus.heldout.shape[0]), spec.seed + 1)
+    for name, sources in spec.domain_sources().items():
+        splits[name] = domain_blocks(sources, tokenizer, seq_len, ev["blocks"], spec.seed + 1,
+                                     spec.data.get("text_field", "text"))
+        print(f"  domain {name}: {splits[name].shape[0]} blocks (evaluation only)")
     reference = reference_losses(spec, runs, splits, out, ev, runtime, progress)
     for i, run in enumerate(runs, 1):
         rdir = out / "runs" / run.name

@@ -1,0 +1,223 @@
+"""Adapting the outer layers (PEFT LoRA on the coda / prelude tail, coda norms) and the Controller's
+conditioning options (mean_and_token pooling, step dropout)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, TINY_SPLIT, randomize_trainables, tiny_base, tiny_ouroboros
+from ouroboros_lm import OuroborosConfig, OuroborosModel
+from ouroboros_lm.adaptation import adaptation_parameter_count
+from ouroboros_lm.adapter import AdapterError, load_adapter, save_adapter
+from ouroboros_lm.memory import trainable_parameter_count
+from test_core import hf_pruned
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OUTER = dict(coda_lora_rank=4, coda_norms=True, prelude_lora_layers=1)
+
+
+def test_fresh_outer_adaptation_is_exactly_neutral(tokens):
+    """A fresh adapter with coda LoRA, prelude-tail LoRA and trainable coda norms gives exactly the
+    loss of one without them (PEFT's B starts at zero; the norms start as the base's)."""
+    plain = tiny_ouroboros("llama")
+    adapted = tiny_ouroboros("llama", **OUTER)
+    with torch.no_grad():
+        for depth in (1, 3):
+            assert adapted(tokens, labels=tokens, depth=depth).loss.item() == plain(tokens, labels=tokens, depth=depth).loss.item()
+
+
+def merged_base(model: OuroborosModel, seed: int = 0):
+    """An independent computation of the adapted model: the tiny base with W + (alpha/r) B A written
+    into the adapted layers' weights (and the trained norms copied), no LoRA modules at all."""
+    base = tiny_base("llama", seed)
+    cfg = model.config
+    kept = cfg.kept_layers(TINY["num_hidden_layers"])
+    scale = cfg.coda_lora_alpha / cfg.coda_lora_rank
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for part, offset in (("prelude", 0), ("coda", cfg.n_prelude + 1)):
+            for i, layer in enumerate(getattr(model, part)):
+                target = base.model.layers[kept[offset + i]]
+                for name, module in layer.named_modules():
+                    if hasattr(module, "lora_A") and "default" in module.lora_A:
+                        delta = module.lora_B["default"].weight @ module.lora_A["default"].weight
+                        target.get_submodule(name).weight.add_(scale * delta)
+                for name in ("input_layernorm", "post_attention_layernorm"):
+                    if part == "coda":
+                        target.get_submodule(name).weight.copy_(named[f"coda.{i}.{name}.weight"])
+        base.model.norm.weight.copy_(named["norm.weight"])
+    return base
+
+
+def test_outer_lora_equals_merged_weights(tokens):
+    """Trained (here: random) LoRA and norms give the logits of a base whose weights have the
+    low-rank updates merged in, with the same recurrent block."""
+    model = tiny_ouroboros("llama", **OUTER)
+    randomize_trainables(model, scale=0.3)
+    merged = OuroborosModel.from_base(merged_base(model), OuroborosConfig(**TINY_SPLIT)).eval()
+    recurrent = {n: p for n, p in model.recurrent.state_dict().items()}
+    merged.recurrent.load_state_dict(recurrent)
+    with torch.no_grad():
+        a = model(tokens, depth=3).logits
+        b = merged(tokens, depth=3).logits
+        plain = tiny_ouroboros("llama")
+        plain.recurrent.load_state_dict(recurrent)
+        c = plain(tokens, depth=3).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - c).abs().max().item() > 1e-2  # the adaptation does change the model
+
+
+def test_baseline_ignores_the_adaptation_and_restores_it(tokens):
+    """The pruned baseline is the base's own pruned stack (equal to Hugging Face's) even when the
+    outer layers are adapted; afterwards the adapted model and its trainable flags are unchanged."""
+    model = tiny_ouroboros("llama", **OUTER)
+    randomize_trainables(model, scale=0.3)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.no_grad():
+        before = model(tokens, labels=tokens, depth=2).loss.item()
+        ours = model(tokens, labels=tokens, baseline=True).loss.item()
+        after = model(tokens, labels=tokens, depth=2).loss.item()
+        ref = hf_pruned(tiny_base("llama"), model.config.kept_layers(TINY["num_hidden_layers"]))
+        hf = ref(tokens, labels=tokens, use_cache=False).loss.item()
+    assert abs(ours - hf) <= 1e-5
+    assert before == after and abs(before - ours) > 1e-3
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_outer_adaptation_round_trips_and_is_a_new_format(tmp_path, tokens):
+    model = tiny_ouroboros("llama", **OUTER)
+    randomize_trainables(model, scale=0.3)
+    save_adapter(model, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert meta["format_version"] == 2
+    assert meta["trainable_parameters"]["outer_lora"] > 0 and meta["trainable_parameters"]["coda_norms"] > 0
+    loaded = load_adapter(tmp_path / "a", base=tiny_base("llama")).eval()
+    with torch.no_grad():
+        assert torch.equal(model(tokens, depth=3).logits, loaded(tokens, depth=3).logits)
+        assert torch.equal(model(tokens, baseline=True).logits, loaded(tokens, baseline=True).logits)
+    save_adapter(tiny_ouroboros("llama"), tmp_path / "plain")  # nothing outside the recursion: readable by every release
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["format_version"] == 1
+    meta["format_version"] = 3
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match="reads versions 1, 2"):
+        load_adapter(tmp_path / "a", base=tiny_base("llama"))
+
+
+@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), dict(coda_lora_rank=2, coda_lora_layers=1)])
+def test_options_stay_causal_and_cached_decoding_equals_recomputing(options, tokens):
+    model = tiny_ouroboros("llama", **options)
+    randomize_trainables(model, scale=0.3)
+    t = 11
+    changed = tokens.clone()
+    changed[:, t:] = (changed[:, t:] + 1) % TINY["vocab_size"]
+    with torch.no_grad():
+        a, b = model(tokens, depth=3).logits, model(changed, depth=3).logits
+        assert (a[:, :t] - b[:, :t]).abs().max().item() <= 1e-6
+        out = model.generate(tokens[:, :8], max_new_tokens=6, depth=3)
+        for i in range(8, out.shape[1]):  # every greedy token is the argmax of a full recomputation
+            logits = model(out[:, :i], depth=3).logits[:, -1]
+            assert torch.equal(logits.argmax(-1), out[:, i])
+
+
+@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), dict(coda_lora_rank=3, coda_lora_layers=1)])
+def test_trainable_count_from_settings_matches_the_model(options):
+    model = tiny_ouroboros("llama", **options)
+    base = tiny_base("llama")
+    expected = trainable_parameter_count(model.config, TINY["hidden_size"]) + \
+        adaptation_parameter_count(model.config, base.model.layers[0], TINY["hidden_size"])
+    assert expected == model.num_trainable_parameters() == model.trainable_parameter_breakdown()["total"]
+
+
+def test_training_changes_the_adapted_parameters_and_no_frozen_weight(tokens):
+    model = tiny_ouroboros("llama", coda_lora_rank=2, coda_norms=True, coda_lora_layers=1)
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):  # two steps: LoRA's B moves first, then A
+        opt.zero_grad()
+        model(tokens, labels=tokens, depth=2).loss.backward()
+        opt.step()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], w) for n, w in frozen.items())
+    moved = {n for n, w in trainable.items() if not torch.equal(after[n], w)}
+    assert {"coda.1.self_attn.q_proj.lora_B.default.weight", "coda.1.self_attn.q_proj.lora_A.default.weight",
+            "coda.0.input_layernorm.weight", "norm.weight"} <= moved
+    assert not any(n.startswith("coda.0.") and "lora" in n for n in trainable)  # only the last coda layer has LoRA
+
+
+def test_bad_outer_settings_are_refused():
+    with pytest.raises(ValueError, match="coda_lora_layers must be in"):
+        OuroborosConfig(**{**TINY_SPLIT, "coda_lora_rank": 2, "coda_lora_layers": 3})
+    with pytest.raises(ValueError, match="prelude_lora_layers needs coda_lora_rank"):
+        OuroborosConfig(**{**TINY_SPLIT, "prelude_lora_layers": 1})
+
+
+def test_step_dropout_drops_the_step_embedding_only_while_training(tokens):
+    model = tiny_ouroboros("llama", step_dropout=1.0)
+    randomize_trainables(model, scale=0.3)
+    ctrl = model.recurrent.controller
+    pooled = torch.randn(2, 5, TINY["hidden_size"])
+    with torch.no_grad():
+        keep = ctrl(pooled, 3)
+        ctrl.train()
+        with torch.enable_grad():
+            dropped = ctrl(pooled, 3)
+        zero = copy.deepcopy(ctrl).eval()
+        zero.step_embedding.weight.zero_()
+        assert torch.allclose(dropped, zero(pooled, 3)) and not torch.allclose(dropped, keep)
+
+
+def test_step_dropout_gradients_equal_with_and_without_checkpointing(tokens):
+    """Checkpointing replays the same dropout draws (the RNG state is restored for the recompute)."""
+    grads = []
+    for mode in ("never", "always"):
+        model = tiny_ouroboros("llama", checkpointing=mode, step_dropout=0.5)
+        randomize_trainables(model, scale=0.3)
+        model.train()
+        torch.manual_seed(7)
+        model(tokens, labels=tokens, depth=4).loss.backward()
+        grads.append(model.recurrent.controller.step_embedding.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_mean_and_token_reads_both_views(tokens):
+    """Changing an earlier token changes a position's prefix mean only; changing the position's own
+    state changes both: the Controller's output must move in both cases."""
+    model = tiny_ouroboros("llama", pooling="mean_and_token")
+    randomize_trainables(model, scale=0.3)
+    ctrl = model.recurrent.controller
+    h = torch.randn(1, 6, TINY["hidden_size"])
+    from ouroboros_lm.controller import pool
+
+    with torch.no_grad():
+        base = ctrl(pool(h, "mean_and_token"), 0)[0, -1]
+        h2 = h.clone()
+        h2[0, 0] += 1.0  # earlier token: the last position's mean changes, its own state does not
+        assert not torch.allclose(ctrl(pool(h2, "mean_and_token"), 0)[0, -1], base)
+        assert torch.equal(pool(h2, "mean_and_token")[0, -1, TINY["hidden_size"]:], h[0, -1])
+
+
+def test_export_of_an_adapted_model_equals_our_forward(tmp_path, tokens):
+    """The Hugging Face folder of a model with coda LoRA and coda norms loads with the same weights
+    (PEFT's modules rebuilt from the config) and gives our logits, at depth and as the pruned stack."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tiny_base
+    from ouroboros_lm import load_base_model
+    from ouroboros_lm.export import export_hf
+
+    base = save_tiny_base(tmp_path / "base")
+    model = OuroborosModel.from_base(load_base_model(base), OuroborosConfig(**TINY_SPLIT, **OUTER), base_name=base)
+    randomize_trainables(model, scale=0.3)
+    save_adapter(model, tmp_path / "adapter")
+    export_hf(tmp_path / "adapter", tmp_path / "hf", depth=3)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model.eval()(tokens, depth=3).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hf(tokens, baseline=True).logits, model(tokens, baseline=True).logits,
+                                   atol=1e-5, rtol=1e-5)
