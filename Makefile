@@ -50,6 +50,7 @@ test-fast: install
 	$(PY) -m pytest -m "not real_model"
 
 demo: install assets
+	$(MAKE) --no-print-directory domains || echo "(extra evaluation domains unavailable: the demo evaluates without them)"
 	$(VENV)/bin/ouroboros demo
 
 clean:

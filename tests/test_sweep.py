@@ -5,9 +5,11 @@ import csv
 import json
 import shutil
 
+import pytest
 import yaml
 
 from conftest import save_tiny_base, write_corpus
+from ouroboros_lm.evaluate import gap_recovered
 from ouroboros_lm.experiments.sweep import SweepSpec, run_sweep
 
 PLOTS = ["training_curves.png", "gap_by_variant_depth.png", "gap_by_rank.png", "controller_heatmaps.png", "controller_spread.png"]
@@ -67,3 +69,52 @@ def test_bad_spec_is_refused(tmp_path):
                                  "runs": [{}]}))
     with pytest.raises(ValueError, match="unknown train setting.*stpes"):
         SweepSpec.load(p)
+
+
+def test_seeds_and_domains_give_a_summary_with_spread(tmp_path):
+    """Every configuration once per seed (different initialisation and data order), evaluation-only
+    domains scored like the held-out split, and a summary whose mean and std are those of the seeds'
+    own results; the Controller's input dependence is reported, 0 <= it <= 1."""
+    base = save_tiny_base(tmp_path / "base")
+    data = write_corpus(tmp_path / "text", n_docs=12)
+    other = write_corpus(tmp_path / "other", n_docs=3, seed=5)
+    spec = {
+        "name": "seeded", "base": base, "split": {"n_prelude": 2, "recurrent_layer": 4, "n_coda": 2},
+        "data": {"train": [str(data)], "seq_len": 32, "heldout_fraction": 0.2, "domains": {"other": [str(other)]}},
+        "train": {"steps": 2, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "eval_every": 2, "eval_blocks": 2},
+        "eval": {"depths": [2], "blocks": 2, "modulation_inputs": 2},
+        "defaults": {"rank": 4, "depths": [2]},
+        "runs": [{"variant": "controller", "pooling": "mean_and_token"}, {"variant": "none", "coda_lora_rank": 2}],
+        "seeds": [3, 4],
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    runs = SweepSpec.load(path).expand()
+    assert [r.seed for r in runs] == [3, 3, 4, 4] and len({r.name for r in runs}) == 4
+    out = run_sweep(path, out=tmp_path / "sweep", progress=False)
+    results = {r.name: json.loads((out / "runs" / r.name / "result.json").read_text()) for r in runs}
+    a, b = (results[r.name] for r in runs if r.config_name == runs[0].config_name)
+    assert a["config"]["init_seed"] == 3 and b["config"]["init_seed"] == 4
+    assert a["losses"]["other"]["ouroboros@2"] != b["losses"]["other"]["ouroboros@2"]
+    assert set(a["reference"]) >= {"train", "heldout", "other"}
+    dep = a["modulation_spread"]["heldout"]["input_dependence"]
+    assert 0 < dep <= 1 and results[runs[1].name]["modulation_spread"] is None
+    summary = {e["config"]: e for e in json.loads((out / "summary.json").read_text())}
+    entry = summary[runs[0].config_name]
+    mean, std, per_seed = entry["gap"]["other@2"]
+    gaps = [gap_recovered(r["losses"]["other"]["ouroboros@2"], r["reference"]["other"]["baseline"],
+                          r["reference"]["other"]["full"]) for r in (a, b)]
+    assert per_seed == pytest.approx(gaps) and mean == pytest.approx(sum(gaps) / 2)
+    assert std == pytest.approx(abs(gaps[0] - gaps[1]) / 2 ** 0.5)
+    assert "other" in (out / "summary.md").read_text()
+
+
+def test_bad_domains_and_seeds_are_refused(tmp_path):
+    p = tmp_path / "s.yaml"
+    for data, extra, message in (({"domains": {"heldout": ["x"]}}, {}, "cannot be named heldout"),
+                                 ({"domains": {"x": []}}, {}, "non-empty list"),
+                                 ({}, {"seeds": [1, -2]}, "seeds must be a list")):
+        p.write_text(yaml.safe_dump({"name": "x", "base": "b", "split": {}, "data": {"train": ["a"], **data},
+                                     "runs": [{"variant": "none"}], **extra}))
+        with pytest.raises(ValueError, match=message):
+            SweepSpec.load(p)

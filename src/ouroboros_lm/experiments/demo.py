@@ -14,7 +14,7 @@ import torch
 
 from ..adapter import save_adapter
 from ..config import OuroborosConfig
-from ..data import build_corpus
+from ..data import build_corpus, domain_blocks
 from ..evaluate import DEFAULT_EVAL_DEPTHS, evaluate
 from ..loading import cache_dir, load_base_model, load_tokenizer
 from ..model import OuroborosModel
@@ -43,6 +43,9 @@ class DemoConfig:
     depth_mean: float = setting(6.0, "mean depth of the lognormal_poisson schedule", above=1.0, high=64)
     param_steps: int = setting(8, "distinct per-step parameter sets; deeper steps reuse the last (0: max depth)",
                                low=0, high=64)
+    step_damping: float = setting(1.0, "past the last per-step parameter set, each step's update is scaled by "
+                                  "step_damping^(steps past it), in training and at inference (1: off)", low=0.0,
+                                  high=1.0)
     backprop_steps: int = setting(8, "gradients through only the last k steps (0 = all)", low=0, high=64)
     eval_depths: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "evaluated fixed depths (the compute curve)",
                                            low=1, high=64)
@@ -52,6 +55,10 @@ class DemoConfig:
                                 high=10**5)
     halter_thresholds: tuple[float, ...] = setting((0.5,), "halter thresholds evaluated", above=0, high=1.0)
     eval_blocks: int = setting(16, "blocks evaluated per split", low=1, high=4096)
+    domains: str | None = setting(None, "folder of evaluation-only domains, one subfolder each (default: the "
+                                  "cache's domains/, `make domains`; skipped when absent)")
+    domain_depths: tuple[int, ...] = setting((4, 8), "depths evaluated on the extra domains", low=1, high=64)
+    domain_blocks: int = setting(8, "blocks evaluated per extra domain", low=1, high=4096)
     seed: int = setting(0, "seed", low=0, high=2**31)
 
 
@@ -70,7 +77,8 @@ def sotu_files(corpus: Path, last_train_year: int) -> tuple[list[str], list[str]
 
 def demo_model(dc: DemoConfig, out: Path):
     base = load_base_model(dc.base)
-    cfg = OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32, default_depth=8, init_seed=dc.seed)
+    cfg = OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32, default_depth=8, init_seed=dc.seed,
+                          step_damping=dc.step_damping)
     model = OuroborosModel.from_base(base, cfg, base_name=dc.base)
     save_adapter(model, out)
     print("      trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in model.trainable_parameter_breakdown().items()))
@@ -103,6 +111,17 @@ def exit_passage(model, tok, corpus, rule: ExitRule, depth: int, out: Path, n: i
                            f"held-out passage: steps per token ({rule.rule}, threshold {rule.threshold:g}, at most {depth})")
 
 
+def domain_splits(dc: DemoConfig, tok) -> dict[str, torch.Tensor]:
+    """Blocks of each evaluation-only domain (a subfolder of `dc.domains`, default the cache's `domains/`):
+    text that neither training nor the held-out addresses resemble. Empty when none is there."""
+    root = Path(dc.domains) if dc.domains else cache_dir() / "domains"
+    if not root.is_dir():
+        print(f"      (no extra domains at {root}: `make domains` fetches Shakespeare and the Debian Reference)")
+        return {}
+    return {d.name: domain_blocks([str(d)], tok, dc.seq_len, dc.domain_blocks, dc.seed + 1)
+            for d in sorted(root.iterdir()) if d.is_dir()}
+
+
 def run_demo(dc: DemoConfig) -> dict:
     t0 = time.time()
     torch.manual_seed(dc.seed)
@@ -131,6 +150,12 @@ def run_demo(dc: DemoConfig) -> dict:
                       batch_size=dc.batch_size, exit_rules=rules,
                       meta={"base_model": dc.base, "seq_len": dc.seq_len, "train_steps": summary["steps_done"],
                             "train_wall_s": round(summary["wall_s"], 1)})
+    extra = domain_splits(dc, tok)
+    if extra:
+        print(f"      and on text unlike the training set ({', '.join(extra)}) at depths {dc.domain_depths}")
+        more = evaluate(model, extra, depths=dc.domain_depths, full_model=load_base_model(dc.base), batch_size=dc.batch_size)
+        report.splits.update(more.splits)
+        report.tokens.update(more.tokens)
     print()
     print(report.table())
     report.write(out)
