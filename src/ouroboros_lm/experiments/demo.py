@@ -46,6 +46,7 @@ class DemoConfig:
     step_damping: float = setting(1.0, "past the last per-step parameter set, each step's update is scaled by "
                                   "step_damping^(steps past it), in training and at inference (1: off)", low=0.0,
                                   high=1.0)
+    coda_lora_rank: int = setting(0, "plain LoRA rank on the coda layers (0: coda frozen)", low=0, high=64)
     backprop_steps: int = setting(8, "gradients through only the last k steps (0 = all)", low=0, high=64)
     eval_depths: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "evaluated fixed depths (the compute curve)",
                                            low=1, high=64)
@@ -78,7 +79,7 @@ def sotu_files(corpus: Path, last_train_year: int) -> tuple[list[str], list[str]
 def demo_model(dc: DemoConfig, out: Path):
     base = load_base_model(dc.base)
     cfg = OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32, default_depth=8, init_seed=dc.seed,
-                          step_damping=dc.step_damping)
+                          step_damping=dc.step_damping, coda_lora_rank=dc.coda_lora_rank)
     model = OuroborosModel.from_base(base, cfg, base_name=dc.base)
     save_adapter(model, out)
     print("      trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in model.trainable_parameter_breakdown().items()))
