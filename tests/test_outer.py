@@ -217,6 +217,8 @@ def test_export_of_an_adapted_model_equals_our_forward(tmp_path, tokens):
     save_adapter(model, tmp_path / "adapter")
     export_hf(tmp_path / "adapter", tmp_path / "hf", depth=3)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    trainable = {n.removeprefix("model.") for n, p in hf.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}  # fine-tunable as it was
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model.eval()(tokens, depth=3).logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(hf(tokens, baseline=True).logits, model(tokens, baseline=True).logits,

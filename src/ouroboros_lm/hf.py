@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import OuroborosCache
+from .adaptation import adapted_parameters
 from .hf_config import OuroborosHFConfig, register_config
 from .model import OuroborosModel
 
@@ -147,6 +148,8 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
         model.model.requires_grad_(False)
         for part in model.model.recurrent.trainable_parts().values():
             part.requires_grad_(True)
+        for p in adapted_parameters(model.model).values():  # coda / prelude-tail LoRA, coda norms
+            p.requires_grad_(True)
         return model
 
     def _init_weights(self, module):
