@@ -297,13 +297,31 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
 
 
+def paired_differences(runs: list[dict], reference: list[dict]) -> dict:
+    """Gap recovered minus the reference configuration's, seed by seed (same seed: same data order and
+    initialisation draw), as (mean, std, per seed) per split and depth; only seeds both have."""
+    ref = {r.get("seed"): r for r in reference}
+    out: dict[str, tuple] = {}
+    for r in runs:
+        other = ref.get(r.get("seed"))
+        if other is None:
+            continue
+        for split, losses in r["losses"].items():
+            for key in losses:
+                if key.startswith("ouroboros@") and key.split("@")[1].isdigit() and key in other["losses"].get(split, {}):
+                    diff = metrics(r, split, key)[2] - metrics(other, split, key)[2]
+                    out.setdefault(f"{split}@{key.split('@')[1]}", []).append(diff)
+    return {k: (*mean_std(v), v) for k, v in out.items()}
+
+
 def seed_summary(results: list[dict]) -> list[dict]:
-    """One entry per configuration (runs that differ only in seed): for every split and fixed depth the
-    gap recovered as mean, std and the values per seed; the Controller's input dependence likewise."""
+    """One entry per configuration (runs that differ only in seed), by size: for every split and fixed
+    depth the gap recovered as mean, std and the values per seed, the same for its difference to the
+    smallest configuration paired by seed, and the Controller's input dependence."""
     groups: dict[str, list[dict]] = {}
-    for r in results:
+    for r in sorted(results, key=lambda r: (r["trainable_parameters"], r.get("config_name", r["name"]))):
         groups.setdefault(r.get("config_name", r["name"]), []).append(r)
-    out = []
+    out = []  # smallest configuration first: the one the paired differences are taken against
     for name, runs in groups.items():
         entry = {"config": name, "seeds": [r.get("seed") for r in runs], "trainable_parameters": runs[0]["trainable_parameters"],
                  "gap": {}, "loss": {}}
@@ -314,6 +332,7 @@ def seed_summary(results: list[dict]) -> list[dict]:
                 gaps = [metrics(r, split, key)[2] for r in runs]
                 entry["gap"][f"{split}@{key.split('@')[1]}"] = (*mean_std(gaps), gaps)
                 entry["loss"][f"{split}@{key.split('@')[1]}"] = mean_std([r["losses"][split][key] for r in runs])
+        entry["paired"] = paired_differences(runs, groups[next(iter(groups))])
         spreads = [r["modulation_spread"] for r in runs if r.get("modulation_spread")]
         if spreads:
             entry["input_dependence"] = {split: mean_std([sp[split]["input_dependence"] for sp in spreads])
@@ -340,6 +359,17 @@ def write_summary(sweep_dir: Path, results: list[dict]) -> None:
                 cells.append("" if g is None else f"{g[0]:+.1f} ± {g[1]:.1f}")
             dep = e.get("input_dependence", {}).get("heldout")
             cells.append("" if dep is None else f"{dep[0]:.3f} ± {dep[1]:.3f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        first = summary[0]["config"]
+        head = ["configuration"] + splits
+        lines += [f"*depth {d}: gap recovered minus `{first}`'s, paired by seed (mean ± std of the per-seed differences)*",
+                  "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for e in summary[1:]:
+            cells = [e["config"]]
+            for s in splits:
+                g = e["paired"].get(f"{s}@{d}")
+                cells.append("" if g is None else f"{g[0]:+.1f} ± {g[1]:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     (sweep_dir / "summary.md").write_text("\n".join(lines))
