@@ -43,10 +43,10 @@ class DemoConfig:
     depth_mean: float = setting(6.0, "mean depth of the lognormal_poisson schedule", above=1.0, high=64)
     param_steps: int = setting(8, "distinct per-step parameter sets; deeper steps reuse the last (0: max depth)",
                                low=0, high=64)
-    step_damping: float = setting(1.0, "past the last per-step parameter set, each step's update is scaled by "
+    step_damping: float = setting(0.5, "past the last per-step parameter set, each step's update is scaled by "
                                   "step_damping^(steps past it), in training and at inference (1: off)", low=0.0,
                                   high=1.0)
-    coda_lora_rank: int = setting(0, "plain LoRA rank on the coda layers (0: coda frozen)", low=0, high=64)
+    coda_lora_rank: int = setting(2, "plain LoRA rank (PEFT) on the 7 coda layers (0: coda frozen)", low=0, high=64)
     backprop_steps: int = setting(8, "gradients through only the last k steps (0 = all)", low=0, high=64)
     eval_depths: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "evaluated fixed depths (the compute curve)",
                                            low=1, high=64)
