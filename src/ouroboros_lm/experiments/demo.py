@@ -35,7 +35,7 @@ class DemoConfig:
     first_train_year: int = setting(1950, "addresses from this year on train (earlier ones are not used)", low=1790,
                                     high=2100)
     mix: str | None = setting(None, "folder of other training text mixed with the addresses (default: the cache's "
-                              "moby-dick/, `make domains`; addresses only when absent)")
+                              "moby-dick/, `make domains`, addresses only when it is absent; 'none': addresses only)")
     seq_len: int = setting(256, "tokens per block", low=8, high=8192)
     steps: int = setting(150, "training steps", low=1, high=10**6)
     batch_size: int = setting(4, "blocks per step", low=1, high=1024)
@@ -121,6 +121,16 @@ def exit_passage(model, tok, corpus, rule: ExitRule, depth: int, out: Path, n: i
                            f"held-out passage: steps per token ({rule.rule}, threshold {rule.threshold:g}, at most {depth})")
 
 
+def mix_files(dc: DemoConfig) -> tuple[list[str], Path | None]:
+    """(the .txt files mixed into training, their folder). A folder given explicitly must exist."""
+    if dc.mix == "none":
+        return [], None
+    mix = Path(dc.mix) if dc.mix else cache_dir() / "moby-dick"
+    if dc.mix and not mix.is_dir():
+        raise FileNotFoundError(f"--mix {dc.mix}: no such folder (give a folder of .txt files, or 'none')")
+    return (sorted(str(f) for f in mix.glob("*.txt")) if mix.is_dir() else []), mix
+
+
 def domain_splits(dc: DemoConfig, tok) -> dict[str, torch.Tensor]:
     """Blocks of each evaluation-only domain (a subfolder of `dc.domains`, default the cache's `domains/`):
     text that neither training nor the held-out addresses resemble. Empty when none is there."""
@@ -137,15 +147,14 @@ def run_demo(dc: DemoConfig) -> dict:
     torch.manual_seed(dc.seed)
     corpus_dir = Path(dc.corpus) if dc.corpus else cache_dir() / "sotu"
     train_files, held_files = sotu_files(corpus_dir, dc.last_train_year, dc.first_train_year)
-    mix = Path(dc.mix) if dc.mix else cache_dir() / "moby-dick"
-    mixed = sorted(str(f) for f in mix.glob("*.txt")) if mix.is_dir() else []
+    mixed, mix = mix_files(dc)
     out = Path(dc.out)
     if out.exists():
         shutil.rmtree(out)
     print(f"[1/4] converting {dc.base}: prelude 7, recurrent layer 15, coda 7 (15 of 30 layers)")
     model = demo_model(dc, out)
     print(f"[2/4] tokenizing {len(train_files)} addresses {dc.first_train_year}-{dc.last_train_year} "
-          + (f"and {len(mixed)} files of {mix} " if mixed else f"(no {mix}: addresses only, `make domains`) ")
+          + (f"and {len(mixed)} files of {mix} " if mixed else "only (no mixed text: `make domains` fetches Moby-Dick) ")
           + f"(train), {len(held_files)} later addresses (held out)")
     train_files += mixed
     tok = load_tokenizer(dc.base)
