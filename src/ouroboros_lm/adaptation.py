@@ -19,7 +19,9 @@ import contextlib
 import torch
 from torch import nn
 
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .layers import PROJECTIONS, get_projection
+
+LORA_MODULES = tuple(path.rsplit(".", 1)[-1] for path in PROJECTIONS.values())  # q_proj, ..., down_proj
 
 
 def lora_target_pattern(layers: dict[str, list[int]]) -> str | None:
@@ -131,11 +133,8 @@ def adaptation_parameter_count(config, layer: nn.Module, hidden_size: int) -> in
     """Parameters the outer-layer adaptation adds, from the settings and one layer's shapes."""
     n = 0
     if config.coda_lora_rank:
-        per_layer = 0
-        for name in LORA_MODULES:
-            mod = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-            lin = getattr(mod, name)
-            per_layer += config.coda_lora_rank * (lin.in_features + lin.out_features)
+        per_layer = sum(config.coda_lora_rank * (lin.in_features + lin.out_features)
+                        for lin in (get_projection(layer, t) for t in PROJECTIONS))
         n += per_layer * sum(len(v) for v in config.lora_layers().values())
     if config.coda_norms:
         n += (len(layer_norms(layer)) * config.n_coda + 1) * hidden_size

@@ -170,14 +170,15 @@ def run_demo(dc: DemoConfig) -> dict:
     print(f"[4/4] evaluating full model, pruned baseline and Ouroboros at depths {dc.eval_depths} and adaptive exit")
     splits = corpus.eval_splits(dc.eval_blocks, dc.seed + 1)
     rules = exit_rules(dc, model)
-    report = evaluate(model, splits, depths=dc.eval_depths, full_model=load_base_model(dc.base),
+    full = load_base_model(dc.base)  # loaded once for the addresses and the extra domains
+    report = evaluate(model, splits, depths=dc.eval_depths, full_model=full,
                       batch_size=dc.batch_size, exit_rules=rules,
                       meta={"base_model": dc.base, "seq_len": dc.seq_len, "train_steps": summary["steps_done"],
                             "train_wall_s": round(summary["wall_s"], 1)})
     extra = domain_splits(dc, tok)
     if extra:
         print(f"      and on text unlike the training set ({', '.join(extra)}) at depths {dc.domain_depths}")
-        more = evaluate(model, extra, depths=dc.domain_depths, full_model=load_base_model(dc.base), batch_size=dc.batch_size)
+        more = evaluate(model, extra, depths=dc.domain_depths, full_model=full, batch_size=dc.batch_size)
         report.splits.update(more.splits)
         report.tokens.update(more.tokens)
     print()

@@ -206,38 +206,40 @@ class Run:
 
 
 @torch.no_grad()
-def capture_modulation(model, blocks: torch.Tensor, depth: int) -> dict | None:
-    """The Controller's modulation vectors on some held-out inputs: per input and step, d
-    averaged over positions -> [inputs, steps, targets, rank]."""
+def controller_outputs(model, blocks: torch.Tensor, depth: int) -> list[torch.Tensor] | None:
+    """The Controller's modulation d [inputs, positions, 7, r] at each step of one forward over
+    `blocks` (float32, on the CPU); None without a Controller."""
     ctrl = model.recurrent.controller
     if ctrl is None:
         return None
     seen: list[torch.Tensor] = []
-    handle = ctrl.register_forward_hook(lambda mod, args, out: seen.append(out.mean(dim=1).float().cpu()))
+    handle = ctrl.register_forward_hook(lambda mod, args, out: seen.append(out.float().cpu()))
     try:
         model.eval()
         model(blocks.to(model.device), depth=depth)
     finally:
         handle.remove()
-    return {"depth": depth, "d": torch.stack(seen, dim=1)}  # [inputs, steps, 7, r]
+    return seen
 
 
-@torch.no_grad()
+def capture_modulation(model, blocks: torch.Tensor, depth: int) -> dict | None:
+    """The Controller's modulation vectors on some held-out inputs: per input and step, d
+    averaged over positions -> [inputs, steps, targets, rank]."""
+    seen = controller_outputs(model, blocks, depth)
+    if seen is None:
+        return None
+    return {"depth": depth, "d": torch.stack([d.mean(dim=1) for d in seen], dim=1)}  # [inputs, steps, 7, r]
+
+
 def modulation_spread(model, blocks: torch.Tensor, depth: int) -> dict | None:
     """How much the Controller's modulation depends on the input, over every position of `blocks`:
     per step, sqrt(variance of d across positions / mean of d^2) (0: one vector for every token,
     input-independent; 1: all of d varies with the input), averaged over steps; and the size of d
     (its root mean square). None without a Controller."""
-    ctrl = model.recurrent.controller
-    if ctrl is None:
+    outputs = controller_outputs(model, blocks, depth)
+    if outputs is None:
         return None
-    seen: list[torch.Tensor] = []
-    handle = ctrl.register_forward_hook(lambda mod, args, out: seen.append(out.float().flatten(0, -3).flatten(1)))
-    try:
-        model.eval()
-        model(blocks.to(model.device), depth=depth)
-    finally:
-        handle.remove()
+    seen = [d.flatten(0, -3).flatten(1) for d in outputs]  # [positions, 7 * r] per step
     ratios, sizes = [], []
     for d in seen:  # [positions, 7 * r]
         second = d.pow(2).mean(0).sum()
