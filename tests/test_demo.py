@@ -14,10 +14,22 @@ def test_years_split_the_addresses_and_the_mix_is_optional(tmp_path):
     train, held = sotu_files(sotu, last_train_year=2000, first_train_year=1950)
     assert [p.rsplit("/", 1)[1] for p in train] == ["1950_x.txt", "1999_x.txt"]
     assert [p.rsplit("/", 1)[1] for p in held] == ["2001_x.txt"]
-    mix = tmp_path / "mix"
-    mix.mkdir()
-    (mix / "a.txt").write_text("call me")
-    assert mix_files(DemoConfig(mix=str(mix))) == ([str(mix / "a.txt")], mix)
-    assert mix_files(DemoConfig(mix="none")) == ([], None)
-    with pytest.raises(FileNotFoundError, match="no such folder"):
-        mix_files(DemoConfig(mix=str(tmp_path / "missing")))
+    mix, more = tmp_path / "mix", tmp_path / "more"
+    mix.mkdir(), more.mkdir()
+    (mix / "b.txt").write_text("call me")
+    (mix / "a.txt").write_text("Ishmael")
+    (more / "c.txt").write_text("import this")
+    assert mix_files(DemoConfig(mix=(str(mix),))) == ([str(mix / "a.txt"), str(mix / "b.txt")], [mix])
+    assert mix_files(DemoConfig(mix=(str(mix), str(more))))[0] == [str(mix / n) for n in ("a.txt", "b.txt")] + [
+        str(more / "c.txt")]
+    assert mix_files(DemoConfig(mix=("none",))) == ([], [])
+    with pytest.raises(FileNotFoundError, match="missing: no such folder"):
+        mix_files(DemoConfig(mix=(str(mix), str(tmp_path / "missing"))))
+
+
+def test_the_default_mix_is_whatever_make_domains_fetched(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUROBOROS_CACHE", str(tmp_path))
+    assert mix_files(DemoConfig()) == ([], [])  # nothing fetched: addresses only
+    (tmp_path / "python-docs").mkdir()
+    (tmp_path / "python-docs" / "tutorial.txt").write_text("for x in y")
+    assert mix_files(DemoConfig()) == ([str(tmp_path / "python-docs" / "tutorial.txt")], [tmp_path / "python-docs"])

@@ -109,6 +109,46 @@ def test_seeds_and_domains_give_a_summary_with_spread(tmp_path):
     assert "other" in (out / "summary.md").read_text()
 
 
+def test_a_domain_added_to_a_finished_sweep_is_evaluated_without_training_again(tmp_path):
+    """Adding `data.domains` entries to a finished sweep evaluates the saved adapters on them: the
+    numbers equal those of a sweep that had the domain from the start, the earlier numbers and the
+    training are untouched, and the run's own eval.json gains the split."""
+    base = save_tiny_base(tmp_path / "base")
+    data = write_corpus(tmp_path / "text", n_docs=12)
+    other = write_corpus(tmp_path / "other", n_docs=3, seed=5)
+    spec = {
+        "name": "grow", "base": base, "split": {"n_prelude": 2, "recurrent_layer": 4, "n_coda": 2},
+        "data": {"train": [str(data)], "seq_len": 32, "heldout_fraction": 0.2},
+        "train": {"steps": 2, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "eval_every": 2, "eval_blocks": 2},
+        "eval": {"depths": [2], "blocks": 2, "modulation_inputs": 2},
+        "defaults": {"rank": 4, "depths": [2], "variant": "controller"},
+        "runs": [{}],
+    }
+    before, after = tmp_path / "before.yaml", tmp_path / "after.yaml"
+    before.write_text(yaml.safe_dump(spec))
+    spec["data"]["domains"] = {"other": [str(other)]}
+    after.write_text(yaml.safe_dump(spec))
+    name = SweepSpec.load(after).expand()[0].name
+
+    grown = run_sweep(before, out=tmp_path / "grown", progress=False)
+    rdir = grown / "runs" / name
+    first = json.loads((rdir / "result.json").read_text())
+    assert "other" not in first["losses"]
+    trained = {f: (rdir / f).stat().st_mtime_ns for f in ("metrics.jsonl", "adapter_model.safetensors")}
+    run_sweep(after, out=grown, progress=False)
+    grew = json.loads((rdir / "result.json").read_text())
+    assert {f: (rdir / f).stat().st_mtime_ns for f in trained} == trained  # not trained again
+    for split in ("train", "heldout"):
+        assert grew["losses"][split] == first["losses"][split]
+    assert "other" in grew["reference"] and "other" in grew["modulation_spread"]
+    assert "other" in json.loads((rdir / "eval.json").read_text())["splits"]
+
+    fresh = json.loads((run_sweep(after, out=tmp_path / "fresh", progress=False) / "runs" / name / "result.json")
+                       .read_text())
+    assert grew["losses"]["other"] == pytest.approx(fresh["losses"]["other"], abs=1e-6)
+    assert grew["reference"]["other"] == pytest.approx(fresh["reference"]["other"], abs=1e-6)
+
+
 def test_bad_domains_and_seeds_are_refused(tmp_path):
     p = tmp_path / "s.yaml"
     for data, extra, message in (({"domains": {"heldout": ["x"]}}, {}, "cannot be named heldout"),

@@ -89,6 +89,13 @@ class EvalReport:
                 )
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalReport":
+        """The inverse of `to_dict` (derived columns are recomputed, not read)."""
+        splits = {split: [EvalRow(r["model"], r["loss"], r.get("depth"), r.get("mean_steps")) for r in rows]
+                  for split, rows in d.get("splits", {}).items()}
+        return cls(splits=splits, tokens=dict(d.get("tokens", {})), meta=dict(d.get("meta", {})))
+
     def table(self, markdown: bool = False) -> str:
         head = ["split", "model", "steps/token", "loss", "ppl", "vs baseline", "gap recovered"]
         lines = []

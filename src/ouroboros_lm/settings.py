@@ -179,7 +179,7 @@ def add_flags(parser, cls, title: str | None = None, skip: tuple[str, ...] = (),
                 kw["choices"] = meta["choices"]
                 kw["type"] = str
             if typing.get_origin(inner) is tuple:
-                kw["metavar"] = "N[,N...]"
+                kw["metavar"] = "PATH[,PATH...]" if typing.get_args(inner)[0] is str else "N[,N...]"
         group.add_argument(flag_name(f), **kw)
     return group
 

@@ -3,7 +3,8 @@
 A spec names the base, the layer split, the data, one training budget and the grid. Every run
 gets the same data, seed and budget, goes into its own subfolder (adapter, metrics, eval),
 and the sweep can be rerun at any time: finished runs are skipped, an interrupted one resumes
-from its last checkpoint. The full model and the pruned baseline are evaluated once, on the
+from its last checkpoint, and a split added to the spec since (say a new `data.domains` entry)
+is evaluated on the finished runs' saved adapters without training again. The full model and the pruned baseline are evaluated once, on the
 same blocks as every run. `experiments/report.py` turns the folder into tables and plots.
 
 Spec (YAML):
@@ -41,7 +42,7 @@ from ..adapter import load_adapter, save_adapter
 from ..checkpoints import list_checkpoints
 from ..config import OuroborosConfig
 from ..data import build_corpus, domain_blocks
-from ..evaluate import DEFAULT_EVAL_DEPTHS, evaluate
+from ..evaluate import DEFAULT_EVAL_DEPTHS, EvalReport, evaluate
 from ..exits import ExitRule
 from ..loading import cache_dir, load_base_model, load_tokenizer
 from ..model import OuroborosModel
@@ -252,18 +253,20 @@ def modulation_spread(model, blocks: torch.Tensor, depth: int) -> dict | None:
 def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, ev: dict, runtime, progress: bool) -> dict:
     """Full model and pruned baseline: once, on the same blocks as every run (cached in out/reference.json)."""
     ref_path = out / REFERENCE
-    if not ref_path.is_file():
+    ref = json.loads(ref_path.read_text()) if ref_path.is_file() else {"tokens": {}}
+    missing = {split: blocks for split, blocks in splits.items() if split not in ref}
+    if missing:  # a new sweep, or splits added to the spec since: only those are evaluated
         base = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
         plain = runs[0].model_config(spec).replace(variant="none", coda_lora_rank=0, coda_lora_layers=0,
                                                    prelude_lora_layers=0, coda_norms=False)
         model = OuroborosModel.from_base(base, plain)
         full = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
-        rep = evaluate(model, splits, depths=(), full_model=full, batch_size=ev["batch_size"], progress=progress,
+        rep = evaluate(model, missing, depths=(), full_model=full, batch_size=ev["batch_size"], progress=progress,
                        runtime=runtime)
-        ref = {split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()}
-        ref["tokens"] = rep.tokens
+        ref.update({split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()})
+        ref["tokens"].update(rep.tokens)
         ref_path.write_text(json.dumps(ref, indent=2) + "\n")
-    return json.loads(ref_path.read_text())
+    return ref
 
 
 def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, reference: dict, ev: dict, runtime,
@@ -277,19 +280,13 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
         model = OuroborosModel.from_base(load_base_model(spec.base, dtype=runtime.dtype), cfg, base_name=spec.base)
         save_adapter(model, rdir)
     summary = train(model, corpus, rdir, tc, resume=resume)
-    known = {split: {k: reference[split][k] for k in ("full", "baseline")} for split in splits}
-    top = min(ev["exit_max_depth"], cfg.max_steps)
-    rep = evaluate(model, splits, depths=tuple(d for d in ev["depths"] if d <= cfg.max_steps),
-                   batch_size=ev["batch_size"], progress=progress, known=known, runtime=runtime,
-                   exit_rules=[(ExitRule(threshold=t), top) for t in ev["exit_thresholds"]])
+    rep, spread = evaluate_run(model, splits, reference, ev, progress, runtime)
     mod = capture_modulation(model, corpus.heldout[: ev["modulation_inputs"]], max(tc.depths))
     if mod is not None:
         torch.save(mod, rdir / "modulation.pt")
-    spread = {split: modulation_spread(model, blocks[: ev["modulation_inputs"]], cfg.default_depth)
-              for split, blocks in splits.items()}
     result = {
         "name": run.name, "config_name": run.config_name, "seed": run.seed_in(spec), "settings": run.settings,
-        "modulation_spread": spread if cfg.variant == "controller" else None, "config": cfg.to_dict(), "train_config": to_dict(tc),
+        "modulation_spread": spread, "config": cfg.to_dict(), "train_config": to_dict(tc),
         "trainable_parameters": model.num_trainable_parameters(), "wall_s": summary["wall_s"],
         "steps": summary["steps_done"], "seq_len": corpus.seq_len, "batch_size": tc.batch_size,
         "losses": {split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()},
@@ -298,6 +295,42 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
     }
     rep.write(rdir)
     (rdir / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def evaluate_run(model, splits: dict, reference: dict, ev: dict, progress: bool, runtime):
+    """A trained run on `splits`: its eval report and the Controller's input dependence per split."""
+    cfg = model.config
+    known = {split: {k: reference[split][k] for k in ("full", "baseline")} for split in splits}
+    top = min(ev["exit_max_depth"], cfg.max_steps)
+    rep = evaluate(model, splits, depths=tuple(d for d in ev["depths"] if d <= cfg.max_steps),
+                   batch_size=ev["batch_size"], progress=progress, known=known, runtime=runtime,
+                   exit_rules=[(ExitRule(threshold=t), top) for t in ev["exit_thresholds"]])
+    spread = ({split: modulation_spread(model, blocks[: ev["modulation_inputs"]], cfg.default_depth)
+               for split, blocks in splits.items()} if cfg.variant == "controller" else None)
+    return rep, spread
+
+
+def extend_run(spec: SweepSpec, rdir: Path, splits: dict, reference: dict, ev: dict, runtime, progress: bool) -> list[str]:
+    """A finished run evaluated on the splits its result.json lacks (added to the spec since), from its
+    saved adapter, without training; result.json is rewritten with them (earlier numbers unchanged)."""
+    result = json.loads((rdir / RESULT).read_text())
+    missing = {split: blocks for split, blocks in splits.items() if split not in result["losses"]}
+    if not missing:
+        return []
+    model = load_adapter(rdir, base=load_base_model(spec.base, dtype=runtime.dtype))
+    rep, spread = evaluate_run(model, missing, reference, ev, progress, runtime)
+    result["losses"].update({split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()})
+    result["mean_steps"].update({split: {r.model: r.steps for r in rep.curve(split)} for split in rep.splits})
+    if spread is not None:
+        result["modulation_spread"] = {**(result.get("modulation_spread") or {}), **spread}
+    result["reference"] = reference
+    if (rdir / "eval.json").is_file():  # the run's own eval.md/json gain the new splits too
+        old = EvalReport.from_dict(json.loads((rdir / "eval.json").read_text()))
+        old.splits.update(rep.splits)
+        old.tokens.update(rep.tokens)
+        old.write(rdir)
+    (rdir / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    return sorted(missing)
 
 
 def select_runs(spec: SweepSpec, only: list[str] | None) -> list[Run]:
@@ -334,7 +367,9 @@ def run_sweep(spec_path: str | Path, out: str | Path | None = None, only: list[s
     for i, run in enumerate(runs, 1):
         rdir = out / "runs" / run.name
         if (rdir / RESULT).is_file():
-            print(f"[{i}/{len(runs)}] {run.name}: done, skipped")
+            added = extend_run(spec, rdir, splits, reference, ev, runtime, progress)
+            print(f"[{i}/{len(runs)}] {run.name}: done, "
+                  + (f"evaluated on the splits added since ({', '.join(added)})" if added else "skipped"))
             continue
         print(f"[{i}/{len(runs)}] {run.name}: {'resuming' if list_checkpoints(rdir) else 'training'}")
         run_one(spec, run, rdir, corpus, splits, reference, ev, runtime, progress)

