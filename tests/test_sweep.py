@@ -158,3 +158,37 @@ def test_bad_domains_and_seeds_are_refused(tmp_path):
                                      "runs": [{"variant": "none"}], **extra}))
         with pytest.raises(ValueError, match=message):
             SweepSpec.load(p)
+
+
+def _fake_run(sweep, config, seed, losses, reference):
+    rdir = sweep / "runs" / f"{config}-seed{seed}"
+    rdir.mkdir(parents=True)
+    (rdir / "result.json").write_text(json.dumps({
+        "name": rdir.name, "config_name": config, "seed": seed, "trainable_parameters": 10,
+        "losses": {s: {"ouroboros@4": v} for s, v in losses.items()}, "reference": reference}))
+
+
+def test_two_sweeps_are_compared_paired_by_seed_on_the_text_they_share(tmp_path):
+    """`report --against`: per seed, gap recovered here minus there, only on splits scored on the same
+    blocks (same full / baseline losses); a split on different text is named and left out."""
+    from ouroboros_lm.experiments.report import compare_sweeps
+
+    ref = {"heldout": {"full": 2.0, "baseline": 6.0}, "train": {"full": 2.0, "baseline": 6.0}}
+    other_ref = {"heldout": {"full": 2.0, "baseline": 6.0}, "train": {"full": 3.0, "baseline": 7.0}}
+    a, b = tmp_path / "a", tmp_path / "b"
+    for seed, (here, there) in enumerate([(4.0, 4.4), (3.6, 4.4), (5.0, 5.0)]):
+        _fake_run(a, "cfg", seed, {"heldout": here, "train": 4.0}, ref)
+        if seed < 2:  # seed 2 only here: not paired
+            _fake_run(b, "cfg", seed, {"heldout": there, "train": 4.0}, other_ref)
+    out = compare_sweeps(a, b)
+    [entry] = json.loads(out.with_suffix(".json").read_text())
+    mean, std, per_seed = entry["paired"]["heldout@4"]
+    assert per_seed == pytest.approx([10.0, 20.0])  # (4.4 - 4.0) / 4 and (4.4 - 3.6) / 4, in points
+    assert mean == pytest.approx(15.0) and std == pytest.approx(50 ** 0.5)
+    assert "train@4" not in entry["paired"] and entry["seeds"] == [0, 1]
+    assert "Not compared, scored on different text in the two sweeps: train" in out.read_text()
+    only_train = {"train": other_ref["train"]}
+    c = tmp_path / "c"
+    _fake_run(c, "cfg", 0, {"train": 4.0}, only_train)
+    with pytest.raises(ValueError, match="share no split scored on the same blocks"):
+        compare_sweeps(a, c)

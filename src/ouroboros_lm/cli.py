@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="tables and plots of a sweep folder", formatter_class=fmt)
     p.add_argument("dir", help="sweep folder")
+    p.add_argument("--against", default=None, metavar="DIR",
+                   help="another sweep folder scored on the same blocks: paired-by-seed differences of each "
+                        "configuration against the same one there (or its only one) -> paired_vs_<DIR>.md/json")
 
     p = sub.add_parser("demo", help="the main job: SmolLM2-135M on State of the Union addresses", formatter_class=fmt)
     add_flags(p, DemoConfig)
@@ -375,9 +378,14 @@ def cmd_sweep(args) -> None:
 def cmd_report(args) -> None:
     from .experiments.report import write_report
 
-    if not Path(args.dir).is_dir():
-        raise FileNotFoundError(f"sweep folder not found: {args.dir}")
+    for d in (args.dir, args.against):
+        if d is not None and not Path(d).is_dir():
+            raise FileNotFoundError(f"sweep folder not found: {d}")
     write_report(args.dir)
+    if args.against:
+        from .experiments.report import compare_sweeps
+
+        compare_sweeps(args.dir, args.against)
 
 
 def cmd_demo(args) -> None:

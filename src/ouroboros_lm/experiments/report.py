@@ -375,6 +375,60 @@ def write_summary(sweep_dir: Path, results: list[dict]) -> None:
     (sweep_dir / "summary.md").write_text("\n".join(lines))
 
 
+def compare_sweeps(sweep_dir: str | Path, against: str | Path) -> Path:
+    """Two sweeps that differ in what the spec holds fixed (training data, budget): each configuration
+    of `sweep_dir` minus the same configuration of `against` (or its only one), paired by seed, on
+    the splits and depths both evaluated. Refused unless the splits they share were scored on the same
+    blocks (equal full-model and pruned-baseline losses; a split whose text differs, such as each sweep's
+    own training text, is left out and named). Writes paired_vs_<name>.md/json in sweep_dir."""
+    sweep_dir, against = Path(sweep_dir), Path(against)
+    ours, theirs = load_results(sweep_dir), load_results(against)
+    for d, res in ((sweep_dir, ours), (against, theirs)):
+        if not res:
+            raise ValueError(f"{d} holds no finished runs (runs/*/result.json)")
+    ref_a, ref_b = ours[0]["reference"], theirs[0]["reference"]
+    common = [s for s in ours[0]["losses"] if s in theirs[0]["losses"]]
+    differ = [s for s in common if any(abs(ref_a[s][m] - ref_b[s][m]) > 1e-6 for m in ("full", "baseline"))]
+    shared = [s for s in common if s not in differ]
+    if not shared:
+        raise ValueError(f"{sweep_dir} and {against} share no split scored on the same blocks"
+                         + (f" ({', '.join(differ)}: their full model / pruned baseline losses differ)" if differ else ""))
+    mine, other = seed_summary(ours), {e["config"]: e for e in seed_summary(theirs)}
+    groups: dict[str, list[dict]] = {}
+    for r in theirs:
+        groups.setdefault(r.get("config_name", r["name"]), []).append(r)
+    out = []
+    for e in mine:
+        name = e["config"] if e["config"] in groups else (next(iter(groups)) if len(groups) == 1 else None)
+        if name is None:
+            continue
+        runs = [r for r in ours if r.get("config_name", r["name"]) == e["config"]]
+        diffs = {k: v for k, v in paired_differences(runs, groups[name]).items() if k.split("@")[0] in shared}
+        if diffs:
+            out.append({"config": e["config"], "against": name, "seeds": sorted(
+                {r.get("seed") for r in runs} & {r.get("seed") for r in groups[name]}, key=str),
+                "gap": {k: e["gap"][k] for k in diffs}, "against_gap": {k: other[name]["gap"][k] for k in diffs},
+                "paired": diffs})
+    if not out:
+        raise ValueError(f"no configuration of {sweep_dir} has a counterpart with the same seeds in {against}")
+    stem = f"paired_vs_{against.resolve().name}"
+    (sweep_dir / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    keys = sorted({k for e in out for k in e["paired"]}, key=lambda k: (int(k.split("@")[1]), shared.index(k.split("@")[0])))
+    lines = [f"Gap recovered (%) in `{sweep_dir.name}` minus `{against.name}`, paired by seed (mean ± std of the "
+             "per-seed differences; the same evaluation blocks)."
+             + (f" Not compared, scored on different text in the two sweeps: {', '.join(differ)}." if differ else ""), "",
+             "| configuration | against | seeds | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 3)]
+    for e in out:
+        cells = [e["config"], e["against"], str(len(e["seeds"]))]
+        for k in keys:
+            g = e["paired"].get(k)
+            cells.append("" if g is None else f"{g[0]:+.1f} ± {g[1]:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    (sweep_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"paired differences against {against} -> {sweep_dir / stem}.{{md,json}}")
+    return sweep_dir / f"{stem}.md"
+
+
 def write_report(sweep_dir: str | Path) -> Path:
     import matplotlib
 
