@@ -347,18 +347,19 @@ def write_summary(sweep_dir: Path, results: list[dict]) -> None:
     splits = list(results[0]["losses"])
     depths = sorted({int(k.split("@")[1]) for e in summary for k in e["gap"]})
     ref = results[0]["reference"]
-    lines = ["Gap recovered (%, mean +- std over seeds) per split; reference losses (full / pruned): "
+    lines = ["Gap recovered (%, mean ± std over seeds; a bare number: one seed) per split; reference losses (full / pruned): "
              + "; ".join(f"{s} {ref[s]['full']:.3f} / {ref[s]['baseline']:.3f}" for s in splits) + ".", ""]
     for d in depths:
         head = ["configuration", "seeds", "params"] + splits + ["input dependence (held-out)"]
         lines += [f"**depth {d}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for e in summary:
             cells = [e["config"], str(len(e["seeds"])), f"{e['trainable_parameters']:,}"]
+            one = len(e["seeds"]) == 1  # one seed: no spread to show
             for s in splits:
                 g = e["gap"].get(f"{s}@{d}")
-                cells.append("" if g is None else f"{g[0]:+.1f} ± {g[1]:.1f}")
+                cells.append("" if g is None else f"{g[0]:+.1f}" if one else f"{g[0]:+.1f} ± {g[1]:.1f}")
             dep = e.get("input_dependence", {}).get("heldout")
-            cells.append("" if dep is None else f"{dep[0]:.3f} ± {dep[1]:.3f}")
+            cells.append("" if dep is None else f"{dep[0]:.3f}" if one else f"{dep[0]:.3f} ± {dep[1]:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         first = summary[0]["config"]
@@ -369,7 +370,7 @@ def write_summary(sweep_dir: Path, results: list[dict]) -> None:
             cells = [e["config"]]
             for s in splits:
                 g = e["paired"].get(f"{s}@{d}")
-                cells.append("" if g is None else f"{g[0]:+.1f} ± {g[1]:.1f}")
+                cells.append("" if g is None else f"{g[0]:+.1f}" if len(g[2]) == 1 else f"{g[0]:+.1f} ± {g[1]:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     (sweep_dir / "summary.md").write_text("\n".join(lines))
@@ -422,7 +423,7 @@ def compare_sweeps(sweep_dir: str | Path, against: str | Path) -> Path:
         cells = [e["config"], e["against"], str(len(e["seeds"]))]
         for k in keys:
             g = e["paired"].get(k)
-            cells.append("" if g is None else f"{g[0]:+.1f} ± {g[1]:.1f}")
+            cells.append("" if g is None else f"{g[0]:+.1f}" if len(g[2]) == 1 else f"{g[0]:+.1f} ± {g[1]:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     (sweep_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"paired differences against {against} -> {sweep_dir / stem}.{{md,json}}")
