@@ -297,6 +297,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
 
 
+def spread_cell(stat, one_seed: bool, fmt: str = "+.1f") -> str:
+    """A table cell for (mean, std, ...): the mean alone when there was one seed (no spread to show)."""
+    if stat is None:
+        return ""
+    return f"{stat[0]:{fmt}}" if one_seed else f"{stat[0]:{fmt}} ± {stat[1]:{fmt.lstrip('+')}}"
+
+
+def by_config(results: list[dict]) -> dict[str, list[dict]]:
+    """Runs grouped by configuration (runs that differ only in seed), smallest configuration first."""
+    groups: dict[str, list[dict]] = {}
+    for r in sorted(results, key=lambda r: (r["trainable_parameters"], r.get("config_name", r["name"]))):
+        groups.setdefault(r.get("config_name", r["name"]), []).append(r)
+    return groups
+
+
 def paired_differences(runs: list[dict], reference: list[dict]) -> dict:
     """Gap recovered minus the reference configuration's, seed by seed (same seed: same data order and
     initialisation draw), as (mean, std, per seed) per split and depth; only seeds both have."""
@@ -318,9 +333,7 @@ def seed_summary(results: list[dict]) -> list[dict]:
     """One entry per configuration (runs that differ only in seed), by size: for every split and fixed
     depth the gap recovered as mean, std and the values per seed, the same for its difference to the
     smallest configuration paired by seed, and the Controller's input dependence."""
-    groups: dict[str, list[dict]] = {}
-    for r in sorted(results, key=lambda r: (r["trainable_parameters"], r.get("config_name", r["name"]))):
-        groups.setdefault(r.get("config_name", r["name"]), []).append(r)
+    groups = by_config(results)
     out = []  # smallest configuration first: the one the paired differences are taken against
     for name, runs in groups.items():
         entry = {"config": name, "seeds": [r.get("seed") for r in runs], "trainable_parameters": runs[0]["trainable_parameters"],
@@ -354,12 +367,9 @@ def write_summary(sweep_dir: Path, results: list[dict]) -> None:
         lines += [f"**depth {d}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for e in summary:
             cells = [e["config"], str(len(e["seeds"])), f"{e['trainable_parameters']:,}"]
-            one = len(e["seeds"]) == 1  # one seed: no spread to show
-            for s in splits:
-                g = e["gap"].get(f"{s}@{d}")
-                cells.append("" if g is None else f"{g[0]:+.1f}" if one else f"{g[0]:+.1f} ± {g[1]:.1f}")
-            dep = e.get("input_dependence", {}).get("heldout")
-            cells.append("" if dep is None else f"{dep[0]:.3f}" if one else f"{dep[0]:.3f} ± {dep[1]:.3f}")
+            one = len(e["seeds"]) == 1
+            cells += [spread_cell(e["gap"].get(f"{s}@{d}"), one) for s in splits]
+            cells.append(spread_cell(e.get("input_dependence", {}).get("heldout"), one, ".3f"))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         first = summary[0]["config"]
@@ -370,7 +380,7 @@ def write_summary(sweep_dir: Path, results: list[dict]) -> None:
             cells = [e["config"]]
             for s in splits:
                 g = e["paired"].get(f"{s}@{d}")
-                cells.append("" if g is None else f"{g[0]:+.1f}" if len(g[2]) == 1 else f"{g[0]:+.1f} ± {g[1]:.1f}")
+                cells.append(spread_cell(g, g is not None and len(g[2]) == 1))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     (sweep_dir / "summary.md").write_text("\n".join(lines))
@@ -395,15 +405,13 @@ def compare_sweeps(sweep_dir: str | Path, against: str | Path) -> Path:
         raise ValueError(f"{sweep_dir} and {against} share no split scored on the same blocks"
                          + (f" ({', '.join(differ)}: their full model / pruned baseline losses differ)" if differ else ""))
     mine, other = seed_summary(ours), {e["config"]: e for e in seed_summary(theirs)}
-    groups: dict[str, list[dict]] = {}
-    for r in theirs:
-        groups.setdefault(r.get("config_name", r["name"]), []).append(r)
+    ours_by, groups = by_config(ours), by_config(theirs)
     out = []
     for e in mine:
         name = e["config"] if e["config"] in groups else (next(iter(groups)) if len(groups) == 1 else None)
         if name is None:
             continue
-        runs = [r for r in ours if r.get("config_name", r["name"]) == e["config"]]
+        runs = ours_by[e["config"]]
         diffs = {k: v for k, v in paired_differences(runs, groups[name]).items() if k.split("@")[0] in shared}
         if diffs:
             out.append({"config": e["config"], "against": name, "seeds": sorted(
@@ -423,7 +431,7 @@ def compare_sweeps(sweep_dir: str | Path, against: str | Path) -> Path:
         cells = [e["config"], e["against"], str(len(e["seeds"]))]
         for k in keys:
             g = e["paired"].get(k)
-            cells.append("" if g is None else f"{g[0]:+.1f}" if len(g[2]) == 1 else f"{g[0]:+.1f} ± {g[1]:.1f}")
+            cells.append(spread_cell(g, g is not None and len(g[2]) == 1))
         lines.append("| " + " | ".join(cells) + " |")
     (sweep_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"paired differences against {against} -> {sweep_dir / stem}.{{md,json}}")

@@ -4,8 +4,8 @@ A spec names the base, the layer split, the data, one training budget and the gr
 gets the same data, seed and budget, goes into its own subfolder (adapter, metrics, eval),
 and the sweep can be rerun at any time: finished runs are skipped, an interrupted one resumes
 from its last checkpoint, and a split added to the spec since (say a new `data.domains` entry)
-is evaluated on the finished runs' saved adapters without training again. The full model and the pruned baseline are evaluated once, on the
-same blocks as every run. `experiments/report.py` turns the folder into tables and plots.
+is evaluated on the finished runs' saved adapters without training again. The full model and
+the pruned baseline are evaluated once, on the same blocks as every run. `experiments/report.py` turns the folder into tables and plots.
 
 Spec (YAML):
     name: smollm2-sotu-cpu
