@@ -36,8 +36,11 @@ def test_python_docs_keep_one_document_per_page_and_refuse_a_missing_section(tmp
     (src / "tutorial" / "intro.rst.txt").write_text("Call :func:`print`.\n")
     assert convert_python_docs(src, out, ("tutorial",)) == 1
     assert (out / "tutorial_intro.txt").read_text() == "Call print.\n"
+    refused = tmp_path / "refused"
+    refused.mkdir()
     with pytest.raises(FileNotFoundError, match="howto"):
-        convert_python_docs(src, out, ("howto",))
+        convert_python_docs(src, refused, ("tutorial", "howto"))
+    assert list(refused.iterdir()) == []  # nothing written before the refusal
 
 
 def test_cli_refuses_an_existing_output_folder(tmp_path):

@@ -58,16 +58,14 @@ def convert_moby_dick(src: Path, out: Path) -> int:
 
 
 def convert_python_docs(src: Path, out: Path, sections=PYTHON_DOC_SECTIONS) -> int:
-    n = 0
-    for section in sections:
-        pages = sorted((src / section).rglob("*.rst.txt"))
-        if not pages:
-            raise FileNotFoundError(f"no .rst.txt pages under {src / section}")
-        for p in pages:
-            name = "_".join(p.relative_to(src).with_suffix("").with_suffix("").parts)
-            (out / f"{name}.txt").write_text(rst_to_text(p.read_text(encoding="utf-8")), encoding="utf-8")
-            n += 1
-    return n
+    pages = {section: sorted((src / section).rglob("*.rst.txt")) for section in sections}
+    empty = [str(src / section) for section, found in pages.items() if not found]
+    if empty:  # refused before anything is written
+        raise FileNotFoundError(f"no .rst.txt pages under {', '.join(empty)}")
+    for p in (p for found in pages.values() for p in found):
+        name = "_".join(p.relative_to(src).with_suffix("").with_suffix("").parts)
+        (out / f"{name}.txt").write_text(rst_to_text(p.read_text(encoding="utf-8")), encoding="utf-8")
+    return sum(map(len, pages.values()))
 
 
 def convert_email(src: Path, out: Path, limit: int | None = None) -> int:
@@ -100,12 +98,8 @@ def main(argv=None) -> None:
     if args.out.exists():
         ap.error(f"{args.out} exists; give a new folder")
     args.out.mkdir(parents=True)
-    if args.kind == "python-docs":
-        n = convert_python_docs(args.src, args.out, args.sections)
-    elif args.kind == "email":
-        n = convert_email(args.src, args.out, args.limit)
-    else:
-        n = CONVERTERS[args.kind](args.src, args.out)
+    options = {"python-docs": {"sections": args.sections}, "email": {"limit": args.limit}}.get(args.kind, {})
+    n = CONVERTERS[args.kind](args.src, args.out, **options)
     if n == 0:
         raise SystemExit(f"no documents found in {args.src}")
     print(f"{args.kind}: {n} documents in {args.out}")
