@@ -125,7 +125,7 @@ def test_logits_are_lazy_and_follow_the_forward_modes(tokens):
     from torch.nn.parallel.distributed import _find_tensors
 
     out = model.train()(tokens, labels=tokens, depth=2)
-    assert [f.name for f in dataclasses.fields(out)] == ["loss", "steps", "states", "step_losses"]
+    assert [f.name for f in dataclasses.fields(out)] == ["loss", "steps", "states", "step_losses", "ce_loss", "kl_loss"]
     assert [t is out.loss for t in _find_tensors(out)] == [True] and callable(out.logits_or_thunk)
 
 

@@ -56,7 +56,7 @@ def test_the_adapter_fixes_exactly_the_structural_fields():
     assert set(STRUCTURAL) == {"n_prelude", "recurrent_layer", "n_coda", "rank", "alpha", "variant", "gate",
                                "step_norm", "pooling", "style_dim", "controller_hidden", "max_steps", "halter",
                                "coda_lora_rank", "coda_lora_alpha", "coda_lora_layers", "prelude_lora_layers",
-                               "coda_norms"}
+                               "coda_norms", "recurrent_lora", "heal_layers"}
 
 
 def test_adapters_written_before_the_split_of_settings_still_load(tmp_path):

@@ -1,5 +1,6 @@
 """Adapting the frozen layers around the recursion: plain LoRA on the coda (and the prelude's
-tail), and unfrozen coda norms.
+tail, and the recurrent layer itself, one set shared by every step), and unfrozen coda norms.
+A heal model (`heal_layers`) puts plain LoRA on every layer it keeps.
 
 The recurrent block's low-rank paths are our own (SVD bases, modulated per step); the outer
 layers get ordinary LoRA from the PEFT library, injected into their seven projections
@@ -24,23 +25,29 @@ from .layers import PROJECTIONS, get_projection
 LORA_MODULES = tuple(path.rsplit(".", 1)[-1] for path in PROJECTIONS.values())  # q_proj, ..., down_proj
 
 
-def lora_target_pattern(layers: dict[str, list[int]]) -> str | None:
+def lora_target_pattern(layers: dict[str, list[int]], recurrent: bool = False) -> str | None:
     """A regular expression (PEFT's `target_modules`, matched against full module names) naming the
-    seven projections of the given prelude / coda layers; None when there are none."""
+    seven projections of the given prelude / coda layers (and of the recurrent layer); None when
+    there are none."""
     alts = [f"{part}\\.({'|'.join(map(str, idx))})" for part, idx in layers.items() if idx]
+    alts += ["recurrent\\.layer"] if recurrent else []
     if not alts:
         return None
     return f"({'|'.join(alts)})\\.(self_attn|mlp)\\.({'|'.join(LORA_MODULES)})"
 
 
-def inject_lora(prelude: nn.ModuleList, coda: nn.ModuleList, config) -> None:
-    """Wrap the targeted projections of the prelude / coda layers with PEFT LoRA (float32 weights)."""
-    pattern = lora_target_pattern(config.lora_layers())
+def inject_lora(model) -> None:
+    """Wrap the targeted projections of the prelude / coda layers (and of the recurrent layer, shared
+    by every step) with PEFT LoRA (float32 weights)."""
+    config = model.config
+    pattern = lora_target_pattern(config.lora_layers(), config.lora_on_recurrent_layer)
     if pattern is None:
         return
     from peft import LoraConfig, inject_adapter_in_model
 
-    holder = nn.ModuleDict({"prelude": prelude, "coda": coda})
+    # only the frozen layers go in (PEFT freezes everything else it is handed: the recurrent block's own parts stay out)
+    holder = nn.ModuleDict({"prelude": model.prelude, "coda": model.coda,
+                            "recurrent": nn.ModuleDict({"layer": model.recurrent.layer})})
     peft_config = LoraConfig(r=config.coda_lora_rank, lora_alpha=config.coda_lora_alpha, lora_dropout=0.0,
                              target_modules=pattern, bias="none")
     with torch.random.fork_rng(devices=[]):
@@ -67,7 +74,7 @@ def norm_parameters(coda: nn.ModuleList, final_norm: nn.Module) -> dict[str, nn.
 def adapted_parameters(model) -> dict[str, nn.Parameter]:
     """Every trainable parameter outside the recurrent block, by name: LoRA and unfrozen norms."""
     params = dict(model.named_parameters())
-    out = {n: p for n, p in params.items() if ".lora_" in n and n.split(".")[0] in ("prelude", "coda")}
+    out = {n: p for n, p in params.items() if ".lora_" in n and n.split(".")[0] in ("prelude", "coda", "recurrent")}
     if model.config.coda_norms:
         out.update(norm_parameters(model.coda, model.norm))
     return out
@@ -90,7 +97,7 @@ class BaseNorms(nn.Module):
 def adapt_outer_layers(model) -> BaseNorms | None:
     """Apply the config's outer-layer adaptation to a freshly built (all frozen) model; returns the
     frozen copies of the norms it unfreezes (None without coda_norms)."""
-    inject_lora(model.prelude, model.coda, model.config)
+    inject_lora(model)
     if not model.config.coda_norms:
         return None
     norms = norm_parameters(model.coda, model.norm)
@@ -102,7 +109,8 @@ def adapt_outer_layers(model) -> BaseNorms | None:
 def lora_layers_of(model) -> list[nn.Module]:
     from peft.tuners.lora import LoraLayer
 
-    return [m for part in (model.prelude, model.coda) for m in part.modules() if isinstance(m, LoraLayer)]
+    parts = (model.prelude, model.coda, model.recurrent.layer)
+    return [m for part in parts for m in part.modules() if isinstance(m, LoraLayer)]
 
 
 @contextlib.contextmanager
@@ -135,7 +143,7 @@ def adaptation_parameter_count(config, layer: nn.Module, hidden_size: int) -> in
     if config.coda_lora_rank:
         per_layer = sum(config.coda_lora_rank * (lin.in_features + lin.out_features)
                         for lin in (get_projection(layer, t) for t in PROJECTIONS))
-        n += per_layer * sum(len(v) for v in config.lora_layers().values())
+        n += per_layer * (sum(len(v) for v in config.lora_layers().values()) + config.lora_on_recurrent_layer)
     if config.coda_norms:
         n += (len(layer_norms(layer)) * config.n_coda + 1) * hidden_size
     return n

@@ -215,7 +215,7 @@ def corpus_for(args, tokenizer, runtime, seed: int = 0):
 
 def cmd_train(args) -> None:
     from .adapter import load_adapter, read_adapter
-    from .loading import load_tokenizer
+    from .loading import load_base_model, load_tokenizer
     from .runtime import choose_runtime
     from .train import Trainer
 
@@ -225,7 +225,8 @@ def cmd_train(args) -> None:
     corpus = corpus_for(args, load_tokenizer(meta["base_model"]), runtime)
     print(corpus.describe())
     model = load_adapter(args.adapter, dtype=runtime.dtype)
-    summary = Trainer(model, corpus, args.adapter, tc, resume=args.resume).run()
+    teacher = load_base_model(meta["base_model"], dtype=runtime.dtype) if tc.distill_weight > 0 else None
+    summary = Trainer(model, corpus, args.adapter, tc, resume=args.resume, teacher=teacher).run()
     print(json.dumps(summary, indent=2))
 
 

@@ -58,6 +58,14 @@ class OuroborosConfig:
                                     high=MAX_LAYERS, structural=True)
     prelude_lora_layers: int = setting(0, "how many of the last prelude layers (the prelude's tail) also get LoRA",
                                        low=0, high=MAX_LAYERS, structural=True)
+    recurrent_lora: bool = setting(False, "plain LoRA (PEFT, rank coda_lora_rank) on the recurrent layer's seven "
+                                   "projections too, one set shared by every step (beside the step's modulation)",
+                                   structural=True)
+    heal_layers: int = setting(0, "build the heal model instead of the recursion: the pruned stack run once, with "
+                               "heal_layers distinct middle layers (1: the recurrent layer alone, the same weights as "
+                               "the recursion; N: N base layers evenly spaced over the removed ones, the compute of "
+                               "depth N) and plain LoRA of rank coda_lora_rank on every kept layer (0: the recursion)",
+                               low=0, high=MAX_LAYERS, structural=True)
     coda_norms: bool = setting(False, "train the coda layers' RMSNorm weights and the final norm (--coda-norms)",
                                structural=True)
     halter: bool = setting(False, "a trained per-token halter for adaptive depth (added by `ouroboros train-halter`)",
@@ -92,9 +100,15 @@ class OuroborosConfig:
             raise ValueError(f"prelude_lora_layers must be in [0, n_prelude={self.n_prelude}]; got {self.prelude_lora_layers}")
         if self.prelude_lora_layers and not self.coda_lora_rank:
             raise ValueError("prelude_lora_layers needs coda_lora_rank > 0 (the LoRA rank of every adapted outer layer)")
+        for name in ("recurrent_lora", "heal_layers"):
+            if getattr(self, name) and not self.coda_lora_rank:
+                raise ValueError(f"{name} needs coda_lora_rank > 0 (the rank of the plain LoRA it adds)")
         if num_layers is None:
             return
         L = num_layers
+        if self.heal_layers > L - self.n_prelude - self.n_coda:
+            raise ValueError(f"heal_layers must be in [0, {L - self.n_prelude - self.n_coda}] (the layers between the "
+                             f"prelude and the coda of the base's {L}); got {self.heal_layers}")
         if self.n_prelude + self.n_coda + 1 > L:
             raise ValueError(
                 f"n_prelude + n_coda + 1 must be <= the base model's {L} layers; "
@@ -108,12 +122,20 @@ class OuroborosConfig:
             )
 
     def lora_layers(self) -> dict[str, list[int]]:
-        """Indices (within the prelude and the coda) of the outer layers that get plain LoRA."""
+        """Indices (within the prelude and the coda) of the outer layers that get plain LoRA. A heal
+        model adapts every kept layer (its middle layers but the last run as the prelude's tail)."""
         if not self.coda_lora_rank:
             return {"prelude": [], "coda": []}
+        if self.heal_layers:
+            return {"prelude": list(range(self.n_prelude + self.heal_layers - 1)), "coda": list(range(self.n_coda))}
         n_coda = self.coda_lora_layers or self.n_coda
         return {"prelude": list(range(self.n_prelude - self.prelude_lora_layers, self.n_prelude)),
                 "coda": list(range(self.n_coda - n_coda, self.n_coda))}
+
+    @property
+    def lora_on_recurrent_layer(self) -> bool:
+        """Whether the recurrent layer (a heal model's last middle layer) carries plain LoRA."""
+        return bool(self.coda_lora_rank and (self.recurrent_lora or self.heal_layers))
 
     @property
     def adapts_outer_layers(self) -> bool:
@@ -126,12 +148,28 @@ class OuroborosConfig:
         return depth
 
     # ------------------------------------------------------------------ layout
+    def middle_layers(self, num_layers: int) -> list[int]:
+        """The base layers between the prelude and the coda that are kept: the recurrent layer, or a
+        heal model's `heal_layers` layers (N > 1: evenly spaced, the middle of each of N equal spans
+        of the removed range)."""
+        if self.heal_layers <= 1:
+            return [self.recurrent_layer]
+        span = num_layers - self.n_prelude - self.n_coda
+        return [self.n_prelude + (2 * i + 1) * span // (2 * self.heal_layers) for i in range(self.heal_layers)]
+
     def removed_layers(self, num_layers: int) -> list[int]:
         """Indices of the base layers dropped by the surgery (their residuals feed the SVD)."""
-        return [i for i in range(self.n_prelude, num_layers - self.n_coda) if i != self.recurrent_layer]
+        kept = set(self.middle_layers(num_layers))
+        return [i for i in range(self.n_prelude, num_layers - self.n_coda) if i not in kept]
 
     def kept_layers(self, num_layers: int) -> list[int]:
-        return list(range(self.n_prelude)) + [self.recurrent_layer] + list(range(num_layers - self.n_coda, num_layers))
+        return list(range(self.n_prelude)) + self.middle_layers(num_layers) + list(range(num_layers - self.n_coda, num_layers))
+
+    def layer_passes(self, depth: int | None) -> int:
+        """Decoder-layer applications per token: the pruned stack (depth None), the recursion at
+        `depth`, or a heal model's stack."""
+        middle = self.heal_layers or (1 if depth is None else depth)
+        return self.n_prelude + middle + self.n_coda
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:

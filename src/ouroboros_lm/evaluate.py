@@ -48,6 +48,8 @@ class EvalRow:
     loss: float
     depth: int | None = None  # the fixed depth, or the maximum under an exit rule
     steps: float | None = None  # mean recurrence steps per token (compute), None for full / baseline
+    layers: float | None = None  # mean decoder-layer passes per token (prelude + steps + coda, or the stack's)
+    trainable: int | None = None  # the model's trained weights (None: the frozen references)
 
     @property
     def perplexity(self) -> float:
@@ -84,7 +86,8 @@ class EvalReport:
             for r in rows:
                 red, gap = self.derived(split, r)
                 out["splits"][split].append(
-                    {"model": r.model, "depth": r.depth, "mean_steps": r.steps, "loss": r.loss, "perplexity": r.perplexity,
+                    {"model": r.model, "depth": r.depth, "mean_steps": r.steps, "layer_passes": r.layers,
+                     "trainable": r.trainable, "loss": r.loss, "perplexity": r.perplexity,
                      "reduction_vs_baseline_pct": red, "gap_recovered_pct": gap}
                 )
         return out
@@ -92,18 +95,22 @@ class EvalReport:
     @classmethod
     def from_dict(cls, d: dict) -> "EvalReport":
         """The inverse of `to_dict` (derived columns are recomputed, not read)."""
-        splits = {split: [EvalRow(r["model"], r["loss"], r.get("depth"), r.get("mean_steps")) for r in rows]
+        splits = {split: [EvalRow(r["model"], r["loss"], r.get("depth"), r.get("mean_steps"), r.get("layer_passes"),
+                                  r.get("trainable")) for r in rows]
                   for split, rows in d.get("splits", {}).items()}
         return cls(splits=splits, tokens=dict(d.get("tokens", {})), meta=dict(d.get("meta", {})))
 
     def table(self, markdown: bool = False) -> str:
-        head = ["split", "model", "steps/token", "loss", "ppl", "vs baseline", "gap recovered"]
+        head = ["split", "model", "steps/token", "layers/token", "trained weights", "loss", "ppl", "vs baseline",
+                "gap recovered"]
         lines = []
         for split, rows in self.splits.items():
             for r in rows:
                 red, gap = self.derived(split, r)
                 lines.append([
                     f"{split} ({self.tokens.get(split, 0):,} tok)", r.model, "" if r.steps is None else f"{r.steps:.2f}",
+                    "" if r.layers is None else f"{r.layers:g}" if r.steps is None else f"{r.layers:.2f}",
+                    "" if r.trainable is None else f"{r.trainable:,}",
                     f"{r.loss:.4f}", f"{r.perplexity:.1f}",
                     "" if red is None else f"{red:+.2f}%", "" if gap is None else f"{gap:+.1f}%",
                 ])
@@ -162,19 +169,36 @@ def evaluate(model, splits: dict[str, torch.Tensor], depths=DEFAULT_EVAL_DEPTHS,
         report.meta.setdefault("full_layers", full_model.config.num_hidden_layers)
     if not known:
         jobs.append(("baseline", None, lambda ids: model(ids, baseline=True).logits))
-    jobs += [(f"ouroboros@{d}", d, (d, None)) for d in depths]
-    jobs += [(exit_name(rule, d), d, (d, rule)) for rule, d in exit_rules]
+    if model.config.heal_layers:  # no recursion: the healed stack is one row, whatever the depths
+        jobs.append(("heal", None, lambda ids: model(ids).logits))
+    else:
+        jobs += [(f"ouroboros@{d}", d, (d, None)) for d in depths]
+        jobs += [(exit_name(rule, d), d, (d, rule)) for rule, d in exit_rules]
     bar = tqdm(total=len(splits) * len(jobs), desc="evaluating", disable=not progress)
     for split, blocks in splits.items():
-        report.splits[split] = [EvalRow(name, loss) for name, loss in (known or {}).get(split, {}).items()]
+        report.splits[split] = [describe_row(EvalRow(name, loss), model) for name, loss in (known or {}).get(split, {}).items()]
         report.tokens[split] = int(blocks[:, 1:].numel())
         for name, depth, job in jobs:
             bar.set_postfix_str(f"{split}: {name}")
-            report.splits[split].append(run_row(model, name, depth, job, blocks, batch_size, runtime))
+            row = run_row(model, name, depth, job, blocks, batch_size, runtime)
+            report.splits[split].append(describe_row(row, model))
             bar.update(1)
     bar.close()
     model.train(was_training)
     return report
+
+
+def describe_row(row: EvalRow, model) -> EvalRow:
+    """Fill in a row's layer passes per token and, for a trained model's row, its trained weights."""
+    cfg = model.config
+    if row.model == "full":
+        row.layers = model.base_config.num_hidden_layers  # the full model's config, kept from before the surgery
+    elif row.model == "baseline":
+        row.layers = cfg.layer_passes(None)
+    else:
+        row.layers = cfg.n_prelude + cfg.n_coda + (row.steps if row.steps is not None else cfg.heal_layers)
+        row.trainable = model.trainable_parameter_breakdown()["total"]
+    return row
 
 
 def run_row(model, name: str, depth, job, blocks, batch_size: int, runtime) -> EvalRow:

@@ -11,7 +11,8 @@ the projection into
 
 Projections that read the same input share one down-projection matmul: q, k and v read the
 normed attention input, gate and up the normed MLP input. `ModulatedProjections` computes
-x A^T once per group, and folds each up-projection into the layer's own matmul.
+x A^T once per group, and folds each up-projection into the layer's own matmul. A projection that
+also carries plain LoRA (`recurrent_lora`, PEFT) adds its B A x on top.
 """
 from __future__ import annotations
 
@@ -142,4 +143,19 @@ class ModulatedProjections:
             self._group_x[lead] = x
         i = group.index(target)
         u = self._group_u[lead][..., i * r : (i + 1) * r]
-        return F.linear(torch.cat([x, u], dim=-1), b.fused_weight(target, linear), linear.bias)
+        base = getattr(linear, "base_layer", linear)  # under plain LoRA (PEFT), the frozen layer it wraps
+        out = F.linear(torch.cat([x, u], dim=-1), b.fused_weight(target, base), base.bias)
+        return out if base is linear else out + plain_lora_delta(linear, x).to(out.dtype)
+
+
+def plain_lora_delta(wrapped: nn.Module, x: torch.Tensor) -> torch.Tensor | float:
+    """What a PEFT LoRA layer adds to its frozen projection: sum over its active adapters of
+    scaling * B A x (0 when its adapters are switched off), as PEFT's own forward computes it."""
+    if wrapped.disable_adapters or wrapped.merged:
+        return 0.0
+    out = 0.0
+    for name in wrapped.active_adapters:
+        if name in wrapped.lora_A:
+            A = wrapped.lora_A[name]
+            out = out + wrapped.lora_B[name](A(x.to(A.weight.dtype))) * wrapped.scaling[name]
+    return out

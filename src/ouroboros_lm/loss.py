@@ -13,6 +13,9 @@ gradient is kept for the backward pass, which then just scales it: no logits are
 the LM head costs the same two matmuls as the plain form. Under autocast every product runs in
 the same precision as the plain form's (the chunk's logits are the lm_head's own output, upcast).
 
+`distill_loss` is the KL to a teacher's next-token distribution (distillation from the full model),
+chunked the same way.
+
 `OuroborosOutput.logits` is computed on first access (`lazy_logits`), in the grad and autocast
 mode of the forward that produced it: a training step that reads only `.loss` never materialises
 the [batch, seq, vocab] logits at all.
@@ -26,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
@@ -110,6 +114,42 @@ def head_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, ch
     return _ChunkedHeadLoss.apply(hidden.flatten(0, -2), weight, bias, targets, chunk or default_chunk(weight.shape[0]), need_grad)
 
 
+@dataclass
+class Teacher:
+    """Distillation targets for one batch: the teacher's final (normed) hidden states [B, T, H], the
+    function turning them into logits (its LM head), and the weights of the two terms of the loss
+    `ce_weight * next-token CE + weight * KL(teacher || student)`."""
+
+    hidden: torch.Tensor
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    weight: float = 1.0
+    ce_weight: float = 1.0
+
+
+def kl_chunk(h, t, valid, student_logits, teacher_logits) -> torch.Tensor:
+    """Sum over the chunk's scored positions of KL(softmax(teacher) || softmax(student)), in float32."""
+    s = F.log_softmax(student_logits(h).float(), dim=-1)
+    with torch.no_grad():
+        lt = F.log_softmax(teacher_logits(t).float(), dim=-1)
+    return torch.where(valid, (lt.exp() * (lt - s)).sum(-1), 0.0).sum()
+
+
+def distill_loss(hidden: torch.Tensor, student_logits, teacher: Teacher, labels: torch.Tensor,
+                 chunk: int) -> torch.Tensor:
+    """Mean over the positions the next-token loss scores of KL(p_teacher || p_student) (temperature 1).
+
+    Chunk by chunk over the tokens, each chunk checkpointed: its two [chunk, vocab] float32 tensors
+    exist only while it is computed (and again while its gradient is), never the whole sequence's."""
+    valid = (shift_labels(labels.to(hidden.device)) != IGNORE).reshape(-1)
+    h, t = hidden.flatten(0, -2), teacher.hidden.to(hidden.device).flatten(0, -2)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        args = (h[i : i + chunk], t[i : i + chunk], valid[i : i + chunk], student_logits, teacher.logits)
+        total = total + (checkpoint(kl_chunk, *args, use_reentrant=False) if grad else kl_chunk(*args))
+    return total / valid.sum().clamp(min=1)
+
+
 def lazy_logits(hidden: torch.Tensor, lm_head: nn.Module) -> Callable[[], torch.Tensor]:
     """A function computing lm_head(hidden) later, in the grad and autocast mode of now."""
     grad = torch.is_grad_enabled()
@@ -141,9 +181,12 @@ class OuroborosOutput:
     steps: torch.Tensor | None
     states: list | None
     step_losses: torch.Tensor | None
+    ce_loss: torch.Tensor | None  # under distillation: the two terms of `loss` (detached)
+    kl_loss: torch.Tensor | None
 
     def __init__(self, loss: torch.Tensor | None, logits, steps=None, states=None, step_losses=None):
         self.loss, self.steps, self.states, self.step_losses = loss, steps, states, step_losses
+        self.ce_loss = self.kl_loss = None
         self.logits_or_thunk = logits
 
     @property

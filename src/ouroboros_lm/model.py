@@ -18,7 +18,8 @@ from .exits import ExitRule, TokenExits
 from .families import GENERIC_MODEL_TYPES, final_logits, scale_embeddings
 from .generate import generate as generate_tokens
 from .layers import AttentionContext, KVSlot, build_context, decoder_layer, layer_window, rms_norm
-from .loss import OuroborosOutput, causal_lm_loss, head_loss, lazy_logits, token_losses
+from .loss import (OuroborosOutput, Teacher, causal_lm_loss, default_chunk, distill_loss, head_loss, lazy_logits,
+                   token_losses)
 from .memory import check_trainable_size
 from .recurrence import RecurrentBlock
 from .surgery import check_architecture, kept_fingerprints, split_layers
@@ -33,8 +34,11 @@ def check_token_range(input_ids: torch.Tensor, vocab_size: int, what: str = "inp
 class OuroborosModel(nn.Module):
     """A recursive transformer built from a pretrained Llama-family decoder.
 
-    Build it with `OuroborosModel.from_base(base, OuroborosConfig(...))`. Only the Controller
-    (or static vectors), the recurrence gate and the per-step norms are trainable.
+    Build it with `OuroborosModel.from_base(base, OuroborosConfig(...))`. What trains: the Controller
+    (or static vectors), the recurrence gate and the per-step norms, and, where configured, plain LoRA
+    on the outer layers and the recurrent layer and the coda norms. With `heal_layers` it is the heal
+    model instead: the pruned stack (its middle layers once each) with plain LoRA on every kept layer,
+    the alternative to recursion that every comparison stands beside.
 
     base_name: where the base model comes from (recorded in adapters).
     base_fingerprints: fingerprints of the kept weights in the base (see `surgery.kept_fingerprints`).
@@ -58,7 +62,6 @@ class OuroborosModel(nn.Module):
                         "coda": [layer_window(l, base.config) for l in coda]}
         for p in self.parameters():
             p.requires_grad_(False)
-        self.base_norms = adapt_outer_layers(self)  # coda / prelude-tail LoRA and coda norms, if configured
         w = recurrent.self_attn.q_proj.weight
         # The trainable parts are initialised from config.init_seed on the CPU, whatever the device, so
         # the same config gives the same initial model everywhere (and the global RNG is untouched).
@@ -67,6 +70,7 @@ class OuroborosModel(nn.Module):
             self.recurrent = RecurrentBlock(recurrent, layer_window(recurrent, base.config), bases, config,
                                             base.config.hidden_size)
         self.recurrent.to(w.device)
+        self.base_norms = adapt_outer_layers(self)  # plain LoRA (outer / recurrent layers) and coda norms, if configured
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -109,10 +113,15 @@ class OuroborosModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameter_breakdown(self) -> dict[str, int]:
-        out = {name: sum(p.numel() for p in m.parameters()) for name, m in self.recurrent.trainable_parts().items()}
         outer = adapted_parameters(self)
+        if self.config.heal_layers:
+            n = sum(p.numel() for p in outer.values())
+            return {"lora": n, "total": n}
+        out = {name: sum(p.numel() for p in m.parameters()) for name, m in self.recurrent.trainable_parts().items()}
         if self.config.coda_lora_rank:
-            out["outer_lora"] = sum(p.numel() for n, p in outer.items() if ".lora_" in n)
+            out["outer_lora"] = sum(p.numel() for n, p in outer.items() if ".lora_" in n and not n.startswith("recurrent."))
+        if self.config.lora_on_recurrent_layer:
+            out["recurrent_lora"] = sum(p.numel() for n, p in outer.items() if n.startswith("recurrent."))
         if self.config.coda_norms:
             out["coda_norms"] = sum(p.numel() for n, p in outer.items() if ".lora_" not in n)
         out["total"] = sum(out.values())
@@ -145,7 +154,8 @@ class OuroborosModel(nn.Module):
 
     def new_cache(self, depth: int | None = None, capacity: int | None = None, baseline: bool = False) -> OuroborosCache:
         """An empty cache for cached decoding at `depth` (or of the pruned baseline)."""
-        return OuroborosCache.empty(len(self.prelude), len(self.coda), None if baseline else self.resolve_depth(depth),
+        plain = baseline or self.config.heal_layers
+        return OuroborosCache.empty(len(self.prelude), len(self.coda), None if plain else self.resolve_depth(depth),
                                     capacity)
 
     def embed(self, input_ids, attention_mask=None, cache: OuroborosCache | None = None):
@@ -170,23 +180,37 @@ class OuroborosModel(nn.Module):
             h = decoder_layer(layer, h, ctx, window=window, kv=slots[i] if slots is not None else None)
         return h
 
-    def head(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> OuroborosOutput:
+    def logits_of(self, normed: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-normed hidden states (with the family's logit scaling / soft-cap)."""
+        return final_logits(self.lm_head(normed), self.base_config)
+
+    def head(self, h: torch.Tensor, labels: torch.Tensor | None = None, teacher: Teacher | None = None) -> OuroborosOutput:
         """Final norm and LM head. Llama-family heads: the loss from chunks of the vocabulary (never the
         whole float32 logits, `loss.head_loss`), the logits computed only when read (`loss.lazy_logits`).
-        Families that scale or soft-cap their logits (Granite, Gemma 2): their own norm and the plain loss."""
+        Families that scale or soft-cap their logits (Granite, Gemma 2): their own norm and the plain loss.
+        With a `teacher`, the loss also has its KL term (`loss.distill_loss`, chunked too)."""
         if self.base_config.model_type in GENERIC_MODEL_TYPES:
-            logits = final_logits(self.lm_head(self.norm(h)), self.base_config)
-            return OuroborosOutput(causal_lm_loss(logits, labels) if labels is not None else None, logits)
-        h = rms_norm(h, self.norm.weight, self.norm.variance_epsilon)  # = self.norm(h), saving less
-        loss = head_loss(h, self.lm_head, labels) if labels is not None else None
-        return OuroborosOutput(loss, lazy_logits(h, self.lm_head))
+            h = self.norm(h)
+            logits = self.logits_of(h)
+            out = OuroborosOutput(causal_lm_loss(logits, labels) if labels is not None else None, logits)
+        else:
+            h = rms_norm(h, self.norm.weight, self.norm.variance_epsilon)  # = self.norm(h), saving less
+            out = OuroborosOutput(head_loss(h, self.lm_head, labels) if labels is not None else None,
+                                  lazy_logits(h, self.lm_head))
+        if teacher is not None and labels is not None:
+            kl = distill_loss(h, self.logits_of, teacher, labels, default_chunk(self.vocab_size))
+            out.ce_loss, out.kl_loss = out.loss.detach(), kl.detach()
+            out.loss = teacher.ce_weight * out.loss + teacher.weight * kl
+        return out
 
     def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None, *,
                 cache: OuroborosCache | None = None, baseline: bool = False, exit_rule: ExitRule | None = None,
-                exit_steps: torch.Tensor | None = None, per_step: bool = False) -> OuroborosOutput:
+                exit_steps: torch.Tensor | None = None, per_step: bool = False,
+                teacher: Teacher | None = None) -> OuroborosOutput:
         """Logits (and the loss, given HF-aligned `labels`) of `input_ids` [B, T].
 
         depth: recurrence steps (default `config.default_depth`); the maximum under adaptive exit.
+            A heal model has no recursion and ignores it.
         baseline: the pruned stack (prelude + recurrent layer once + coda) with nothing added.
         cache: an `OuroborosCache` (`new_cache`) holding earlier positions; the new positions are
             appended to it, and the logits are those of the new positions only.
@@ -194,15 +218,18 @@ class OuroborosModel(nn.Module):
             position takes (replaying recorded decisions). The output's `steps` says how many ran.
         per_step: also return every step's state and, with labels, each position's loss had the
             recursion stopped after each step (what the halter is trained on; no cache).
+        teacher: distillation targets (`loss.Teacher`, e.g. from the full model): with labels, the loss
+            is `ce_weight * CE + weight * KL(teacher || ours)` (its terms in `ce_loss` / `kl_loss`).
         """
-        depth = None if baseline else self.resolve_depth(depth)
+        heal = bool(self.config.heal_layers)  # a heal model: its stack once, with its LoRA (off for the baseline)
+        depth = None if baseline or heal else self.resolve_depth(depth)
         self.check_inputs(input_ids, attention_mask, labels, past=cache.length if cache is not None else 0)
         if cache is not None:
             cache.check(depth)
         exits = None
         if exit_rule is not None or exit_steps is not None:
-            if baseline:
-                raise ValueError("the pruned baseline has no recursion to exit from")
+            if depth is None:
+                raise ValueError(f"{'the pruned baseline' if baseline else 'a heal model'} has no recursion to exit from")
             exits = TokenExits(input_ids.shape, self.device, exit_rule, exit_steps)
         outer = adaptation_disabled(self) if baseline and self.config.adapts_outer_layers else contextlib.nullcontext()
         with outer:  # the pruned baseline runs the outer layers as the base has them
@@ -210,7 +237,7 @@ class OuroborosModel(nn.Module):
             h = self.run_layers("prelude", h, ctx, cache.prelude if cache is not None else None)
             steps = cache.steps if cache is not None else None
             states = [h] if per_step else None
-            if baseline:
+            if depth is None:
                 h = self.recurrent.plain(h, ctx, kv=steps[0].kv if steps is not None else None)
             else:
                 h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps, exits=exits,
@@ -218,7 +245,7 @@ class OuroborosModel(nn.Module):
             h = self.run_layers("coda", h, ctx, cache.coda if cache is not None else None)
             if cache is not None:
                 cache.length += input_ids.shape[1]
-            out = self.head(h, labels)
+            out = self.head(h, labels, teacher)
             out.steps = exits.steps if exits is not None else None
             if per_step and labels is not None:
                 out.step_losses = torch.stack([token_losses(self.head(self.run_layers("coda", x, ctx)).logits, labels)
@@ -239,6 +266,9 @@ class OuroborosModel(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        if c.heal_layers:
+            return (f"base={self.base_name!r}, heal: prelude={c.n_prelude}, middle={c.heal_layers}, coda={c.n_coda}, "
+                    f"lora_rank={c.coda_lora_rank}")
         return (
             f"base={self.base_name!r}, prelude={c.n_prelude}, recurrent_layer={c.recurrent_layer}, "
             f"coda={c.n_coda}, variant={c.variant}, rank={c.rank}, gate={c.gate}, pooling={c.pooling}"

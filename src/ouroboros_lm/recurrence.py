@@ -111,18 +111,19 @@ class RecurrentBlock(nn.Module):
         self.bases = bases
         self.controller = None
         self.static = None
-        if config.variant == "controller":
+        recursive = not config.heal_layers  # a heal model runs the layer once: nothing step-aware is built
+        if recursive and config.variant == "controller":
             self.controller = Controller(hidden_size, config.controller_hidden, config.style_dim, config.rank,
                                          config.max_steps, config.pooling, config.step_dropout)
-        elif config.variant == "static":
+        elif recursive and config.variant == "static":
             self.static = StaticModulation(config.rank, config.max_steps)
-        self.gate = RecurrenceGate(hidden_size, config.gate_bias) if config.gate else None
+        self.gate = RecurrenceGate(hidden_size, config.gate_bias) if config.gate and recursive else None
         self.step_norms = (
             StepNorms(*(getattr(layer, n).weight for n in step_norm_names(layer)), config.max_steps)
-            if config.step_norm
+            if config.step_norm and recursive
             else None
         )
-        self.halter = Halter(hidden_size, config.max_steps) if config.halter else None
+        self.halter = Halter(hidden_size, config.max_steps) if config.halter and recursive else None
         self.checkpointing = "auto"
         self.backprop_steps = 0  # while training: gradients through only the last k steps (0 = all)
 

@@ -55,14 +55,17 @@ def split_layers(base: nn.Module, config: OuroborosConfig, compute_bases: bool =
 
     compute_bases=False allocates the bases without factoring anything (an adapter's saved
     bases are about to be loaded into them).
+    A heal model (`config.heal_layers`) has no bases; its middle layers but the last run as the
+    prelude's tail, the last in the recurrent layer's place (once, `OuroborosModel.forward`).
     Returns (prelude layers, recurrent layer, coda layers, bases or None).
     """
     layers = base.model.layers
     L = len(layers)
     removed_idx = config.removed_layers(L)
-    recurrent = layers[config.recurrent_layer]
+    middle = [layers[i] for i in config.middle_layers(L)]
+    recurrent = middle[-1]  # a heal model's last middle layer takes the recurrent layer's place, run once
     bases = None
-    if config.variant != "none":
+    if config.variant != "none" and not config.heal_layers:
         if not removed_idx:
             raise ValueError(
                 f"variant={config.variant!r} needs removed layers to build the SVD bases, but "
@@ -75,7 +78,7 @@ def split_layers(base: nn.Module, config: OuroborosConfig, compute_bases: bool =
         removed = [layers[i] for i in removed_idx] if compute_bases else None
         with torch.no_grad():
             bases = SVDLoRABases.from_layers(recurrent, removed, config.rank, config.alpha)
-    prelude = [layers[i] for i in range(config.n_prelude)]
+    prelude = [layers[i] for i in range(config.n_prelude)] + middle[:-1]  # a heal model's other middle layers
     coda = [layers[i] for i in range(L - config.n_coda, L)]
     # Free the removed layers: the base model keeps only what we use.
     base.model.layers = nn.ModuleList(prelude + [recurrent] + coda)

@@ -29,6 +29,7 @@ from .model import check_token_range
 from .recurrence import CHECKPOINTING
 from .runtime import PRECISIONS, choose_runtime
 from .settings import setting, structural_fields, to_dict, validate_fields
+from .teacher import check_teacher, teacher_targets
 
 BIG = 10**9
 DEPTH_SCHEDULES = ("uniform", "lognormal_poisson", "curriculum")
@@ -68,6 +69,11 @@ class TrainConfig:
     backprop_steps: int = setting(0, "backpropagate through only the last k recurrence steps (earlier ones run "
                                   "without gradients, so deep draws cost what k steps cost; 0 = all)", low=0,
                                   high=MAX_STEPS, structural=True)
+    distill_weight: float = setting(0.0, "weight of KL(full model || ours) on the next-token distributions in the "
+                                    "loss: distillation from the full base model, loaded as the teacher (0: off)",
+                                    low=0.0, high=1e3, structural=True)
+    ce_weight: float = setting(1.0, "weight of the next-token cross-entropy in the loss (0 with distill_weight: "
+                               "the teacher's distribution alone)", low=0.0, high=1e3, structural=True)
     seed: int = setting(0, "seed of the data order and the depth draws", low=0, high=2**63 - 1, structural=True)
     mixed_precision: str = setting("auto", "auto = bf16 on GPU, fp32 on CPU", choices=PRECISIONS, structural=True)
     checkpoint: str = setting("auto", "activation checkpointing per recurrence step: auto (when the step's "
@@ -95,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"min_lr must be in [0, lr={self.lr}]; got {self.min_lr!r}")
         if self.stop_after is not None and self.stop_after > self.steps:
             raise ValueError(f"stop_after must be in [1, steps={self.steps}]; got {self.stop_after!r}")
+        if self.ce_weight == 0 and self.distill_weight == 0:
+            raise ValueError("ce_weight and distill_weight are both 0: the loss would be empty")
 
 
 def lr_lambda(tc: TrainConfig):
@@ -192,12 +200,14 @@ class Trainer:
     """One training run of `model` on `corpus`; checkpoints and metrics go under `run_dir`, and
     the final adapter is written to `run_dir`.
 
-    on_batch(step, micro, block_indices), if given, is called for every micro-batch."""
+    on_batch(step, micro, block_indices), if given, is called for every micro-batch.
+    teacher: the full base model (a Hugging Face causal LM), needed when `tc.distill_weight` > 0."""
 
     def __init__(self, model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: bool = False,
-                 accelerator=None, on_batch=None):
+                 accelerator=None, on_batch=None, teacher=None):
         tc.validate()
         self.model, self.corpus, self.run_dir, self.tc = model, corpus, Path(run_dir), tc
+        self.teacher = teacher if tc.distill_weight > 0 else None
         self.resuming, self.accelerator, self.on_batch = resume, accelerator, on_batch
         self.start, self.prior_elapsed, self.heldout_baseline = 0, 0.0, None
         self.last = {"loss": None, "baseline_loss": None, "heldout_loss": None}
@@ -219,6 +229,10 @@ class Trainer:
             if conflicts:
                 raise ValueError("--resume with settings that differ from the run's: " + "; ".join(conflicts)
                                  + " (pass the original values; nothing was changed)")
+        if tc.distill_weight > 0:
+            if self.teacher is None:
+                raise ValueError("distill_weight > 0 needs the full model as the teacher (Trainer(..., teacher=base))")
+            check_teacher(self.teacher, self.model.vocab_size)
         for what, blocks in (("training tokens", self.corpus.train), ("held-out tokens", self.corpus.heldout)):
             check_token_range(blocks, self.model.vocab_size, what)  # once, here, not in every forward
 
@@ -238,6 +252,8 @@ class Trainer:
         tc, acc = self.tc, self.accelerator
         self.device = acc.device
         self.model.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval().requires_grad_(False)
         self.model.checkpointing = tc.checkpoint
         self.model.recurrent.backprop_steps = tc.backprop_steps
         # steps past the deepest trained one reuse its parameters (never ones that saw no gradient)
@@ -302,13 +318,18 @@ class Trainer:
         ctx = acc.no_sync(self.ddp_model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
         try:
             with ctx, acc.autocast():
-                loss = self.ddp_model(ids, labels=ids, depth=depth).loss
-                acc.backward(loss / self.tc.grad_accum)
+                teacher = None if self.teacher is None else teacher_targets(self.teacher, ids, self.tc.distill_weight,
+                                                                             self.tc.ce_weight)
+                out = self.ddp_model(ids, labels=ids, depth=depth, teacher=teacher)
+                acc.backward(out.loss / self.tc.grad_accum)
         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(e):
                 raise
             raise TrainingError(out_of_memory_message(self.tc, self.corpus.seq_len, depth, self.device, e)) from None
-        return loss.detach()
+        if out.kl_loss is None:
+            return out.loss.detach()
+        self.kl_sum += out.kl_loss / self.tc.grad_accum
+        return out.ce_loss  # the next-token loss, comparable across runs (the KL is logged beside it)
 
     def train_step(self, step: int, log: bool) -> dict:
         """One optimizer step (all micro-batches); the pruned baseline's loss on the first
@@ -316,6 +337,7 @@ class Trainer:
         tc, acc = self.tc, self.accelerator
         depth = step_depth(tc, step)
         step_loss, baseline = torch.zeros((), device=self.device), None
+        self.kl_sum = torch.zeros((), device=self.device)
         for micro in range(tc.grad_accum):
             idx = self.sampler.batch(step * tc.grad_accum + micro, tc.batch_size, acc.process_index, acc.num_processes)
             if self.on_batch is not None:
@@ -339,7 +361,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         base = acc.reduce(baseline, "mean").item() if baseline is not None else None
-        return {"loss": loss, "baseline_loss": base, "depth": depth, "grad_norm": gnorm}
+        rec = {"loss": loss, "baseline_loss": base, "depth": depth, "grad_norm": gnorm}
+        if self.teacher is not None:  # loss is the objective; its KL term on its own
+            rec["kl"] = acc.reduce(self.kl_sum, "mean").item()
+        return rec
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self, step: int) -> dict:
@@ -376,6 +401,8 @@ class Trainer:
         rec = {"step": step, "loss": sum(losses) / len(losses), "baseline_loss": bases[-1] if bases else None,
                "depth": window[-1]["depth"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": window[-1]["grad_norm"],
                "tokens_per_s": (step - self.start) * self.tokens_per_step / max(elapsed, 1e-9), "elapsed_s": elapsed}
+        if "kl" in window[-1]:
+            rec["kl"] = sum(r["kl"] for r in window) / len(window)
         append_metrics(self.run_dir, rec)
         self.track(rec)
         self.last["baseline_loss"] = rec["baseline_loss"]
@@ -434,6 +461,7 @@ class Trainer:
 
 
 def train(model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: bool = False, accelerator=None,
-          on_batch=None) -> dict:
+          on_batch=None, teacher=None) -> dict:
     """Train `model` (an OuroborosModel, e.g. from load_adapter) on `corpus`: `Trainer(...).run()`."""
-    return Trainer(model, corpus, run_dir, tc, resume=resume, accelerator=accelerator, on_batch=on_batch).run()
+    return Trainer(model, corpus, run_dir, tc, resume=resume, accelerator=accelerator, on_batch=on_batch,
+                   teacher=teacher).run()

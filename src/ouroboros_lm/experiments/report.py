@@ -53,6 +53,23 @@ def metrics(result: dict, split: str, depth_key: str) -> tuple[float, float, flo
     return loss, reduction_vs_baseline(loss, ref["baseline"]), float("nan") if gap is None else gap
 
 
+HEAL = "heal"  # a heal run's one row (no recursion: it stands beside the recursion at every depth)
+
+
+def fixed_rows(losses: dict, depths) -> dict[int, str]:
+    """The fixed-depth rows of one split of a run, by depth: its `ouroboros@d` rows, or a heal run's one
+    row at each of `depths` (adaptive rows are left to the compute plot)."""
+    if HEAL in losses:
+        return {d: HEAL for d in depths}
+    return {int(k.split("@")[1]): k for k in losses if k.startswith("ouroboros@") and k.split("@")[1].isdigit()}
+
+
+def recursion_depths(results: list[dict]) -> list[int]:
+    """Every fixed depth the recursive runs were evaluated at (where a heal run's row is shown); [1] if none."""
+    found = {d for r in results for losses in r["losses"].values() for d in fixed_rows(losses, ())}
+    return sorted(found) or [1]
+
+
 def train_depths(result: dict) -> list[int]:
     """The run's training depths (results written before they moved to the training settings
     kept them in the model config)."""
@@ -60,19 +77,17 @@ def train_depths(result: dict) -> list[int]:
 
 
 def rows(results: list[dict]) -> list[dict]:
-    out = []
+    out, depths = [], recursion_depths(results)
     for r in results:
         c = r["config"]
-        for key in r["losses"]["heldout"]:
-            if not key.startswith("ouroboros@") or not key.split("@")[1].isdigit():
-                continue  # fixed depths here; adaptive rows are in the compute plot
+        for depth, key in fixed_rows(r["losses"]["heldout"], depths).items():
             tl, tr, tg = metrics(r, "train", key)
             hl, hr, hg = metrics(r, "heldout", key)
             out.append({
                 "name": r["name"], "variant": c["variant"], "gate": c["gate"], "pooling": c["pooling"], "rank": c["rank"],
                 "train_depths": "/".join(map(str, train_depths(r))), "lr": r["settings"].get("lr", ""),
                 "trainable_parameters": r["trainable_parameters"], "steps": r["steps"], "wall_s": round(r["wall_s"], 1),
-                "eval_depth": int(key.split("@")[1]), "train_loss": round(tl, 4), "heldout_loss": round(hl, 4),
+                "eval_depth": depth, "train_loss": round(tl, 4), "heldout_loss": round(hl, 4),
                 "train_reduction_pct": round(tr, 2), "heldout_reduction_pct": round(hr, 2),
                 "train_gap_recovered_pct": round(tg, 1), "heldout_gap_recovered_pct": round(hg, 1),
             })
@@ -316,16 +331,18 @@ def paired_differences(runs: list[dict], reference: list[dict]) -> dict:
     """Gap recovered minus the reference configuration's, seed by seed (same seed: same data order and
     initialisation draw), as (mean, std, per seed) per split and depth; only seeds both have."""
     ref = {r.get("seed"): r for r in reference}
+    depths = recursion_depths(runs + reference)
     out: dict[str, tuple] = {}
     for r in runs:
         other = ref.get(r.get("seed"))
         if other is None:
             continue
         for split, losses in r["losses"].items():
-            for key in losses:
-                if key.startswith("ouroboros@") and key.split("@")[1].isdigit() and key in other["losses"].get(split, {}):
-                    diff = metrics(r, split, key)[2] - metrics(other, split, key)[2]
-                    out.setdefault(f"{split}@{key.split('@')[1]}", []).append(diff)
+            theirs = fixed_rows(other["losses"].get(split, {}), depths)
+            for d, key in fixed_rows(losses, depths).items():
+                if d in theirs:
+                    diff = metrics(r, split, key)[2] - metrics(other, split, theirs[d])[2]
+                    out.setdefault(f"{split}@{d}", []).append(diff)
     return {k: (*mean_std(v), v) for k, v in out.items()}
 
 
@@ -333,18 +350,16 @@ def seed_summary(results: list[dict]) -> list[dict]:
     """One entry per configuration (runs that differ only in seed), by size: for every split and fixed
     depth the gap recovered as mean, std and the values per seed, the same for its difference to the
     smallest configuration paired by seed, and the Controller's input dependence."""
-    groups = by_config(results)
+    groups, depths = by_config(results), recursion_depths(results)
     out = []  # smallest configuration first: the one the paired differences are taken against
     for name, runs in groups.items():
         entry = {"config": name, "seeds": [r.get("seed") for r in runs], "trainable_parameters": runs[0]["trainable_parameters"],
                  "gap": {}, "loss": {}}
         for split in runs[0]["losses"]:
-            for key in runs[0]["losses"][split]:
-                if not (key.startswith("ouroboros@") and key.split("@")[1].isdigit()):
-                    continue
+            for d, key in fixed_rows(runs[0]["losses"][split], depths).items():
                 gaps = [metrics(r, split, key)[2] for r in runs]
-                entry["gap"][f"{split}@{key.split('@')[1]}"] = (*mean_std(gaps), gaps)
-                entry["loss"][f"{split}@{key.split('@')[1]}"] = mean_std([r["losses"][split][key] for r in runs])
+                entry["gap"][f"{split}@{d}"] = (*mean_std(gaps), gaps)
+                entry["loss"][f"{split}@{d}"] = mean_std([r["losses"][split][key] for r in runs])
         entry["paired"] = paired_differences(runs, groups[next(iter(groups))])
         spreads = [r["modulation_spread"] for r in runs if r.get("modulation_spread")]
         if spreads:

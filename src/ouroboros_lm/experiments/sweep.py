@@ -258,7 +258,8 @@ def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, 
     if missing:  # a new sweep, or splits added to the spec since: only those are evaluated
         base = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
         plain = runs[0].model_config(spec).replace(variant="none", coda_lora_rank=0, coda_lora_layers=0,
-                                                   prelude_lora_layers=0, coda_norms=False)
+                                                   prelude_lora_layers=0, coda_norms=False, recurrent_lora=False,
+                                                   heal_layers=0)
         model = OuroborosModel.from_base(base, plain)
         full = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
         rep = evaluate(model, missing, depths=(), full_model=full, batch_size=ev["batch_size"], progress=progress,
@@ -279,7 +280,9 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
     else:
         model = OuroborosModel.from_base(load_base_model(spec.base, dtype=runtime.dtype), cfg, base_name=spec.base)
         save_adapter(model, rdir)
-    summary = train(model, corpus, rdir, tc, resume=resume)
+    teacher = load_base_model(spec.base, dtype=runtime.dtype) if tc.distill_weight > 0 else None
+    summary = train(model, corpus, rdir, tc, resume=resume, teacher=teacher)
+    del teacher
     rep, spread = evaluate_run(model, splits, reference, ev, progress, runtime)
     mod = capture_modulation(model, corpus.heldout[: ev["modulation_inputs"]], max(tc.depths))
     if mod is not None:
