@@ -33,3 +33,42 @@ def test_the_default_mix_is_whatever_make_domains_fetched(tmp_path, monkeypatch)
     (tmp_path / "python-docs").mkdir()
     (tmp_path / "python-docs" / "tutorial.txt").write_text("for x in y")
     assert mix_files(DemoConfig()) == ([str(tmp_path / "python-docs" / "tutorial.txt")], [tmp_path / "python-docs"])
+
+
+def test_demo_end_to_end_puts_the_heal_rows_beside_the_recursion(tmp_path, one_thread):
+    """`make demo`'s recipe on a tiny 30-layer random base: the recursion, and the pruned stack healed
+    with plain LoRA at equal weights (the same 15 layers) and at equal compute (7 + 4 + 7 layers), each
+    rank-matched to the recursion's trained weights and trained for the same steps, scored on the same
+    blocks of every split."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import TINY, tiny_tokenizer, write_corpus
+    from ouroboros_lm.experiments.demo import run_demo
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**TINY, "num_hidden_layers": 30, "max_position_embeddings": 512})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    text = write_corpus(tmp_path / "text", n_docs=8, words=200)
+    sotu = tmp_path / "sotu"
+    sotu.mkdir()
+    for i, doc in enumerate(sorted(text.iterdir())):
+        (sotu / f"{1990 + 3 * i}_x.txt").write_text(doc.read_text())
+    dc = DemoConfig(out=str(tmp_path / "demo"), base=str(tmp_path / "base"), corpus=str(sotu), first_train_year=1990,
+                    last_train_year=2006, mix=("none",), domains=str(tmp_path / "no-domains"), seq_len=32, steps=3,
+                    batch_size=2, warmup_steps=1, eval_depths=(1, 2), exit_thresholds=(0.5,), eval_blocks=2)
+    result = run_demo(dc)
+    rows = {r.model: r for r in result["report"].splits["heldout"]}
+    ours = rows["ouroboros@2"].trainable
+    weights = next(r for name, r in rows.items() if name.startswith("heal: 15 layers"))
+    compute = next(r for name, r in rows.items() if name.startswith("heal: 18 layers"))
+    assert weights.layers == 15 and compute.layers == 18 and rows["ouroboros@2"].layers == 16
+    for heal in (weights, compute):  # within one rank step of the recursion's weights
+        step = heal.trainable / int(heal.model.rsplit("r", 1)[1])
+        assert abs(heal.trainable - ours) <= step / 2 + 1
+        assert heal.loss < rows["baseline"].loss  # trained: better than the pruned stack it heals
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert {s["steps_done"] for s in summary["heal"].values()} == {summary["steps_done"]}

@@ -147,3 +147,10 @@ def adaptation_parameter_count(config, layer: nn.Module, hidden_size: int) -> in
     if config.coda_norms:
         n += (len(layer_norms(layer)) * config.n_coda + 1) * hidden_size
     return n
+
+
+def matching_lora_rank(config, layer: nn.Module, hidden_size: int, budget: int) -> int:
+    """The plain-LoRA rank (`coda_lora_rank`) at which `config`'s trained weights come closest to
+    `budget` (e.g. a heal model with as many weights as a recursive one); at least 1."""
+    per_rank = adaptation_parameter_count(config.replace(coda_lora_rank=1), layer, hidden_size)
+    return max(1, round(budget / per_rank)) if per_rank else 1

@@ -20,7 +20,8 @@ from ..data import build_corpus, domain_blocks
 from ..evaluate import DEFAULT_EVAL_DEPTHS, evaluate
 from ..loading import cache_dir, load_base_model, load_tokenizer
 from ..model import OuroborosModel
-from ..settings import setting
+from ..adaptation import matching_lora_rank
+from ..settings import setting, to_dict
 from ..exits import ExitRule
 from ..halter_training import HalterConfig, train_halter
 from ..train import DEPTH_SCHEDULES, TrainConfig, train
@@ -67,6 +68,15 @@ class DemoConfig:
                                   "cache's domains/, `make domains`; skipped when absent)")
     domain_depths: tuple[int, ...] = setting((4, 8), "depths evaluated on the extra domains", low=1, high=64)
     domain_blocks: int = setting(8, "blocks evaluated per extra domain", low=1, high=4096)
+    heal_compute_layers: int = setting(4, "the equal-compute heal model's middle layers (its compute per token "
+                                       "equals the recursion at this depth; 0: no heal rows, 1 is the equal-weights "
+                                       "one)", low=0, high=16)
+    heal_rows: bool = setting(True, "also train the pruned stack healed with plain LoRA on every kept layer, at equal "
+                              "weights (the same 15 layers) and at equal compute, with the same steps, and put them in "
+                              "the table (--no-heal-rows: the recursion alone)")
+    heal_time_budget: float = setting(110.0, "seconds of training at most for each heal model", above=0, high=1e7)
+    distill_weight: float = setting(0.0, "weight of KL(full model || ours) in every model's loss (0: next-token "
+                                    "loss only)", low=0.0, high=1e3)
     seed: int = setting(0, "seed", low=0, high=2**31)
 
 
@@ -89,7 +99,7 @@ def sotu_files(corpus: Path, last_train_year: int, first_train_year: int = 1790)
 
 def demo_model(dc: DemoConfig, out: Path):
     base = load_base_model(dc.base)
-    cfg = OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32, default_depth=8, init_seed=dc.seed,
+    cfg = OuroborosConfig(**SPLIT, rank=32, default_depth=8, init_seed=dc.seed,
                           step_damping=dc.step_damping, coda_lora_rank=dc.coda_lora_rank)
     model = OuroborosModel.from_base(base, cfg, base_name=dc.base)
     save_adapter(model, out)
@@ -102,7 +112,35 @@ def demo_training(dc: DemoConfig) -> TrainConfig:
                        log_every=10, eval_every=max(dc.steps // 3, 1), eval_blocks=8, save_every=50,
                        seed=dc.seed, time_budget=dc.time_budget, depths=dc.depths, depth_schedule=dc.depth_schedule,
                        depth_mean=dc.depth_mean, param_steps=dc.param_steps, backprop_steps=dc.backprop_steps,
-                       checkpoint="never")
+                       checkpoint="never", distill_weight=dc.distill_weight)
+
+
+SPLIT = dict(n_prelude=7, recurrent_layer=15, n_coda=7)  # 15 of SmolLM2's 30 layers, the paper's proportion
+
+
+def heal_arms(dc: DemoConfig) -> list[tuple[str, int]]:
+    """(folder, middle layers) of the heal models trained beside the recursion: the same 15 layers
+    (equal weights), and 7 + N + 7 distinct layers (equal compute to depth N)."""
+    if not dc.heal_rows:
+        return []
+    return [("heal-weights", 1)] + ([("heal-compute", dc.heal_compute_layers)] if dc.heal_compute_layers > 1 else [])
+
+
+def train_heal(dc: DemoConfig, folder: str, middle: int, budget: int, steps: int, corpus, out: Path, teacher):
+    """The pruned stack with plain LoRA on every kept layer (`middle` middle layers), its rank matched
+    to `budget` trained weights, trained like the recursion (same data order, lr, schedule) for `steps`.
+    Returns (the model, its row name, the training summary)."""
+    base = load_base_model(dc.base)
+    probe = OuroborosConfig(**SPLIT, heal_layers=middle, coda_lora_rank=1, init_seed=dc.seed)
+    rank = matching_lora_rank(probe, base.model.layers[0], base.config.hidden_size, budget)
+    model = OuroborosModel.from_base(base, probe.replace(coda_lora_rank=rank), base_name=dc.base)
+    save_adapter(model, out / folder)
+    # the recursion's schedule step for step (it may have stopped early on its time budget: so does this one)
+    tc = TrainConfig(**{**to_dict(demo_training(dc)), "stop_after": steps, "time_budget": dc.heal_time_budget,
+                        "depths": (1,), "depth_schedule": "uniform", "param_steps": 0, "backprop_steps": 0})
+    name = f"heal: {model.config.layer_passes(None)} layers, LoRA r{rank}"
+    print(f"      {name} ({model.num_trainable_parameters():,} trained weights), {steps} steps")
+    return model, name, train(model, corpus, out / folder, tc, teacher=teacher)
 
 
 def exit_rules(dc: DemoConfig, model) -> list[tuple[ExitRule, int]]:
@@ -152,38 +190,27 @@ def domain_splits(dc: DemoConfig, tok) -> dict[str, torch.Tensor]:
             for d in sorted(root.iterdir()) if d.is_dir()}
 
 
-def run_demo(dc: DemoConfig) -> dict:
-    t0 = time.time()
-    torch.manual_seed(dc.seed)
+def demo_corpus(dc: DemoConfig):
+    """(the corpus: addresses + mixed text for training, later addresses held out; the tokenizer)."""
     corpus_dir = Path(dc.corpus) if dc.corpus else cache_dir() / "sotu"
     train_files, held_files = sotu_files(corpus_dir, dc.last_train_year, dc.first_train_year)
     mixed, mix = mix_files(dc)
-    out = Path(dc.out)
-    if out.exists():
-        shutil.rmtree(out)
-    print(f"[1/4] converting {dc.base}: prelude 7, recurrent layer 15, coda 7 (15 of 30 layers)")
-    model = demo_model(dc, out)
     print(f"[2/4] tokenizing {len(train_files)} addresses {dc.first_train_year}-{dc.last_train_year} "
           + (f"and {len(mixed)} files of {', '.join(m.name for m in mix)} " if mixed
              else "only (no mixed text: `make domains` fetches Moby-Dick and the Python documentation) ")
           + f"(train), {len(held_files)} later addresses (held out)")
-    train_files += mixed
     tok = load_tokenizer(dc.base)
-    corpus = build_corpus(train_files, tok, dc.seq_len, heldout=held_files, seed=dc.seed)
+    corpus = build_corpus(train_files + mixed, tok, dc.seq_len, heldout=held_files, seed=dc.seed)
     print("      " + corpus.describe())
-    print(f"[3/4] training {dc.steps} steps (batch {dc.batch_size} x {dc.seq_len} tokens, depths {dc.depths} "
-          f"{dc.depth_schedule}, lr {dc.lr}, at most {dc.time_budget:.0f}s)")
-    summary = train(model, corpus, out, demo_training(dc))
-    if dc.halter_steps:
-        print(f"      training a halter for {dc.halter_steps} steps (everything else frozen)")
-        summary["halter"] = train_halter(model, corpus, out, HalterConfig(steps=dc.halter_steps, max_depth=16,
-                                                                          seed=dc.seed))
-    print(f"[4/4] evaluating full model, pruned baseline and Ouroboros at depths {dc.eval_depths} and adaptive exit")
+    return corpus, tok
+
+
+def demo_report(dc: DemoConfig, model, heals: list, corpus, tok, full, summary: dict):
+    """Every row on the same blocks: full, pruned, the recursion at each depth and under adaptive exit,
+    and each heal model (one row per split, under its name), on the addresses and the extra domains."""
     splits = corpus.eval_splits(dc.eval_blocks, dc.seed + 1)
-    rules = exit_rules(dc, model)
-    full = load_base_model(dc.base)  # loaded once for the addresses and the extra domains
     report = evaluate(model, splits, depths=dc.eval_depths, full_model=full,
-                      batch_size=dc.batch_size, exit_rules=rules,
+                      batch_size=dc.batch_size, exit_rules=exit_rules(dc, model),
                       meta={"base_model": dc.base, "seq_len": dc.seq_len, "train_steps": summary["steps_done"],
                             "train_wall_s": round(summary["wall_s"], 1)})
     extra = domain_splits(dc, tok)
@@ -192,12 +219,49 @@ def run_demo(dc: DemoConfig) -> dict:
         more = evaluate(model, extra, depths=dc.domain_depths, full_model=full, batch_size=dc.batch_size)
         report.splits.update(more.splits)
         report.tokens.update(more.tokens)
+    every = {**splits, **extra}
+    known = {split: {m: report.row(split, m).loss for m in ("full", "baseline")} for split in every}
+    for heal, name, _ in heals:
+        rows = evaluate(heal, every, depths=(), known=known, batch_size=dc.batch_size, progress=False).splits
+        for split, found in rows.items():
+            row = next(r for r in found if r.model == "heal")
+            row.model = name
+            report.splits[split].insert(2, row)  # after full and baseline
+    return report
+
+
+def run_demo(dc: DemoConfig) -> dict:
+    t0 = time.time()
+    torch.manual_seed(dc.seed)
+    out = Path(dc.out)
+    if out.exists():
+        shutil.rmtree(out)
+    print(f"[1/4] converting {dc.base}: prelude 7, recurrent layer 15, coda 7 (15 of 30 layers)")
+    model = demo_model(dc, out)
+    corpus, tok = demo_corpus(dc)
+    full = load_base_model(dc.base)  # the reference rows, and the teacher when distilling
+    teacher = full if dc.distill_weight > 0 else None
+    print(f"[3/4] training {dc.steps} steps (batch {dc.batch_size} x {dc.seq_len} tokens, depths {dc.depths} "
+          f"{dc.depth_schedule}, lr {dc.lr}, at most {dc.time_budget:.0f}s"
+          + (f", distilled from the full model (weight {dc.distill_weight:g})" if teacher is not None else "") + ")")
+    summary = train(model, corpus, out, demo_training(dc), teacher=teacher)
+    if dc.halter_steps:
+        print(f"      training a halter for {dc.halter_steps} steps (everything else frozen)")
+        summary["halter"] = train_halter(model, corpus, out, HalterConfig(steps=dc.halter_steps, max_depth=16,
+                                                                          seed=dc.seed))
+    heals = [train_heal(dc, folder, n, model.num_trainable_parameters(), summary["steps_done"], corpus, out, teacher)
+             for folder, n in heal_arms(dc)]
+    print(f"[4/4] evaluating full model, pruned baseline, Ouroboros at depths {dc.eval_depths} and adaptive exit"
+          + (", and the heal models" if heals else ""))
+    report = demo_report(dc, model, heals, corpus, tok, full, summary)
     print()
     print(report.table())
     report.write(out)
     plot_depth_curve(report, out / "depth_curve.png")
+    rules = exit_rules(dc, model)
     if rules:
         exit_passage(model, tok, corpus, *rules[0], out)
+    summary["heal"] = {name: s for _, name, s in heals}
     (out / "demo_summary.json").write_text(json.dumps({**summary, "total_wall_s": time.time() - t0}, indent=2) + "\n")
     print(f"\nwrote {out}/eval.md, eval.json, depth_curve.png{', exit_steps.png' if rules else ''}, metrics.jsonl; "
           f"total {time.time() - t0:.0f}s")
