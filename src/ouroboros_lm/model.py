@@ -17,7 +17,7 @@ from .config import OuroborosConfig
 from .exits import ExitRule, TokenExits
 from .families import GENERIC_MODEL_TYPES, final_logits, scale_embeddings
 from .generate import generate as generate_tokens
-from .layers import AttentionContext, KVSlot, build_context, decoder_layer, layer_window, rms_norm
+from .layers import AttentionContext, KVSlot, build_context, decoder_layer, get_projection, layer_window, rms_norm
 from .loss import (OuroborosOutput, Teacher, causal_lm_loss, default_chunk, distill_loss, head_loss, lazy_logits,
                    token_losses)
 from .memory import check_trainable_size
@@ -62,7 +62,7 @@ class OuroborosModel(nn.Module):
                         "coda": [layer_window(l, base.config) for l in coda]}
         for p in self.parameters():
             p.requires_grad_(False)
-        w = recurrent.self_attn.q_proj.weight
+        w = get_projection(recurrent, "q").weight
         # The trainable parts are initialised from config.init_seed on the CPU, whatever the device, so
         # the same config gives the same initial model everywhere (and the global RNG is untouched).
         with torch.random.fork_rng(devices=[]), torch.device("meta" if w.is_meta else "cpu"):
@@ -271,5 +271,6 @@ class OuroborosModel(nn.Module):
                     f"lora_rank={c.coda_lora_rank}")
         return (
             f"base={self.base_name!r}, prelude={c.n_prelude}, recurrent_layer={c.recurrent_layer}, "
-            f"coda={c.n_coda}, variant={c.variant}, rank={c.rank}, gate={c.gate}, pooling={c.pooling}"
+            f"coda={c.n_coda}, variant={c.variant}, rank={c.rank}, gate={c.gate}, pooling={c.pooling}, "
+            f"recurrent_kind={self.recurrent.kind}"
         )
