@@ -1,4 +1,4 @@
-"""Gemma 2, Gemma 3, OLMo 2, Granite and Phi-3 through Hugging Face's own layer forward (families.py):
+"""Gemma 2, Gemma 3, OLMo 2, Granite, Phi-3 and SmolLM3 through Hugging Face's own layer forward (families.py):
 the pruned baseline equals HF's truncated model, every variant is causal, cached decoding equals
 recomputing the prefix, training reaches the per-step norms, the transformers wrapper agrees, adapters
 round-trip and refuse another base; Phi-3's fused projections equal the same weights split into a
@@ -10,7 +10,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GraniteConfig, Olmo2Config, Phi3Config
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GraniteConfig, Olmo2Config, Phi3Config, \
+    SmolLM3Config
 
 from conftest import TINY, TINY_SPLIT, randomize_trainables
 from ouroboros_lm import OuroborosConfig, OuroborosModel
@@ -31,6 +32,8 @@ FAMILIES = {
                                      attention_multiplier=0.2),
     # Phi-4-mini's partial rotary (half of each head rotated); one sliding window for every layer
     "phi3": lambda: Phi3Config(**TINY, pad_token_id=0, eos_token_id=96, sliding_window=8, partial_rotary_factor=0.5),
+    # no rotary in layers 3 and 7 (a prelude-side removed layer and the last coda layer)
+    "smollm3": lambda: SmolLM3Config(**TINY, pad_token_id=0, eos_token_id=96, no_rope_layer_interval=4),
 }
 
 
@@ -282,13 +285,41 @@ def tiny_config(cls, **extra):
 
 
 def test_bases_that_cannot_work_are_refused_in_one_line_naming_why():
-    from transformers import MixtralConfig, Qwen2MoeConfig, SmolLM3Config
+    from transformers import HeliumConfig, MixtralConfig, Qwen2MoeConfig
 
     split = OuroborosConfig(**TINY_SPLIT)
     for cls in (MixtralConfig, Qwen2MoeConfig):
         with pytest.raises(ValueError, match=r"^unsupported architecture \w+ \(model_type='\w+'\): its MLPs are "
-                                             r"mixtures of experts.*Ouroboros supports these decoders: llama.*phi3\.$"):
+                                             r"mixtures of experts.*Ouroboros supports these decoders: llama, .*, phi3, smollm3\.$"):
             OuroborosModel.from_base(tiny_config(cls, num_local_experts=2, num_experts=2), split)
+    from transformers import Gemma3Config
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    multimodal = AutoModelForCausalLM.from_config(Gemma3Config(text_config={**TINY, "head_dim": 16}, vision_config=vision,
+                                                               mm_tokens_per_image=4))
+    with pytest.raises(ValueError, match=r"Gemma3ForConditionalGeneration \(model_type='gemma3'\): a multimodal wrapper"):
+        OuroborosModel.from_base(multimodal, split)
     # every part present, but no table entry: the general path is not assumed to fit
-    with pytest.raises(ValueError, match=r"model_type='smollm3'\): model_type 'smollm3' has no entry in families.FAMILIES"):
-        OuroborosModel.from_base(tiny_config(SmolLM3Config), split)
+    with pytest.raises(ValueError, match=r"model_type='helium'\): model_type 'helium' has no entry in families.FAMILIES"):
+        OuroborosModel.from_base(tiny_config(HeliumConfig), split)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_export_folder_loads_and_equals_our_forward(arch, tmp_path):
+    """`ouroboros export`'s folder (adapter + base folder -> Hugging Face model folder) loads with
+    trust_remote_code and gives our forward's logits and greedy generation."""
+    from conftest import tiny_tokenizer
+    from ouroboros_lm.export import export_hf
+
+    folder = tmp_path / "base"
+    family_base(arch).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    model = OuroborosModel.from_base(family_base(arch), OuroborosConfig(**TINY_SPLIT), base_name=str(folder)).eval()
+    randomize_trainables(model, scale=0.3)
+    out = export_hf(save_adapter(model, tmp_path / "adapter"), tmp_path / "hf", depth=3)
+    back = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = tokens()
+    with torch.no_grad():  # the reloaded base picks SDPA where the test model used eager attention
+        torch.testing.assert_close(back(ids).logits, model(ids, depth=3).logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(back.generate(ids[:1, :8], max_new_tokens=12, do_sample=False),
+                       model.generate(ids[:1, :8], max_new_tokens=12, depth=3))

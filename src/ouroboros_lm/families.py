@@ -21,7 +21,7 @@ norms per layer (1 + w weights), attention-logit soft-capping, alternating slidi
 embeddings and final-logit soft-capping; Gemma 3 adds QK-norm and a local and a global rotary table;
 OLMo 2 normalises after each branch and normalises q and k over the whole projection; Granite scales
 embeddings, residual branches, attention and logits; Phi-3 / Phi-4-mini fuse q/k/v and gate/up into
-one matrix each and rotate part of each head. This module imports nothing from the package.
+one matrix each and rotate part of each head; SmolLM3 skips the rotary embedding in every fourth layer. This module imports nothing from the package.
 """
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ FAMILIES = {
     "olmo2": Family("Olmo2DecoderLayer", ("post_attention_layernorm", "post_feedforward_layernorm")),
     "granite": Family("GraniteDecoderLayer"),
     "phi3": Family("Phi3DecoderLayer", projections=FUSED),
+    "smollm3": Family("SmolLM3DecoderLayer"),  # the Llama layer without rotary in every 4th layer: an entry, no code
 }
 BY_LAYER = {f.layer: f for f in FAMILIES.values()}
 LLAMA = FAMILIES["llama"]
