@@ -299,6 +299,8 @@ def test_bases_that_cannot_work_are_refused_in_one_line_naming_why():
                                                                mm_tokens_per_image=4))
     with pytest.raises(ValueError, match=r"Gemma3ForConditionalGeneration \(model_type='gemma3'\): a multimodal wrapper"):
         OuroborosModel.from_base(multimodal, split)
+    with pytest.raises(ValueError, match=r"model_type='gemma3_text'\): its attention is bidirectional"):
+        OuroborosModel.from_base(tiny_config(Gemma3TextConfig, head_dim=16, use_bidirectional_attention=True), split)
     # every part present, but no table entry: the general path is not assumed to fit
     with pytest.raises(ValueError, match=r"model_type='helium'\): model_type 'helium' has no entry in families.FAMILIES"):
         OuroborosModel.from_base(tiny_config(HeliumConfig), split)

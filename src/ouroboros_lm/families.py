@@ -126,10 +126,12 @@ def submodule(layer, path: str):
 
 
 def refusal(config, layer) -> str | None:
-    """Why a base whose model_type has no `FAMILIES` entry cannot be converted whatever its parts, in a
-    few words; None when nothing rules it out (then what is missing, or the missing entry, is said)."""
+    """Why a base cannot be converted whatever its parts, in a few words; None when nothing rules it
+    out (then what is missing, or the missing `FAMILIES` entry, is said)."""
+    if getattr(config, "use_bidirectional_attention", False):
+        return "its attention is bidirectional (an encoder such as EmbeddingGemma, not a causal decoder)"
     if getattr(config, "text_config", None) is not None:
-        return "a multimodal wrapper: convert its text decoder (e.g. gemma3_text for Gemma 3)"
+        return "a multimodal wrapper (its text decoder is not extracted): convert a text-only model (e.g. gemma3_text)"
     if layer is not None and any(submodule(layer, p) is not None for p in ("mlp.experts", "block_sparse_moe", "mlp.router")):
         return ("its MLPs are mixtures of experts, and the recurrent layer's low-rank paths modulate one dense "
                 "gate/up/down projection")

@@ -40,7 +40,7 @@ def check_architecture(base: nn.Module) -> None:
     model_type = getattr(config, "model_type", None)
     layers = getattr(getattr(base, "model", None), "layers", None)
     layer = layers[0] if isinstance(layers, nn.ModuleList) and len(layers) > 0 else None
-    why = refusal(config, layer) if model_type not in FAMILIES else None
+    why = refusal(config, layer)
     if why is None:
         missing = missing_parts(base, FAMILIES.get(model_type, FAMILIES["llama"]))
         if missing:
