@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, G
 
 from conftest import TINY, TINY_SPLIT, randomize_trainables
 from ouroboros_lm import OuroborosConfig, OuroborosModel
+from ouroboros_lm.adaptation import adaptation_parameter_count
 from ouroboros_lm.adapter import AdapterError, load_adapter, save_adapter
 from ouroboros_lm.hf import OuroborosForCausalLM
 
@@ -259,6 +260,8 @@ def test_outer_lora_on_fused_projections_equals_merged_weights_and_trains():
     assert wrapped == {f"{part}.{i}.{m}" for part, i in (("prelude", 1), ("coda", 0), ("coda", 1))
                        for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
     base, cfg = family_base("phi3"), model.config
+    outer = model.trainable_parameter_breakdown()["outer_lora"]  # counted from the fused modules' shapes
+    assert adaptation_parameter_count(cfg, base.model.layers[0], TINY["hidden_size"]) == outer
     kept, scale = cfg.kept_layers(TINY["num_hidden_layers"]), cfg.coda_lora_alpha / cfg.coda_lora_rank
     with torch.no_grad():
         for part, offset in (("prelude", 0), ("coda", cfg.n_prelude + 1)):
@@ -301,6 +304,11 @@ def test_bases_that_cannot_work_are_refused_in_one_line_naming_why():
         OuroborosModel.from_base(multimodal, split)
     with pytest.raises(ValueError, match=r"model_type='gemma3_text'\): its attention is bidirectional"):
         OuroborosModel.from_base(tiny_config(Gemma3TextConfig, head_dim=16, use_bidirectional_attention=True), split)
+    # a layer class other than the one the entry runs (it would fall to the Llama layer unseen)
+    base = family_base("phi3")
+    base.model.layers = torch.nn.ModuleList(tiny_config(Gemma3TextConfig, head_dim=16).model.layers)
+    with pytest.raises(ValueError, match=r"model_type='phi3'\): its layers are Gemma3DecoderLayer, not the Phi3DecoderLayer"):
+        OuroborosModel.from_base(base, split)
     # every part present, but no table entry: the general path is not assumed to fit
     with pytest.raises(ValueError, match=r"model_type='helium'\): model_type 'helium' has no entry in families.FAMILIES"):
         OuroborosModel.from_base(tiny_config(HeliumConfig), split)

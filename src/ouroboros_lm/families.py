@@ -21,7 +21,8 @@ norms per layer (1 + w weights), attention-logit soft-capping, alternating slidi
 embeddings and final-logit soft-capping; Gemma 3 adds QK-norm and a local and a global rotary table;
 OLMo 2 normalises after each branch and normalises q and k over the whole projection; Granite scales
 embeddings, residual branches, attention and logits; Phi-3 / Phi-4-mini fuse q/k/v and gate/up into
-one matrix each and rotate part of each head; SmolLM3 skips the rotary embedding in every fourth layer. This module imports nothing from the package.
+one matrix each and rotate part of each head; SmolLM3 skips the rotary embedding in every fourth
+layer. This module imports nothing from the package.
 """
 from __future__ import annotations
 
@@ -43,31 +44,33 @@ GEMMA_NORMS = ("input_layernorm", "pre_feedforward_layernorm")
 class Family:
     """How one model_type's layers run. layer: its HF decoder layer class; step_norms: the two norms
     per-step norms replace (attention branch, MLP branch); own_forward: HF's own layer forward (the
-    general path) rather than `layers.py`'s Llama layer, and the family's own final norm; projections:
-    its projection modules (`SEPARATE` or `FUSED`)."""
+    general path) rather than `layers.py`'s Llama layer; projections: its projection modules
+    (`SEPARATE` or `FUSED`); llama_head: its final norm is Llama's RMSNorm and its logits are neither
+    scaled nor capped, so the head may take the Llama head's memory-saving path (`OuroborosModel.head`)."""
 
     layer: str
     step_norms: tuple[str, str] = LLAMA_NORMS
     own_forward: bool = True
     projections: dict = field(default_factory=lambda: SEPARATE)
+    llama_head: bool = False
 
 
 FAMILIES = {
-    "llama": Family("LlamaDecoderLayer", own_forward=False),
-    "qwen2": Family("Qwen2DecoderLayer", own_forward=False),
-    "qwen3": Family("Qwen3DecoderLayer", own_forward=False),
-    "mistral": Family("MistralDecoderLayer", own_forward=False),
+    "llama": Family("LlamaDecoderLayer", own_forward=False, llama_head=True),
+    "qwen2": Family("Qwen2DecoderLayer", own_forward=False, llama_head=True),
+    "qwen3": Family("Qwen3DecoderLayer", own_forward=False, llama_head=True),
+    "mistral": Family("MistralDecoderLayer", own_forward=False, llama_head=True),
     "gemma2": Family("Gemma2DecoderLayer", GEMMA_NORMS),
     "gemma3_text": Family("Gemma3DecoderLayer", GEMMA_NORMS),
     "olmo2": Family("Olmo2DecoderLayer", ("post_attention_layernorm", "post_feedforward_layernorm")),
     "granite": Family("GraniteDecoderLayer"),
-    "phi3": Family("Phi3DecoderLayer", projections=FUSED),
-    "smollm3": Family("SmolLM3DecoderLayer"),  # the Llama layer without rotary in every 4th layer: an entry, no code
+    "phi3": Family("Phi3DecoderLayer", projections=FUSED, llama_head=True),
+    "smollm3": Family("SmolLM3DecoderLayer", llama_head=True),  # the Llama layer without rotary in every 4th layer: an entry, no code
 }
 BY_LAYER = {f.layer: f for f in FAMILIES.values()}
 LLAMA = FAMILIES["llama"]
-# model_types whose layers or logits differ from Llama's in a way the model's head and embeddings see
-GENERIC_MODEL_TYPES = tuple(t for t, f in FAMILIES.items() if f.own_forward)
+# model_types whose final norm or logits differ from Llama's: the head runs their own norm, then `final_logits`
+OWN_HEAD_TYPES = tuple(t for t, f in FAMILIES.items() if not f.llama_head)
 
 
 def family_of(layer) -> Family:

@@ -24,6 +24,7 @@ from torch import nn
 from .families import generic_decoder_layer, is_generic, rotary_tables
 from .projections import PROJECTIONS, get_projection, projection_modules  # noqa: F401 (the seven-projection view)
 
+
 def rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     h = x.to(torch.float32)
     r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)

@@ -32,24 +32,33 @@ def missing_parts(base: nn.Module, family: Family) -> list[str]:
     return missing
 
 
-def check_architecture(base: nn.Module) -> None:
-    """Raise ValueError naming the architecture and why it cannot be converted (a mixture of experts,
-    a multimodal wrapper, parts missing, no `families.FAMILIES` entry), unless it is a supported decoder."""
-    name = type(base).__name__
+def unsupported_reason(base: nn.Module) -> str | None:
+    """Why `base` cannot be converted (ruled out whatever its parts, a layer class its table entry does
+    not run, parts missing, no `families.FAMILIES` entry), or None."""
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)
     layers = getattr(getattr(base, "model", None), "layers", None)
     layer = layers[0] if isinstance(layers, nn.ModuleList) and len(layers) > 0 else None
-    why = refusal(config, layer)
-    if why is None:
-        missing = missing_parts(base, FAMILIES.get(model_type, FAMILIES["llama"]))
-        if missing:
-            why = f"missing {', '.join(missing)}"
-        elif model_type not in FAMILIES:
-            why = (f"model_type {model_type!r} has no entry in families.FAMILIES (a decoder whose layers transformers "
-                   "runs needs one, and tests)")
+    family = FAMILIES.get(model_type)
+    if (why := refusal(config, layer)) is not None:
+        return why
+    if family is not None and family.own_forward and layer is not None and type(layer).__name__ != family.layer:
+        return f"its layers are {type(layer).__name__}, not the {family.layer} its families.FAMILIES entry runs"
+    if missing := missing_parts(base, family or FAMILIES["llama"]):
+        return f"missing {', '.join(missing)}"
+    if family is None:
+        return (f"model_type {model_type!r} has no entry in families.FAMILIES (a decoder whose layers transformers "
+                "runs needs one, and tests)")
+    return None
+
+
+def check_architecture(base: nn.Module) -> None:
+    """Raise ValueError naming the architecture and why it cannot be converted, in one line, unless
+    it is a supported decoder."""
+    why = unsupported_reason(base)
     if why is not None:
-        raise ValueError(f"unsupported architecture {name} (model_type={model_type!r}): {why}. "
+        model_type = getattr(getattr(base, "config", None), "model_type", None)
+        raise ValueError(f"unsupported architecture {type(base).__name__} (model_type={model_type!r}): {why}. "
                          f"Ouroboros supports these decoders: {', '.join(SUPPORTED_MODEL_TYPES)}.")
 
 
