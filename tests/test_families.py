@@ -333,3 +333,35 @@ def test_export_folder_loads_and_equals_our_forward(arch, tmp_path):
         torch.testing.assert_close(back(ids).logits, model(ids, depth=3).logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(back.generate(ids[:1, :8], max_new_tokens=12, do_sample=False),
                        model.generate(ids[:1, :8], max_new_tokens=12, depth=3))
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_recurrent_lora_equals_recursion_on_merged_weights(arch):
+    """Plain LoRA on the recurrent layer (recurrent_lora; on Phi-3 it wraps the fused modules, and each
+    slice's low-rank path adds its rows of the LoRA update) is the recursion on a layer with B A merged in."""
+    from test_heal import merge_lora_layer
+
+    model = family_model(arch, recurrent_lora=True, coda_lora_rank=2)
+    plain = family_model(arch, coda_lora_rank=2)
+    randomize_trainables(model, seed=5, scale=0.2)
+    plain.load_state_dict(model.state_dict(), strict=False)  # everything but the recurrent LoRA
+    model.double(), plain.double()
+    merge_lora_layer(model.recurrent.layer, plain.recurrent.layer)
+    ids = tokens()
+    with torch.no_grad():
+        for depth in (1, 3):
+            torch.testing.assert_close(model(ids, depth=depth).logits, plain(ids, depth=depth).logits,
+                                       atol=1e-10, rtol=1e-10)
+        assert (model(ids, depth=3).logits - family_model(arch, coda_lora_rank=2).double()(ids, depth=3).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_heal_model_equals_hugging_face_on_its_kept_layers_with_merged_lora(arch):
+    from test_heal import merge_lora
+
+    model = family_model(arch, heal_layers=2, coda_lora_rank=2)  # LoRA B randomised too
+    ref = hf_truncated(family_base(arch), model.config.kept_layers(TINY["num_hidden_layers"]))
+    merge_lora(model, ref.model.layers)
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids, use_cache=False).logits, atol=1e-5, rtol=1e-5)

@@ -35,6 +35,18 @@ class ProjectionSlice:
     def bias(self):
         return None if self.linear.bias is None else self.linear.bias[self.start : self.stop]
 
+    @property
+    def base_layer(self) -> "ProjectionSlice":
+        """Under PEFT LoRA (the fused module wrapped whole): the same rows of the frozen module it wraps."""
+        inner = getattr(self.linear, "base_layer", None)
+        if inner is None:
+            raise AttributeError("base_layer")  # not wrapped: getattr(slice, "base_layer", slice) is the slice
+        return ProjectionSlice(inner, self.start, self.stop)
+
+    def rows(self, y):
+        """This projection's part of the fused module's output y [..., out]."""
+        return y[..., self.start : self.stop]
+
     def __call__(self, x):
         return F.linear(x, self.weight, self.bias)
 
