@@ -365,3 +365,19 @@ def test_heal_model_equals_hugging_face_on_its_kept_layers_with_merged_lora(arch
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_cached_decoding_equals_recomputing_under_per_token_exit_decisions(arch):
+    """Adaptive depth through HF's own layers: stopped positions lend their last keys and values to the
+    later steps (past the sliding window of 8 here), cached or recomputed alike."""
+    model = family_model(arch)
+    ids = tokens(batch=2, n=14)
+    decided = torch.randint(1, 6, ids.shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids, depth=5, exit_steps=decided)
+        cache = model.new_cache(5)
+        parts = [model(ids[:, :6], depth=5, cache=cache, exit_steps=decided[:, :6])]
+        parts += [model(ids[:, t:t + 1], depth=5, cache=cache, exit_steps=decided[:, t:t + 1]) for t in range(6, 14)]
+    torch.testing.assert_close(torch.cat([p.logits for p in parts], 1), full.logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full.logits, model(ids, depth=5).logits)  # the decisions matter
