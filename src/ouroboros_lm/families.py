@@ -65,7 +65,7 @@ FAMILIES = {
     "olmo2": Family("Olmo2DecoderLayer", ("post_attention_layernorm", "post_feedforward_layernorm")),
     "granite": Family("GraniteDecoderLayer"),
     "phi3": Family("Phi3DecoderLayer", projections=FUSED, llama_head=True),
-    "smollm3": Family("SmolLM3DecoderLayer", llama_head=True),  # the Llama layer without rotary in every 4th layer: an entry, no code
+    "smollm3": Family("SmolLM3DecoderLayer", llama_head=True),  # every 4th layer without rotary: an entry, no code
 }
 BY_LAYER = {f.layer: f for f in FAMILIES.values()}
 LLAMA = FAMILIES["llama"]
