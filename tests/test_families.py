@@ -1,25 +1,40 @@
-"""Gemma 2, OLMo 2 and Granite through Hugging Face's own layer forward (families.py): the
-pruned baseline equals HF's truncated model, every variant is causal, cached decoding equals
-recomputing the prefix, training reaches the per-step norms, and the transformers wrapper agrees."""
+"""Gemma 2, Gemma 3, OLMo 2, Granite, Phi-3 and SmolLM3 through Hugging Face's own layer forward (families.py):
+the pruned baseline equals HF's truncated model, every variant is causal, cached decoding equals
+recomputing the prefix, training reaches the per-step norms, the transformers wrapper agrees, adapters
+round-trip and refuse another base; Phi-3's fused projections equal the same weights split into a
+Llama layer; bases that cannot work are refused naming why."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig, Olmo2Config
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GraniteConfig, Olmo2Config, Phi3Config, \
+    SmolLM3Config
 
 from conftest import TINY, TINY_SPLIT, randomize_trainables
 from ouroboros_lm import OuroborosConfig, OuroborosModel
+from ouroboros_lm.adaptation import adaptation_parameter_count
+from ouroboros_lm.adapter import AdapterError, load_adapter, save_adapter
 from ouroboros_lm.hf import OuroborosForCausalLM
 
+GEMMA3_KINDS = ["sliding_attention", "full_attention"] * 4  # layer 4 (recurrent) local, 5 global
 FAMILIES = {
     # sliding window 8 < the 24 test tokens, so the alternating local layers really are local
     "gemma2": lambda: Gemma2Config(**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    # local and global layers alternate (the prelude, the removed layers and the coda hold both kinds);
+    # the local layers' rotary base (10^4) is not the global layers' (10^6)
+    "gemma3": lambda: Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                       final_logit_softcapping=30.0, layer_types=GEMMA3_KINDS),
     "olmo2": lambda: Olmo2Config(**TINY),
     "granite": lambda: GraniteConfig(**TINY, embedding_multiplier=6.0, logits_scaling=4.0, residual_multiplier=0.5,
                                      attention_multiplier=0.2),
+    # Phi-4-mini's partial rotary (half of each head rotated); one sliding window for every layer
+    "phi3": lambda: Phi3Config(**TINY, pad_token_id=0, eos_token_id=96, sliding_window=8, partial_rotary_factor=0.5),
+    # no rotary in layers 3 and 7 (a prelude-side removed layer and the last coda layer)
+    "smollm3": lambda: SmolLM3Config(**TINY, pad_token_id=0, eos_token_id=96, no_rope_layer_interval=4),
 }
 
 
@@ -48,16 +63,20 @@ def tokens(batch=2, n=24, seed=123):
     return torch.randint(0, TINY["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", list(FAMILIES))
-def test_baseline_loss_equals_hugging_faces_truncated_model(arch):
-    base = family_base(arch)
-    cfg = OuroborosConfig(**TINY_SPLIT)
-    keep = cfg.kept_layers(TINY["num_hidden_layers"])
+def hf_truncated(base, keep):
+    """An independent copy of `base` keeping only the layers `keep` (HF's own model, our split)."""
     ref = copy.deepcopy(base)
     ref.model.layers = torch.nn.ModuleList([ref.model.layers[i] for i in keep])
     ref.config.num_hidden_layers = len(keep)
     if getattr(ref.config, "layer_types", None):
         ref.config.layer_types = [ref.config.layer_types[i] for i in keep]
+    return ref
+
+
+def assert_baseline_equals_hf(arch, **split):
+    base = family_base(arch)
+    cfg = OuroborosConfig(**{**TINY_SPLIT, **split})
+    ref = hf_truncated(base, cfg.kept_layers(TINY["num_hidden_layers"]))
     model = OuroborosModel.from_base(base, cfg).eval()
     ids = tokens()
     mask = torch.ones_like(ids)
@@ -72,6 +91,12 @@ def test_baseline_loss_equals_hugging_faces_truncated_model(arch):
         ours = model(ids, attention_mask=mask, baseline=True)
         real = mask.bool()
         torch.testing.assert_close(ours.logits[real], hf.logits[real], atol=1e-5, rtol=1e-5)
+    return model
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_baseline_loss_equals_hugging_faces_truncated_model(arch):
+    assert_baseline_equals_hf(arch)
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
@@ -151,10 +176,208 @@ def test_generic_path_equals_the_written_out_llama_layer():
                        models[0].generate(ids[:1, :8], max_new_tokens=8, depth=4))
 
 
-def test_a_family_without_the_seven_projections_is_refused_naming_what_is_missing():
+def test_gemma3_recurrent_layer_may_be_local_or_global_and_the_kind_is_recorded(tmp_path):
+    """Layer 4 is a local (sliding-window) layer, layer 5 a global one: either may recur, the pruned
+    baseline equals HF's truncated model both ways, and the kind is recorded (model and adapter)."""
+    for layer, kind, window in ((4, "sliding_attention", 8), (5, "full_attention", None)):
+        model = assert_baseline_equals_hf("gemma3", recurrent_layer=layer)
+        assert (model.recurrent.kind, model.recurrent.window) == (kind, window)
+        assert f"recurrent_kind={kind}" in repr(model)
+        meta = json.loads((save_adapter(model, tmp_path / kind) / "adapter_config.json").read_text())
+        assert meta["recurrent_layer"] == {"index": layer, "kind": kind, "window": window}
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_adapter_round_trip_and_fingerprints_refuse_another_base(arch, tmp_path):
+    model = family_model(arch, coda_lora_rank=4 if arch == "phi3" else 0)
+    randomize_trainables(model, seed=2, scale=0.3)  # the LoRA's B too
+    save_adapter(model, tmp_path / "a")
+    back = load_adapter(tmp_path / "a", base=family_base(arch))
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(back(ids, depth=3).logits, model(ids, depth=3).logits)
+    with pytest.raises(AdapterError, match="different base model.*different weights"):
+        load_adapter(tmp_path / "a", base=family_base(arch, seed=1))
+
+
+def split_phi3_into_llama(phi3):
+    """A Llama model holding Phi-3's weights with qkv_proj and gate_up_proj cut into their seven
+    projections (Phi-3 with full rotary and no window is the Llama layer with fused matrices)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**TINY, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    llama = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    q, kv, inter = TINY["hidden_size"], TINY["hidden_size"] * TINY["num_key_value_heads"] // TINY["num_attention_heads"], \
+        TINY["intermediate_size"]
+    state = {}
+    for k, v in phi3.state_dict().items():
+        if k.endswith("qkv_proj.weight"):
+            for name, part in zip("qkv", v.split([q, kv, kv])):
+                state[k.replace("qkv_proj", f"{name}_proj")] = part
+        elif k.endswith("gate_up_proj.weight"):
+            for name, part in zip(("gate", "up"), v.split([inter, inter])):
+                state[k.replace("gate_up_proj", f"{name}_proj")] = part
+        else:
+            state[k] = v
+    llama.load_state_dict(state)
+    return llama
+
+
+def test_phi3_fused_projections_equal_the_same_weights_split_into_the_llama_layer():
+    """Phi-3's qkv_proj / gate_up_proj: each of q, k, v, gate, up gets its own SVD basis (from its
+    slice of the fused matrices) and its own low-rank path, exactly as a Llama layer with the same
+    weights split gets them: same bases, same logits at every depth, same cached generation."""
     from transformers import Phi3Config
 
-    base = AutoModelForCausalLM.from_config(Phi3Config(**{**TINY, "pad_token_id": 0}))
-    with pytest.raises(ValueError, match=r"model_type='phi3'.*missing model.layers\[i\].self_attn.q_proj.*"
-                                         r"mlp.gate_proj"):
-        OuroborosModel.from_base(base, OuroborosConfig(**TINY_SPLIT))
+    torch.manual_seed(0)
+    cfg = Phi3Config(**TINY, pad_token_id=0, eos_token_id=96)
+    cfg._attn_implementation = "eager"
+    phi3 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    llama = split_phi3_into_llama(phi3)
+    models = []
+    for base in (phi3, llama):
+        m = OuroborosModel.from_base(base, OuroborosConfig(**TINY_SPLIT)).eval()
+        randomize_trainables(m, seed=3, scale=0.3)
+        models.append(m)
+    for name, b in models[1].recurrent.bases.named_buffers():
+        torch.testing.assert_close(dict(models[0].recurrent.bases.named_buffers())[name], b, atol=1e-5, rtol=1e-4)
+    ids = tokens()
+    with torch.no_grad():
+        for depth in (1, 4):
+            torch.testing.assert_close(models[0](ids, depth=depth).logits, models[1](ids, depth=depth).logits,
+                                       atol=1e-5, rtol=1e-5)
+    assert torch.equal(models[0].generate(ids[:1, :8], max_new_tokens=8, depth=4),
+                       models[1].generate(ids[:1, :8], max_new_tokens=8, depth=4))
+
+
+def test_outer_lora_on_fused_projections_equals_merged_weights_and_trains():
+    """PEFT LoRA on Phi-3's outer layers wraps the fused modules; its output equals the base with
+    W + (alpha/r) B A merged into qkv_proj / gate_up_proj, and a training step reaches it."""
+    model = family_model("phi3", coda_lora_rank=4, prelude_lora_layers=1)
+    randomize_trainables(model, seed=4, scale=0.3)
+    wrapped = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == {f"{part}.{i}.{m}" for part, i in (("prelude", 1), ("coda", 0), ("coda", 1))
+                       for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    base, cfg = family_base("phi3"), model.config
+    outer = model.trainable_parameter_breakdown()["outer_lora"]  # counted from the fused modules' shapes
+    assert adaptation_parameter_count(cfg, base.model.layers[0], TINY["hidden_size"]) == outer
+    kept, scale = cfg.kept_layers(TINY["num_hidden_layers"]), cfg.coda_lora_alpha / cfg.coda_lora_rank
+    with torch.no_grad():
+        for part, offset in (("prelude", 0), ("coda", cfg.n_prelude + 1)):
+            for i, layer in enumerate(getattr(model, part)):
+                for name, module in layer.named_modules():
+                    if hasattr(module, "lora_A") and "default" in module.lora_A:
+                        delta = module.lora_B["default"].weight @ module.lora_A["default"].weight
+                        base.model.layers[kept[offset + i]].get_submodule(name).weight.add_(scale * delta)
+    merged = OuroborosModel.from_base(base, OuroborosConfig(**TINY_SPLIT)).eval()
+    merged.recurrent.load_state_dict(model.recurrent.state_dict())
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, depth=3).logits, merged(ids, depth=3).logits, atol=1e-5, rtol=1e-5)
+    model(ids, labels=ids, depth=3).loss.backward()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in lora)
+    assert all(p.grad is None for n, p in model.named_parameters() if n.endswith(("qkv_proj.base_layer.weight",
+                                                                                   "gate_up_proj.base_layer.weight")))
+
+
+def tiny_config(cls, **extra):
+    cfg = cls(**{**TINY, "pad_token_id": 0, "eos_token_id": 96, **extra})
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def test_bases_that_cannot_work_are_refused_in_one_line_naming_why():
+    from transformers import HeliumConfig, MixtralConfig, Qwen2MoeConfig
+
+    split = OuroborosConfig(**TINY_SPLIT)
+    for cls in (MixtralConfig, Qwen2MoeConfig):
+        with pytest.raises(ValueError, match=r"^unsupported architecture \w+ \(model_type='\w+'\): its MLPs are "
+                                             r"mixtures of experts.*Ouroboros supports these decoders: llama, .*, phi3, smollm3\.$"):
+            OuroborosModel.from_base(tiny_config(cls, num_local_experts=2, num_experts=2), split)
+    from transformers import Gemma3Config
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    multimodal = AutoModelForCausalLM.from_config(Gemma3Config(text_config={**TINY, "head_dim": 16}, vision_config=vision,
+                                                               mm_tokens_per_image=4))
+    with pytest.raises(ValueError, match=r"Gemma3ForConditionalGeneration \(model_type='gemma3'\): a multimodal wrapper"):
+        OuroborosModel.from_base(multimodal, split)
+    with pytest.raises(ValueError, match=r"model_type='gemma3_text'\): its attention is bidirectional"):
+        OuroborosModel.from_base(tiny_config(Gemma3TextConfig, head_dim=16, use_bidirectional_attention=True), split)
+    # a layer class other than the one the entry runs (it would fall to the Llama layer unseen)
+    base = family_base("phi3")
+    base.model.layers = torch.nn.ModuleList(tiny_config(Gemma3TextConfig, head_dim=16).model.layers)
+    with pytest.raises(ValueError, match=r"model_type='phi3'\): its layers are Gemma3DecoderLayer, not the Phi3DecoderLayer"):
+        OuroborosModel.from_base(base, split)
+    # every part present, but no table entry: the general path is not assumed to fit
+    with pytest.raises(ValueError, match=r"model_type='helium'\): model_type 'helium' has no entry in families.FAMILIES"):
+        OuroborosModel.from_base(tiny_config(HeliumConfig), split)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_export_folder_loads_and_equals_our_forward(arch, tmp_path):
+    """`ouroboros export`'s folder (adapter + base folder -> Hugging Face model folder) loads with
+    trust_remote_code and gives our forward's logits and greedy generation."""
+    from conftest import tiny_tokenizer
+    from ouroboros_lm.export import export_hf
+
+    folder = tmp_path / "base"
+    family_base(arch).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    model = OuroborosModel.from_base(family_base(arch), OuroborosConfig(**TINY_SPLIT), base_name=str(folder)).eval()
+    randomize_trainables(model, scale=0.3)
+    out = export_hf(save_adapter(model, tmp_path / "adapter"), tmp_path / "hf", depth=3)
+    back = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = tokens()
+    with torch.no_grad():  # the reloaded base picks SDPA where the test model used eager attention
+        torch.testing.assert_close(back(ids).logits, model(ids, depth=3).logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(back.generate(ids[:1, :8], max_new_tokens=12, do_sample=False),
+                       model.generate(ids[:1, :8], max_new_tokens=12, depth=3))
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_recurrent_lora_equals_recursion_on_merged_weights(arch):
+    """Plain LoRA on the recurrent layer (recurrent_lora; on Phi-3 it wraps the fused modules, and each
+    slice's low-rank path adds its rows of the LoRA update) is the recursion on a layer with B A merged in."""
+    from test_heal import merge_lora_layer
+
+    model = family_model(arch, recurrent_lora=True, coda_lora_rank=2)
+    plain = family_model(arch, coda_lora_rank=2)
+    randomize_trainables(model, seed=5, scale=0.2)
+    plain.load_state_dict(model.state_dict(), strict=False)  # everything but the recurrent LoRA
+    model.double(), plain.double()
+    merge_lora_layer(model.recurrent.layer, plain.recurrent.layer)
+    ids = tokens()
+    with torch.no_grad():
+        for depth in (1, 3):
+            torch.testing.assert_close(model(ids, depth=depth).logits, plain(ids, depth=depth).logits,
+                                       atol=1e-10, rtol=1e-10)
+        assert (model(ids, depth=3).logits - family_model(arch, coda_lora_rank=2).double()(ids, depth=3).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_heal_model_equals_hugging_face_on_its_kept_layers_with_merged_lora(arch):
+    from test_heal import merge_lora
+
+    model = family_model(arch, heal_layers=2, coda_lora_rank=2)  # LoRA B randomised too
+    ref = hf_truncated(family_base(arch), model.config.kept_layers(TINY["num_hidden_layers"]))
+    merge_lora(model, ref.model.layers)
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_cached_decoding_equals_recomputing_under_per_token_exit_decisions(arch):
+    """Adaptive depth through HF's own layers: stopped positions lend their last keys and values to the
+    later steps (past the sliding window of 8 here), cached or recomputed alike."""
+    model = family_model(arch)
+    ids = tokens(batch=2, n=14)
+    decided = torch.randint(1, 6, ids.shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids, depth=5, exit_steps=decided)
+        cache = model.new_cache(5)
+        parts = [model(ids[:, :6], depth=5, cache=cache, exit_steps=decided[:, :6])]
+        parts += [model(ids[:, t:t + 1], depth=5, cache=cache, exit_steps=decided[:, t:t + 1]) for t in range(6, 14)]
+    torch.testing.assert_close(torch.cat([p.logits for p in parts], 1), full.logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full.logits, model(ids, depth=5).logits)  # the decisions matter

@@ -3,8 +3,9 @@ tail, and the recurrent layer itself, one set shared by every step), and unfroze
 A heal model (`heal_layers`) puts plain LoRA on every layer it keeps.
 
 The recurrent block's low-rank paths are our own (SVD bases, modulated per step); the outer
-layers get ordinary LoRA from the PEFT library, injected into their seven projections
-(`peft.inject_adapter_in_model`). Our layer forward calls each projection module, so PEFT's
+layers get ordinary LoRA from the PEFT library, injected into their projection modules
+(`peft.inject_adapter_in_model`; Phi-3's fused qkv_proj and gate_up_proj as they are). Our layer
+forward calls each projection module, so PEFT's
 wrapped `nn.Linear` adds its `(alpha/r) B A x` wherever the layer runs: training, cached
 decoding, the Hugging Face wrapper, the other families' own forwards. PEFT initialises B to
 zero, so a fresh adapter is exactly the model without LoRA. The LoRA weights are kept in
@@ -20,14 +21,14 @@ import contextlib
 import torch
 from torch import nn
 
-from .layers import PROJECTIONS, get_projection
+from .projections import MODULE_NAMES, projection_linears
 
-LORA_MODULES = tuple(path.rsplit(".", 1)[-1] for path in PROJECTIONS.values())  # q_proj, ..., down_proj
+LORA_MODULES = MODULE_NAMES  # q_proj, ..., down_proj, and Phi-3's fused qkv_proj, gate_up_proj
 
 
 def lora_target_pattern(layers: dict[str, list[int]], recurrent: bool = False) -> str | None:
     """A regular expression (PEFT's `target_modules`, matched against full module names) naming the
-    seven projections of the given prelude / coda layers (and of the recurrent layer); None when
+    projection modules of the given prelude / coda layers (and of the recurrent layer); None when
     there are none."""
     alts = [f"{part}\\.({'|'.join(map(str, idx))})" for part, idx in layers.items() if idx]
     alts += ["recurrent\\.layer"] if recurrent else []
@@ -142,7 +143,7 @@ def adaptation_parameter_count(config, layer: nn.Module, hidden_size: int) -> in
     n = 0
     if config.coda_lora_rank:
         per_layer = sum(config.coda_lora_rank * (lin.in_features + lin.out_features)
-                        for lin in (get_projection(layer, t) for t in PROJECTIONS))
+                        for lin in projection_linears(layer))
         n += per_layer * (sum(len(v) for v in config.lora_layers().values()) + config.lora_on_recurrent_layer)
     if config.coda_norms:
         n += (len(layer_norms(layer)) * config.n_coda + 1) * hidden_size

@@ -90,6 +90,8 @@ def save_adapter(model: OuroborosModel, directory: str | os.PathLike) -> Path:
         "base_architecture": architecture(model.base_config),
         "base_architecture_hash": architecture_hash(model.base_config),
         "kept_weights_fingerprints": model.base_fingerprints,
+        "recurrent_layer": {"index": model.config.recurrent_layer, "kind": model.recurrent.kind,  # informational
+                            "window": model.recurrent.window},
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
         "trainable_parameters": model.trainable_parameter_breakdown(),
     }

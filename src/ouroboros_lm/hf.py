@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import OuroborosCache
+from .families import reset_rotary_tables
 from .adaptation import adapted_parameters
 from .hf_config import OuroborosHFConfig, register_config
 from .model import OuroborosModel
@@ -157,7 +158,8 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
         # loaded; only non-persistent buffers (rotary tables, Gemma's embedding scale) need
         # transformers' initialisation.
         if "RotaryEmbedding" in type(module).__name__:
-            super()._init_weights(module)
+            if not reset_rotary_tables(module):  # Gemma 3's table per layer kind, else transformers' own
+                super()._init_weights(module)
         elif hasattr(module, "scalar_embed_scale") and isinstance(getattr(module, "embed_scale", None), torch.Tensor):
             from transformers import initialization
 

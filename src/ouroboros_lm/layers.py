@@ -14,32 +14,15 @@ module's weights and compute the layer here, so that
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families import generic_decoder_layer, is_generic
-
-# Names of the seven projections, in the order the low-rank paths use them.
-PROJECTIONS = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
-
-
-def get_projection(layer: nn.Module, target: str) -> nn.Linear:
-    mod = layer
-    for part in PROJECTIONS[target].split("."):
-        mod = getattr(mod, part)
-    return mod
+from .families import generic_decoder_layer, is_generic, rotary_tables
+from .projections import PROJECTIONS, get_projection, projection_modules  # noqa: F401 (the seven-projection view)
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +103,9 @@ class AttentionContext:
 
     `mask` is None for the plain causal case (no padding, no cache), which lets SDPA use
     its fused causal kernel; otherwise a boolean [B, 1, T, S] mask (True = may attend).
-    `window_masks` caches the sliding-window variant per window size.
+    `window_masks` caches the sliding-window variant per window size. `tables` holds the rotary
+    tables by layer kind where a family has several (Gemma 3: local and global); cos, sin are the
+    Llama layer's (the only table elsewhere).
     """
 
     cos: torch.Tensor
@@ -130,6 +115,7 @@ class AttentionContext:
     query_positions: torch.Tensor  # [T] absolute index of each query among the S keys
     num_keys: int  # S: cached keys + new ones
     window_masks: dict
+    tables: dict = field(default_factory=dict)
 
     def mask_for(self, window: int | None) -> torch.Tensor | None:
         if window is None:
@@ -157,7 +143,8 @@ def build_context(
     """Rotary tables for `position_ids` and the attention mask for T new queries after
     `past_length` cached keys. `key_padding` ([B, past+T], True = real token) may be None."""
     T = hidden.shape[1]
-    cos, sin = rotary_emb(hidden, position_ids)
+    tables = rotary_tables(rotary_emb, hidden, position_ids)
+    cos, sin = tables.get(None, next(iter(tables.values())))
     S = past_length + T
     qpos = torch.arange(past_length, S, device=hidden.device)
     if key_padding is None and (past_length == 0 or T == 1):
@@ -171,7 +158,7 @@ def build_context(
             # stays finite. Its output is never used.
             m = m | (kpos[None, :] == qpos[:, None])[None, None]
         mask = m
-    return AttentionContext(cos, sin, mask, key_padding, qpos, S, {})
+    return AttentionContext(cos, sin, mask, key_padding, qpos, S, {}, tables)
 
 
 def layer_window(layer: nn.Module, base_config) -> int | None:
@@ -179,7 +166,7 @@ def layer_window(layer: nn.Module, base_config) -> int | None:
     attn = layer.self_attn
     if hasattr(attn, "sliding_window"):
         return attn.sliding_window
-    if getattr(base_config, "model_type", None) == "mistral":
+    if getattr(base_config, "model_type", None) in ("mistral", "phi3"):  # one window for every layer
         return getattr(base_config, "sliding_window", None)
     return None
 
@@ -241,11 +228,11 @@ def decoder_layer(
         low-rank modulation); by default the layer's own nn.Linear.
     norm_weights: optional (input_norm, post_attention_norm) weights replacing the layer's own.
     kv: optional cache slot; new keys/values are appended and attention covers all of them.
-    Gemma 2, OLMo 2 and Granite layers run Hugging Face's own forward (`families.py`).
+    Other families' layers (Gemma 2/3, OLMo 2, Granite, Phi-3) run Hugging Face's own forward (`families.py`).
     """
     if is_generic(layer):
         return generic_decoder_layer(layer, h, ctx, window=window, project=project, norm_weights=norm_weights, kv=kv,
-                                     paths=PROJECTIONS)
+                                     modules=projection_modules(layer) if project is not None else None)
     attn, mlp = layer.self_attn, layer.mlp
     eps_in = layer.input_layernorm.variance_epsilon
     eps_post = layer.post_attention_layernorm.variance_epsilon

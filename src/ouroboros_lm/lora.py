@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import TARGETS
 from .layers import get_projection
+from .projections import ProjectionSlice
 
 # Targets that read the same input, in TARGETS order.
 GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
@@ -150,7 +151,11 @@ class ModulatedProjections:
 
 def plain_lora_delta(wrapped: nn.Module, x: torch.Tensor) -> torch.Tensor | float:
     """What a PEFT LoRA layer adds to its frozen projection: sum over its active adapters of
-    scaling * B A x (0 when its adapters are switched off), as PEFT's own forward computes it."""
+    scaling * B A x (0 when its adapters are switched off), as PEFT's own forward computes it. For a
+    slice of a fused module (Phi-3, `projections.ProjectionSlice`): its rows of the fused module's update."""
+    if isinstance(wrapped, ProjectionSlice):
+        delta = plain_lora_delta(wrapped.linear, x)
+        return delta if isinstance(delta, float) else wrapped.rows(delta)
     if wrapped.disable_adapters or wrapped.merged:
         return 0.0
     out = 0.0

@@ -11,6 +11,8 @@ import os
 import torch
 from torch import nn
 
+from .projections import get_projection
+
 MEMORY_FRACTION = 0.5
 
 
@@ -22,8 +24,9 @@ def step_activation_bytes(h: torch.Tensor, layer: nn.Module, controller_per_toke
     dev = h.device.type
     amp = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
     elem = torch.finfo(torch.get_autocast_dtype(dev)).bits // 8 if amp else h.element_size()
-    attn, mlp, H = layer.self_attn, layer.mlp, h.shape[-1]
-    per_token = 2 * mlp.gate_proj.out_features + 7 * H + 2 * attn.k_proj.out_features + controller_per_token
+    H = h.shape[-1]
+    per_token = 2 * get_projection(layer, "gate").out_features + 7 * H + 2 * get_projection(layer, "k").out_features \
+        + controller_per_token
     return h[..., 0].numel() * per_token * elem
 
 

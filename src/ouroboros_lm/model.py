@@ -15,9 +15,9 @@ from .adaptation import adapt_outer_layers, adaptation_disabled, adaptation_para
 from .cache import OuroborosCache
 from .config import OuroborosConfig
 from .exits import ExitRule, TokenExits
-from .families import GENERIC_MODEL_TYPES, final_logits, scale_embeddings
+from .families import OWN_HEAD_TYPES, final_logits, scale_embeddings
 from .generate import generate as generate_tokens
-from .layers import AttentionContext, KVSlot, build_context, decoder_layer, layer_window, rms_norm
+from .layers import AttentionContext, KVSlot, build_context, decoder_layer, get_projection, layer_window, rms_norm
 from .loss import (OuroborosOutput, Teacher, causal_lm_loss, default_chunk, distill_loss, head_loss, lazy_logits,
                    token_losses)
 from .memory import check_trainable_size
@@ -62,7 +62,7 @@ class OuroborosModel(nn.Module):
                         "coda": [layer_window(l, base.config) for l in coda]}
         for p in self.parameters():
             p.requires_grad_(False)
-        w = recurrent.self_attn.q_proj.weight
+        w = get_projection(recurrent, "q").weight
         # The trainable parts are initialised from config.init_seed on the CPU, whatever the device, so
         # the same config gives the same initial model everywhere (and the global RNG is untouched).
         with torch.random.fork_rng(devices=[]), torch.device("meta" if w.is_meta else "cpu"):
@@ -185,11 +185,12 @@ class OuroborosModel(nn.Module):
         return final_logits(self.lm_head(normed), self.base_config)
 
     def head(self, h: torch.Tensor, labels: torch.Tensor | None = None, teacher: Teacher | None = None) -> OuroborosOutput:
-        """Final norm and LM head. Llama-family heads: the loss from chunks of the vocabulary (never the
-        whole float32 logits, `loss.head_loss`), the logits computed only when read (`loss.lazy_logits`).
-        Families that scale or soft-cap their logits (Granite, Gemma 2): their own norm and the plain loss.
+        """Final norm and LM head. Llama heads (Phi-3 and SmolLM3 too): the loss from chunks of the vocabulary
+        (never the whole float32 logits, `loss.head_loss`), the logits computed only when read (`loss.lazy_logits`).
+        Families with another norm or scaled / soft-capped logits (Gemma 2/3, OLMo 2, Granite): their own norm
+        and the plain loss.
         With a `teacher`, the loss also has its KL term (`loss.distill_loss`, chunked too)."""
-        if self.base_config.model_type in GENERIC_MODEL_TYPES:
+        if self.base_config.model_type in OWN_HEAD_TYPES:
             h = self.norm(h)
             logits = self.logits_of(h)
             out = OuroborosOutput(causal_lm_loss(logits, labels) if labels is not None else None, logits)
@@ -271,5 +272,6 @@ class OuroborosModel(nn.Module):
                     f"lora_rank={c.coda_lora_rank}")
         return (
             f"base={self.base_name!r}, prelude={c.n_prelude}, recurrent_layer={c.recurrent_layer}, "
-            f"coda={c.n_coda}, variant={c.variant}, rank={c.rank}, gate={c.gate}, pooling={c.pooling}"
+            f"coda={c.n_coda}, variant={c.variant}, rank={c.rank}, gate={c.gate}, pooling={c.pooling}, "
+            f"recurrent_kind={self.recurrent.kind}"
         )

@@ -127,6 +127,12 @@ class RecurrentBlock(nn.Module):
         self.checkpointing = "auto"
         self.backprop_steps = 0  # while training: gradients through only the last k steps (0 = all)
 
+    @property
+    def kind(self) -> str:
+        """'sliding_attention' (a local layer: it attends to the last `window` keys) or 'full_attention'
+        (a global one), the layer_types names of Gemma 2/3, whose recurrent layer may be either."""
+        return "sliding_attention" if self.window is not None else "full_attention"
+
     def set_checkpointing(self, mode: str) -> None:
         if mode not in CHECKPOINTING:
             raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}; got {mode!r}")

@@ -1,4 +1,4 @@
-"""Surgery on a pretrained Llama-family decoder: keep prelude, recurrent layer and coda,
+"""Surgery on a pretrained decoder (the families of `families.FAMILIES`): keep prelude, recurrent layer and coda,
 factor the removed layers into SVD bases, drop the rest; fingerprints of what is kept (so an
 adapter can tell whether a base model is the one it was made from)."""
 from __future__ import annotations
@@ -9,43 +9,57 @@ import torch
 from torch import nn
 
 from .config import TARGETS, OuroborosConfig
-from .families import GENERIC_MODEL_TYPES, step_norm_names
-from .layers import PROJECTIONS, get_projection
+from .families import FAMILIES, Family, refusal, submodule
+from .projections import get_projection
 from .lora import SVDLoRABases
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral") + GENERIC_MODEL_TYPES
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
-def check_architecture(base: nn.Module) -> None:
-    """Raise ValueError naming the architecture and what it lacks, unless it is a supported
-    Llama-family causal LM (model.embed_tokens, model.layers[*] with the seven projections and
-    two RMSNorms, model.norm, model.rotary_emb, lm_head)."""
-    name = type(base).__name__
-    model_type = getattr(getattr(base, "config", None), "model_type", None)
-    missing = []
+def missing_parts(base: nn.Module, family: Family) -> list[str]:
+    """What `base` lacks of a decoder Ouroboros can convert: model.embed_tokens, model.layers[*] with
+    the family's projection modules and step norms (the Llama layer: and mlp.act_fn), model.norm,
+    model.rotary_emb, lm_head."""
     inner = getattr(base, "model", None)
-    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
-        if inner is None or not hasattr(inner, attr):
-            missing.append(f"model.{attr}")
+    missing = [f"model.{a}" for a in ("embed_tokens", "layers", "norm", "rotary_emb") if inner is None or not hasattr(inner, a)]
     if not hasattr(base, "lm_head"):
         missing.append("lm_head")
     layers = getattr(inner, "layers", None) if inner is not None else None
     if layers is not None and len(layers) > 0:
-        layer = layers[0]
-        for path in list(PROJECTIONS.values()) + list(step_norm_names(layer)) + ["mlp.act_fn"]:
-            mod = layer
-            for part in path.split("."):
-                mod = getattr(mod, part, None)
-                if mod is None:
-                    break
-            if mod is None:
-                missing.append(f"model.layers[i].{path}")
-    if model_type not in SUPPORTED_MODEL_TYPES or missing:
-        why = f"missing {', '.join(missing)}" if missing else f"model_type {model_type!r} is not a known Llama-family type"
-        raise ValueError(
-            f"unsupported architecture {name} (model_type={model_type!r}): {why}. "
-            f"Ouroboros supports these decoders: {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
+        extra = [] if family.own_forward else ["mlp.act_fn"]
+        missing += [f"model.layers[i].{p}" for p in list(family.projections) + list(family.step_norms) + extra
+                    if submodule(layers[0], p) is None]
+    return missing
+
+
+def unsupported_reason(base: nn.Module) -> str | None:
+    """Why `base` cannot be converted (ruled out whatever its parts, a layer class its table entry does
+    not run, parts missing, no `families.FAMILIES` entry), or None."""
+    config = getattr(base, "config", None)
+    model_type = getattr(config, "model_type", None)
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    layer = layers[0] if isinstance(layers, nn.ModuleList) and len(layers) > 0 else None
+    family = FAMILIES.get(model_type)
+    if (why := refusal(config, layer)) is not None:
+        return why
+    if family is not None and family.own_forward and layer is not None and type(layer).__name__ != family.layer:
+        return f"its layers are {type(layer).__name__}, not the {family.layer} its families.FAMILIES entry runs"
+    if missing := missing_parts(base, family or FAMILIES["llama"]):
+        return f"missing {', '.join(missing)}"
+    if family is None:
+        return (f"model_type {model_type!r} has no entry in families.FAMILIES (a decoder whose layers transformers "
+                "runs needs one, and tests)")
+    return None
+
+
+def check_architecture(base: nn.Module) -> None:
+    """Raise ValueError naming the architecture and why it cannot be converted, in one line, unless
+    it is a supported decoder."""
+    why = unsupported_reason(base)
+    if why is not None:
+        model_type = getattr(getattr(base, "config", None), "model_type", None)
+        raise ValueError(f"unsupported architecture {type(base).__name__} (model_type={model_type!r}): {why}. "
+                         f"Ouroboros supports these decoders: {', '.join(SUPPORTED_MODEL_TYPES)}.")
 
 
 def split_layers(base: nn.Module, config: OuroborosConfig, compute_bases: bool = True):
