@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import copy_into, read_adapter, save_adapter
+from .atomic import ensure_dir
 from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, read_state, remove_partial_checkpoints,
                           save_checkpoint, truncate_metrics)
 from .config import MAX_STEPS
@@ -172,7 +173,7 @@ def release_accelerator_state(mixed_precision: str) -> None:
 def run_lock(run_dir: Path):
     """An exclusive lock on a run folder for the whole run. The kernel releases it when the
     process exits, however it exits, so a dead run never leaves a stale lock behind."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)
     fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         try:
@@ -298,6 +299,7 @@ class Trainer:
                   "data/seq_len": self.corpus.seq_len, "base_model": self.model.base_name}
         config = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
         init_kwargs = {"tensorboard": {"purge_step": self.start + 1}} if self.resuming else {}
+        ensure_dir(self.run_dir / TRACKING_DIR / "ouroboros-lm", under=self.run_dir)  # never a planted link
         self.accelerator.init_trackers("ouroboros-lm", config=config, init_kwargs=init_kwargs)
 
     def track(self, rec: dict) -> None:
