@@ -13,6 +13,7 @@ A write that fails (a full disk) raises OSError naming the file, after removing 
 """
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
@@ -150,8 +151,8 @@ def clean_temporaries(folder: str | os.PathLike, name: str | None = None) -> lis
 
 
 def temp_dir(final: Path) -> Path:
-    """A fresh temporary folder beside `final` (its parent created, never through a link)."""
-    ensure_dir(final.parent)
+    """A fresh temporary folder beside `final` (its parent created: the caller vouches for that one)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final)
     if tmp.exists() or tmp.is_symlink():
         remove_tree(tmp, None, force=True)
@@ -177,10 +178,11 @@ def write_marker(folder: Path, kind: str) -> None:
     write_json(folder / MARKER, {"kind": kind, "files": sorted(files_in(folder) - {MARKER})})
 
 
-def check_removable(folder: Path, kind: str, expected: set[str] | None = None) -> None:
+def check_removable(folder: Path, kind: str, expected: set[str] | None = None, patterns: tuple[str, ...] = ()) -> None:
     """Raise ValueError unless deleting `folder` loses only what we wrote there: not a link, not the
     working folder or an ancestor of it, and holding only `expected` files (default: those its
-    MARKER of `kind` lists)."""
+    MARKER of `kind` lists, and those matching `patterns`, for a folder whose files are not known in
+    advance, such as a demo's)."""
     if folder.is_symlink():
         raise ValueError(f"{folder} is a symbolic link; refusing to replace it (nothing was changed)")
     here = Path.cwd().resolve()
@@ -198,13 +200,14 @@ def check_removable(folder: Path, kind: str, expected: set[str] | None = None) -
             raise ValueError(f"{folder} was not written by `ouroboros {kind}` (no {MARKER} of ours); "
                              "refusing to delete it: choose another folder (nothing was changed)")
         expected = {str(f) for f in meta["files"]} | {MARKER}
-    foreign = sorted(files_in(folder) - expected)
+    foreign = sorted(f for f in files_in(folder) - expected if not any(fnmatch.fnmatchcase(f, p) for p in patterns))
     if foreign:
         raise ValueError(f"{folder} holds files we did not write ({', '.join(foreign[:3])}"
                          f"{' ...' if len(foreign) > 3 else ''}); refusing to delete it (nothing was changed)")
 
 
-def remove_tree(folder: Path, kind: str | None, expected: set[str] | None = None, force: bool = False) -> None:
+def remove_tree(folder: Path, kind: str | None, expected: set[str] | None = None, force: bool = False,
+                patterns: tuple[str, ...] = ()) -> None:
     """Delete a folder of ours (see `check_removable`; `force` only for our own temporaries)."""
     if folder.is_symlink():
         if not force:
@@ -212,7 +215,7 @@ def remove_tree(folder: Path, kind: str | None, expected: set[str] | None = None
         folder.unlink()
         return
     if not force:
-        check_removable(folder, kind, expected)
+        check_removable(folder, kind, expected, patterns)
     shutil.rmtree(folder)
 
 
