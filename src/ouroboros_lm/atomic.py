@@ -178,6 +178,12 @@ def write_marker(folder: Path, kind: str) -> None:
     write_json(folder / MARKER, {"kind": kind, "files": sorted(files_in(folder) - {MARKER})})
 
 
+def refuse_working_folder(folder: Path) -> None:
+    here = Path.cwd().resolve()
+    if folder.resolve() == here or folder.resolve() in here.parents:
+        raise ValueError(f"{folder} is the working folder or one of its parents; refusing to replace it")
+
+
 def check_removable(folder: Path, kind: str, expected: set[str] | None = None, patterns: tuple[str, ...] = ()) -> None:
     """Raise ValueError unless deleting `folder` loses only what we wrote there: not a link, not the
     working folder or an ancestor of it, and holding only `expected` files (default: those its
@@ -185,9 +191,7 @@ def check_removable(folder: Path, kind: str, expected: set[str] | None = None, p
     advance, such as a demo's)."""
     if folder.is_symlink():
         raise ValueError(f"{folder} is a symbolic link; refusing to replace it (nothing was changed)")
-    here = Path.cwd().resolve()
-    if folder.resolve() == here or folder.resolve() in here.parents:
-        raise ValueError(f"{folder} is the working folder or one of its parents; refusing to replace it")
+    refuse_working_folder(folder)
     if expected is None:
         marker = folder / MARKER
         meta = None

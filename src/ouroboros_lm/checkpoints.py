@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .adapter import save_adapter
-from .atomic import (clean_temporaries, ensure_dir, read_json, remove_tree, replace_dir, temp_dir, temp_path, write_text,
-                     write_with)
+from .atomic import (clean_temporaries, ensure_dir, read_json, refuse_link, remove_tree, replace_dir, temp_dir,
+                     temp_path, write_text, write_with)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -35,6 +35,12 @@ def fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if spec == f"enospc:{name}:{step}":
         raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def refuse_planted_links(run_dir: Path, *names: str) -> None:
+    """Before a run starts: none of the paths it writes below the run folder may be a symbolic link."""
+    for name in (CHECKPOINTS, METRICS, ".lock", *names):
+        refuse_link(Path(run_dir) / name)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -393,7 +393,8 @@ def cmd_harness(args) -> None:
     from .harness import check_harness, run_harness
 
     tasks = tuple(t for t in args.tasks.split(",") if t)
-    check_harness(args.model, args.data, tasks, depth=args.depth, baseline=args.baseline)  # before loading anything
+    check_harness(args.model, args.data, tasks, depth=args.depth, baseline=args.baseline,
+                  trust_remote_code=args.trust_remote_code)  # before loading anything
     out = run_harness(args.model, args.data, tasks, depth=args.depth, baseline=args.baseline,
                       batch_size=args.batch_size, limit=args.limit, trust_remote_code=args.trust_remote_code)
     print(make_table(out))

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .atomic import (check_removable, clean_temporaries, remove_tree, replace_dir, temp_dir, temp_path, write_bytes,
+from .atomic import (check_removable, clean_temporaries, refuse_working_folder, remove_tree, replace_dir, temp_dir, temp_path, write_bytes,
                      write_marker, write_text)
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter
 from .config import OuroborosConfig
@@ -60,6 +60,7 @@ def check_out(out: Path, adapter: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out} is a symbolic link; refusing to write through it (nothing was changed)")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder (nothing was changed)")
+    refuse_working_folder(out)
     if out.resolve() == Path(adapter).resolve() or out.resolve() in Path(adapter).resolve().parents:
         raise ValueError(f"--out {out} is (or holds) the adapter folder {adapter}; export into a new folder")
     if out.exists() and any(out.iterdir()):

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from .adapter import copy_into, read_adapter, save_adapter
 from .atomic import ensure_dir
-from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, read_state, remove_partial_checkpoints,
-                          save_checkpoint, truncate_metrics)
+from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, read_state, refuse_planted_links,
+                          remove_partial_checkpoints, save_checkpoint, truncate_metrics)
 from .config import MAX_STEPS
 from .data import BlockSampler, Corpus
 from .evaluate import mean_loss
@@ -219,6 +219,7 @@ class Trainer:
         tc, cfg = self.tc, self.model.config
         for d in tc.depths:
             cfg.check_depth(d, "depths")
+        refuse_planted_links(self.run_dir, TRACKING_DIR)
         existing = list_checkpoints(self.run_dir)
         if self.resuming and not existing:
             raise ValueError(f"--resume: {self.run_dir / CHECKPOINTS} holds no complete checkpoint to resume from")

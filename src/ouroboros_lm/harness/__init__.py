@@ -105,7 +105,7 @@ def load_next_sentence(data=None, passage_words: int = 200, max_items: int = 200
 
 
 def check_harness(model: str | os.PathLike, data=None, tasks=TASKS, depth: int | None = None,
-                  baseline: bool = False) -> None:
+                  baseline: bool = False, trust_remote_code: bool = False) -> None:
     """Everything `run_harness` can refuse before loading anything, as one ValueError: the model folder
     (a path lm-evaluation-harness can take, a Hugging Face folder; --depth / --baseline only on an
     exported Ouroboros model, the depth within its max_steps), the task names, and text to build them from."""
@@ -118,7 +118,14 @@ def check_harness(model: str | os.PathLike, data=None, tasks=TASKS, depth: int |
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model} is not a Hugging Face model folder (run `ouroboros export` first)")
     config = read_json(path / "config.json", "model config")
-    kind = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / 'config.json'}: expected a JSON object")
+    kind = config.get("model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if isinstance(config.get("auto_map"), dict) and kind not in CONFIG_MAPPING and not trust_remote_code:
+        raise ValueError(f"{model} ships its own Python code for model type {kind!r} (auto_map in config.json); "
+                         "loading it runs that code: pass --trust-remote-code only if you trust the folder")
     if kind != "ouroboros" and (depth is not None or baseline):
         raise ValueError(f"--depth and --baseline need a folder from `ouroboros export`; {model} holds a "
                          f"{kind!r} model (the full model's row takes neither)")
@@ -149,7 +156,7 @@ def run_harness(model: str | os.PathLike, data=None, tasks=TASKS, depth: int | N
     import torch
     from lm_eval.tasks import TaskManager
 
-    check_harness(model, data, tasks, depth, baseline)
+    check_harness(model, data, tasks, depth, baseline, trust_remote_code)
     args = f"pretrained={model},trust_remote_code={bool(trust_remote_code)},dtype=float32"
     args += f",depth={depth}" if depth is not None else ""
     args += ",baseline=True" if baseline else ""
