@@ -241,3 +241,17 @@ def test_a_sweep_whose_training_data_changed_is_refused_and_new_eval_blocks_resc
     want = json.loads((fresh / "runs" / name / "result.json").read_text())
     for split in ("train", "heldout"):
         assert after["losses"][split] == pytest.approx(want["losses"][split], abs=1e-6)
+
+
+def test_results_written_before_keys_are_rescored_only_where_their_reference_differs():
+    from ouroboros_lm.experiments.reference import stale_splits
+
+    reference = {"train": {"full": 2.0, "baseline": 3.0}, "heldout": {"full": 2.5, "baseline": 3.5},
+                 "shakespeare": {"full": 4.0, "baseline": 5.0}}
+    keys = {"train": "k1", "heldout": "k2", "shakespeare": "k3"}
+    legacy = {"losses": {"train": {}, "heldout": {}},
+              "reference": {"train": {"full": 2.0, "baseline": 3.0}, "heldout": {"full": 2.7, "baseline": 3.5}}}
+    assert stale_splits(legacy, keys, reference) == ["heldout", "shakespeare"]  # other blocks; never scored
+    keyed = {**legacy, "reference_keys": {"train": "k1", "heldout": "old"}}
+    assert stale_splits(keyed, keys, reference) == ["heldout", "shakespeare"]
+    assert stale_splits({**keyed, "reference_keys": keys, "losses": dict.fromkeys(keys, {})}, keys, reference) == []

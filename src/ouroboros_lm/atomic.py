@@ -85,7 +85,7 @@ def write_bytes(path: str | os.PathLike, data: bytes, under: str | os.PathLike |
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"writing {path} failed ({e.strerror or e}); nothing was written there") from None
+        raise OSError(e.errno, f"writing {path}: {e.strerror or e}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

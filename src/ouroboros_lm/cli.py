@@ -379,7 +379,8 @@ def cmd_export(args) -> None:
     from .export import export_hf
 
     out = export_hf(args.adapter, args.out, depth=args.depth, baseline=args.baseline, overwrite=args.overwrite)
-    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) after `import ouroboros_lm` "
+          "(elsewhere: trust_remote_code=True, which runs the folder's modeling_ouroboros.py)")
 
 
 def cmd_harness(args) -> None:

@@ -176,7 +176,8 @@ class SweepSpec:
             raise ValueError(f"the grid, runs and seeds make {count:,} runs; a sweep may have at most {MAX_RUNS:,}")
         self.data_settings()
         domains = self.data.get("domains", {})
-        if not isinstance(domains, dict) or not all(isinstance(v, list) and v for v in domains.values()):
+        if not isinstance(domains, dict) or not all(isinstance(v, list) and v and all(isinstance(x, str) for x in v)
+                                                    for v in domains.values()):
             raise ValueError("data.domains must map a domain name to a non-empty list of sources")
         clash = sorted(set(domains) & {"train", "heldout"})
         if clash:
