@@ -286,3 +286,25 @@ def test_sweep_and_report_replace_planted_file_links_and_refuse_folder_links(mad
         assert main(["sweep", str(spec), "--out", str(other)]) == 2
         one_line_error(capsys, f"{link.split('/')[-1]} is a symbolic link")
         assert untouched(vd)
+
+
+def test_a_demo_folder_is_replaced_only_if_it_holds_nothing_but_demo_output(tmp_path, monkeypatch):
+    from ouroboros_lm.atomic import write_marker
+    from ouroboros_lm.experiments.demo import DEMO_OUTPUTS
+
+    out = tmp_path / "demo"
+    (out / "checkpoints" / "step_000010").mkdir(parents=True)
+    for name in ("adapter_config.json", "metrics.jsonl", "depth_curve.png", "checkpoints/step_000010/optimizer.pt"):
+        (out / name).write_text("x")
+    with pytest.raises(ValueError, match="was not written by `ouroboros demo`"):  # no marker: not ours
+        check_removable(out, "demo", patterns=DEMO_OUTPUTS)
+    write_marker(out, "demo")
+    (out / "eval.md").write_text("written after the marker, by an interrupted demo")
+    check_removable(out, "demo", patterns=DEMO_OUTPUTS)
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files we did not write \(thesis.tex\)"):
+        check_removable(out, "demo", patterns=DEMO_OUTPUTS)
+    (out / "thesis.tex").unlink()
+    monkeypatch.chdir(out)
+    with pytest.raises(ValueError, match="working folder"):
+        check_removable(Path("."), "demo", patterns=DEMO_OUTPUTS)
