@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, ensure_dir
 from .adaptation import adapted_parameters
 from .config import OuroborosConfig
 from .loading import load_base_model
@@ -76,8 +76,7 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 def save_adapter(model: OuroborosModel, directory: str | os.PathLike) -> Path:
     """Write adapter_config.json + adapter_model.safetensors (trained weights and the frozen
     SVD bases) to `directory`, atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_dir(directory)
     from safetensors.torch import save
 
     version = OUTER_FORMAT_VERSION if model.config.adapts_outer_layers else FORMAT_VERSION

@@ -1,9 +1,28 @@
-"""Files written whole or not at all: a temporary file in the same folder, fsynced, renamed
-over the target, and the folder fsynced, so a crash leaves either the old file or the new one."""
+"""Every file and folder we write, by one rule:
+
+- never through a link: a folder we write into (and every folder between it and the folder the
+  user named) must not be a symbolic link; a file is written to a temporary name beside it
+  (opened with O_NOFOLLOW | O_EXCL), fsynced and renamed over the target, so a link planted at
+  the target is replaced, never written through, and a crash leaves the old file or the new one;
+- folders are built under a temporary name and renamed into place whole (`temp_dir`,
+  `replace_dir`); temporaries a dead process left behind are ours to remove (`clean_temporaries`);
+- we delete only folders we made: no link, nothing in them but the files we list (an exported
+  folder lists its own in `MARKER`), never the working folder or one of its ancestors.
+
+A write that fails (a full disk) raises OSError naming the file, after removing its temporary.
+"""
 from __future__ import annotations
 
+import fnmatch
+import io
+import json
 import os
+import re
+import shutil
 from pathlib import Path
+
+MARKER = ".ouroboros-lm.json"  # {"kind": ..., "files": [...]}: a folder we wrote, and every file in it
+TEMP = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")  # .<name>.tmp<pid>
 
 
 def fsync_dir(path: Path) -> None:
@@ -22,19 +41,202 @@ def fsync_file(f) -> None:
     os.fsync(f.fileno())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def refuse_link(path: Path) -> None:
+    if os.path.islink(path):
+        raise OSError(40, f"{path} is a symbolic link; refusing to write through it (nothing was written there)")
+
+
+def ensure_dir(path: str | os.PathLike, under: str | os.PathLike | None = None) -> Path:
+    """Create folder `path` (and its parents) and return it, refusing if it, or any folder between
+    `under` (default: `path` itself) and it, is a symbolic link or not a folder."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    top = Path(under) if under is not None else path
     try:
-        with open(tmp, "wb") as f:
+        rel = path.relative_to(top).parts
+    except ValueError:
+        raise ValueError(f"{path} is not inside {top}") from None
+    current = top
+    for part in ("",) + rel:
+        current = current / part if part else current
+        refuse_link(current)
+        if current.exists() and not current.is_dir():
+            raise OSError(20, f"{current} exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    refuse_link(path)  # created by someone else in between
+    return path
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, under: str | os.PathLike | None = None) -> Path:
+    """Write `data` to `path` whole or not at all (see the module's rule); `under`: the folder the
+    user named, below which no folder may be a link (default: the file's own folder)."""
+    path = Path(path)
+    ensure_dir(path.parent, under if under is not None else path.parent)
+    tmp = temp_path(path)
+    try:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             fsync_file(f)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"writing {path}: {e.strerror or e}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def write_text(path, text: str, under=None) -> Path:
+    return write_bytes(path, text.encode(), under)
+
+
+def write_json(path, obj, under=None) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n", under)
+
+
+def write_with(path, writer, under=None) -> Path:
+    """`writer(file)` writes into memory, then the bytes go to `path` as `write_bytes` does (for
+    torch.save, matplotlib's savefig, csv: their own errors on a full disk are not OSErrors)."""
+    buf = io.BytesIO()
+    writer(buf)
+    return write_bytes(path, buf.getvalue(), under)
+
+
+# kept for the modules that import the older names
+atomic_write_bytes = write_bytes
+atomic_write_text = write_text
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """JSON from `path`, or a ValueError naming the file (torn, not UTF-8, absurdly nested)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: this {what} is not valid JSON ({str(e)[:120]})") from None
+
+
+# ---------------------------------------------------------------------- folders
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporaries (`.<name>.tmp<pid>`, files or folders) a process that is no longer
+    running left in `folder` (only those of `name`, if given)."""
+    folder = Path(folder)
+    gone = []
+    for p in folder.iterdir() if folder.is_dir() and not folder.is_symlink() else []:
+        m = TEMP.match(p.name)
+        if m and (name is None or m["name"] in (name, name + ".old")) and (int(m["pid"]) == os.getpid() or not alive(int(m["pid"]))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+def temp_dir(final: Path) -> Path:
+    """A fresh temporary folder beside `final` (its parent created: the caller vouches for that one)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(final)
+    if tmp.exists() or tmp.is_symlink():
+        remove_tree(tmp, None, force=True)
+    tmp.mkdir()
+    return tmp
+
+
+def files_in(folder: Path) -> set[str]:
+    """Every entry below `folder` as a relative path; a link or anything but files and folders is refused."""
+    out = set()
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for n in dirs + files:
+            p = Path(root) / n
+            if p.is_symlink() or not (p.is_dir() or p.is_file()):
+                raise ValueError(f"{folder} holds {p}, which is not a plain file or folder: not ours to delete")
+            if p.is_file():
+                out.add(p.relative_to(folder).as_posix())
+    return out
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    """Record that `folder` is ours, of `kind`, with exactly the files it holds now."""
+    write_json(folder / MARKER, {"kind": kind, "files": sorted(files_in(folder) - {MARKER})})
+
+
+def refuse_working_folder(folder: Path) -> None:
+    here = Path.cwd().resolve()
+    if folder.resolve() == here or folder.resolve() in here.parents:
+        raise ValueError(f"{folder} is the working folder or one of its parents; refusing to replace it")
+
+
+def check_removable(folder: Path, kind: str, expected: set[str] | None = None, patterns: tuple[str, ...] = ()) -> None:
+    """Raise ValueError unless deleting `folder` loses only what we wrote there: not a link, not the
+    working folder or an ancestor of it, and holding only `expected` files (default: those its
+    MARKER of `kind` lists, and those matching `patterns`, for a folder whose files are not known in
+    advance, such as a demo's)."""
+    if folder.is_symlink():
+        raise ValueError(f"{folder} is a symbolic link; refusing to replace it (nothing was changed)")
+    refuse_working_folder(folder)
+    if expected is None:
+        marker = folder / MARKER
+        meta = None
+        if marker.is_file() and not marker.is_symlink():
+            try:
+                meta = json.loads(marker.read_text())
+            except (ValueError, RecursionError):
+                meta = None
+        if not isinstance(meta, dict) or meta.get("kind") != kind or not isinstance(meta.get("files"), list):
+            raise ValueError(f"{folder} was not written by `ouroboros {kind}` (no {MARKER} of ours); "
+                             "refusing to delete it: choose another folder (nothing was changed)")
+        expected = {str(f) for f in meta["files"]} | {MARKER}
+    foreign = sorted(f for f in files_in(folder) - expected if not any(fnmatch.fnmatchcase(f, p) for p in patterns))
+    if foreign:
+        raise ValueError(f"{folder} holds files we did not write ({', '.join(foreign[:3])}"
+                         f"{' ...' if len(foreign) > 3 else ''}); refusing to delete it (nothing was changed)")
+
+
+def remove_tree(folder: Path, kind: str | None, expected: set[str] | None = None, force: bool = False,
+                patterns: tuple[str, ...] = ()) -> None:
+    """Delete a folder of ours (see `check_removable`; `force` only for our own temporaries)."""
+    if folder.is_symlink():
+        if not force:
+            raise ValueError(f"{folder} is a symbolic link; refusing to delete through it")
+        folder.unlink()
+        return
+    if not force:
+        check_removable(folder, kind, expected, patterns)
+    shutil.rmtree(folder)
+
+
+def replace_dir(tmp: Path, final: Path, kind: str | None, expected: set[str] | None = None) -> Path:
+    """Rename the complete folder `tmp` to `final`. An existing `final` is moved aside first and
+    deleted only after the rename, and only if it is ours (`check_removable`)."""
+    refuse_link(final)
+    old = None
+    if final.exists():
+        if any(final.iterdir()):
+            check_removable(final, kind, expected)
+            old = final.with_name(f".{final.name}.old.tmp{os.getpid()}")
+            os.replace(final, old)
+        else:
+            final.rmdir()
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -10,19 +10,20 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 from pathlib import Path
 
 import torch
 
 from .adapter import save_adapter
-from .atomic import atomic_write_text, fsync_dir, fsync_file
+from .atomic import (clean_temporaries, ensure_dir, read_json, refuse_link, remove_tree, replace_dir, temp_dir,
+                     temp_path, write_text, write_with)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 STATE = "trainer_state.json"
-TMP_PREFIX = ".tmp-step_"
+TMP_PREFIX = ".tmp-step_"  # temporaries of earlier releases
+CHECKPOINT_FILES = {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", STATE}
 
 
 def fault_point(name: str, step: int) -> None:
@@ -36,56 +37,80 @@ def fault_point(name: str, step: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def refuse_planted_links(run_dir: Path, *names: str) -> None:
+    """Before a run starts: none of the paths it writes below the run folder may be a symbolic link."""
+    for name in (CHECKPOINTS, METRICS, ".lock", *names):
+        refuse_link(Path(run_dir) / name)
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; links (to folders or files) are never taken for one."""
     d = Path(run_dir) / CHECKPOINTS
-    if not d.is_dir():
+    if not d.is_dir() or d.is_symlink():
         return []
-    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE).is_file())
+    return sorted(p for p in d.iterdir() if p.name.startswith("step_") and p.is_dir() and not p.is_symlink()
+                  and (p / STATE).is_file() and not (p / STATE).is_symlink())
 
 
 def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
-    """Delete temporary folders left by a save that did not finish (a crash, a full disk)."""
+    """Delete temporary folders left by a save that did not finish (a crash, a full disk); the
+    caller holds the run's lock, so every temporary there is stale."""
     d = Path(run_dir) / CHECKPOINTS
-    gone = [p for p in d.iterdir() if p.name.startswith(TMP_PREFIX)] if d.is_dir() else []
+    if not d.is_dir() or d.is_symlink():
+        return []
+    gone = [p for p in d.iterdir() if p.name.startswith(TMP_PREFIX)]
     for p in gone:
-        shutil.rmtree(p, ignore_errors=True)
-    return gone
+        remove_tree(p, None, force=True)
+    return gone + clean_temporaries(d)
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, state: dict, keep: int) -> Path:
     """Write checkpoints/step_N atomically: everything goes into a temporary folder that is
     renamed into place only once complete. On any OSError (a full disk) the temporary folder
     is removed and the error names what failed; earlier checkpoints are untouched."""
-    root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
+    root = ensure_dir(Path(run_dir) / CHECKPOINTS, under=run_dir)
     final = root / f"step_{step:06d}"
-    tmp = root / f"{TMP_PREFIX}{step:06d}-{os.getpid()}"
+    tmp = temp_path(final)
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = temp_dir(final)
         save_adapter(model, tmp)
         fault_point("save", step)
         for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict())):
-            with open(tmp / name, "wb") as f:
-                torch.save(obj, f)
-                fsync_file(f)
-        atomic_write_text(tmp / STATE, json.dumps({"step": step, **state}, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
+            write_with(tmp / name, lambda f, obj=obj: torch.save(obj, f))  # in memory first: its errors are OSErrors
+        write_text(tmp / STATE, json.dumps({"step": step, **state}, indent=2) + "\n")
+        replace_dir(tmp, final, "checkpoint", CHECKPOINT_FILES)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists() or tmp.is_symlink():
+            remove_tree(tmp, None, force=True)
         kept = list_checkpoints(run_dir)
         raise OSError(e.errno, f"saving checkpoint step {step} in {root} failed ({e.strerror or e}); "
                                f"the last complete checkpoint is intact: {kept[-1].name if kept else 'none yet'}") from None
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            remove_tree(old, "checkpoint", CHECKPOINT_FILES)
+        except ValueError:
+            pass  # something not ours was put there: left alone (and counted as a checkpoint no more)
     return final
 
 
 def read_state(checkpoint: Path) -> dict:
-    return json.loads((Path(checkpoint) / STATE).read_text())
+    """A checkpoint's trainer_state.json, validated like any input: its step is the one the folder
+    is named for, and the numbers a resumed run uses have the right types and ranges."""
+    path = Path(checkpoint) / STATE
+    state = read_json(path, "trainer state")
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or f"step_{step:06d}" != Path(checkpoint).name:
+        raise ValueError(f"{path}: 'step' must be the integer its folder is named for ({Path(checkpoint).name}); "
+                         f"got {step!r} (the file was edited or is corrupt)")
+    elapsed = state.get("elapsed_s", 0.0)
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed < float("inf"):
+        raise ValueError(f"{path}: 'elapsed_s' must be a finite number >= 0; got {elapsed!r}")
+    seq_len = state.get("seq_len", 1)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"{path}: 'seq_len' must be an integer >= 1; got {seq_len!r}")
+    if not isinstance(state.get("train_config", {}), dict):
+        raise ValueError(f"{path}: 'train_config' must be a mapping")
+    return state
 
 
 def open_no_follow(path: Path, flags: int):
@@ -108,7 +133,7 @@ def append_metrics(run_dir: Path, record: dict) -> None:
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     out = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in path.read_text().splitlines() if path.is_file() and not path.is_symlink() else []:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
@@ -121,4 +146,4 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = Path(run_dir) / METRICS
     if path.is_file() or path.is_symlink():
         keep = [json.dumps(r) for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-        atomic_write_text(path, "\n".join(keep) + "\n" if keep else "")
+        write_text(path, "\n".join(keep) + "\n" if keep else "")

@@ -62,6 +62,17 @@ def _positive(kind, noun: str, bound: str):
 positive_int = _positive(int, "an integer", ">= 1")
 
 
+def seed_arg(text: str) -> int:
+    """A random seed: an integer in [0, 2**63 - 1] (what torch accepts)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 - 1]; got {text}")
+    return v
+
+
 def depth_or_auto(text: str):
     return "auto" if text == "auto" else positive_int(text)
 positive_float = _positive(float, "a finite number", "> 0")
@@ -93,7 +104,7 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=4, help="blocks per forward pass")
     p.add_argument("--no-full", action="store_true", help="skip the full base model row")
     p.add_argument("--out", default=None, help="folder for eval.json / eval.md (default: the adapter folder)")
-    p.add_argument("--eval-seed", type=int, default=0, help="seed choosing the training-distribution blocks")
+    p.add_argument("--eval-seed", type=seed_arg, default=0, help="seed choosing the training-distribution blocks")
 
 
 def add_generate_parser(p: argparse.ArgumentParser) -> None:
@@ -108,7 +119,7 @@ def add_generate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=positive_float, default=None, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible)")
+    p.add_argument("--seed", type=seed_arg, default=None, help="sampling seed (reproducible)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--baseline", action="store_true", help="generate with the pruned model instead")
@@ -140,6 +151,9 @@ def add_harness_parser(sub, fmt) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1, help="harness batch size")
     p.add_argument("--limit", type=positive_int, default=None, help="documents per task (for a quick look)")
     p.add_argument("--out", default=None, help="write the harness's results as JSON here")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run Python files the model folder ships (never needed for folders from "
+                        "`ouroboros export`: only for a folder of another model type whose code you trust)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +261,14 @@ def cmd_train_halter(args) -> None:
         print(json.dumps(train_halter(model, corpus, args.adapter, hc), indent=2))
 
 
+def check_exit_rule(cfg: OuroborosConfig, rule: ExitRule, top: int) -> None:
+    """Refuse, before loading anything, an exit rule the model cannot follow or a minimum it never reaches."""
+    if rule.rule == "halter" and not cfg.halter:
+        raise ValueError("--exit-rule halter needs an adapter with a trained halter (run `ouroboros train-halter` first)")
+    if rule.min_steps > top:
+        raise ValueError(f"--exit-min-steps {rule.min_steps} is more than the {top} steps allowed (--exit-max-depth)")
+
+
 def cmd_eval(args) -> None:
     from .adapter import load_adapter, read_adapter
     from .evaluate import evaluate
@@ -254,9 +276,12 @@ def cmd_eval(args) -> None:
     from .runtime import choose_runtime
 
     meta, _ = read_adapter(args.adapter)
-    max_steps = meta["ouroboros_config"]["max_steps"]
-    if max(args.depths) > max_steps:
-        raise ValueError(f"--depths: every depth must be in [1, max_steps={max_steps}]; got {max(args.depths)}")
+    saved = OuroborosConfig.from_dict(meta["ouroboros_config"])
+    if max(args.depths) > saved.max_steps:
+        raise ValueError(f"--depths: every depth must be in [1, max_steps={saved.max_steps}]; got {max(args.depths)}")
+    if args.exit_thresholds:
+        check_exit_rule(saved, ExitRule(args.rule, args.exit_thresholds[0], args.min_steps),
+                        saved.check_depth(args.exit_max_depth or max(args.depths), "--exit-max-depth"))
     runtime = choose_runtime()
     corpus = corpus_for(args, load_tokenizer(meta["base_model"]), runtime)
     model = load_adapter(args.adapter, dtype=runtime.dtype, device=runtime.device, step_damping=args.step_damping)
@@ -316,6 +341,8 @@ def cmd_generate(args) -> None:
     rule = from_flags(ExitRule, args) if args.depth == "auto" else None
     depth = args.exit_max_depth if args.depth == "auto" else args.depth if args.depth is not None else cfg.default_depth
     depth = cfg.check_depth(depth, "--exit-max-depth" if args.depth == "auto" else "--depth")
+    if rule is not None:
+        check_exit_rule(cfg, rule, depth)
     if args.top_p is not None and args.top_p > 1:
         raise ValueError(f"--top-p must be in (0, 1]; got {args.top_p}")
     tok = load_tokenizer(meta["base_model"])
@@ -325,6 +352,10 @@ def cmd_generate(args) -> None:
     model = load_adapter(args.adapter, dtype=runtime.dtype, device=runtime.device) if runs != ["full"] else None
     full = load_base_model(meta["base_model"], dtype=runtime.dtype, device=runtime.device) if "full" in runs else None
     ids = prompt_ids(tok, args).to(runtime.device)
+    max_pos = getattr(model.base_config if model is not None else full.config, "max_position_embeddings", None)
+    if max_pos is not None and ids.shape[1] + args.max_new_tokens > max_pos:  # every path, --full included
+        raise ValueError(f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the "
+                         f"base model's max_position_embeddings {max_pos}")
     how = f"adaptive depth, at most {depth}" if rule is not None else f"depth {depth}"
     labels = {"full": "full model", "baseline": "pruned baseline", "ouroboros": f"ouroboros ({how})"}
     for who in runs:
@@ -348,7 +379,8 @@ def cmd_export(args) -> None:
     from .export import export_hf
 
     out = export_hf(args.adapter, args.out, depth=args.depth, baseline=args.baseline, overwrite=args.overwrite)
-    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) after `import ouroboros_lm` "
+          "(elsewhere: trust_remote_code=True, which runs the folder's modeling_ouroboros.py)")
 
 
 def cmd_harness(args) -> None:
@@ -358,15 +390,17 @@ def cmd_harness(args) -> None:
         raise ValueError("ouroboros harness needs lm-evaluation-harness: pip install 'ouroboros-lm[hf]' (or lm-eval)")
     from lm_eval.utils import make_table
 
-    from .harness import run_harness
+    from .atomic import write_json
+    from .harness import check_harness, run_harness
 
-    if not (Path(args.model) / "config.json").is_file():
-        raise FileNotFoundError(f"{args.model} is not a Hugging Face model folder (run `ouroboros export` first)")
-    out = run_harness(args.model, args.data, tuple(t for t in args.tasks.split(",") if t), depth=args.depth,
-                      baseline=args.baseline, batch_size=args.batch_size, limit=args.limit)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    check_harness(args.model, args.data, tasks, depth=args.depth, baseline=args.baseline,
+                  trust_remote_code=args.trust_remote_code)  # before loading anything
+    out = run_harness(args.model, args.data, tasks, depth=args.depth, baseline=args.baseline,
+                      batch_size=args.batch_size, limit=args.limit, trust_remote_code=args.trust_remote_code)
     print(make_table(out))
     if args.out:
-        Path(args.out).write_text(json.dumps(out["results"], indent=2, default=str) + "\n")
+        write_json(args.out, out["results"])
         print(f"wrote {args.out}")
 
 
@@ -400,6 +434,17 @@ COMMANDS = {"convert": cmd_convert, "train": cmd_train, "train-halter": cmd_trai
             "report": cmd_report, "demo": cmd_demo}
 
 
+# What an interrupted command leaves (Ctrl-C), per command; the rest write nothing or only whole files.
+INTERRUPTED = {
+    "train": "the last checkpoint is kept (rerun with --resume to continue)",
+    "train-halter": "the adapter is as it was before (rerun to train the halter)",
+    "sweep": "finished runs are kept; rerun the same command to continue (the interrupted run resumes from "
+             "its last checkpoint)",
+    "demo": "the partial output is kept (the next demo run to the same --out starts over)",
+    "export": "nothing was changed (the temporary folder was removed)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .train import TrainingError
 
@@ -414,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ouroboros {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"ouroboros {args.command}: interrupted; the last checkpoint is kept (use --resume)", file=sys.stderr)
+        print(f"ouroboros {args.command}: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}",
+              file=sys.stderr)
         return 130
     return 0
 

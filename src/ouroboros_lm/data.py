@@ -40,7 +40,7 @@ def expand_sources(sources: list[str]) -> list[Path]:
         if src.startswith("hf:"):
             continue
         p = Path(src).expanduser()
-        if any(ch in src for ch in "*?["):
+        if any(ch in src for ch in "*?[") and not p.exists():  # a file named with [ ] * ? is itself
             matched = sorted(Path(m) for m in glob.glob(os.path.expanduser(src), recursive=True) if Path(m).is_file())
             if not matched:
                 raise DataError(f"no files match {src!r}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, ensure_dir
 from .exits import ExitRule
 from .loss import causal_lm_loss, scored_tokens
 
@@ -123,8 +123,7 @@ class EvalReport:
         return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
 
     def write(self, directory: str | Path, stem: str = "eval") -> tuple[Path, Path]:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = ensure_dir(directory)  # never a link
         j, m = directory / f"{stem}.json", directory / f"{stem}.md"
         atomic_write_text(j, json.dumps(self.to_dict(), indent=2) + "\n")  # replaces a link, never writes through it
         atomic_write_text(m, self.table(markdown=True) + "\n")

@@ -19,17 +19,23 @@ imported. It holds
                               In a subfolder: transformers takes an `adapter_config.json` at the
                               top of a model folder for a PEFT adapter whenever peft is installed.
 
-The folder is written under a temporary name and renamed when complete.
+  .ouroboros-lm.json          our marker: every file the export wrote (`--overwrite` replaces only
+                              a folder that holds it and nothing else)
+
+The folder is written under a temporary name and renamed when complete; temporaries an export
+that was killed left behind are removed by the next export to the same folder.
 """
 from __future__ import annotations
 
+import errno
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from .atomic import (check_removable, clean_temporaries, refuse_working_folder, remove_tree, replace_dir, temp_dir, temp_path, write_bytes,
+                     write_marker, write_text)
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter
 from .config import OuroborosConfig
 from .hf import OuroborosForCausalLM
@@ -46,34 +52,59 @@ AUTO_MAP = {"AutoConfig": "modeling_ouroboros.OuroborosHFConfig",
             "AutoModelForCausalLM": "modeling_ouroboros.OuroborosForCausalLM"}
 
 
+def check_out(out: Path, adapter: Path, overwrite: bool) -> None:
+    """Refuse, before anything is loaded, an --out we must not replace: a link, the adapter's own
+    folder (or one holding it), the working folder or an ancestor, or a non-empty folder that is not
+    an earlier export of ours (`atomic.check_removable`)."""
+    if out.is_symlink():
+        raise ValueError(f"--out {out} is a symbolic link; refusing to write through it (nothing was changed)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder (nothing was changed)")
+    refuse_working_folder(out)
+    if out.resolve() == Path(adapter).resolve() or out.resolve() in Path(adapter).resolve().parents:
+        raise ValueError(f"--out {out} is (or holds) the adapter folder {adapter}; export into a new folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it (nothing was changed)")
+        check_removable(out, "export")
+
+
+def write_folder(hf, tokenizer, adapter: Path, out: Path) -> Path:
+    """The export's files into a temporary folder beside `out`, renamed over it once complete. Any
+    failure while writing (a full disk, an interrupt) removes the temporary folder; `out` is then as it was."""
+    clean_temporaries(out.parent if out.parent.is_dir() else Path("."), out.name)  # earlier exports killed mid-way
+    tmp = temp_path(out)
+    try:
+        tmp = temp_dir(out)
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            write_bytes(tmp / ADAPTER_SUBFOLDER / name, (Path(adapter) / name).read_bytes(), under=tmp)
+        write_text(tmp / MODELING_FILE, MODELING_SOURCE)
+        write_marker(tmp, "export")
+        return replace_dir(tmp, out, "export")
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors and torch report a full disk in their own types
+        detail = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0][:200]
+        raise OSError(getattr(e, "errno", None) or errno.EIO,
+                      f"writing the export to {out} failed ({detail}); nothing was changed there") from None
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            remove_tree(tmp, None, force=True)
+
+
 def export_hf(adapter: str | os.PathLike, out: str | os.PathLike, depth: int | None = None, baseline: bool = False,
               overwrite: bool = False, dtype: torch.dtype = torch.float32) -> Path:
     """Write the Hugging Face folder `out` for the adapter folder `adapter` (its base model is
     loaded from where the adapter records it). depth: the depth the exported model runs at
-    (default: the adapter's default_depth); baseline=True exports the pruned stack's behaviour."""
+    (default: the adapter's default_depth); baseline=True exports the pruned stack's behaviour.
+    An existing non-empty `out` is replaced only with overwrite=True and only if it is an export
+    of ours (its marker file lists every file in it)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it (nothing was changed)")
+    check_out(out, Path(adapter), overwrite)
     meta, _ = read_adapter(adapter)
     if depth is not None:
         OuroborosConfig.from_dict(meta["ouroboros_config"]).check_depth(depth, "--depth")
     model = load_adapter(adapter, dtype=dtype)
     hf = OuroborosForCausalLM.from_ouroboros(model, depth=depth, baseline=baseline)
     hf.config.auto_map = dict(AUTO_MAP)
-    tokenizer = load_tokenizer(meta["base_model"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        hf.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / ADAPTER_SUBFOLDER).mkdir()
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            shutil.copyfile(Path(adapter) / name, tmp / ADAPTER_SUBFOLDER / name)
-        (tmp / MODELING_FILE).write_text(MODELING_SOURCE)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_folder(hf, load_tokenizer(meta["base_model"]), Path(adapter), out)

@@ -32,6 +32,7 @@ from .families import reset_rotary_tables
 from .adaptation import adapted_parameters
 from .hf_config import OuroborosHFConfig, register_config
 from .model import OuroborosModel
+from .surgery import tensor_fingerprint
 
 class OuroborosHFCache(Cache):
     """A `transformers.Cache` holding our per-step `OuroborosCache` (created by the first cached
@@ -105,6 +106,27 @@ class OuroborosHFCache(Cache):
         return -1 if nxt is None else int(nxt.shape[0])
 
 
+def check_loaded(hf, info: dict) -> None:
+    """Refuse an exported folder that loaded incompletely or with poisoned weights, as `load_adapter`
+    refuses an adapter: every tensor present (transformers would re-initialise a missing one with a
+    warning), all of them finite, and the embeddings and head the ones the base was fingerprinted with."""
+    where = hf.config._name_or_path or "the exported model"
+    missing = sorted(info.get("missing_keys") or [])
+    if missing or info.get("mismatched_keys"):
+        raise ValueError(f"{where}/model.safetensors does not fit its config.json: missing {missing[:3]}, "
+                         f"mismatched {list(info.get('mismatched_keys') or [])[:3]}; refusing to load it")
+    bad = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{where}/model.safetensors holds non-finite values (NaN or inf) in {', '.join(bad[:4])}: "
+                         "refusing to load it")
+    m, fps = hf.model, hf.config.base_fingerprints
+    for key, tensor in (("embed_tokens", m.embed_tokens.weight), ("lm_head", m.lm_head.weight)):
+        if tensor_fingerprint({"w": tensor}) != fps.get(key):
+            raise ValueError(f"{where}: the {key} weights are not those of the base its config.json records "
+                             f"({hf.config.base_model!r}): the folder was edited or is corrupt")
+
+
 class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
     """An `OuroborosModel` (`.model`) as a `transformers` causal LM. Build one around a model with
     `from_ouroboros(model)`; `OuroborosForCausalLM(config)` builds the architecture from the
@@ -122,6 +144,7 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: OuroborosHFConfig, model: OuroborosModel | None = None):
         super().__init__(config)
         if model is None:
+            config.check()  # an exported folder's settings, refused before anything is built
             # the frozen weights in the dtype asked of from_pretrained (its default while building),
             # the trained parts in float32: what load_adapter(dtype=...) builds
             base = AutoModelForCausalLM.from_config(config.base_config(), dtype=torch.get_default_dtype())
@@ -145,13 +168,15 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, *args, **kwargs) -> "OuroborosForCausalLM":
         """`PreTrainedModel.from_pretrained`, then only the trainable parts require gradients again
         (loading replaces every parameter with one that does)."""
-        model = super().from_pretrained(*args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_loaded(model, info)
         model.model.requires_grad_(False)
         for part in model.model.recurrent.trainable_parts().values():
             part.requires_grad_(True)
         for p in adapted_parameters(model.model).values():  # coda / prelude-tail LoRA, coda norms
             p.requires_grad_(True)
-        return model
+        return (model, info) if want_info else model
 
     def _init_weights(self, module):
         # Everything of ours is initialised by OuroborosModel (zero Controller head, gate bias...) or

@@ -58,6 +58,33 @@ class OuroborosHFConfig(PretrainedConfig):
         if on_create:
             on_create[0]()
 
+    def check(self) -> OuroborosConfig:
+        """Raise ValueError unless this is an exported model's configuration, typed and bounded like an
+        adapter's: the OuroborosConfig valid, `baseline` a boolean, `depth` within max_steps, the base's
+        config present, and the fingerprints recorded for exactly the layers the split keeps."""
+        where = f"{self._name_or_path or 'the model'}/config.json"
+        if not isinstance(self.ouroboros, dict) or not self.ouroboros:
+            raise ValueError(f"{where}: 'ouroboros' is empty or not a mapping: not a model `ouroboros export` wrote")
+        try:
+            cfg = OuroborosConfig.from_dict(self.ouroboros)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where} holds an invalid 'ouroboros' configuration: {e}") from None
+        if not isinstance(self.baseline, bool):
+            raise ValueError(f"{where}: 'baseline' must be true or false; got {self.baseline!r}")
+        if self.depth is not None and (not isinstance(self.depth, int) or isinstance(self.depth, bool)):
+            raise ValueError(f"{where}: 'depth' must be an integer or null; got {self.depth!r}")
+        if self.depth is not None:
+            cfg.check_depth(self.depth, f"{where}: depth")
+        layers = self.base.get("num_hidden_layers") if isinstance(self.base, dict) else None
+        if not isinstance(self.base.get("model_type"), str) or not isinstance(layers, int) or isinstance(layers, bool):
+            raise ValueError(f"{where}: 'base' must hold the base model's configuration (model_type, num_hidden_layers)")
+        want = {f"layer.{i}" for i in cfg.kept_layers(layers)} | {"embed_tokens", "norm", "lm_head"}
+        if not isinstance(self.base_fingerprints, dict) or set(self.base_fingerprints) != want:
+            raise ValueError(f"{where}: the layer split (n_prelude={cfg.n_prelude}, recurrent_layer="
+                             f"{cfg.recurrent_layer}, n_coda={cfg.n_coda}) does not match the layers its fingerprints "
+                             "were recorded for: the config was edited or is corrupt")
+        return cfg
+
     def ouroboros_config(self) -> OuroborosConfig:
         return OuroborosConfig.from_dict(self.ouroboros)
 

@@ -14,11 +14,11 @@ import copy
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import clean_temporaries, remove_tree, replace_dir, temp_dir
 
 ALIASES = {
     "smollm2-135m": {
@@ -89,16 +89,17 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
     config._name_or_path = name
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    clean_temporaries(out.parent, out.name)  # left by a conversion that was killed
+    tmp = temp_dir(out)
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)  # atomic: a half-written cache folder is never used
+        if out.exists() or out.is_symlink():
+            remove_tree(out, None, force=True)  # our own incomplete cache folder (a link: only the link goes)
+        replace_dir(tmp, out, None)  # atomic: a half-written cache folder is never used
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp, None, force=True)
     return out
 
 

@@ -20,8 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import copy_into, read_adapter, save_adapter
-from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, read_state, remove_partial_checkpoints,
-                          save_checkpoint, truncate_metrics)
+from .atomic import ensure_dir
+from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, read_state, refuse_planted_links,
+                          remove_partial_checkpoints, save_checkpoint, truncate_metrics)
 from .config import MAX_STEPS
 from .data import BlockSampler, Corpus
 from .evaluate import mean_loss
@@ -172,7 +173,7 @@ def release_accelerator_state(mixed_precision: str) -> None:
 def run_lock(run_dir: Path):
     """An exclusive lock on a run folder for the whole run. The kernel releases it when the
     process exits, however it exits, so a dead run never leaves a stale lock behind."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)
     fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         try:
@@ -218,6 +219,7 @@ class Trainer:
         tc, cfg = self.tc, self.model.config
         for d in tc.depths:
             cfg.check_depth(d, "depths")
+        refuse_planted_links(self.run_dir, TRACKING_DIR)
         existing = list_checkpoints(self.run_dir)
         if self.resuming and not existing:
             raise ValueError(f"--resume: {self.run_dir / CHECKPOINTS} holds no complete checkpoint to resume from")
@@ -298,6 +300,7 @@ class Trainer:
                   "data/seq_len": self.corpus.seq_len, "base_model": self.model.base_name}
         config = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
         init_kwargs = {"tensorboard": {"purge_step": self.start + 1}} if self.resuming else {}
+        ensure_dir(self.run_dir / TRACKING_DIR / "ouroboros-lm", under=self.run_dir)  # never a planted link
         self.accelerator.init_trackers("ouroboros-lm", config=config, init_kwargs=init_kwargs)
 
     def track(self, rec: dict) -> None:

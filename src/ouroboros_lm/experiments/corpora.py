@@ -17,6 +17,8 @@ import json
 import re
 from pathlib import Path
 
+from ..atomic import remove_tree, replace_dir, temp_dir
+
 PYTHON_DOC_SECTIONS = ("tutorial", "howto", "faq", "reference", "using", "extending")
 
 _ROLE = re.compile(r":[a-zA-Z0-9_.+-]+(?::[a-zA-Z0-9_.+-]+)*:`([^`]*)`")  # :func:`len` -> len
@@ -47,7 +49,14 @@ def email_body(message: str) -> str:
 
 
 def _json_text(path: Path) -> str:
-    return json.loads(path.read_text(encoding="utf-8"))["text"]
+    """The "text" field of a JSON document, or a ValueError naming the file."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # invalid JSON or not UTF-8
+        raise ValueError(f"{path}: not a UTF-8 JSON document ({str(e)[:100]})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+        raise ValueError(f"{path}: no \"text\" field holding a string")
+    return doc["text"]
 
 
 def convert_moby_dick(src: Path, out: Path) -> int:
@@ -64,7 +73,11 @@ def convert_python_docs(src: Path, out: Path, sections=PYTHON_DOC_SECTIONS) -> i
         raise FileNotFoundError(f"no .rst.txt pages under {', '.join(empty)}")
     for p in (p for found in pages.values() for p in found):
         name = "_".join(p.relative_to(src).with_suffix("").with_suffix("").parts)
-        (out / f"{name}.txt").write_text(rst_to_text(p.read_text(encoding="utf-8")), encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        (out / f"{name}.txt").write_text(rst_to_text(text), encoding="utf-8")
     return sum(map(len, pages.values()))
 
 
@@ -97,11 +110,18 @@ def main(argv=None) -> None:
         ap.error(f"{args.src} is not a folder")
     if args.out.exists():
         ap.error(f"{args.out} exists; give a new folder")
-    args.out.mkdir(parents=True)
     options = {"python-docs": {"sections": args.sections}, "email": {"limit": args.limit}}.get(args.kind, {})
-    n = CONVERTERS[args.kind](args.src, args.out, **options)
-    if n == 0:
-        raise SystemExit(f"no documents found in {args.src}")
+    tmp = temp_dir(args.out)  # renamed to OUT once every document is written: a failure leaves no OUT
+    try:
+        n = CONVERTERS[args.kind](args.src, tmp, **options)
+        if n == 0:
+            raise ValueError(f"no documents found in {args.src}")
+        replace_dir(tmp, args.out, None)
+    except (ValueError, OSError) as e:
+        ap.exit(2, f"{ap.prog}: error: {e} (nothing was written to {args.out})\n")
+    finally:
+        if tmp.exists():
+            remove_tree(tmp, None, force=True)
     print(f"{args.kind}: {n} documents in {args.out}")
 
 

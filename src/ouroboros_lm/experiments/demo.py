@@ -5,9 +5,7 @@ Shakespeare, the Debian Reference and mailing-list e-mail, none of which it saw.
 on 2 CPU cores."""
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import save_adapter
+from ..atomic import ensure_dir, remove_tree, write_json, write_marker
 from ..config import OuroborosConfig
 from ..data import build_corpus, domain_blocks
 from ..evaluate import DEFAULT_EVAL_DEPTHS, evaluate
@@ -161,6 +160,9 @@ def exit_passage(model, tok, corpus, rule: ExitRule, depth: int, out: Path, n: i
                            f"held-out passage: steps per token ({rule.rule}, threshold {rule.threshold:g}, at most {depth})")
 
 
+# What a demo folder holds (besides our marker): `--out` is replaced only if it holds nothing else.
+DEMO_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", ".lock", "eval.json", "eval.md",
+                "*.png", "demo_summary.json", "checkpoints/*", "tracking/*", ".*.tmp*", "heal-*/*")
 DEFAULT_MIX = ("moby-dick", "python-docs")  # folders of the cache, `make domains`
 
 
@@ -234,8 +236,9 @@ def run_demo(dc: DemoConfig) -> dict:
     t0 = time.time()
     torch.manual_seed(dc.seed)
     out = Path(dc.out)
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):  # an earlier demo's folder, and nothing else, is replaced
+        remove_tree(out, "demo", patterns=DEMO_OUTPUTS)
+    write_marker(ensure_dir(out), "demo")
     print(f"[1/4] converting {dc.base}: prelude 7, recurrent layer 15, coda 7 (15 of 30 layers)")
     model = demo_model(dc, out)
     corpus, tok = demo_corpus(dc)
@@ -262,7 +265,7 @@ def run_demo(dc: DemoConfig) -> dict:
     if rules:
         exit_passage(model, tok, corpus, *rules[0], out)
     summary["heal"] = {name: s for _, name, s in heals}
-    (out / "demo_summary.json").write_text(json.dumps({**summary, "total_wall_s": time.time() - t0}, indent=2) + "\n")
+    write_json(out / "demo_summary.json", {**summary, "total_wall_s": time.time() - t0})
     print(f"\nwrote {out}/eval.md, eval.json, depth_curve.png{', exit_steps.png' if rules else ''}, metrics.jsonl; "
           f"total {time.time() - t0:.0f}s")
     return {"report": report, "train": summary}

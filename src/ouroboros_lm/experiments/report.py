@@ -16,9 +16,12 @@ Plots (PNG, matplotlib):
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
+from ..atomic import read_json, write_json, write_text, write_with
+from ..checkpoints import read_metrics
 from ..config import TARGETS
 from ..evaluate import gap_recovered, reduction_vs_baseline
 
@@ -39,11 +42,35 @@ def wide_rows(table: list[dict]) -> tuple[list[str], list[dict]]:
     return columns, list(out.values())
 
 
-def load_results(sweep_dir: Path) -> list[dict]:
-    out = []
-    for path in sorted((sweep_dir / "runs").glob("*/result.json")):
-        out.append(json.loads(path.read_text()))
-    return out
+CORE_KEYS = {"name": str, "losses": dict, "reference": dict, "trainable_parameters": int}  # what comparing needs
+RESULT_KEYS = {**CORE_KEYS, "config": dict, "settings": dict, "steps": int, "wall_s": (int, float)}
+
+
+def check_result(path: Path, r, keys: dict = RESULT_KEYS) -> dict:
+    """A run's result.json as the tables need it, or a ValueError naming the file and the key."""
+    if not isinstance(r, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(r).__name__}")
+    for key, kind in keys.items():
+        if not isinstance(r.get(key), kind) or isinstance(r.get(key), bool):
+            raise ValueError(f"{path}: {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
+    for split, losses in r["losses"].items():
+        ref = r["reference"].get(split)
+        if not isinstance(losses, dict) or not all(isinstance(v, (int, float)) for v in losses.values()) or \
+                not isinstance(ref, dict) or not all(isinstance(ref.get(m), (int, float)) for m in ("full", "baseline")):
+            raise ValueError(f"{path}: the losses or reference of split {split!r} are missing or not numbers")
+    if keys is RESULT_KEYS and ("heldout" not in r["losses"] or "train" not in r["losses"]):
+        raise ValueError(f"{path}: 'losses' lacks the train or heldout split")
+    return r
+
+
+def load_results(sweep_dir: Path, keys: dict = RESULT_KEYS) -> list[dict]:
+    return [check_result(path, read_json(path, "run result"), keys)
+            for path in sorted((sweep_dir / "runs").glob("*/result.json"))]
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """A figure as PNG, written like every file we write (temporary name, never through a link)."""
+    return write_with(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def metrics(result: dict, split: str, depth_key: str) -> tuple[float, float, float]:
@@ -99,11 +126,12 @@ def rows(results: list[dict]) -> list[dict]:
 
 def write_tables(sweep_dir: Path, table: list[dict], results: list[dict]) -> None:
     columns, wide = wide_rows(table)
-    with open(sweep_dir / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(wide)
-    (sweep_dir / "results.json").write_text(json.dumps({"rows": table, "runs": results}, indent=2) + "\n")
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    w.writerows(wide)
+    write_text(sweep_dir / "results.csv", buf.getvalue())
+    write_json(sweep_dir / "results.json", {"rows": table, "runs": results})
     ref = results[0]["reference"] if results else {}
     lines = []
     if ref:
@@ -114,15 +142,13 @@ def write_tables(sweep_dir: Path, table: list[dict], results: list[dict]) -> Non
     for r in table:
         lines.append(f"| {r['name']} | {r['trainable_parameters']:,} | {r['wall_s']:.0f} | {r['eval_depth']} | {r['train_loss']:.4f} | "
                      f"{r['heldout_loss']:.4f} | {r['heldout_reduction_pct']:+.2f}% | {r['heldout_gap_recovered_pct']:+.1f}% |")
-    (sweep_dir / "results.md").write_text("\n".join(lines) + "\n")
+    write_text(sweep_dir / "results.md", "\n".join(lines) + "\n")
 
 
 def plot_training_curves(sweep_dir: Path, results: list[dict], plt) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for r in results:
-        path = sweep_dir / "runs" / r["name"] / "metrics.jsonl"
-        pts = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-        pts = [p for p in pts if "loss" in p]
+        pts = [p for p in read_metrics(sweep_dir / "runs" / r["name"]) if isinstance(p, dict) and "loss" in p]
         ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], label=r["name"], lw=1.2)
     ref = results[0]["reference"]["train"]
     ax.axhline(ref["baseline"], color="k", ls="--", lw=1, label=f"pruned baseline ({ref['baseline']:.2f})")
@@ -132,7 +158,7 @@ def plot_training_curves(sweep_dir: Path, results: list[dict], plt) -> None:
     ax.set_title("Training curves")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(sweep_dir / "training_curves.png", dpi=120)
+    save_figure(fig, sweep_dir / "training_curves.png", 120)
     plt.close(fig)
 
 
@@ -158,7 +184,7 @@ def plot_gap(sweep_dir: Path, table: list[dict], plt) -> None:
     ax.set_title("Held-out gap recovered by run and evaluation depth")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(sweep_dir / "gap_by_variant_depth.png", dpi=120)
+    save_figure(fig, sweep_dir / "gap_by_variant_depth.png", 120)
     plt.close(fig)
 
     # by rank: runs that differ only in rank
@@ -179,8 +205,21 @@ def plot_gap(sweep_dir: Path, table: list[dict], plt) -> None:
     ax.set_title(f"By rank ({best[0][0]}, {'gate' if best[0][1] else 'no gate'}, {best[0][2]})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(sweep_dir / "gap_by_rank.png", dpi=120)
+    save_figure(fig, sweep_dir / "gap_by_rank.png", 120)
     plt.close(fig)
+
+
+def load_modulation(path: Path) -> dict:
+    """A run's modulation.pt (tensors only: weights_only), or a ValueError naming the file."""
+    import torch
+
+    try:
+        mod = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file, whatever torch makes of it
+        raise ValueError(f"{path} is corrupt ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    if not isinstance(mod, dict) or not isinstance(mod.get("d"), torch.Tensor) or mod["d"].dim() != 4:
+        raise ValueError(f"{path}: expected {{'d': a 4-dimensional tensor}}")
+    return mod
 
 
 def plot_controller(sweep_dir: Path, results: list[dict], plt) -> None:
@@ -193,11 +232,11 @@ def plot_controller(sweep_dir: Path, results: list[dict], plt) -> None:
             fig, ax = plt.subplots(figsize=(5, 2))
             ax.text(0.5, 0.5, text, ha="center", va="center")
             ax.axis("off")
-            fig.savefig(path, dpi=100)
+            save_figure(fig, path, 100)
             plt.close(fig)
         return
     main = runs[0]
-    mod = torch.load(sweep_dir / "runs" / main["name"] / "modulation.pt", weights_only=True)
+    mod = load_modulation(sweep_dir / "runs" / main["name"] / "modulation.pt")
     d = mod["d"]  # [inputs, steps, 7, r]
     n_in, n_steps = min(d.shape[0], 4), d.shape[1]
     lim = float(d.abs().max()) or 1.0
@@ -215,12 +254,12 @@ def plot_controller(sweep_dir: Path, results: list[dict], plt) -> None:
                 ax.set_title(f"step {s}", fontsize=8)
     fig.colorbar(im, ax=axes, shrink=0.6, label="d (rank columns)")
     fig.suptitle(f"Controller modulation, {main['name']}: targets x rank, per step, per held-out input", fontsize=9)
-    fig.savefig(fig_h, dpi=120)
+    save_figure(fig, fig_h, 120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, r in enumerate(runs):
-        m = torch.load(sweep_dir / "runs" / r["name"] / "modulation.pt", weights_only=True)["d"]
+        m = load_modulation(sweep_dir / "runs" / r["name"] / "modulation.pt")["d"]
         spread = m.std(dim=0).mean(dim=(-1, -2))  # across inputs, per step
         size = m.abs().mean(dim=(0, -1, -2))
         color = f"C{i % 10}"
@@ -231,7 +270,7 @@ def plot_controller(sweep_dir: Path, results: list[dict], plt) -> None:
     ax.set_title("Does the modulation depend on the input? (std across held-out inputs vs size)")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(fig_s, dpi=120)
+    save_figure(fig, fig_s, 120)
     plt.close(fig)
 
 
@@ -266,7 +305,7 @@ def plot_depth_curve(report, path: Path, references: bool = True) -> Path:
     ax.set_title("Loss against compute")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, 120)
     plt.close(fig)
     return path
 
@@ -287,7 +326,7 @@ def plot_exit_steps(tokens: list[str], steps: list[int], path: Path, title: str)
     hist.set_xlabel("steps before exit")
     hist.set_ylabel("tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, 120)
     plt.close(fig)
     return path
 
@@ -301,7 +340,7 @@ def plot_compute(sweep_dir: Path, results: list[dict], plt) -> None:
         ax.set_title(f"{split}: loss against mean steps per token")
     axes[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(sweep_dir / "compute.png", dpi=120)
+    save_figure(fig, sweep_dir / "compute.png", 120)
     plt.close(fig)
 
 
@@ -371,7 +410,7 @@ def seed_summary(results: list[dict]) -> list[dict]:
 
 def write_summary(sweep_dir: Path, results: list[dict]) -> None:
     summary = seed_summary(results)
-    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(sweep_dir / "summary.json", summary)
     splits = list(results[0]["losses"])
     depths = sorted({int(k.split("@")[1]) for e in summary for k in e["gap"]})
     ref = results[0]["reference"]
@@ -398,7 +437,7 @@ def write_summary(sweep_dir: Path, results: list[dict]) -> None:
                 cells.append(spread_cell(g, g is not None and len(g[2]) == 1))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    (sweep_dir / "summary.md").write_text("\n".join(lines))
+    write_text(sweep_dir / "summary.md", "\n".join(lines))
 
 
 def compare_sweeps(sweep_dir: str | Path, against: str | Path) -> Path:
@@ -408,7 +447,7 @@ def compare_sweeps(sweep_dir: str | Path, against: str | Path) -> Path:
     blocks (equal full-model and pruned-baseline losses; a split whose text differs, such as each sweep's
     own training text, is left out and named). Writes paired_vs_<name>.md/json in sweep_dir."""
     sweep_dir, against = Path(sweep_dir), Path(against)
-    ours, theirs = load_results(sweep_dir), load_results(against)
+    ours, theirs = load_results(sweep_dir, CORE_KEYS), load_results(against, CORE_KEYS)
     for d, res in ((sweep_dir, ours), (against, theirs)):
         if not res:
             raise ValueError(f"{d} holds no finished runs (runs/*/result.json)")
@@ -436,7 +475,7 @@ def compare_sweeps(sweep_dir: str | Path, against: str | Path) -> Path:
     if not out:
         raise ValueError(f"no configuration of {sweep_dir} has a counterpart with the same seeds in {against}")
     stem = f"paired_vs_{against.resolve().name}"
-    (sweep_dir / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_json(sweep_dir / f"{stem}.json", out)
     keys = sorted({k for e in out for k in e["paired"]}, key=lambda k: (int(k.split("@")[1]), shared.index(k.split("@")[0])))
     lines = [f"Gap recovered (%) in `{sweep_dir.name}` minus `{against.name}`, paired by seed (mean ± std of the "
              "per-seed differences; the same evaluation blocks)."
@@ -448,7 +487,7 @@ def compare_sweeps(sweep_dir: str | Path, against: str | Path) -> Path:
             g = e["paired"].get(k)
             cells.append(spread_cell(g, g is not None and len(g[2]) == 1))
         lines.append("| " + " | ".join(cells) + " |")
-    (sweep_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_text(sweep_dir / f"{stem}.md", "\n".join(lines) + "\n")
     print(f"paired differences against {against} -> {sweep_dir / stem}.{{md,json}}")
     return sweep_dir / f"{stem}.md"
 

@@ -30,7 +30,7 @@ included, is validated before anything is loaded.
 from __future__ import annotations
 
 import itertools
-import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,22 +40,78 @@ import yaml
 
 from ..adapter import load_adapter, save_adapter
 from ..checkpoints import list_checkpoints
-from ..config import OuroborosConfig
+from ..config import MAX_STEPS, OuroborosConfig
 from ..data import build_corpus, domain_blocks
 from ..evaluate import DEFAULT_EVAL_DEPTHS, EvalReport, evaluate
 from ..exits import ExitRule
 from ..loading import cache_dir, load_base_model, load_tokenizer
 from ..model import OuroborosModel
 from ..runtime import choose_runtime
-from ..settings import from_dict, sweep_keys, to_dict
+from ..settings import check_value, from_dict, setting, sweep_keys, to_dict, validate_fields
 from ..train import TrainConfig, train
+from ..atomic import ensure_dir, read_json, write_json, write_text, write_with
+from .reference import RESULT, check_trained_on, corpus_key, read_reference, save_reference, split_keys, stale_splits
 from .report import write_report
 
-RESULT = "result.json"
-REFERENCE = "reference.json"
-EVAL_DEFAULTS = {"depths": list(DEFAULT_EVAL_DEPTHS), "blocks": 16, "batch_size": 4, "modulation_inputs": 6,
-                 "exit_thresholds": [], "exit_max_depth": 32}
 SPLIT_KEYS = ("n_prelude", "recurrent_layer", "n_coda")
+MAX_RUNS = 10_000  # runs a spec may expand to (checked before any is built)
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_NODES = 100_000  # YAML values after expanding aliases (a few nested aliases can mean billions)
+
+
+@dataclass
+class EvalSettings:
+    """The spec's `eval:` section."""
+    depths: tuple[int, ...] = setting(DEFAULT_EVAL_DEPTHS, "depths every run is evaluated at", low=1, high=MAX_STEPS)
+    blocks: int = setting(16, "blocks per split", low=1, high=1 << 20)
+    batch_size: int = setting(4, "blocks per forward pass", low=1, high=65536)
+    modulation_inputs: int = setting(6, "held-out blocks the Controller's modulation is measured on", low=1, high=65536)
+    exit_thresholds: tuple[float, ...] | None = setting(None, "adaptive-exit thresholds also evaluated", above=0)
+    exit_max_depth: int = setting(32, "most steps under adaptive exit", low=1, high=MAX_STEPS)
+
+    def __post_init__(self):
+        validate_fields(self)
+
+
+@dataclass
+class DataSettings:
+    """The spec's `data:` section (its `domains` are checked by SweepSpec.validate)."""
+    train: tuple[str, ...] = setting((), "training sources")
+    heldout: tuple[str, ...] | None = setting(None, "held-out sources")
+    seq_len: int | None = setting(None, "tokens per block (default: the runtime's)", low=1, high=1 << 20)
+    heldout_fraction: float = setting(0.1, "documents held out without heldout", above=0, high=0.99)
+    text_field: str = setting("text", "field holding the text in .jsonl/.parquet/datasets")
+
+    def __post_init__(self):
+        if not self.train:
+            raise ValueError("data.train must list the training sources")
+        validate_fields(self)
+
+
+def load_yaml(path: Path):
+    """A YAML file, refusing one over MAX_SPEC_BYTES or whose aliases expand past MAX_SPEC_NODES values."""
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_SPEC_BYTES:,} bytes: not a sweep spec")
+    try:
+        loader = yaml.SafeLoader(path.read_text())
+        try:
+            node = loader.get_single_node()
+            stack, seen = [node] if node is not None else [], 0
+            while stack:  # the composed graph walked as it would be expanded, stopped at the bound
+                n = stack.pop()
+                seen += 1
+                if seen > MAX_SPEC_NODES:
+                    raise ValueError(f"{path} expands to more than {MAX_SPEC_NODES:,} values "
+                                     "(nested aliases?): not a sweep spec")
+                if isinstance(n, yaml.MappingNode):
+                    stack += [x for kv in n.value for x in kv]
+                elif isinstance(n, yaml.SequenceNode):
+                    stack += n.value
+            return loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid YAML: {str(e)[:200]}") from None
 
 
 def grid_keys(model_cls=OuroborosConfig, train_cls=TrainConfig) -> set[str]:
@@ -82,10 +138,7 @@ class SweepSpec:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"sweep spec not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid YAML: {str(e)[:200]}") from None
+        raw = load_yaml(path)
         if not isinstance(raw, dict):
             raise ValueError(f"{path} must hold a mapping (name, base, split, data, train, eval, defaults, grid, runs)")
         for req in ("name", "base", "split", "data"):
@@ -102,6 +155,9 @@ class SweepSpec:
         """Every key and every run's settings, before anything starts."""
         if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name must be a plain folder name (no '/', not starting with '.'); got {self.name!r}")
+        if not isinstance(self.base, str) or not self.base:
+            raise ValueError(f"base must be a model folder, alias or hub id; got {self.base!r}")
+        check_value("seed", self.seed, int, {"low": 0, "high": 2**32 - 1})
         for section in ("split", "data", "train", "eval", "defaults", "grid"):
             if not isinstance(getattr(self, section), dict):
                 raise ValueError(f"{section} must be a mapping")
@@ -114,10 +170,14 @@ class SweepSpec:
         for k, v in self.grid.items():
             if not isinstance(v, list) or not v:
                 raise ValueError(f"grid.{k} must be a non-empty list")
-        if "train" not in self.data:
-            raise ValueError("data.train must list the training sources")
+        count = math.prod(len(v) for v in self.grid.values()) if self.grid else 0
+        count = (count + len(self.runs)) * max(1, len(self.seeds) if isinstance(self.seeds, list) else 1)
+        if count > MAX_RUNS:
+            raise ValueError(f"the grid, runs and seeds make {count:,} runs; a sweep may have at most {MAX_RUNS:,}")
+        self.data_settings()
         domains = self.data.get("domains", {})
-        if not isinstance(domains, dict) or not all(isinstance(v, list) and v for v in domains.values()):
+        if not isinstance(domains, dict) or not all(isinstance(v, list) and v and all(isinstance(x, str) for x in v)
+                                                    for v in domains.values()):
             raise ValueError("data.domains must map a domain name to a non-empty list of sources")
         clash = sorted(set(domains) & {"train", "heldout"})
         if clash:
@@ -125,12 +185,23 @@ class SweepSpec:
         if not isinstance(self.seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
                                                        for x in self.seeds):
             raise ValueError(f"seeds must be a list of non-negative integers; got {self.seeds!r}")
-        unknown = sorted(set(self.split) - set(SPLIT_KEYS)) + sorted(set(self.eval) - set(EVAL_DEFAULTS))
+        unknown = sorted(set(self.split) - set(SPLIT_KEYS))
         if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(map(str, unknown))} in split/eval")
+            raise ValueError(f"unknown key(s) {', '.join(map(str, unknown))} in split")
+        self.eval_settings()
         from_dict(TrainConfig, dict(self.train), "train")
         for run in self.expand():  # every run's configuration must be valid before anything starts
             run.model_config(self), run.train_config(self)
+
+    def eval_settings(self) -> dict:
+        """The eval section with its defaults, validated (EvalSettings)."""
+        ev = dict(self.eval)
+        if ev.get("exit_thresholds") == []:
+            ev["exit_thresholds"] = None
+        return {**to_dict(from_dict(EvalSettings, ev, "eval")), "exit_thresholds": list(ev.get("exit_thresholds") or [])}
+
+    def data_settings(self) -> "DataSettings":
+        return from_dict(DataSettings, {k: v for k, v in self.data.items() if k != "domains"}, "data")
 
     def expand(self) -> list["Run"]:
         keys = list(self.grid)
@@ -250,12 +321,14 @@ def modulation_spread(model, blocks: torch.Tensor, depth: int) -> dict | None:
             "per_step": ratios, "depth": depth}
 
 
-def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, ev: dict, runtime, progress: bool) -> dict:
-    """Full model and pruned baseline: once, on the same blocks as every run (cached in out/reference.json)."""
-    ref_path = out / REFERENCE
-    ref = json.loads(ref_path.read_text()) if ref_path.is_file() else {"tokens": {}}
-    missing = {split: blocks for split, blocks in splits.items() if split not in ref}
-    if missing:  # a new sweep, or splits added to the spec since: only those are evaluated
+def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, ev: dict, runtime, progress: bool,
+                     ref: dict, corpus) -> dict:
+    """Full model and pruned baseline: once, on the same blocks as every run (cached in out/reference.json,
+    keyed by those blocks: a split whose blocks changed is scored again)."""
+    keys = split_keys(spec.base, spec.split, splits)
+    missing = {split: blocks for split, blocks in splits.items()
+               if split not in ref or ref.get("keys", {}).get(split) != keys[split]}
+    if missing:  # a new sweep, splits added or changed since: only those are evaluated
         base = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
         plain = runs[0].model_config(spec).replace(variant="none", coda_lora_rank=0, coda_lora_layers=0,
                                                    prelude_lora_layers=0, coda_norms=False, recurrent_lora=False,
@@ -266,7 +339,9 @@ def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, 
                        runtime=runtime)
         ref.update({split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()})
         ref["tokens"].update(rep.tokens)
-        ref_path.write_text(json.dumps(ref, indent=2) + "\n")
+    ref["keys"] = {**ref.get("keys", {}), **keys}
+    ref["corpus"] = corpus_key(corpus)
+    save_reference(out, ref)
     return ref
 
 
@@ -286,7 +361,7 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
     rep, spread = evaluate_run(model, splits, reference, ev, progress, runtime)
     mod = capture_modulation(model, corpus.heldout[: ev["modulation_inputs"]], max(tc.depths))
     if mod is not None:
-        torch.save(mod, rdir / "modulation.pt")
+        write_with(rdir / "modulation.pt", lambda f: torch.save(mod, f))
     result = {
         "name": run.name, "config_name": run.config_name, "seed": run.seed_in(spec), "settings": run.settings,
         "modulation_spread": spread, "config": cfg.to_dict(), "train_config": to_dict(tc),
@@ -294,10 +369,11 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
         "steps": summary["steps_done"], "seq_len": corpus.seq_len, "batch_size": tc.batch_size,
         "losses": {split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()},
         "mean_steps": {split: {r.model: r.steps for r in rep.curve(split)} for split in rep.splits},
-        "reference": reference,
+        "reference": reference_of(reference, splits),
+        "reference_keys": {split: reference["keys"][split] for split in splits},
     }
     rep.write(rdir)
-    (rdir / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(rdir / RESULT, result)
 
 
 def evaluate_run(model, splits: dict, reference: dict, ev: dict, progress: bool, runtime):
@@ -314,26 +390,38 @@ def evaluate_run(model, splits: dict, reference: dict, ev: dict, progress: bool,
 
 
 def extend_run(spec: SweepSpec, rdir: Path, splits: dict, reference: dict, ev: dict, runtime, progress: bool) -> list[str]:
-    """A finished run evaluated on the splits its result.json lacks (added to the spec since), from its
-    saved adapter, without training; result.json is rewritten with them (earlier numbers unchanged)."""
-    result = json.loads((rdir / RESULT).read_text())
-    missing = {split: blocks for split, blocks in splits.items() if split not in result["losses"]}
+    """A finished run evaluated on the splits its result.json lacks (added to the spec since) or scored
+    on other blocks than now (`stale_splits`), from its saved adapter, without training; result.json is
+    rewritten with them (the other numbers unchanged)."""
+    result = read_json(rdir / RESULT, "run result")
+    keys = {split: reference["keys"][split] for split in splits}
+    missing = {split: splits[split] for split in stale_splits(result, keys, reference)}
     if not missing:
+        if result.get("reference_keys") != {**result.get("reference_keys", {}), **keys}:  # written before keys
+            result["reference_keys"] = {**result.get("reference_keys", {}), **keys}
+            write_json(rdir / RESULT, result)
         return []
+    result["reference_keys"] = {**result.get("reference_keys", {}), **keys}
     model = load_adapter(rdir, base=load_base_model(spec.base, dtype=runtime.dtype))
     rep, spread = evaluate_run(model, missing, reference, ev, progress, runtime)
     result["losses"].update({split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()})
     result["mean_steps"].update({split: {r.model: r.steps for r in rep.curve(split)} for split in rep.splits})
     if spread is not None:
         result["modulation_spread"] = {**(result.get("modulation_spread") or {}), **spread}
-    result["reference"] = reference
+    result["reference"] = reference_of(reference, result["losses"])
     if (rdir / "eval.json").is_file():  # the run's own eval.md/json gain the new splits too
-        old = EvalReport.from_dict(json.loads((rdir / "eval.json").read_text()))
+        old = EvalReport.from_dict(read_json(rdir / "eval.json", "evaluation report"))
         old.splits.update(rep.splits)
         old.tokens.update(rep.tokens)
         old.write(rdir)
-    (rdir / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(rdir / RESULT, result)
     return sorted(missing)
+
+
+def reference_of(reference: dict, splits) -> dict:
+    """The reference losses of `splits` and their token counts (what a result.json records)."""
+    return {**{split: reference[split] for split in splits if split in reference},
+            "tokens": {split: reference["tokens"][split] for split in splits if split in reference["tokens"]}}
 
 
 def select_runs(spec: SweepSpec, only: list[str] | None) -> list[Run]:
@@ -346,33 +434,40 @@ def select_runs(spec: SweepSpec, only: list[str] | None) -> list[Run]:
     return runs
 
 
+def sweep_corpus(spec: SweepSpec, runtime):
+    """(tokenizer, corpus, eval splits, eval settings) the spec describes."""
+    data = spec.data_settings()
+    seq_len = data.seq_len or runtime.default_seq_len
+    tokenizer = load_tokenizer(spec.base)
+    corpus = build_corpus(spec.sources("train"), tokenizer, seq_len, heldout=spec.sources("heldout"),
+                          heldout_fraction=data.heldout_fraction, seed=spec.seed, text_field=data.text_field)
+    ev = spec.eval_settings()
+    splits = corpus.eval_splits(min(ev["blocks"], corpus.train.shape[0], corpus.heldout.shape[0]), spec.seed + 1)
+    for name, sources in spec.domain_sources().items():
+        splits[name] = domain_blocks(sources, tokenizer, seq_len, ev["blocks"], spec.seed + 1, data.text_field)
+    return corpus, splits, ev
+
+
 def run_sweep(spec_path: str | Path, out: str | Path | None = None, only: list[str] | None = None,
               progress: bool = True) -> Path:
     spec = SweepSpec.load(spec_path)
     runs = select_runs(spec, only)
     runtime = choose_runtime()
-    out = Path(out or Path("runs") / spec.name)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(Path(spec_path).read_text())
-    seq_len = int(spec.data.get("seq_len", runtime.default_seq_len))
-    tokenizer = load_tokenizer(spec.base)
-    corpus = build_corpus(spec.sources("train"), tokenizer, seq_len, heldout=spec.sources("heldout"),
-                          heldout_fraction=float(spec.data.get("heldout_fraction", 0.1)), seed=spec.seed,
-                          text_field=spec.data.get("text_field", "text"))
+    out = ensure_dir(Path(out or Path("runs") / spec.name))  # never a link
+    corpus, splits, ev = sweep_corpus(spec, runtime)
     print(f"sweep {spec.name}: {len(runs)} runs into {out}; {corpus.describe()}")
-    ev = {**EVAL_DEFAULTS, **spec.eval}
-    splits = corpus.eval_splits(min(ev["blocks"], corpus.train.shape[0], corpus.heldout.shape[0]), spec.seed + 1)
-    for name, sources in spec.domain_sources().items():
-        splits[name] = domain_blocks(sources, tokenizer, seq_len, ev["blocks"], spec.seed + 1,
-                                     spec.data.get("text_field", "text"))
+    for name in spec.domain_sources():
         print(f"  domain {name}: {splits[name].shape[0]} blocks (evaluation only)")
-    reference = reference_losses(spec, runs, splits, out, ev, runtime, progress)
+    ref = read_reference(out)
+    check_trained_on(out, ref, corpus)  # before anything is written
+    write_text(out / "spec.yaml", Path(spec_path).read_text())
+    reference = reference_losses(spec, runs, splits, out, ev, runtime, progress, ref, corpus)
     for i, run in enumerate(runs, 1):
-        rdir = out / "runs" / run.name
+        rdir = ensure_dir(out / "runs" / run.name, under=out)
         if (rdir / RESULT).is_file():
             added = extend_run(spec, rdir, splits, reference, ev, runtime, progress)
             print(f"[{i}/{len(runs)}] {run.name}: done, "
-                  + (f"evaluated on the splits added since ({', '.join(added)})" if added else "skipped"))
+                  + (f"evaluated on the splits added or changed since ({', '.join(added)})" if added else "skipped"))
             continue
         print(f"[{i}/{len(runs)}] {run.name}: {'resuming' if list_checkpoints(rdir) else 'training'}")
         run_one(spec, run, rdir, corpus, splits, reference, ev, runtime, progress)

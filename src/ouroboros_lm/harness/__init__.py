@@ -13,8 +13,11 @@ them; default: `sample.txt`, the opening of the 2021 State of the Union address,
         --include_path $(python -c "import ouroboros_lm.harness as h; print(h.TASKS_DIR)") \\
         --tasks ouroboros_ppl,ouroboros_next_sentence --metadata '{"data": "heldout/*.txt"}'
 
-or `ouroboros harness --model HFDIR --data 'heldout/*.txt'`. Passages are runs of whole
-sentences up to `passage_words` words (default 200; a blank line also ends one).
+(a separate process: trust_remote_code runs the folder's modeling_ouroboros.py, which only imports
+the installed ouroboros_lm) or `ouroboros harness --model HFDIR --data 'heldout/*.txt'`, which
+needs no remote code for a folder of ours and runs a folder's own Python files only with
+--trust-remote-code. Passages are runs of whole sentences up to `passage_words` words (default
+200; a blank line also ends one).
 """
 from __future__ import annotations
 
@@ -101,16 +104,60 @@ def load_next_sentence(data=None, passage_words: int = 200, max_items: int = 200
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
+def check_harness(model: str | os.PathLike, data=None, tasks=TASKS, depth: int | None = None,
+                  baseline: bool = False, trust_remote_code: bool = False) -> None:
+    """Everything `run_harness` can refuse before loading anything, as one ValueError: the model folder
+    (a path lm-evaluation-harness can take, a Hugging Face folder; --depth / --baseline only on an
+    exported Ouroboros model, the depth within its max_steps), the task names, and text to build them from."""
+    from ..atomic import read_json
+
+    path = Path(model)
+    if any(ch in str(model) for ch in ",="):
+        raise ValueError(f"--model {model}: lm-evaluation-harness splits its model arguments at ',' and '=', so this "
+                         "path would name another folder; move or link the model to a path without them")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model} is not a Hugging Face model folder (run `ouroboros export` first)")
+    config = read_json(path / "config.json", "model config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / 'config.json'}: expected a JSON object")
+    kind = config.get("model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if isinstance(config.get("auto_map"), dict) and kind not in CONFIG_MAPPING and not trust_remote_code:
+        raise ValueError(f"{model} ships its own Python code for model type {kind!r} (auto_map in config.json); "
+                         "loading it runs that code: pass --trust-remote-code only if you trust the folder")
+    if kind != "ouroboros" and (depth is not None or baseline):
+        raise ValueError(f"--depth and --baseline need a folder from `ouroboros export`; {model} holds a "
+                         f"{kind!r} model (the full model's row takes neither)")
+    if kind == "ouroboros":
+        from ..hf_config import OuroborosHFConfig
+
+        cfg = OuroborosHFConfig.from_pretrained(path).check()
+        if depth is not None:
+            cfg.check_depth(depth, "--depth")
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; the tasks are {', '.join(TASKS)}")
+    if not passages(data):
+        raise ValueError(f"no text in data={data!r}: the tasks need passages of sentences")
+    if "ouroboros_next_sentence" in tasks and not next_sentence_items(data, max_items=1):
+        raise ValueError(f"ouroboros_next_sentence: no passage of data={data!r} has 4 sentences or more")
+
+
 def run_harness(model: str | os.PathLike, data=None, tasks=TASKS, depth: int | None = None, baseline: bool = False,
-                batch_size: int = 1, limit: int | None = None, device: str | None = None) -> dict:
+                batch_size: int = 1, limit: int | None = None, device: str | None = None,
+                trust_remote_code: bool = False) -> dict:
     """lm-evaluation-harness's `simple_evaluate` with the "hf" model on `model` (a folder from
     `ouroboros export`, or any Hugging Face model folder for the full model's row) and our local
-    tasks over `data`; depth / baseline override the exported model's. Returns its results dict."""
+    tasks over `data`; depth / baseline override the exported model's. Returns its results dict.
+    A folder of ours needs no remote code (this process has the model class); trust_remote_code
+    lets transformers run the Python files a folder of another model type ships, so only for code you trust."""
     import lm_eval
     import torch
     from lm_eval.tasks import TaskManager
 
-    args = f"pretrained={model},trust_remote_code=True,dtype=float32"
+    check_harness(model, data, tasks, depth, baseline, trust_remote_code)
+    args = f"pretrained={model},trust_remote_code={bool(trust_remote_code)},dtype=float32"
     args += f",depth={depth}" if depth is not None else ""
     args += ",baseline=True" if baseline else ""
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
