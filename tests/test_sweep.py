@@ -192,3 +192,43 @@ def test_two_sweeps_are_compared_paired_by_seed_on_the_text_they_share(tmp_path)
     _fake_run(c, "cfg", 0, {"train": 4.0}, only_train)
     with pytest.raises(ValueError, match="share no split scored on the same blocks"):
         compare_sweeps(a, c)
+
+
+def test_heal_runs_stand_beside_the_recursion_paired_by_seed(tmp_path):
+    """A heal run (no recursion) in a sweep: one row per split, scored against the sweep's own pruned
+    baseline and full model, shown at every depth the recursion was evaluated at, and paired seed by
+    seed with it when named as the --reference."""
+    from ouroboros_lm.experiments.report import write_report
+
+    base = save_tiny_base(tmp_path / "base")
+    data = write_corpus(tmp_path / "text", n_docs=12)
+    spec = {
+        "name": "heal", "base": base, "split": {"n_prelude": 2, "recurrent_layer": 4, "n_coda": 2},
+        "data": {"train": [str(data)], "seq_len": 32, "heldout_fraction": 0.2},
+        "train": {"steps": 2, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "eval_every": 2, "eval_blocks": 2},
+        "eval": {"depths": [1, 2], "blocks": 2, "modulation_inputs": 2},
+        "defaults": {"rank": 4, "depths": [2]},
+        "runs": [{"variant": "static"}, {"heal_layers": 1, "coda_lora_rank": 1}],
+        "seeds": [0, 1],
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = run_sweep(path, out=tmp_path / "sweep", progress=False)
+    runs = SweepSpec.load(path).expand()
+    results = {r.name: json.loads((out / "runs" / r.name / "result.json").read_text()) for r in runs}
+    heal = [r for r in runs if "heal_layers" in r.name]
+    assert all(set(results[r.name]["losses"]["heldout"]) == {"full", "baseline", "heal"} for r in heal)
+    ref = results[heal[0].name]["reference"]["heldout"]
+    assert ref == results[runs[0].name]["reference"]["heldout"]  # the same references as the recursion's
+    with pytest.raises(ValueError, match="names 0 of the configurations"):
+        write_report(out, reference="no-such-configuration")
+    write_report(out, reference="heal_layers1")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary[0]["config"] == heal[0].config_name
+    recursion = summary[1]
+    for depth in (1, 2):
+        expected = [gap_recovered(results[r.name]["losses"]["heldout"][f"ouroboros@{depth}"], ref["baseline"], ref["full"])
+                    - gap_recovered(results[h.name]["losses"]["heldout"]["heal"], ref["baseline"], ref["full"])
+                    for r, h in zip([r for r in runs if r not in heal], heal)]
+        assert recursion["paired"][f"heldout@{depth}"][2] == pytest.approx(expected)
+    assert "heal_layers1" in (out / "results.md").read_text()

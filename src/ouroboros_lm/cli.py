@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", default=None, metavar="DIR",
                    help="another sweep folder scored on the same blocks: paired-by-seed differences of each "
                         "configuration against the same one there (or its only one) -> paired_vs_<DIR>.md/json")
+    p.add_argument("--reference", default=None, metavar="CONFIG",
+                   help="the configuration summary.md pairs every other one against, seed by seed (its name, or a "
+                        "part only it has; default: the one with the fewest trained weights)")
 
     p = sub.add_parser("demo", help="the main job: SmolLM2-135M on State of the Union addresses", formatter_class=fmt)
     add_flags(p, DemoConfig)
@@ -416,7 +419,7 @@ def cmd_report(args) -> None:
     for d in (args.dir, args.against):
         if d is not None and not Path(d).is_dir():
             raise FileNotFoundError(f"sweep folder not found: {d}")
-    write_report(args.dir)
+    write_report(args.dir, reference=args.reference)
     if args.against:
         from .experiments.report import compare_sweeps
 

@@ -358,11 +358,18 @@ def spread_cell(stat, one_seed: bool, fmt: str = "+.1f") -> str:
     return f"{stat[0]:{fmt}}" if one_seed else f"{stat[0]:{fmt}} ± {stat[1]:{fmt.lstrip('+')}}"
 
 
-def by_config(results: list[dict]) -> dict[str, list[dict]]:
-    """Runs grouped by configuration (runs that differ only in seed), smallest configuration first."""
+def by_config(results: list[dict], reference: str | None = None) -> dict[str, list[dict]]:
+    """Runs grouped by configuration (runs that differ only in seed), smallest configuration first, or
+    first the `reference` one (its name, or a part of it that names only one configuration)."""
     groups: dict[str, list[dict]] = {}
     for r in sorted(results, key=lambda r: (r["trainable_parameters"], r.get("config_name", r["name"]))):
         groups.setdefault(r.get("config_name", r["name"]), []).append(r)
+    if reference is not None:
+        match = [k for k in groups if k == reference] or [k for k in groups if reference in k]
+        if len(match) != 1:
+            raise ValueError(f"--reference {reference!r} names {len(match)} of the configurations "
+                             f"({', '.join(match or groups)}); give one configuration's name or a part only it has")
+        groups = {match[0]: groups.pop(match[0]), **groups}
     return groups
 
 
@@ -385,11 +392,11 @@ def paired_differences(runs: list[dict], reference: list[dict]) -> dict:
     return {k: (*mean_std(v), v) for k, v in out.items()}
 
 
-def seed_summary(results: list[dict]) -> list[dict]:
+def seed_summary(results: list[dict], reference: str | None = None) -> list[dict]:
     """One entry per configuration (runs that differ only in seed), by size: for every split and fixed
     depth the gap recovered as mean, std and the values per seed, the same for its difference to the
-    smallest configuration paired by seed, and the Controller's input dependence."""
-    groups, depths = by_config(results), recursion_depths(results)
+    smallest (or the `reference`) configuration paired by seed, and the Controller's input dependence."""
+    groups, depths = by_config(results, reference), recursion_depths(results)
     out = []  # smallest configuration first: the one the paired differences are taken against
     for name, runs in groups.items():
         entry = {"config": name, "seeds": [r.get("seed") for r in runs], "trainable_parameters": runs[0]["trainable_parameters"],
@@ -400,7 +407,7 @@ def seed_summary(results: list[dict]) -> list[dict]:
                 entry["gap"][f"{split}@{d}"] = (*mean_std(gaps), gaps)
                 entry["loss"][f"{split}@{d}"] = mean_std([r["losses"][split][key] for r in runs])
         entry["paired"] = paired_differences(runs, groups[next(iter(groups))])
-        spreads = [r["modulation_spread"] for r in runs if r.get("modulation_spread")]
+        spreads = [sp for r in runs if (sp := r.get("modulation_spread")) and None not in sp.values()]  # Controller runs
         if spreads:
             entry["input_dependence"] = {split: mean_std([sp[split]["input_dependence"] for sp in spreads])
                                          for split in spreads[0]}
@@ -408,8 +415,8 @@ def seed_summary(results: list[dict]) -> list[dict]:
     return out
 
 
-def write_summary(sweep_dir: Path, results: list[dict]) -> None:
-    summary = seed_summary(results)
+def write_summary(sweep_dir: Path, results: list[dict], reference: str | None = None) -> None:
+    summary = seed_summary(results, reference)
     write_json(sweep_dir / "summary.json", summary)
     splits = list(results[0]["losses"])
     depths = sorted({int(k.split("@")[1]) for e in summary for k in e["gap"]})
@@ -492,7 +499,7 @@ def compare_sweeps(sweep_dir: str | Path, against: str | Path) -> Path:
     return sweep_dir / f"{stem}.md"
 
 
-def write_report(sweep_dir: str | Path) -> Path:
+def write_report(sweep_dir: str | Path, reference: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -502,9 +509,10 @@ def write_report(sweep_dir: str | Path) -> Path:
     results = load_results(sweep_dir)
     if not results:
         raise ValueError(f"{sweep_dir} holds no finished runs (runs/*/result.json)")
+    by_config(results, reference)  # a --reference that names no single configuration: refused before writing
     table = rows(results)
     write_tables(sweep_dir, table, results)
-    write_summary(sweep_dir, results)
+    write_summary(sweep_dir, results, reference)
     plot_training_curves(sweep_dir, results, plt)
     plot_gap(sweep_dir, table, plt)
     plot_controller(sweep_dir, results, plt)

@@ -385,7 +385,7 @@ def evaluate_run(model, splits: dict, reference: dict, ev: dict, progress: bool,
                    batch_size=ev["batch_size"], progress=progress, known=known, runtime=runtime,
                    exit_rules=[(ExitRule(threshold=t), top) for t in ev["exit_thresholds"]])
     spread = ({split: modulation_spread(model, blocks[: ev["modulation_inputs"]], cfg.default_depth)
-               for split, blocks in splits.items()} if cfg.variant == "controller" else None)
+               for split, blocks in splits.items()} if model.recurrent.controller is not None else None)
     return rep, spread
 
 
