@@ -24,7 +24,7 @@ from .atomic import ensure_dir
 from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, read_state, refuse_planted_links,
                           remove_partial_checkpoints, save_checkpoint, truncate_metrics)
 from .config import MAX_STEPS
-from .data import BlockSampler, Corpus
+from .data import Corpus
 from .evaluate import mean_loss
 from .model import check_token_range
 from .recurrence import CHECKPOINTING
@@ -271,7 +271,7 @@ class Trainer:
         self.ddp_model, self.optimizer = acc.prepare(self.model, self.optimizer)
         self.model = acc.unwrap_model(self.ddp_model)
         self.model.train()
-        self.sampler = BlockSampler(self.corpus.train.shape[0], tc.seed)
+        self.sampler = self.corpus.sampler(tc.seed)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * acc.num_processes * self.corpus.seq_len
 
     def resume(self) -> None:
@@ -403,7 +403,8 @@ class Trainer:
         elapsed = time.time() - t0
         rec = {"step": step, "loss": sum(losses) / len(losses), "baseline_loss": bases[-1] if bases else None,
                "depth": window[-1]["depth"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": window[-1]["grad_norm"],
-               "tokens_per_s": (step - self.start) * self.tokens_per_step / max(elapsed, 1e-9), "elapsed_s": elapsed}
+               "tokens_per_s": (step - self.start) * self.tokens_per_step / max(elapsed, 1e-9), "elapsed_s": elapsed,
+               **self.corpus.tokens_seen(step * self.tokens_per_step // self.corpus.seq_len, self.tc.seed)}
         if "kl" in window[-1]:
             rec["kl"] = sum(r["kl"] for r in window) / len(window)
         append_metrics(self.run_dir, rec)
