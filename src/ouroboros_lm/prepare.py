@@ -188,13 +188,14 @@ def encoded(items: Iterator[tuple], definition: str, workers: int) -> Iterator[t
 class SplitWriter:
     """The shards of one split: documents appended piece by piece; a shard closes (fsynced,
     renamed from its partial name, checksums recorded) at the first document end past
-    `shard_tokens` tokens."""
+    `shard_tokens` tokens. `documents` and `source_tokens` count what closed shards hold."""
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int, done: dict | None = None):
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
         done = done or {"shards": [], "documents": 0, "source_tokens": {}}
         self.shards, self.documents = list(done["shards"]), done["documents"]
         self.source_tokens = {int(k): v for k, v in done["source_tokens"].items()}
+        self.resumed_documents = self.documents  # written by an interrupted run: skipped
         self.files = None
 
     def snapshot(self) -> dict:
@@ -205,7 +206,7 @@ class SplitWriter:
         self.name = f"{self.split}-{len(self.shards):05d}"
         self.files = {ext: open(self.folder / f".{self.name}.{ext}.partial", "wb") for ext in ("bin", "idx")}
         self.hashes = {ext: hashlib.sha256() for ext in self.files}
-        self.tokens, self.docs, self.lo, self.hi = 0, 0, None, None
+        self.tokens, self.docs, self.lo, self.hi, self.pending = 0, 0, None, None, {}
 
     def write(self, ext: str, data: bytes) -> None:
         self.files[ext].write(data)
@@ -219,14 +220,13 @@ class SplitWriter:
             self.lo, self.hi = min(lo, self.lo if self.lo is not None else lo), max(hi, self.hi or 0)
         self.write("bin", ids.astype(self.dtype).tobytes())
         self.tokens += ids.size
-        self.source_tokens[source] = self.source_tokens.get(source, 0) + int(ids.size)
+        self.pending[source] = self.pending.get(source, 0) + int(ids.size)
 
     def end_document(self, eos: int, source: int) -> bool:
         """Close the document (EOS); True when that closed the shard too."""
         self.add(np.array([eos], dtype=np.uint32), source)
         self.write("idx", np.array([self.tokens], dtype=INDEX_DTYPE).tobytes())
         self.docs += 1
-        self.documents += 1
         return self.tokens >= self.shard_tokens and self.close()
 
     def close(self) -> bool:
@@ -239,6 +239,9 @@ class SplitWriter:
         fsync_dir(self.folder)
         self.shards.append({"name": self.name, "tokens": self.tokens, "documents": self.docs, "min_token": self.lo,
                             "max_token": self.hi, "sha256": {ext: h.hexdigest() for ext, h in self.hashes.items()}})
+        self.documents += self.docs
+        for source, n in self.pending.items():
+            self.source_tokens[source] = self.source_tokens.get(source, 0) + n
         self.files = None
         return True
 
@@ -252,7 +255,7 @@ def documents_to_write(plan: dict, sv: Survey, writers: dict, names) -> Iterator
         if split == "heldout":
             names.write(name.replace("\n", " ") + "\n")
         seen[split] += 1
-        if seen[split] <= writers[split].documents:
+        if seen[split] <= writers[split].resumed_documents:
             continue  # in a shard an interrupted run completed
         prev = None
         for piece in pieces:
