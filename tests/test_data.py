@@ -99,3 +99,38 @@ def test_block_sampler_is_stateless_and_splits_ranks():
     assert BlockSampler(10, seed=1).batch(3, 2).tolist() == first[3]
     r0, r1 = s.batch(0, 2, rank=0, world_size=2), s.batch(0, 2, rank=1, world_size=2)
     assert not set(r0.tolist()) & set(r1.tolist())
+
+
+MEASURE = """
+import json, resource, sys
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from ouroboros_lm.data import build_corpus
+vocab = {w: i for i, w in enumerate(["ba", "ko", "ri", "tu", "<unk>", "<eos>"])}
+tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+corpus = build_corpus([sys.argv[1]], tok, 64, heldout=[sys.argv[2]])
+print(json.dumps({"grew_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+                  "tokens": corpus.train.shape[0] * 64}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_reading_a_20_mb_single_line_file_takes_memory_bounded_by_what_is_read(tmp_path, kind):
+    """A 20 MB text file on one line (and a .jsonl whose one line holds 20 MB of text) is read,
+    tokenized and packed growing memory by less than the file's size (it took ~100x before)."""
+    import os
+    import subprocess
+    import sys
+
+    text = " ".join(["ba ko ri tu"] * 1_700_000)[:20_000_000]
+    (tmp_path / f"big.{kind}").write_text(json.dumps({"text": text}) if kind == "jsonl" else text)
+    (tmp_path / "held.txt").write_text("ba ko " * 200)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OUROBOROS_DATA_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / f"big.{kind}"), str(tmp_path / "held.txt")],
+                         env=env, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == (text.count(" ") + 2) // 64 * 64  # every word of it once, and EOS
+    assert got["grew_mb"] < 20, got
