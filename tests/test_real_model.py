@@ -108,9 +108,9 @@ def test_real_tokenizer_reads_long_text_in_pieces_exactly_as_whole(smollm2):
     from ouroboros_lm.reading import pieces_of
 
     _, tok = smollm2
-    text = "".join(Path(f).read_text() for f in sotu_slice(6))
+    text = "".join(Path(f).read_text() for f in sotu_slice(6)) * 3
     text += " ".join(["x" * 50] * 100) + "  \n\n  1234567 numbers, ok?  éà 東京 😀 " * 200
     pieces = list(pieces_of(text))
-    assert len(pieces) > 4 and "".join(pieces) == text
+    assert len(pieces) > 1 and "".join(pieces) == text
     whole = tok(text, add_special_tokens=False)["input_ids"]
     assert [i for p in pieces for i in tok(p, add_special_tokens=False)["input_ids"]] == whole
