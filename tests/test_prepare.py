@@ -249,9 +249,36 @@ def test_prepare_then_train_from_the_folder_on_the_command_line(prepared_run, ca
     assert train_cli(tmp_path, tmp_path / "p") == 0
     assert Prepared(tmp_path / "p").manifest["tokenizer"]["sha256"]
     assert len([line for line in open(tmp_path / "ad" / "metrics.jsonl") if '"loss"' in line]) == 2
+    assert main(["eval", "--adapter", str(tmp_path / "ad"), "--data", str(tmp_path / "p"), "--blocks", "2",
+                 "--depths", "1", "--no-full", "--seq-len", "16", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["tokens"]["heldout"] == 2 * 15
+    # the adapter names its base: `prepare --base ADAPTER` uses that base's tokenizer, the same folder
+    assert main(["prepare", str(tmp_path / "text"), "--out", str(tmp_path / "p"), "--base", str(tmp_path / "ad")]) == 0
     # checked in full once (then stamped): an edit made after that is still found
     with open(tmp_path / "p" / "train-00000.bin", "r+b") as f:
         f.write(b"\x07\x00")
     capsys.readouterr()
     assert train_cli(tmp_path, tmp_path / "p") == 2
     assert "train-00000.bin does not match its checksum" in capsys.readouterr().err
+
+
+def test_a_resumed_mixture_draws_the_batches_of_an_uninterrupted_run_and_refuses_other_weights(tmp_path, one_thread):
+    tok = tiny_tokenizer()
+    tc = dict(steps=4, batch_size=2, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=1,
+              depths=(1, 2), progress=False)
+    seen = {"whole": [], "cut": []}
+    corpus = mixture(tmp_path / "d", tok, (1, 1, 2))
+    train(tiny_model(), corpus, tmp_path / "whole", TrainConfig(**tc), on_batch=lambda s, m, i: seen["whole"].append(i.tolist()))
+    train(tiny_model(), corpus, tmp_path / "cut", TrainConfig(**tc, stop_after=2), on_batch=lambda s, m, i: seen["cut"].append(i.tolist()))
+    from ouroboros_lm import load_adapter
+
+    train(load_adapter(tmp_path / "cut", base=tiny_base("llama")), mixture(tmp_path / "d", tok, (1, 1, 2)),
+          tmp_path / "cut", TrainConfig(**tc), resume=True, on_batch=lambda s, m, i: seen["cut"].append(i.tolist()))
+    assert seen["cut"] == seen["whole"]
+    def train_losses(run):
+        return [(step, loss) for step, loss, _ in losses(run) if loss is not None]
+
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "whole") and len(train_losses(tmp_path / "cut")) == 4
+    with pytest.raises(ValueError, match="differ from the run's: data: saved"):
+        train(load_adapter(tmp_path / "cut", base=tiny_base("llama")), mixture(tmp_path / "d", tok, (1, 1, 3)),
+              tmp_path / "cut", TrainConfig(**{**tc, "steps": 4}), resume=True)

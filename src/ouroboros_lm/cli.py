@@ -464,6 +464,7 @@ COMMANDS = {"convert": cmd_convert, "prepare": cmd_prepare, "train": cmd_train, 
 
 # What an interrupted command leaves (Ctrl-C), per command; the rest write nothing or only whole files.
 INTERRUPTED = {
+    "prepare": "the complete shards are kept: the same command resumes after them",
     "train": "the last checkpoint is kept (rerun with --resume to continue)",
     "train-halter": "the adapter is as it was before (rerun to train the halter)",
     "sweep": "finished runs are kept; rerun the same command to continue (the interrupted run resumes from "

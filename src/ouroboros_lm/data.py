@@ -164,6 +164,11 @@ class Corpus:
             return BlockSampler(self.train.shape[0], seed)
         return MixtureSampler([p.blocks for p in self.parts], [p.weight for p in self.parts], seed)
 
+    def sampling_key(self) -> dict:
+        """What the batches drawn depend on besides the seed (a resumed run must match it)."""
+        return {"train_blocks": int(self.train.shape[0]),
+                "sources": [[p.name, p.blocks, p.weight] for p in self.parts] if len(self.parts) > 1 else []}
+
     def tokens_seen(self, positions: int, seed: int) -> dict[str, int]:
         """Tokens of each named source among the first `positions` blocks drawn (a mixture only)."""
         if len(self.parts) <= 1:

@@ -189,11 +189,12 @@ def run_lock(run_dir: Path):
         os.close(fd)
 
 
-def resume_conflicts(saved: dict, tc: TrainConfig, seq_len: int) -> list[str]:
-    """The settings that define the run and differ from the checkpoint's, as 'name: saved X, asked Y'."""
-    now = {**to_dict(tc), "seq_len": seq_len}
-    was = {**saved.get("train_config", {}), "seq_len": saved.get("seq_len", seq_len)}
-    return [f"{k}: saved {was[k]!r}, asked {now[k]!r}" for k in (*structural_fields(TrainConfig), "seq_len")
+def resume_conflicts(saved: dict, tc: TrainConfig, seq_len: int, data: dict | None = None) -> list[str]:
+    """The settings that define the run and differ from the checkpoint's, as 'name: saved X, asked Y'
+    (`data`: what the batches are drawn from, `Corpus.sampling_key`)."""
+    now = {**to_dict(tc), "seq_len": seq_len, "data": data}
+    was = {**saved.get("train_config", {}), "seq_len": saved.get("seq_len", seq_len), "data": saved.get("data", data)}
+    return [f"{k}: saved {was[k]!r}, asked {now[k]!r}" for k in (*structural_fields(TrainConfig), "seq_len", "data")
             if k in was and was[k] != now[k]]
 
 
@@ -227,7 +228,7 @@ class Trainer:
             raise ValueError(f"{self.run_dir} already has checkpoints (latest {existing[-1].name}); pass --resume to "
                              "continue that run, or convert into a new folder to start over (nothing was changed)")
         if self.resuming:
-            conflicts = resume_conflicts(read_state(existing[-1]), tc, self.corpus.seq_len)
+            conflicts = resume_conflicts(read_state(existing[-1]), tc, self.corpus.seq_len, self.corpus.sampling_key())
             if conflicts:
                 raise ValueError("--resume with settings that differ from the run's: " + "; ".join(conflicts)
                                  + " (pass the original values; nothing was changed)")
@@ -386,7 +387,8 @@ class Trainer:
                 "eval_depth": depth, "heldout_tokens": int(heldout[:, 1:].numel())}
 
     def checkpoint(self, step: int, depth: int, elapsed: float) -> None:
-        state = {"train_config": to_dict(self.tc), "seq_len": self.corpus.seq_len, "depth": depth,
+        state = {"train_config": to_dict(self.tc), "seq_len": self.corpus.seq_len, "data": self.corpus.sampling_key(),
+                 "depth": depth,
                  "elapsed_s": self.prior_elapsed + elapsed}
         save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, step, state, self.tc.keep_checkpoints)
 
