@@ -9,8 +9,9 @@ Each measurement runs in a fresh process; peak RSS is that process's maximum res
 * startup: `ouroboros train` on prepared folders of 10 MB and of 2 GB of tokens (synthetic
   shards written directly, random token ids), a tiny random Llama with SmolLM2's tokenizer so the
   step itself costs little: seconds from launching the command to its first training step, RSS
-  then, and peak RSS (which includes the sampler's shuffle, 8 bytes a block, and the step's own
-  allocations). The first start checks every shard's checksum (reading it all); later starts
+  then, peak RSS (which includes the sampler's shuffle, 4 bytes a block, the step's own
+  allocations, and file pages of the mapped shards: shared page cache, more of it while a freshly
+  written shard is still in the cache), and the anonymous / file-backed split at the end. The first start checks every shard's checksum (reading it all); later starts
   find the check stamped and only map the files.
 
     python bench/data_scale.py prepare [--mb 20,200]
@@ -81,9 +82,12 @@ def timed(self, *a, **k):
 Trainer.train_step = timed
 from ouroboros_lm.cli import main
 assert main(["train", "--adapter", sys.argv[2], "--data", sys.argv[3], "--steps", "2", "--batch-size", "1",
-             "--seq-len", "256", "--depths", "1", "--log-every", "1", "--eval-every", "100", "--eval-blocks", "2",
+             "--seq-len", "128", "--depths", "1", "--log-every", "1", "--eval-every", "100", "--eval-blocks", "2",
              "--save-every", "100", "--warmup-steps", "0"]) == 0
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({"first_step_s": first[0] - float(sys.argv[1]), "rss_at_first_step_mb": first[1],
+                  "anon_mb_at_end": int(status["RssAnon"].split()[0]) / 1024,
+                  "file_mb_at_end": int(status["RssFile"].split()[0]) / 1024,
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -141,17 +145,18 @@ def synthetic_folder(folder: Path, n_tokens: int, tokenizer, doc_tokens: int = 1
     folder.mkdir(parents=True, exist_ok=True)
     rng, shards = np.random.default_rng(0), {}
     for split, n in (("train", n_tokens), ("heldout", 1 << 16)):
-        h_bin, h_idx, left = hashlib.sha256(), hashlib.sha256(), n
+        h_bin, h_idx, left, lo, hi = hashlib.sha256(), hashlib.sha256(), n, len(tokenizer), 0
         with open(folder / f"{split}-00000.bin", "wb") as fb, open(folder / f"{split}-00000.idx", "wb") as fi:
             while left:
                 k = min(left, 1 << 26)
-                data = rng.integers(0, len(tokenizer), k, dtype=np.uint16).tobytes()
+                ids = rng.integers(0, len(tokenizer), k, dtype=np.uint16)
+                lo, hi, data = min(lo, int(ids.min())), max(hi, int(ids.max())), ids.tobytes()
                 ends = np.arange(n - left + doc_tokens, n - left + k + 1, doc_tokens, dtype="<i8").tobytes()
                 fb.write(data), fi.write(ends), h_bin.update(data), h_idx.update(ends)
                 left -= k
         shards[split] = {"documents": n // doc_tokens, "tokens": n, "shards": [
-            {"name": f"{split}-00000", "tokens": n, "documents": n // doc_tokens, "min_token": 0,
-             "max_token": len(tokenizer) - 1, "sha256": {"bin": h_bin.hexdigest(), "idx": h_idx.hexdigest()}}]}
+            {"name": f"{split}-00000", "tokens": n, "documents": n // doc_tokens, "min_token": lo,
+             "max_token": hi, "sha256": {"bin": h_bin.hexdigest(), "idx": h_idx.hexdigest()}}]}
     manifest = {"format": FORMAT, "version": VERSION, "tokenizer": tokenizer_identity(tokenizer),
                 "vocab_size": len(tokenizer), "eos": tokenizer.eos_token_id, "dtype": "<u2", "splits": shards,
                 "sources": [{"source": "synthetic", "role": "data"}], "heldout": {"rule": "synthetic"}}
@@ -196,9 +201,11 @@ def run_startup(args) -> None:
             adapter = tiny_adapter(root, tok)
             rows.append({"what": f"{label} of tokens, {start}", **child(TRAIN, str(adapter), str(data))})
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| corpus | command to first step, s | RSS at the first step, MB | peak RSS, MB |\n|---|---|---|---|")
+    print("\n| corpus | command to first step, s | RSS at the first step, MB | peak RSS, MB | at the end: anonymous, "
+          "file-backed MB |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['what']} | {r['first_step_s']:.1f} | {r['rss_at_first_step_mb']:.0f} | {r['peak_mb']:.0f} |")
+        print(f"| {r['what']} | {r['first_step_s']:.1f} | {r['rss_at_first_step_mb']:.0f} | {r['peak_mb']:.0f} | "
+              f"{r['anon_mb_at_end']:.0f}, {r['file_mb_at_end']:.0f} |")
 
 
 def main() -> None:

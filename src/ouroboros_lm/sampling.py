@@ -21,7 +21,9 @@ class BlockSampler:
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n_blocks, generator=g)}
+            # int32 (4 bytes a block) draws the same permutation as int64
+            dtype = torch.int32 if self.n_blocks < 2**31 else torch.int64
+            self._perms = {epoch: torch.randperm(self.n_blocks, generator=g, dtype=dtype)}
         return self._perms[epoch]
 
     def at(self, position: int) -> int:
@@ -30,7 +32,8 @@ class BlockSampler:
 
     def batch(self, index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         start = (index * world_size + rank) * batch_size
-        return torch.stack([self._perm(p // self.n_blocks)[p % self.n_blocks] for p in range(start, start + batch_size)])
+        return torch.stack([self._perm(p // self.n_blocks)[p % self.n_blocks]
+                            for p in range(start, start + batch_size)]).long()
 
 
 def quotas(weights: list[float], total: int = CHUNK) -> list[int]:

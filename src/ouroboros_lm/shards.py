@@ -11,7 +11,7 @@ from them by memory map.
 The manifest is written last, once every shard it names is complete, so it never points at a
 partial shard. A block is `seq_len` consecutive tokens of one shard (a shard's tail shorter than
 a block is not used); blocks are int64 only when a batch is read. Opening a folder checks the
-tokenizer against the model's, every shard's size, and its checksums: in full the first time,
+tokenizer against the model's, every shard's size, its checksums and token range: in full the first time,
 then again whenever the file's size, times or inode change (stamps under the data cache).
 """
 from __future__ import annotations
@@ -55,15 +55,15 @@ def tokenizer_identity(tokenizer) -> dict:
     return {"name": str(getattr(tokenizer, "name_or_path", "") or ""), "sha256": digest}
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------- checks
+def shard_ok(s) -> bool:
+    ints = lambda *vals: all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vals)
+    return (isinstance(s, dict) and isinstance(s.get("name"), str) and "/" not in s["name"]
+            and not s["name"].startswith(".") and ints(s.get("tokens"), s.get("documents"))
+            and (s["tokens"] == 0 or ints(s.get("min_token"), s.get("max_token")))
+            and isinstance(s.get("sha256"), dict) and all(isinstance(s["sha256"].get(k), str) for k in ("bin", "idx")))
+
+
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
@@ -74,8 +74,9 @@ def read_manifest(folder: Path) -> dict:
         raise DataError(f"{path} is not valid JSON ({e}); prepare the folder again") from None
     try:
         ok = (m["format"] == FORMAT and m["version"] == VERSION and m["dtype"] in ("<u2", "<u4")
-              and all(isinstance(s["name"], str) and "/" not in s["name"] and s["tokens"] >= 0
-                      for split in SPLITS for s in m["splits"][split]["shards"]))
+              and isinstance(m["tokenizer"]["sha256"], str) and isinstance(m["eos"], int)
+              and all(shard_ok(s) for split in SPLITS for s in m["splits"][split]["shards"])
+              and all(isinstance(m["splits"][split]["documents"], int) for split in SPLITS))
     except (KeyError, TypeError):
         ok = False
     if not ok:
@@ -98,8 +99,20 @@ def stamp_path(path: Path) -> Path:
     return data_cache() / "verified" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def verify_file(path: Path, size: int, digest: str) -> None:
-    """`path` holds `size` bytes whose sha256 is `digest`; else a DataError naming it."""
+def content_of(path: Path, dtype: np.dtype) -> str:
+    """sha256 of the file, and for token shards (dtype given) the smallest and largest id."""
+    h, lo, hi = hashlib.sha256(), None, None
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            if dtype is not None and chunk:
+                ids = np.frombuffer(chunk, dtype=dtype)
+                lo, hi = min(int(ids.min()), lo if lo is not None else 1 << 40), max(int(ids.max()), hi or 0)
+    return h.hexdigest() if dtype is None else f"{h.hexdigest()} {lo} {hi}"
+
+
+def verify_file(path: Path, size: int, claimed: str, dtype: np.dtype | None = None) -> None:
+    """`path` holds `size` bytes whose content (`content_of`) is `claimed`; else a DataError naming it."""
     if not path.is_file():
         raise DataError(f"{path} is missing (the manifest beside it names it); prepare the folder again")
     actual = path.stat().st_size
@@ -107,22 +120,25 @@ def verify_file(path: Path, size: int, digest: str) -> None:
         raise DataError(f"{path} holds {actual} bytes, the manifest says {size} (truncated or replaced); "
                         "prepare the folder again")
     stamp = stamp_path(path)
-    if stamp.is_file() and stamp.read_text() == digest:
+    if stamp.is_file() and stamp.read_text() == claimed:
         return
-    if file_sha256(path) != digest:
-        raise DataError(f"{path} does not match its checksum in the manifest (edited or corrupted); "
-                        "prepare the folder again")
+    if content_of(path, dtype) != claimed:
+        raise DataError(f"{path} does not match its checksum and token range in the manifest (edited or "
+                        "corrupted); prepare the folder again")
     try:
         stamp.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stamp, digest)
+        atomic_write_text(stamp, claimed)
     except OSError:
         pass  # a read-only cache only means checking again next time
 
 
 def open_shard(folder: Path, shard: dict, dtype: np.dtype) -> np.ndarray:
-    """The tokens of one shard, memory-mapped, after its size and checksums are checked."""
+    """The tokens of one shard, memory-mapped, after its size, checksums and token range are checked."""
     base = folder / shard["name"]
-    verify_file(base.with_suffix(".bin"), shard["tokens"] * dtype.itemsize, shard["sha256"]["bin"])
+    claimed = f"{shard['sha256']['bin']} {shard.get('min_token')} {shard.get('max_token')}"
+    if shard["tokens"] == 0:
+        claimed = f"{shard['sha256']['bin']} None None"
+    verify_file(base.with_suffix(".bin"), shard["tokens"] * dtype.itemsize, claimed, dtype)
     verify_file(base.with_suffix(".idx"), shard["documents"] * INDEX_DTYPE.itemsize, shard["sha256"]["idx"])
     if shard["tokens"] == 0:
         return np.zeros(0, dtype)
