@@ -188,11 +188,22 @@ class Blocks:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def numel(self) -> int:
+        return len(self) * self.seq_len
+
     def min(self) -> int:
         return self.token_range[0]
 
     def max(self) -> int:
         return self.token_range[1]
+
+    def digest(self) -> str:
+        """sha256 of the shape and the int64 bytes of all blocks, row by row: what hashing
+        `self[:]` gives, read a chunk of blocks at a time."""
+        h = hashlib.sha256(f"{self.shape}".encode())
+        for start in range(0, len(self), 4096):
+            h.update(self[start: start + 4096].numpy().tobytes())
+        return h.hexdigest()
 
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, tuple):
