@@ -285,3 +285,23 @@ def test_a_resumed_mixture_draws_the_batches_of_an_uninterrupted_run_and_refuses
     with pytest.raises(ValueError, match="differ from the run's: data: saved"):
         train(load_adapter(tmp_path / "cut", base=tiny_base("llama")), mixture(tmp_path / "d", tok, (1, 1, 3)),
               tmp_path / "cut", TrainConfig(**{**tc, "steps": 4}), resume=True)
+
+
+def test_hf_datasets_are_streamed_row_by_row(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        return iter([{"text": "ba ko"}, {"text": "  "}, {"text": "ri tu me"}, {"text": "sa lo"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    tok = tiny_tokenizer()
+    m = prepare(["hf:owner/name:validation"], tmp_path / "p", tok, PrepareConfig(heldout_fraction=0.3), progress=False)
+    assert set(calls) == {("owner/name", "validation", True)}  # streamed, each pass
+    names = ["owner/name:0", "owner/name:2", "owner/name:3"]  # the blank row is no document
+    held = held_names(names, 0.3, 0)
+    assert (tmp_path / "p" / "heldout-documents.txt").read_text().split() == [n for n in names if n in held]
+    texts = dict(zip(names, ["ba ko", "ri tu me", "sa lo"]))
+    assert shard_tokens(tmp_path / "p", "train") == tokens_of(tok, [texts[n] for n in names if n not in held])
+    assert m["sources"][0]["documents"] == 3
