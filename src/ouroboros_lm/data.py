@@ -1,15 +1,16 @@
-"""Text sources -> documents -> tokens -> packed blocks, with held-out text kept apart by
-document.
+"""The corpus a run trains and evaluates on: blocks of `seq_len` tokens from prepared folders,
+with held-out text kept apart by document.
 
-Sources: text files, folders and globs of them, `.jsonl` (a text field), `.parquet`, and
-`hf:<dataset id>` (through `datasets`, for users who are online). Documents are tokenized
-with the base model's tokenizer, joined with EOS between them and cut into blocks of
-`seq_len` tokens. The held-out split is either explicit (`heldout` sources) or a
-deterministic split *by document*, so no document is on both sides.
+Sources (`reading.py`): text files, folders and globs of them, `.jsonl` (a text field),
+`.parquet`, `hf:<dataset id>`, and folders from `ouroboros prepare`; `NAME=SRC[:WEIGHT]` names
+sources and mixes them by weight. Raw sources are prepared (`prepare.py`: tokenized once, EOS
+after every document) into the data cache; blocks are read from the shards by memory map
+(`shards.py`) and drawn by a stateless sampler (`sampling.py`). The held-out split is either
+explicit (`heldout` sources) or a deterministic split *by document* (`prepare.held_out`), so no
+document is on both sides.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -36,48 +37,6 @@ def load_documents(sources: list[str] | str, text_field: str = "text") -> list[D
     if isinstance(sources, (str, os.PathLike)):
         sources = [str(sources)]
     return [Document(name, "".join(pieces)) for _, name, pieces in iter_documents(list(sources), text_field)]
-
-
-# ---------------------------------------------------------------------- split
-def split_documents(docs: list[Document], heldout_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    """Deterministic split by document: order documents by a seeded hash of their name and
-    hold out the first ceil(fraction * n)."""
-    if not 0 < heldout_fraction < 1:
-        raise DataError(f"heldout_fraction must be in (0, 1); got {heldout_fraction}")
-    n_held = math.ceil(heldout_fraction * len(docs))
-    if len(docs) < 2 or n_held >= len(docs):
-        raise DataError(
-            f"cannot split {len(docs)} document(s) with heldout_fraction={heldout_fraction}: one side would be "
-            "empty; give more documents or explicit --heldout sources"
-        )
-    key = lambda d: hashlib.sha256(f"{seed}:{d.name}".encode()).hexdigest()
-    ranked = sorted(docs, key=key)
-    held = {d.name for d in ranked[:n_held]}
-    return [d for d in docs if d.name not in held], [d for d in docs if d.name in held]
-
-
-# ---------------------------------------------------------------------- tokens
-def tokenize_documents(docs: list[Document], tokenizer) -> torch.Tensor:
-    """One long stream: doc tokens, EOS, doc tokens, EOS, ..."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no eos_token_id to put between documents")
-    ids: list[int] = []
-    enc = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
-    for toks in enc:
-        ids.extend(toks)
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def pack(stream: torch.Tensor, seq_len: int, what: str = "data") -> torch.Tensor:
-    """[n_blocks, seq_len]; the tail shorter than a block is dropped."""
-    if seq_len < 2:
-        raise DataError(f"seq_len must be >= 2; got {seq_len}")
-    n = stream.numel() // seq_len
-    if n == 0:
-        raise DataError(f"{what} has {stream.numel()} tokens, less than one block of seq_len={seq_len}")
-    return stream[: n * seq_len].view(n, seq_len)
 
 
 # ---------------------------------------------------------------------- sources by name and weight
@@ -224,7 +183,7 @@ def build_corpus(
     text_field: str = "text",
 ) -> Corpus:
     """Blocks of `data` (sources, `NAME=SRC[:WEIGHT]` items, prepared folders) and of the held-out
-    text: `heldout` sources, else each source's documents held out by `split_documents`' rule."""
+    text: `heldout` sources, else each source's documents held out by `prepare.held_out`'s rule."""
     groups = group_items(list(data))
     pc = PrepareConfig(heldout_fraction=heldout_fraction, seed=seed, text_field=text_field)
     if heldout:

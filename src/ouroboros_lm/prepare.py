@@ -2,9 +2,8 @@
 (`shards.py` describes it), streamed, never the whole corpus in memory.
 
 Two passes over the sources. The first reads every document (so bad input is refused before any
-work), counts them, and decides the held-out ones: explicit `heldout` sources, or the rule
-`data.split_documents` applies (documents ranked by a seeded hash of their name, the first
-ceil(fraction * n) held out), from 8 bytes per document. The second tokenizes the documents'
+work), counts them, and decides the held-out ones: explicit `heldout` sources, or `held_out`'s rule (documents ranked
+by a seeded hash of their name, the first ceil(fraction * n) held out), from 8 bytes per document. The second tokenizes the documents'
 pieces in batches across worker processes (in order, so the shards are the same whatever the
 number of workers) and appends them to the shards of their split. A shard is renamed into place
 when complete and a state file records it; an interrupted run started again with the same
@@ -112,6 +111,23 @@ class Survey:
     chars: int
 
 
+def document_key(seed: int, name: str) -> int:
+    """The rank of a document in the split: the first 8 bytes of sha256(f"{seed}:{name}")."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big")
+
+
+def held_out(keys: np.ndarray, fraction: float) -> np.ndarray:
+    """The split by document: of n documents (their `document_key`s, in order), the ceil(fraction * n)
+    of lowest key are held out (ties: the earlier one). Deterministic, 8 bytes a document."""
+    n, n_held = len(keys), math.ceil(fraction * len(keys))
+    if n < 2 or n_held >= n:
+        raise DataError(f"cannot split {n} document(s) with heldout_fraction={fraction}: one side would be empty; "
+                        "give more documents or explicit --heldout sources")
+    held = np.zeros(n, dtype=bool)
+    held[np.argsort(keys, kind="stable")[:n_held]] = True
+    return held
+
+
 def survey(plan: dict) -> Survey:
     sources = plan["sources"] + plan["heldout_sources"]
     counts, keys, roles, chars = [0] * len(sources), array("Q"), array("b"), 0
@@ -121,15 +137,10 @@ def survey(plan: dict) -> Survey:
         counts[i] += 1
         roles.append(int(i >= len(plan["sources"])))
         if seed is not None:
-            keys.append(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big"))
+            keys.append(document_key(seed, name))
     rule, n = plan["split"]["rule"], len(roles)
     if rule == "fraction":
-        n_held = math.ceil(plan["split"]["fraction"] * n)
-        if n < 2 or n_held >= n:
-            raise DataError(f"cannot split {n} document(s) with heldout_fraction={plan['split']['fraction']}: one side "
-                            "would be empty; give more documents or explicit --heldout sources")
-        held = np.zeros(n, dtype=bool)
-        held[np.argsort(np.frombuffer(keys, dtype=np.uint64), kind="stable")[:n_held]] = True
+        held = held_out(np.frombuffer(keys, dtype=np.uint64), plan["split"]["fraction"])
     else:
         held = np.frombuffer(roles, dtype=np.int8).astype(bool) if rule == "explicit" else np.full(n, rule == "all")
     return Survey(counts, held, chars)
