@@ -5,7 +5,8 @@ Each measurement runs in a fresh process; peak RSS is that process's maximum res
 * prepare: State of the Union addresses (the `make assets` cache) repeated into files of 1 MB,
   20 MB and 200 MB in all, prepared with SmolLM2's tokenizer by 1 process and by 2 worker
   processes; beside them, the call used before prepared folders, `tokenizer(list_of_texts)` on
-  all of the text at once (20 MB only: it peaks near 100x the text).
+  all of the text at once (20 MB only: it holds every encoding at once). CPU seconds of all the
+  processes beside the wall time say how much of the machine the run actually had.
 * startup: `ouroboros train` on prepared folders of 10 MB and of 2 GB of tokens (synthetic
   shards written directly, random token ids), a tiny random Llama with SmolLM2's tokenizer so the
   step itself costs little: seconds from launching the command to its first training step, RSS
@@ -48,12 +49,14 @@ import json, resource, sys, time
 from ouroboros_lm.loading import load_tokenizer
 from ouroboros_lm.prepare import PrepareConfig, prepare
 tok = load_tokenizer("smollm2-135m")
-t = time.time()
+t, r = time.time(), resource.getrusage(resource.RUSAGE_SELF)
+sys.argv.append(str(r.ru_utime + r.ru_stime))
 m = prepare([sys.argv[2]], sys.argv[3], tok, PrepareConfig(workers=int(sys.argv[4])), progress=False)
 tokens = m["splits"]["train"]["tokens"] + m["splits"]["heldout"]["tokens"]
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({"wall_s": time.time() - t, "tokens": tokens, "tok_s": tokens / (time.time() - t),
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+                  "peak_mb": me.ru_maxrss / 1024, "worker_peak_mb": kids.ru_maxrss / 1024,
+                  "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime - float(sys.argv[5])}))
 """
 
 PLAIN = """
@@ -127,10 +130,11 @@ def run_prepare(args) -> None:
         if mb <= 20:
             rows.append({"what": f"tokenizer(list_of_texts) {mb} MB", **child(PLAIN, str(src))})
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| run | tokens | wall s | tokens/s | peak RSS MB | worker peak MB |\n|---|---|---|---|---|---|")
+    print("\n| run | tokens | wall s | tokens/s | CPU s (all processes) | peak RSS MB | worker peak MB |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['what']} | {r['tokens']:,} | {r['wall_s']:.1f} | {r['tok_s']:,.0f} | {r['peak_mb']:.0f} | "
-              f"{r.get('worker_peak_mb', 0):.0f} |")
+        print(f"| {r['what']} | {r['tokens']:,} | {r['wall_s']:.1f} | {r['tok_s']:,.0f} | {r.get('cpu_s', 0):.1f} | "
+              f"{r['peak_mb']:.0f} | {r.get('worker_peak_mb', 0):.0f} |")
 
 
 def synthetic_folder(folder: Path, n_tokens: int, tokenizer, doc_tokens: int = 1024) -> Path:
