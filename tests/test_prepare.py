@@ -190,6 +190,11 @@ def test_mixture_items_and_their_refusals(tmp_path):
         build_corpus([f"a={a}:0"], tok, 16)
     with pytest.raises(DataError, match="below 1/1024"):
         build_corpus([f"a={a}:1", f"b={b}:1e-6"], tok, 16)
+    prepare([str(a)], tmp_path / "pa", tok, progress=False)  # a prepared folder is a source like any other
+    corpus = build_corpus([f"a={tmp_path / 'pa'}:1", f"b={b}:3"], tok, 16)
+    assert [(p.name, p.weight) for p in corpus.parts] == [("a", 1.0), ("b", 3.0)]
+    with pytest.raises(DataError, match="is a prepared folder: give it as a source of its own"):
+        build_corpus([f"a={tmp_path / 'pa'}", f"a={b}"], tok, 16)
 
 
 def test_training_on_a_mixture_records_the_tokens_seen_per_source(tmp_path, one_thread):
