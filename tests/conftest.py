@@ -30,6 +30,21 @@ CONFIGS = {
 TINY_SPLIT = dict(n_prelude=2, recurrent_layer=4, n_coda=2, rank=4, style_dim=16, controller_hidden=24, max_steps=16)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def data_cache(tmp_path_factory):
+    """Raw text the tests train on is prepared into a cache of the session's own, never the user's."""
+    import os
+
+    folder = tmp_path_factory.mktemp("data-cache")
+    before = os.environ.get("OUROBOROS_DATA_CACHE")
+    os.environ["OUROBOROS_DATA_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("OUROBOROS_DATA_CACHE", None)
+    else:
+        os.environ["OUROBOROS_DATA_CACHE"] = before
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices: one intra-op thread is faster, and on a shared, busy machine far faster."""

@@ -72,3 +72,20 @@ def test_demo_end_to_end_puts_the_heal_rows_beside_the_recursion(tmp_path, one_t
         assert heal.loss < rows["baseline"].loss  # trained: better than the pruned stack it heals
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert {s["steps_done"] for s in summary["heal"].values()} == {summary["steps_done"]}
+
+
+def test_the_demo_trains_on_its_genres_as_named_sources(tmp_path):
+    from conftest import tiny_tokenizer, write_corpus
+    from ouroboros_lm.data import build_corpus
+    from ouroboros_lm.experiments.demo import genre_items
+
+    sotu, moby, docs = (write_corpus(tmp_path / n, n_docs=k, seed=k) for n, k in (("sotu", 4), ("moby-dick", 3),
+                                                                                   ("python docs", 2)))
+    addresses = [str(f) for f in sorted(sotu.glob("*.txt"))]
+    mixed = [str(f) for folder in (moby, docs) for f in sorted(folder.glob("*.txt"))]
+    items = genre_items(addresses[:3], mixed)
+    assert items[0] == f"sotu={addresses[0]}" and items[-1].startswith("python_docs=")
+    corpus = build_corpus(items, tiny_tokenizer(), 32, heldout=addresses[3:])
+    assert [p.name for p in corpus.parts] == ["sotu", "moby-dick", "python_docs"]
+    assert [p.weight for p in corpus.parts] == [float(p.blocks) for p in corpus.parts]  # by size, as before
+    assert corpus.n_train_docs == 8 and corpus.n_heldout_docs == 1

@@ -98,3 +98,19 @@ def test_real_training_lowers_the_loss_and_the_adapter_reloads_exactly(smollm2, 
     assert len([m for m in read_metrics(run) if "loss" in m]) == 12
     reloaded = load_adapter(run, base=copy.deepcopy(base))
     assert losses(reloaded)[1] == held_after  # identical held-out loss after a round trip
+
+
+def test_real_tokenizer_reads_long_text_in_pieces_exactly_as_whole(smollm2):
+    """SmolLM2's byte-level BPE on addresses run together with numbers, runs of spaces and
+    newlines, accents, CJK and emoji: the pieces `reading` cuts tokenize to the whole's tokens."""
+    from pathlib import Path
+
+    from ouroboros_lm.reading import pieces_of
+
+    _, tok = smollm2
+    text = "".join(Path(f).read_text() for f in sotu_slice(6)) * 3
+    text += " ".join(["x" * 50] * 100) + "  \n\n  1234567 numbers, ok?  éà 東京 😀 " * 200
+    pieces = list(pieces_of(text))
+    assert len(pieces) > 1 and "".join(pieces) == text
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    assert [i for p in pieces for i in tok(p, add_special_tokens=False)["input_ids"]] == whole

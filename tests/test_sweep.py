@@ -232,3 +232,28 @@ def test_heal_runs_stand_beside_the_recursion_paired_by_seed(tmp_path):
                     for r, h in zip([r for r in runs if r not in heal], heal)]
         assert recursion["paired"][f"heldout@{depth}"][2] == pytest.approx(expected)
     assert "heal_layers1" in (out / "results.md").read_text()
+
+
+def test_a_sweep_mixes_named_sources_by_weight(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUROBOROS_CACHE", str(tmp_path))
+    base = save_tiny_base(tmp_path / "base")
+    write_corpus(tmp_path / "a", n_docs=3)
+    write_corpus(tmp_path / "b", n_docs=9, seed=1)
+    spec = {"name": "mix", "base": base, "split": {"n_prelude": 2, "recurrent_layer": 4, "n_coda": 2},
+            "data": {"train": ["a={cache}/a:1", "b={cache}/b:3"], "heldout": [str(write_corpus(tmp_path / "h", 2, 2))],
+                     "seq_len": 16},
+            "train": {"steps": 2, "batch_size": 4, "grad_accum": 4, "log_every": 2, "eval_every": 2, "eval_blocks": 2},
+            "eval": {"depths": [1], "blocks": 2, "modulation_inputs": 2}, "runs": [{"variant": "static", "rank": 4,
+                                                                                    "depths": [1]}]}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert SweepSpec.load(path).sources("train") == [f"a={tmp_path}/a:1", f"b={tmp_path}/b:3"]
+    out = run_sweep(path, out=tmp_path / "sweep", progress=False)
+    (metrics,) = (out / "runs").glob("*/metrics.jsonl")
+    rec = [json.loads(line) for line in open(metrics) if '"loss"' in line][-1]
+    assert rec["tokens_seen/a"] + rec["tokens_seen/b"] == 2 * 16 * 16  # 2 steps of 16 blocks of 16 tokens
+    assert rec["tokens_seen/b"] > 2 * rec["tokens_seen/a"]  # b weighs 3, a 1
+    spec["data"]["train"] = ["a={cache}/a:1", "b={cache}/b"]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="give every source a weight"):
+        SweepSpec.load(path)

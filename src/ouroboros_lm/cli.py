@@ -1,4 +1,4 @@
-"""The `ouroboros` command: convert, train, eval, generate, export, harness, sweep, report, demo.
+"""The `ouroboros` command: convert, prepare, train, eval, generate, export, harness, sweep, report, demo.
 
 Flags use the names of the OuroborosConfig fields (--n-prelude, --recurrent-layer, ...).
 Bad input exits with status 2 and one line saying what is wrong.
@@ -15,6 +15,7 @@ from .evaluate import DEFAULT_EVAL_DEPTHS
 from .exits import ExitRule
 from .halter_training import HalterConfig
 from .experiments.demo import DemoConfig
+from .prepare import PrepareConfig
 from .settings import add_flags, from_flags
 from .train import TrainConfig
 
@@ -81,7 +82,8 @@ positive_float = _positive(float, "a finite number", "> 0")
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", required=True, metavar="SRC",
-                   help="text files, folders, globs, .jsonl, .parquet, or hf:<dataset id>")
+                   help="text files, folders, globs, .jsonl, .parquet, hf:<dataset id>, or a folder from `ouroboros "
+                   "prepare`; NAME=SRC[:WEIGHT] names sources and mixes them by weight (by size without weights)")
     g.add_argument("--heldout", nargs="+", default=None, metavar="SRC",
                    help="held-out sources (default: a deterministic split of --data by document)")
     g.add_argument("--heldout-fraction", type=float, default=0.1, help="fraction of documents held out without --heldout")
@@ -167,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     add_flags(p, OuroborosConfig, "model (OuroborosConfig)")
 
+    p = sub.add_parser("prepare", help="tokenize text once into token shards that train and eval read by memory map",
+                       formatter_class=fmt)
+    p.add_argument("sources", nargs="+", metavar="SRC", help="text files, folders, globs, .jsonl, .parquet, or "
+                   "hf:<dataset id>[:split] (streamed)")
+    p.add_argument("--out", required=True, help="prepared folder to write (an interrupted run resumes in it)")
+    p.add_argument("--base", required=True, help="the model whose tokenizer is used: local HF folder, hub id, .gguf "
+                   "file, alias (smollm2-135m), or an adapter folder")
+    p.add_argument("--heldout", nargs="+", default=None, metavar="SRC",
+                   help="held-out sources (default: a deterministic split of SRC by document)")
+    p.add_argument("--overwrite", action="store_true", help="replace a folder prepared from other sources or settings")
+    add_flags(p, PrepareConfig, "preparation (PrepareConfig)")
+
     p = sub.add_parser("train", help="train an adapter on text", formatter_class=fmt)
     p.add_argument("--adapter", required=True, help="adapter folder (from `ouroboros convert`); the run lives here")
     add_data_flags(p)
@@ -221,6 +235,20 @@ def cmd_convert(args) -> None:
     parts = model.trainable_parameter_breakdown()
     print(f"wrote untrained adapter to {out} ({len(model.prelude)}+1+{len(model.coda)} layers kept; trainable: "
           + ", ".join(f"{k} {v:,}" for k, v in parts.items()) + ")")
+
+
+def cmd_prepare(args) -> None:
+    from .adapter import CONFIG_NAME, read_adapter
+    from .loading import load_tokenizer
+    from .prepare import prepare
+
+    pc = from_flags(PrepareConfig, args)
+    base = read_adapter(args.base)[0]["base_model"] if (Path(args.base) / CONFIG_NAME).is_file() else args.base
+    m = prepare(args.sources, args.out, load_tokenizer(base), pc, heldout=args.heldout, overwrite=args.overwrite)
+    train, held = m["splits"]["train"], m["splits"]["heldout"]
+    print(f"wrote {args.out}: train {train['documents']} docs, {train['tokens']:,} tokens in {len(train['shards'])} "
+          f"shard(s); held-out {held['documents']} docs, {held['tokens']:,} tokens; {m['dtype'][1:]} tokens of "
+          f"{m['tokenizer']['name'] or 'the tokenizer'} (vocab {m['vocab_size']}). Train with --data {args.out}")
 
 
 def corpus_for(args, tokenizer, runtime, seed: int = 0):
@@ -432,13 +460,14 @@ def cmd_demo(args) -> None:
     run_demo(from_flags(DemoConfig, args))
 
 
-COMMANDS = {"convert": cmd_convert, "train": cmd_train, "train-halter": cmd_train_halter, "eval": cmd_eval,
+COMMANDS = {"convert": cmd_convert, "prepare": cmd_prepare, "train": cmd_train, "train-halter": cmd_train_halter, "eval": cmd_eval,
             "generate": cmd_generate, "export": cmd_export, "harness": cmd_harness, "sweep": cmd_sweep,
             "report": cmd_report, "demo": cmd_demo}
 
 
 # What an interrupted command leaves (Ctrl-C), per command; the rest write nothing or only whole files.
 INTERRUPTED = {
+    "prepare": "the complete shards are kept: the same command resumes after them",
     "train": "the last checkpoint is kept (rerun with --resume to continue)",
     "train-halter": "the adapter is as it was before (rerun to train the halter)",
     "sweep": "finished runs are kept; rerun the same command to continue (the interrupted run resumes from "

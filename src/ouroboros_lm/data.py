@@ -1,29 +1,28 @@
-"""Text sources -> documents -> tokens -> packed blocks, with held-out text kept apart by
-document.
+"""The corpus a run trains and evaluates on: blocks of `seq_len` tokens from prepared folders,
+with held-out text kept apart by document.
 
-Sources: text files, folders and globs of them, `.jsonl` (a text field), `.parquet`, and
-`hf:<dataset id>` (through `datasets`, for users who are online). Documents are tokenized
-with the base model's tokenizer, joined with EOS between them and cut into blocks of
-`seq_len` tokens. The held-out split is either explicit (`heldout` sources) or a
-deterministic split *by document*, so no document is on both sides.
+Sources (`reading.py`): text files, folders and globs of them, `.jsonl` (a text field),
+`.parquet`, `hf:<dataset id>`, and folders from `ouroboros prepare`; `NAME=SRC[:WEIGHT]` names
+sources and mixes them by weight. Raw sources are prepared (`prepare.py`: tokenized once, EOS
+after every document) into the data cache; blocks are read from the shards by memory map
+(`shards.py`) and drawn by a stateless sampler (`sampling.py`). The held-out split is either
+explicit (`heldout` sources) or a deterministic split *by document* (`prepare.held_out`), so no
+document is on both sides.
 """
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".jsonl", ".parquet"}
-
-
-class DataError(ValueError):
-    """Bad training or evaluation data; the message names the file or the setting."""
+from .prepare import PrepareConfig, cache_folder, check_disjoint, prepare
+from .reading import TEXT_SUFFIXES, DataError, expand_sources, iter_documents  # noqa: F401 - the data API
+from .sampling import BlockSampler, MixtureSampler, quotas
+from .shards import Blocks, Prepared, is_prepared
 
 
 @dataclass
@@ -32,164 +31,109 @@ class Document:
     text: str
 
 
-# ---------------------------------------------------------------------- reading
-def expand_sources(sources: list[str]) -> list[Path]:
-    """Files named by paths, folders (recursively, known text suffixes) and globs; sorted."""
-    files: list[Path] = []
-    for src in sources:
-        if src.startswith("hf:"):
-            continue
-        p = Path(src).expanduser()
-        if any(ch in src for ch in "*?[") and not p.exists():  # a file named with [ ] * ? is itself
-            matched = sorted(Path(m) for m in glob.glob(os.path.expanduser(src), recursive=True) if Path(m).is_file())
-            if not matched:
-                raise DataError(f"no files match {src!r}")
-            files.extend(matched)
-        elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
-            if not found:
-                raise DataError(f"folder {src} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"data source not found: {src}")
-    return files
-
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"{path} is empty")
-    if b"\x00" in raw[:8192]:
-        raise DataError(f"{path} looks binary (it contains NUL bytes), not text")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not valid UTF-8 (undecodable byte at offset {e.start})") from None
-
-
-def read_file(path: Path, text_field: str = "text") -> list[Document]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{path}: reading .parquet needs pyarrow (`pip install 'ouroboros-lm[data]'`)") from None
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises its own error types for a bad file
-            raise DataError(f"{path} is not a readable parquet file ({str(e)[:120]})") from None
-        if text_field not in table.column_names:
-            raise DataError(f"{path} has no column {text_field!r} (columns: {', '.join(table.column_names)})")
-        import pyarrow as pa
-
-        kind = table.schema.field(text_field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise DataError(f"{path}: column {text_field!r} holds {kind}, not text")
-        docs = [Document(f"{path}:{i}", t) for i, t in enumerate(table.column(text_field).to_pylist()) if t and t.strip()]
-        if not docs:
-            raise DataError(f"{path} has no non-empty {text_field!r} values")
-        return docs
-    text = _read_text(path)
-    if suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise DataError(f"{path}:{i} has no string field {text_field!r}")
-            if obj[text_field].strip():
-                docs.append(Document(f"{path}:{i}", obj[text_field]))
-        if not docs:
-            raise DataError(f"{path} has no non-empty {text_field!r} values")
-        return docs
-    return [Document(str(path), text)]
-
-
-def read_hf_dataset(spec: str, text_field: str = "text") -> list[Document]:
-    """`hf:owner/name[:split]` through the `datasets` library (needs network access)."""
-    body = spec[3:]
-    name, _, split = body.partition(":")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{spec}: Hugging Face datasets need `pip install 'ouroboros-lm[data]'`") from None
-    ds = datasets.load_dataset(name, split=split or "train")
-    if text_field not in ds.column_names:
-        raise DataError(f"{spec} has no column {text_field!r} (columns: {', '.join(ds.column_names)})")
-    return [Document(f"{name}:{i}", t) for i, t in enumerate(ds[text_field]) if t and t.strip()]
-
-
 def load_documents(sources: list[str] | str, text_field: str = "text") -> list[Document]:
+    """Every document of `sources`, whole, in memory (for small inputs and tests; training and
+    `prepare` stream them instead)."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [str(sources)]
-    if not sources:
+    return [Document(name, "".join(pieces)) for _, name, pieces in iter_documents(list(sources), text_field)]
+
+
+# ---------------------------------------------------------------------- sources by name and weight
+ITEM = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$", re.S)
+
+
+def parse_item(text: str) -> tuple[str | None, str, float | None]:
+    """`NAME=SRC[:WEIGHT]` -> (NAME, SRC, WEIGHT); a plain SRC (or a path that exists) -> (None, SRC, None)."""
+    m = ITEM.match(text)
+    if m is None or Path(text).exists():
+        return None, text, None
+    name, rest = m.groups()
+    head, sep, tail = rest.rpartition(":")
+    if not (sep and head):
+        return name, rest, None
+    try:
+        weight = float(tail)
+    except ValueError:
+        return name, rest, None  # hf:owner/name:split
+    if not (math.isfinite(weight) and weight > 0):
+        raise DataError(f"--data {text}: the weight must be a finite number > 0")
+    return name, head, weight
+
+
+def map_source(text: str, fn) -> str:
+    """`text` (an item as parse_item reads it) with fn applied to its source part."""
+    name, src, _ = parse_item(text)
+    if name is None:
+        return fn(text)
+    return f"{name}={fn(src)}{text[len(name) + 1 + len(src):]}"
+
+
+@dataclass
+class Group:
+    """The sources given one name (unnamed sources: `data`) and the weight given to it."""
+
+    name: str
+    sources: list[str]
+    weight: float | None
+
+
+def group_items(items: list[str]) -> list[Group]:
+    if not items:
         raise DataError("no data sources given")
-    docs: list[Document] = []
-    for path in expand_sources(list(sources)):
-        docs.extend(read_file(path, text_field))
-    for src in sources:
-        if src.startswith("hf:"):
-            docs.extend(read_hf_dataset(src, text_field))
-    return docs
+    groups: dict[str, Group] = {}
+    for text in items:
+        name, src, weight = parse_item(text)
+        g = groups.setdefault(name or "data", Group(name or "data", [], weight))
+        if weight is not None and g.weight not in (None, weight):
+            raise DataError(f"--data: source {g.name} is given two weights ({g.weight:g} and {weight:g})")
+        g.weight = weight if weight is not None else g.weight
+        g.sources.append(src)
+    unweighted = [g.name for g in groups.values() if g.weight is None]
+    if len(unweighted) not in (0, len(groups)):
+        raise DataError(f"--data: give every source a weight (NAME=SRC:WEIGHT) or none (mixed by size); "
+                        f"{unweighted[0]} has none")
+    return list(groups.values())
 
 
-# ---------------------------------------------------------------------- split
-def split_documents(docs: list[Document], heldout_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    """Deterministic split by document: order documents by a seeded hash of their name and
-    hold out the first ceil(fraction * n)."""
-    if not 0 < heldout_fraction < 1:
-        raise DataError(f"heldout_fraction must be in (0, 1); got {heldout_fraction}")
-    n_held = math.ceil(heldout_fraction * len(docs))
-    if len(docs) < 2 or n_held >= len(docs):
-        raise DataError(
-            f"cannot split {len(docs)} document(s) with heldout_fraction={heldout_fraction}: one side would be "
-            "empty; give more documents or explicit --heldout sources"
-        )
-    key = lambda d: hashlib.sha256(f"{seed}:{d.name}".encode()).hexdigest()
-    ranked = sorted(docs, key=key)
-    held = {d.name for d in ranked[:n_held]}
-    return [d for d in docs if d.name not in held], [d for d in docs if d.name in held]
+@dataclass
+class Part:
+    """One named training source of a corpus: its blocks (consecutive in `Corpus.train`) and weight."""
 
-
-# ---------------------------------------------------------------------- tokens
-def tokenize_documents(docs: list[Document], tokenizer) -> torch.Tensor:
-    """One long stream: doc tokens, EOS, doc tokens, EOS, ..."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no eos_token_id to put between documents")
-    ids: list[int] = []
-    enc = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
-    for toks in enc:
-        ids.extend(toks)
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def pack(stream: torch.Tensor, seq_len: int, what: str = "data") -> torch.Tensor:
-    """[n_blocks, seq_len]; the tail shorter than a block is dropped."""
-    if seq_len < 2:
-        raise DataError(f"seq_len must be >= 2; got {seq_len}")
-    n = stream.numel() // seq_len
-    if n == 0:
-        raise DataError(f"{what} has {stream.numel()} tokens, less than one block of seq_len={seq_len}")
-    return stream[: n * seq_len].view(n, seq_len)
+    name: str
+    blocks: int
+    weight: float
 
 
 @dataclass
 class Corpus:
-    """Packed training and held-out blocks, and where they came from."""
+    """Training and held-out blocks ([n, seq_len]: tensors, or `shards.Blocks` read from a prepared
+    folder by memory map) and where they came from."""
 
-    train: torch.Tensor
-    heldout: torch.Tensor
+    train: torch.Tensor | Blocks
+    heldout: torch.Tensor | Blocks
     n_train_docs: int
     n_heldout_docs: int
     seq_len: int
+    parts: tuple[Part, ...] = ()
+
+    def sampler(self, seed: int) -> BlockSampler | MixtureSampler:
+        """The stateless sampler of training blocks: a shuffle of them all, or a mixture by weight."""
+        if len(self.parts) <= 1:
+            return BlockSampler(self.train.shape[0], seed)
+        return MixtureSampler([p.blocks for p in self.parts], [p.weight for p in self.parts], seed)
+
+    def sampling_key(self) -> dict:
+        """What the batches drawn depend on besides the seed (a resumed run must match it)."""
+        return {"train_blocks": int(self.train.shape[0]),
+                "sources": [[p.name, p.blocks, p.weight] for p in self.parts] if len(self.parts) > 1 else []}
+
+    def tokens_seen(self, positions: int, seed: int) -> dict[str, int]:
+        """Tokens of each named source among the first `positions` blocks drawn (a mixture only)."""
+        if len(self.parts) <= 1:
+            return {}
+        counts = self.sampler(seed).counts(positions)
+        return {f"tokens_seen/{p.name}": c * self.seq_len for p, c in zip(self.parts, counts)}
 
     def eval_splits(self, n_blocks: int, seed: int) -> dict[str, torch.Tensor]:
         """The blocks every evaluation row is scored on: `n_blocks` training blocks (a seeded
@@ -199,10 +143,34 @@ class Corpus:
         return {"train": self.train[idx], "heldout": self.heldout[:n_blocks]}
 
     def describe(self) -> str:
+        total = sum(p.weight for p in self.parts)
+        mix = (" (" + ", ".join(f"{p.name} {100 * p.weight / total:.0f}%" for p in self.parts) + " of blocks drawn)"
+               if len(self.parts) > 1 else "")
         return (
-            f"train: {self.n_train_docs} docs, {self.train.shape[0]} blocks x {self.seq_len} tokens; "
+            f"train: {self.n_train_docs} docs, {self.train.shape[0]} blocks x {self.seq_len} tokens{mix}; "
             f"held-out: {self.n_heldout_docs} docs, {self.heldout.shape[0]} blocks x {self.seq_len} tokens"
         )
+
+
+def open_sources(sources: list[str], tokenizer, pc: PrepareConfig, rule: str) -> Prepared:
+    """A prepared folder given as the only source, or raw `sources` prepared into the data cache
+    (keyed by the sources, their files' sizes and times, the split and the tokenizer) once."""
+    folders = [s for s in sources if is_prepared(s)]
+    if folders:
+        if len(sources) > 1:
+            raise DataError(f"{folders[0]} is a prepared folder: give it as a source of its own (NAME={folders[0]})")
+        return Prepared(folders[0], tokenizer)
+    folder = cache_folder(sources, rule, pc, tokenizer)
+    if not is_prepared(folder):
+        print(f"preparing {', '.join(sources)[:160]} into {folder} (once: later runs read it from there)")
+    prepare(sources, folder, tokenizer, pc, rule=rule, progress=None)
+    return Prepared(folder, tokenizer)
+
+
+def joined(folders: list[Prepared], split: str, seq_len: int, what: str) -> Blocks:
+    ranges = [f.token_range(split) for f in folders if f.manifest["splits"][split]["tokens"]] or [(0, 0)]
+    return Blocks([a for f in folders for a in f.arrays[split]], seq_len,
+                  (min(r[0] for r in ranges), max(r[1] for r in ranges)), what)
 
 
 def build_corpus(
@@ -214,44 +182,33 @@ def build_corpus(
     seed: int = 0,
     text_field: str = "text",
 ) -> Corpus:
-    train_docs = load_documents(data, text_field)
+    """Blocks of `data` (sources, `NAME=SRC[:WEIGHT]` items, prepared folders) and of the held-out
+    text: `heldout` sources, else each source's documents held out by `prepare.held_out`'s rule."""
+    groups = group_items(list(data))
+    pc = PrepareConfig(heldout_fraction=heldout_fraction, seed=seed, text_field=text_field)
     if heldout:
-        held_docs = load_documents(heldout, text_field)
-        overlap = {d.name for d in train_docs} & {d.name for d in held_docs}
-        if overlap:
-            raise DataError(f"{len(overlap)} document(s) are in both --data and --heldout, e.g. {sorted(overlap)[0]}")
-    else:
-        train_docs, held_docs = split_documents(train_docs, heldout_fraction, seed)
-    train = pack(tokenize_documents(train_docs, tokenizer), seq_len, "the training split")
-    held = pack(tokenize_documents(held_docs, tokenizer), seq_len, "the held-out split")
-    return Corpus(train, held, len(train_docs), len(held_docs), seq_len)
-
-
-class BlockSampler:
-    """Which blocks the i-th batch holds: a seeded, epoch-wise shuffle, stateless in i, so a
-    resumed run sees exactly the batches an uninterrupted one would. With several processes,
-    each takes its own slice of every global batch."""
-
-    def __init__(self, n_blocks: int, seed: int):
-        self.n_blocks = n_blocks
-        self.seed = seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n_blocks, generator=g)}
-        return self._perms[epoch]
-
-    def batch(self, index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-        start = (index * world_size + rank) * batch_size
-        return torch.stack([self._perm(p // self.n_blocks)[p % self.n_blocks] for p in range(start, start + batch_size)])
+        check_disjoint([s for g in groups for s in g.sources if not is_prepared(s)],
+                       [s for s in heldout if not is_prepared(s)])
+    folders = [open_sources(g.sources, tokenizer, pc, "none" if heldout else "fraction") for g in groups]
+    held = [open_sources(list(heldout), tokenizer, pc, "all")] if heldout else folders
+    parts = []
+    for g, f in zip(groups, folders):
+        n = len(joined([f], "train", seq_len, f"source {g.name}" if len(groups) > 1 else "the training split"))
+        parts.append(Part(g.name, n, g.weight if g.weight is not None else float(n)))
+    if len(parts) > 1 and 0 in quotas([p.weight for p in parts]):
+        low = parts[quotas([p.weight for p in parts]).index(0)].name
+        raise DataError(f"--data: source {low}'s weight is below 1/1024 of the total; raise it or leave the source out")
+    return Corpus(joined(folders, "train", seq_len, "the training split"),
+                  joined(held, "heldout", seq_len, "the held-out split"),
+                  sum(f.documents("train") for f in folders), sum(f.documents("heldout") for f in held), seq_len,
+                  tuple(parts))
 
 
 def domain_blocks(sources: list[str], tokenizer, seq_len: int, n_blocks: int, seed: int,
                   text_field: str = "text") -> torch.Tensor:
     """`n_blocks` blocks (a seeded sample, so not only a document's opening) of an evaluation-only
     domain: text that no training run ever reads, e.g. another genre than the training set."""
-    blocks = pack(tokenize_documents(load_documents(sources, text_field), tokenizer), seq_len, f"domain {sources}")
-    n = min(n_blocks, blocks.shape[0])
-    return blocks[BlockSampler(blocks.shape[0], seed).batch(0, n)]
+    f = open_sources(list(sources), tokenizer, PrepareConfig(text_field=text_field), "none")
+    blocks = joined([f], "train", seq_len, f"domain {sources}")
+    n = min(n_blocks, len(blocks))
+    return blocks[BlockSampler(len(blocks), seed).batch(0, n)]

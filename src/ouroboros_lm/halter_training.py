@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .adapter import save_adapter
 from .checkpoints import append_metrics
 from .config import MAX_STEPS
-from .data import BlockSampler, Corpus
+from .data import Corpus
 from .halter import Halter, halting_distribution, ponder_loss
 from .settings import setting, to_dict, validate_fields
 from .train import run_lock
@@ -74,7 +74,7 @@ def train_halter(model, corpus: Corpus, run_dir: str | Path, hc: HalterConfig) -
         halter = attach_halter(model)
         model.eval()
         optimizer = torch.optim.AdamW(halter.parameters(), lr=hc.lr, weight_decay=0.0)
-        sampler, t0, last = BlockSampler(corpus.train.shape[0], hc.seed), time.time(), {}
+        sampler, t0, last = corpus.sampler(hc.seed), time.time(), {}
         for step in tqdm(range(hc.steps), desc="training the halter", disable=not hc.progress, unit="step"):
             ids = corpus.train[sampler.batch(step, hc.batch_size)].to(model.device)
             loss, expected = halter_loss(model, halter, ids, hc)

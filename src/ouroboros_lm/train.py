@@ -24,7 +24,7 @@ from .atomic import ensure_dir
 from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, read_state, refuse_planted_links,
                           remove_partial_checkpoints, save_checkpoint, truncate_metrics)
 from .config import MAX_STEPS
-from .data import BlockSampler, Corpus
+from .data import Corpus
 from .evaluate import mean_loss
 from .model import check_token_range
 from .recurrence import CHECKPOINTING
@@ -189,11 +189,12 @@ def run_lock(run_dir: Path):
         os.close(fd)
 
 
-def resume_conflicts(saved: dict, tc: TrainConfig, seq_len: int) -> list[str]:
-    """The settings that define the run and differ from the checkpoint's, as 'name: saved X, asked Y'."""
-    now = {**to_dict(tc), "seq_len": seq_len}
-    was = {**saved.get("train_config", {}), "seq_len": saved.get("seq_len", seq_len)}
-    return [f"{k}: saved {was[k]!r}, asked {now[k]!r}" for k in (*structural_fields(TrainConfig), "seq_len")
+def resume_conflicts(saved: dict, tc: TrainConfig, seq_len: int, data: dict | None = None) -> list[str]:
+    """The settings that define the run and differ from the checkpoint's, as 'name: saved X, asked Y'
+    (`data`: what the batches are drawn from, `Corpus.sampling_key`)."""
+    now = {**to_dict(tc), "seq_len": seq_len, "data": data}
+    was = {**saved.get("train_config", {}), "seq_len": saved.get("seq_len", seq_len), "data": saved.get("data", data)}
+    return [f"{k}: saved {was[k]!r}, asked {now[k]!r}" for k in (*structural_fields(TrainConfig), "seq_len", "data")
             if k in was and was[k] != now[k]]
 
 
@@ -227,7 +228,7 @@ class Trainer:
             raise ValueError(f"{self.run_dir} already has checkpoints (latest {existing[-1].name}); pass --resume to "
                              "continue that run, or convert into a new folder to start over (nothing was changed)")
         if self.resuming:
-            conflicts = resume_conflicts(read_state(existing[-1]), tc, self.corpus.seq_len)
+            conflicts = resume_conflicts(read_state(existing[-1]), tc, self.corpus.seq_len, self.corpus.sampling_key())
             if conflicts:
                 raise ValueError("--resume with settings that differ from the run's: " + "; ".join(conflicts)
                                  + " (pass the original values; nothing was changed)")
@@ -271,7 +272,7 @@ class Trainer:
         self.ddp_model, self.optimizer = acc.prepare(self.model, self.optimizer)
         self.model = acc.unwrap_model(self.ddp_model)
         self.model.train()
-        self.sampler = BlockSampler(self.corpus.train.shape[0], tc.seed)
+        self.sampler = self.corpus.sampler(tc.seed)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * acc.num_processes * self.corpus.seq_len
 
     def resume(self) -> None:
@@ -386,7 +387,8 @@ class Trainer:
                 "eval_depth": depth, "heldout_tokens": int(heldout[:, 1:].numel())}
 
     def checkpoint(self, step: int, depth: int, elapsed: float) -> None:
-        state = {"train_config": to_dict(self.tc), "seq_len": self.corpus.seq_len, "depth": depth,
+        state = {"train_config": to_dict(self.tc), "seq_len": self.corpus.seq_len, "data": self.corpus.sampling_key(),
+                 "depth": depth,
                  "elapsed_s": self.prior_elapsed + elapsed}
         save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, step, state, self.tc.keep_checkpoints)
 
@@ -403,7 +405,8 @@ class Trainer:
         elapsed = time.time() - t0
         rec = {"step": step, "loss": sum(losses) / len(losses), "baseline_loss": bases[-1] if bases else None,
                "depth": window[-1]["depth"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": window[-1]["grad_norm"],
-               "tokens_per_s": (step - self.start) * self.tokens_per_step / max(elapsed, 1e-9), "elapsed_s": elapsed}
+               "tokens_per_s": (step - self.start) * self.tokens_per_step / max(elapsed, 1e-9), "elapsed_s": elapsed,
+               **self.corpus.tokens_seen(step * self.tokens_per_step // self.corpus.seq_len, self.tc.seed)}
         if "kl" in window[-1]:
             rec["kl"] = sum(r["kl"] for r in window) / len(window)
         append_metrics(self.run_dir, rec)

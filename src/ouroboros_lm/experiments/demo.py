@@ -181,6 +181,15 @@ def mix_files(dc: DemoConfig) -> tuple[list[str], list[Path]]:
     return [str(f) for m in folders for f in sorted(m.glob("*.txt"))], folders
 
 
+def genre_items(addresses: list[str], mixed: list[str]) -> list[str]:
+    """The training files named by genre (`NAME=SRC`, as `--data` takes them): the addresses, and
+    each mixed file by its folder; drawn in proportion to their sizes, metrics count tokens per genre."""
+    def name(file: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(file).parent.name) or "mix"
+
+    return [f"sotu={f}" for f in addresses] + [f"{name(f)}={f}" for f in mixed]
+
+
 def domain_splits(dc: DemoConfig, tok) -> dict[str, torch.Tensor]:
     """Blocks of each evaluation-only domain (a subfolder of `dc.domains`, default the cache's `domains/`):
     text that neither training nor the held-out addresses resemble. Empty when none is there."""
@@ -202,7 +211,7 @@ def demo_corpus(dc: DemoConfig):
              else "only (no mixed text: `make domains` fetches Moby-Dick and the Python documentation) ")
           + f"(train), {len(held_files)} later addresses (held out)")
     tok = load_tokenizer(dc.base)
-    corpus = build_corpus(train_files + mixed, tok, dc.seq_len, heldout=held_files, seed=dc.seed)
+    corpus = build_corpus(genre_items(train_files, mixed), tok, dc.seq_len, heldout=held_files, seed=dc.seed)
     print("      " + corpus.describe())
     return corpus, tok
 

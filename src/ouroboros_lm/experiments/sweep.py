@@ -23,7 +23,8 @@ Spec (YAML):
 defaults / grid / runs may set any OuroborosConfig or TrainConfig field (`settings.sweep_keys`)
 but the layer split; `train:` holds TrainConfig fields shared by every run. With `seeds`, every
 run is repeated per seed (its initialisation and data order; folder suffix `-seed<n>`), and the
-report gives mean and standard deviation over seeds. `data.domains` names extra held-out text
+report gives mean and standard deviation over seeds. `data.train` items may be `NAME=SRC[:WEIGHT]`
+(sources mixed by weight, as `--data` takes them) or prepared folders. `data.domains` names extra held-out text
 (no run trains on it), evaluated like the held-out split. The whole spec, every run's settings
 included, is validated before anything is loaded.
 """
@@ -41,7 +42,7 @@ import yaml
 from ..adapter import load_adapter, save_adapter
 from ..checkpoints import list_checkpoints
 from ..config import MAX_STEPS, OuroborosConfig
-from ..data import build_corpus, domain_blocks
+from ..data import build_corpus, domain_blocks, group_items, map_source
 from ..evaluate import DEFAULT_EVAL_DEPTHS, EvalReport, evaluate
 from ..exits import ExitRule
 from ..loading import cache_dir, load_base_model, load_tokenizer
@@ -76,7 +77,7 @@ class EvalSettings:
 @dataclass
 class DataSettings:
     """The spec's `data:` section (its `domains` are checked by SweepSpec.validate)."""
-    train: tuple[str, ...] = setting((), "training sources")
+    train: tuple[str, ...] = setting((), "training sources (NAME=SRC[:WEIGHT] items mix them by weight)")
     heldout: tuple[str, ...] | None = setting(None, "held-out sources")
     seq_len: int | None = setting(None, "tokens per block (default: the runtime's)", low=1, high=1 << 20)
     heldout_fraction: float = setting(0.1, "documents held out without heldout", above=0, high=0.99)
@@ -174,7 +175,7 @@ class SweepSpec:
         count = (count + len(self.runs)) * max(1, len(self.seeds) if isinstance(self.seeds, list) else 1)
         if count > MAX_RUNS:
             raise ValueError(f"the grid, runs and seeds make {count:,} runs; a sweep may have at most {MAX_RUNS:,}")
-        self.data_settings()
+        group_items(list(self.data_settings().train))  # a weight on some sources only: refused now
         domains = self.data.get("domains", {})
         if not isinstance(domains, dict) or not all(isinstance(v, list) and v and all(isinstance(x, str) for x in v)
                                                     for v in domains.values()):
@@ -224,7 +225,8 @@ class SweepSpec:
     def expand_paths(vals) -> list[str] | None:
         if vals is None:
             return None
-        return [os.path.expanduser(str(v).replace("{cache}", str(cache_dir()))) for v in vals]
+        return [map_source(str(v), lambda src: os.path.expanduser(src.replace("{cache}", str(cache_dir()))))
+                for v in vals]
 
     def domain_sources(self) -> dict[str, list[str]]:
         return {name: self.expand_paths(v) for name, v in self.data.get("domains", {}).items()}
