@@ -184,3 +184,25 @@ def test_evaluation_rows_carry_layer_passes(tokens):
     healed = evaluate(heal, blocks, depths=(1, 3), progress=False)
     rows = {r.model: (r.layers, r.trainable) for r in healed.splits["x"]}
     assert rows == {"baseline": (6, None), "heal": (6, heal.num_trainable_parameters())}
+
+
+@pytest.mark.parametrize("chunk", [5, 1000])
+def test_fused_distill_loss_equals_the_checkpointed_form_and_its_gradient(chunk):
+    """With plain linear heads the KL and its gradient are formed in one pass (`_ChunkedKL`); they equal
+    the plain KL of the two models' logits, and the checkpointed chunks used for other heads."""
+    torch.manual_seed(0)
+    head, t_head = (torch.nn.Linear(16, 40, bias=True).double().requires_grad_(False) for _ in range(2))
+    h = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 9, 16, dtype=torch.float64)
+    labels = torch.randint(0, 40, (2, 9))
+    labels[1, 4] = IGNORE
+    fused = distill_loss(h, head, Teacher(t, t_head, lm_head=t_head), labels, chunk, lm_head=head)
+    (g_fused,) = torch.autograd.grad(fused, h)
+    plain = distill_loss(h, head, Teacher(t, t_head), labels, chunk)
+    (g_plain,) = torch.autograd.grad(plain, h)
+    valid = shift_labels(labels) != IGNORE
+    kl = F.kl_div(F.log_softmax(head(h), -1), F.log_softmax(t_head(t), -1), log_target=True, reduction="none").sum(-1)
+    (g_ref,) = torch.autograd.grad(kl[valid].mean(), h)
+    for value, grad in ((fused, g_fused), (plain, g_plain)):
+        torch.testing.assert_close(value.double(), kl[valid].mean().detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(grad, g_ref, atol=1e-6, rtol=1e-5)

@@ -124,6 +124,37 @@ class Teacher:
     logits: Callable[[torch.Tensor], torch.Tensor]
     weight: float = 1.0
     ce_weight: float = 1.0
+    lm_head: nn.Linear | None = None  # when `logits` is this plain linear head (the fused path below)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """sum over the valid positions of KL(softmax(t Wt^T + bt) || softmax(h W^T + b)) / n_valid, chunk by
+    chunk; with `need_grad` the forward also computes d/dh = ((softmax_s - softmax_t) / n) @ W and saves
+    only that, so each chunk costs three head products and none is recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher, t_weight, t_bias, valid, chunk, need_grad):
+        n_valid = valid.sum().clamp(min=1)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(hidden) if need_grad else None
+        for i in range(0, hidden.shape[0], chunk):
+            h, v = hidden[i : i + chunk], valid[i : i + chunk]
+            logits = F.linear(h, weight, bias)
+            ls = F.log_softmax(logits.float(), dim=-1)
+            lt = F.log_softmax(F.linear(teacher[i : i + chunk], t_weight, t_bias).float(), dim=-1)
+            pt = lt.exp()
+            total = total + torch.where(v, (pt * (lt - ls)).sum(-1), 0.0).sum()
+            if need_grad:
+                g = ls.exp_().sub_(pt).mul_(v.unsqueeze(-1) / n_valid)  # softmax_s - softmax_t, in place
+                grad[i : i + chunk] = (g.to(logits.dtype) @ weight.to(logits.dtype)).to(hidden.dtype)
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, go):
+        (grad,) = ctx.saved_tensors
+        return (grad.float() * go).to(grad.dtype), None, None, None, None, None, None, None, None
 
 
 def kl_chunk(h, t, valid, student_logits, teacher_logits) -> torch.Tensor:
@@ -135,14 +166,20 @@ def kl_chunk(h, t, valid, student_logits, teacher_logits) -> torch.Tensor:
 
 
 def distill_loss(hidden: torch.Tensor, student_logits, teacher: Teacher, labels: torch.Tensor,
-                 chunk: int) -> torch.Tensor:
+                 chunk: int, lm_head: nn.Linear | None = None) -> torch.Tensor:
     """Mean over the positions the next-token loss scores of KL(p_teacher || p_student) (temperature 1).
 
-    Chunk by chunk over the tokens, each chunk checkpointed: its two [chunk, vocab] float32 tensors
-    exist only while it is computed (and again while its gradient is), never the whole sequence's."""
+    Chunk by chunk over the tokens: a chunk's [chunk, vocab] float32 tensors exist only while it is
+    computed, never the whole sequence's. When both heads are plain frozen linear layers (`lm_head`,
+    `teacher.lm_head`) the gradient is formed in the same pass (`_ChunkedKL`); otherwise (heads that
+    scale or soft-cap their logits) each chunk is checkpointed and recomputed for its gradient."""
     valid = (shift_labels(labels.to(hidden.device)) != IGNORE).reshape(-1)
     h, t = hidden.flatten(0, -2), teacher.hidden.to(hidden.device).flatten(0, -2)
     grad = torch.is_grad_enabled() and h.requires_grad
+    if lm_head is not None and teacher.lm_head is not None and not lm_head.weight.requires_grad:
+        th = teacher.lm_head
+        return _ChunkedKL.apply(h, lm_head.weight, lm_head.bias, t.to(th.weight.device), th.weight, th.bias,
+                                valid, chunk, grad)
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
         args = (h[i : i + chunk], t[i : i + chunk], valid[i : i + chunk], student_logits, teacher.logits)

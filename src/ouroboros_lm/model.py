@@ -199,7 +199,8 @@ class OuroborosModel(nn.Module):
             out = OuroborosOutput(head_loss(h, self.lm_head, labels) if labels is not None else None,
                                   lazy_logits(h, self.lm_head))
         if teacher is not None and labels is not None:
-            kl = distill_loss(h, self.logits_of, teacher, labels, default_chunk(self.vocab_size))
+            plain_head = None if self.base_config.model_type in OWN_HEAD_TYPES else self.lm_head
+            kl = distill_loss(h, self.logits_of, teacher, labels, default_chunk(self.vocab_size), lm_head=plain_head)
             out.ce_loss, out.kl_loss = out.loss.detach(), kl.detach()
             out.loss = teacher.ce_weight * out.loss + teacher.weight * kl
         return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .families import final_logits
+from .families import OWN_HEAD_TYPES, final_logits
 from .loss import Teacher
 
 
@@ -32,4 +32,5 @@ def teacher_targets(teacher, input_ids: torch.Tensor, weight: float, ce_weight: 
     def logits(h: torch.Tensor) -> torch.Tensor:
         return final_logits(teacher.lm_head(h.to(device)), config)
 
-    return Teacher(hidden, logits, weight, ce_weight)
+    plain = config.model_type not in OWN_HEAD_TYPES  # logits = lm_head(h): the fused KL applies
+    return Teacher(hidden, logits, weight, ce_weight, lm_head=teacher.lm_head if plain else None)

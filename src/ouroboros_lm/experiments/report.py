@@ -373,11 +373,11 @@ def by_config(results: list[dict], reference: str | None = None) -> dict[str, li
     return groups
 
 
-def paired_differences(runs: list[dict], reference: list[dict]) -> dict:
+def paired_differences(runs: list[dict], reference: list[dict], depths=None) -> dict:
     """Gap recovered minus the reference configuration's, seed by seed (same seed: same data order and
     initialisation draw), as (mean, std, per seed) per split and depth; only seeds both have."""
     ref = {r.get("seed"): r for r in reference}
-    depths = recursion_depths(runs + reference)
+    depths = depths or recursion_depths(runs + reference)  # where a heal run's row stands
     out: dict[str, tuple] = {}
     for r in runs:
         other = ref.get(r.get("seed"))
@@ -406,7 +406,7 @@ def seed_summary(results: list[dict], reference: str | None = None) -> list[dict
                 gaps = [metrics(r, split, key)[2] for r in runs]
                 entry["gap"][f"{split}@{d}"] = (*mean_std(gaps), gaps)
                 entry["loss"][f"{split}@{d}"] = mean_std([r["losses"][split][key] for r in runs])
-        entry["paired"] = paired_differences(runs, groups[next(iter(groups))])
+        entry["paired"] = paired_differences(runs, groups[next(iter(groups))], depths)
         spreads = [sp for r in runs if (sp := r.get("modulation_spread")) and None not in sp.values()]  # Controller runs
         if spreads:
             entry["input_dependence"] = {split: mean_std([sp[split]["input_dependence"] for sp in spreads])
@@ -473,7 +473,8 @@ def compare_sweeps(sweep_dir: str | Path, against: str | Path) -> Path:
         if name is None:
             continue
         runs = ours_by[e["config"]]
-        diffs = {k: v for k, v in paired_differences(runs, groups[name]).items() if k.split("@")[0] in shared}
+        diffs = {k: v for k, v in paired_differences(runs, groups[name], recursion_depths(ours + theirs)).items()
+                 if k.split("@")[0] in shared}
         if diffs:
             out.append({"config": e["config"], "against": name, "seeds": sorted(
                 {r.get("seed") for r in runs} & {r.get("seed") for r in groups[name]}, key=str),
