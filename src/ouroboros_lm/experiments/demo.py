@@ -39,11 +39,11 @@ class DemoConfig:
                                           "the cache's moby-dick/ and python-docs/ that exist, `make domains`; "
                                           "'none': addresses only)")
     seq_len: int = setting(256, "tokens per block", low=8, high=8192)
-    steps: int = setting(40, "training steps (the recursion; each heal model takes as many)", low=1, high=10**6)
+    steps: int = setting(70, "training steps (the recursion; each heal model takes as many)", low=1, high=10**6)
     batch_size: int = setting(4, "blocks per step", low=1, high=1024)
     lr: float = setting(3e-3, "peak learning rate (a short CPU run: 10x the paper's 3e-4; measured: configs/broad-mix.yaml)", above=0, high=1.0)
-    warmup_steps: int = setting(5, "warmup steps", low=0, high=10**6)
-    time_budget: float = setting(220.0, "seconds of training the recursion at most (room for the two heal models "
+    warmup_steps: int = setting(7, "warmup steps", low=0, high=10**6)
+    time_budget: float = setting(240.0, "seconds of training the recursion at most (room for the two heal models "
                                  "in the demo's 15 minutes)", above=0, high=1e7)
     depths: tuple[int, ...] = setting((1, 32), "training depths (uniform) or their range (other schedules)",
                                       low=1, high=64)
@@ -74,7 +74,7 @@ class DemoConfig:
     heal_rows: bool = setting(True, "also train the pruned stack healed with plain LoRA on every kept layer, at equal "
                               "weights (the same 15 layers) and at equal compute, with the same steps, and put them in "
                               "the table (--no-heal-rows: the recursion alone)")
-    heal_time_budget: float = setting(220.0, "seconds of training at most for each heal model", above=0, high=1e7)
+    heal_time_budget: float = setting(240.0, "seconds of training at most for each heal model", above=0, high=1e7)
     distill_weight: float = setting(0.0, "weight of KL(full model || ours) in every model's loss (0: next-token "
                                     "loss only)", low=0.0, high=1e3)
     seed: int = setting(0, "seed", low=0, high=2**31)
