@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from conftest import TINY_SPLIT, tiny_base, tiny_tokenizer, write_corpus
-from ouroboros_lm import load_adapter, save_adapter
+from ouroboros_lm import save_adapter
 from ouroboros_lm import OuroborosConfig, OuroborosModel
 from ouroboros_lm.data import build_corpus
 from ouroboros_lm.train import TrainConfig, train

@@ -8,7 +8,6 @@ import torch
 
 from conftest import randomize_trainables, tiny_base, tiny_ouroboros
 from ouroboros_lm import load_adapter, save_adapter
-from ouroboros_lm import OuroborosModel
 from ouroboros_lm.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 
 

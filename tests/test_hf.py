@@ -16,7 +16,7 @@ from conftest import TINY_SPLIT, randomize_trainables, save_tiny_base
 from ouroboros_lm import OuroborosConfig, OuroborosModel, load_adapter, load_base_model, save_adapter
 from ouroboros_lm.adapter import adapter_state_dict
 from ouroboros_lm.cli import main
-from ouroboros_lm.hf import OuroborosForCausalLM, OuroborosHFCache
+from ouroboros_lm.hf import OuroborosHFCache
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 DEPTH = 3

@@ -8,7 +8,6 @@ import shutil
 import time
 
 import pytest
-import torch
 import yaml
 
 from conftest import TINY_SPLIT, randomize_trainables, save_tiny_base, tiny_tokenizer, write_corpus

@@ -19,7 +19,6 @@ from ouroboros_lm.cli import main
 from ouroboros_lm.data import Corpus, DataError, build_corpus, parse_item
 from ouroboros_lm.prepare import PrepareConfig, SplitWriter, prepare
 from ouroboros_lm.reading import PIECE_CHARS, iter_documents
-from ouroboros_lm.sampling import MixtureSampler
 from ouroboros_lm.shards import MANIFEST, Prepared
 
 

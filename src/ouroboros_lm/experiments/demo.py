@@ -16,7 +16,7 @@ from ..adapter import save_adapter
 from ..atomic import ensure_dir, remove_tree, write_json, write_marker
 from ..config import OuroborosConfig
 from ..data import build_corpus, domain_blocks
-from ..evaluate import DEFAULT_EVAL_DEPTHS, evaluate
+from ..evaluate import evaluate
 from ..loading import cache_dir, load_base_model, load_tokenizer
 from ..model import OuroborosModel
 from ..adaptation import matching_lora_rank

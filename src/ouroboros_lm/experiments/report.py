@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 from ..atomic import read_json, write_json, write_text, write_with
@@ -223,7 +222,6 @@ def load_modulation(path: Path) -> dict:
 
 
 def plot_controller(sweep_dir: Path, results: list[dict], plt) -> None:
-    import torch
 
     runs = [r for r in results if (sweep_dir / "runs" / r["name"] / "modulation.pt").is_file()]
     fig_h, fig_s = sweep_dir / "controller_heatmaps.png", sweep_dir / "controller_spread.png"
