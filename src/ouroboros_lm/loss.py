@@ -62,7 +62,24 @@ def default_chunk(vocab_size: int) -> int:
     return max(128, (1 << 23) // max(vocab_size, 1))
 
 
-class _ChunkedHeadLoss(torch.autograd.Function):
+class _SavedGradient(torch.autograd.Function):
+    """A loss whose forward also computes its gradient with respect to its first input (the hidden
+    states) and saves only that: the backward just scales it by the incoming gradient."""
+
+    @staticmethod
+    def finish(ctx, loss: torch.Tensor, grad: torch.Tensor | None, n_inputs: int) -> torch.Tensor:
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.n_inputs = n_inputs
+        return loss
+
+    @staticmethod
+    def backward(ctx, go):
+        (grad,) = ctx.saved_tensors
+        return ((grad.float() * go).to(grad.dtype),) + (None,) * (ctx.n_inputs - 1)
+
+
+class _ChunkedHeadLoss(_SavedGradient):
     """sum over tokens of CE(hidden @ W^T + b, target) / n_valid, in chunks of `chunk` tokens.
 
     With `need_grad`, the forward also computes d loss / d hidden and saves only that."""
@@ -89,14 +106,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 p.scatter_add_(-1, t.clamp(min=0).unsqueeze(-1), -torch.ones_like(tl).unsqueeze(-1))
                 p.mul_(v.unsqueeze(-1) / n_valid)
                 grad[i : i + chunk] = (p.to(logits.dtype) @ w_mm).to(hidden.dtype)
-        if need_grad:
-            ctx.save_for_backward(grad)
-        return total / n_valid
-
-    @staticmethod
-    def backward(ctx, go):
-        (grad,) = ctx.saved_tensors
-        return (grad.float() * go).to(grad.dtype), None, None, None, None, None
+        return _SavedGradient.finish(ctx, total / n_valid, grad, n_inputs=6)
 
 
 def head_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -127,7 +137,7 @@ class Teacher:
     lm_head: nn.Linear | None = None  # when `logits` is this plain linear head (the fused path below)
 
 
-class _ChunkedKL(torch.autograd.Function):
+class _ChunkedKL(_SavedGradient):
     """sum over the valid positions of KL(softmax(t Wt^T + bt) || softmax(h W^T + b)) / n_valid, chunk by
     chunk; with `need_grad` the forward also computes d/dh = ((softmax_s - softmax_t) / n) @ W and saves
     only that, so each chunk costs three head products and none is recomputed in the backward."""
@@ -147,14 +157,7 @@ class _ChunkedKL(torch.autograd.Function):
             if need_grad:
                 g = ls.exp_().sub_(pt).mul_(v.unsqueeze(-1) / n_valid)  # softmax_s - softmax_t, in place
                 grad[i : i + chunk] = (g.to(logits.dtype) @ weight.to(logits.dtype)).to(hidden.dtype)
-        if need_grad:
-            ctx.save_for_backward(grad)
-        return total / n_valid
-
-    @staticmethod
-    def backward(ctx, go):
-        (grad,) = ctx.saved_tensors
-        return (grad.float() * go).to(grad.dtype), None, None, None, None, None, None, None, None
+        return _SavedGradient.finish(ctx, total / n_valid, grad, n_inputs=9)
 
 
 def kl_chunk(h, t, valid, student_logits, teacher_logits) -> torch.Tensor:
