@@ -69,8 +69,8 @@ class DemoConfig:
     domain_depths: tuple[int, ...] = setting((4, 8), "depths evaluated on the extra domains", low=1, high=64)
     domain_blocks: int = setting(8, "blocks evaluated per extra domain", low=1, high=4096)
     heal_compute_layers: int = setting(4, "the equal-compute heal model's middle layers (its compute per token "
-                                       "equals the recursion at this depth; 0: no heal rows, 1 is the equal-weights "
-                                       "one)", low=0, high=16)
+                                       "equals the recursion at this depth; 0 or 1: only the equal-weights heal "
+                                       "model)", low=0, high=16)
     heal_rows: bool = setting(True, "also train the pruned stack healed with plain LoRA on every kept layer, at equal "
                               "weights (the same 15 layers) and at equal compute, with the same steps, and put them in "
                               "the table (--no-heal-rows: the recursion alone)")
