@@ -201,6 +201,9 @@ def test_evaluation_rows_carry_layer_passes(tokens):
     healed = evaluate(heal, blocks, depths=(1, 3), progress=False)
     rows = {r.model: (r.layers, r.trainable) for r in healed.splits["x"]}
     assert rows == {"baseline": (6, None), "heal": (6, heal.num_trainable_parameters())}
+    # references measured elsewhere (a sweep's, the demo's) are the split's pruned stack, not this heal stack
+    shared = evaluate(heal, blocks, depths=(), known={"x": {"full": 1.0, "baseline": 2.0}}, progress=False)
+    assert {r.model: r.layers for r in shared.splits["x"]} == {"full": L, "baseline": 5, "heal": 6}
 
 
 @pytest.mark.parametrize("chunk", [5, 1000])

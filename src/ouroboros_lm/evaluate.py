@@ -175,7 +175,8 @@ def evaluate(model, splits: dict[str, torch.Tensor], depths=DEFAULT_EVAL_DEPTHS,
         jobs += [(exit_name(rule, d), d, (d, rule)) for rule, d in exit_rules]
     bar = tqdm(total=len(splits) * len(jobs), desc="evaluating", disable=not progress)
     for split, blocks in splits.items():
-        report.splits[split] = [describe_row(EvalRow(name, loss), model) for name, loss in (known or {}).get(split, {}).items()]
+        report.splits[split] = [describe_row(EvalRow(name, loss), model, measured=False)
+                                for name, loss in (known or {}).get(split, {}).items()]
         report.tokens[split] = int(blocks[:, 1:].numel())
         for name, depth, job in jobs:
             bar.set_postfix_str(f"{split}: {name}")
@@ -187,13 +188,15 @@ def evaluate(model, splits: dict[str, torch.Tensor], depths=DEFAULT_EVAL_DEPTHS,
     return report
 
 
-def describe_row(row: EvalRow, model) -> EvalRow:
-    """Fill in a row's layer passes per token and, for a trained model's row, its trained weights."""
+def describe_row(row: EvalRow, model, measured: bool = True) -> EvalRow:
+    """Fill in a row's layer passes per token and, for a trained model's row, its trained weights. A
+    baseline measured here is `model`'s own unadapted stack; one passed in as `known` is the pruned
+    stack of the split (prelude + the recurrent layer once + coda), what sweeps and the demo share."""
     cfg = model.config
     if row.model == "full":
         row.layers = model.base_config.num_hidden_layers  # the full model's config, kept from before the surgery
     elif row.model == "baseline":
-        row.layers = cfg.layer_passes(None)
+        row.layers = cfg.layer_passes(None) if measured else cfg.n_prelude + 1 + cfg.n_coda
     else:
         row.layers = cfg.n_prelude + cfg.n_coda + (row.steps if row.steps is not None else cfg.heal_layers)
         row.trainable = model.trainable_parameter_breakdown()["total"]
