@@ -56,7 +56,6 @@ def main():
     base = random_base(args.shapes, "cpu", dtype, num_hidden_layers=4, vocab_size=1000)
     cfg = OuroborosConfig(n_prelude=1, recurrent_layer=2, n_coda=1, rank=32)
     model = OuroborosModel.from_base(base, cfg).train()
-    model.checkpointing = "never"
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

@@ -183,7 +183,7 @@ def tiny_adapter(root: Path, tokenizer) -> Path:
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     model = OuroborosModel.from_base(model, OuroborosConfig(n_prelude=1, recurrent_layer=2, n_coda=1, rank=4,
-                                                            max_steps=8), base_name=str(base))
+                                                            max_depth=8), base_name=str(base))
     shutil.rmtree(root / "adapter", ignore_errors=True)
     save_adapter(model, root / "adapter")
     return root / "adapter"

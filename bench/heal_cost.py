@@ -17,7 +17,7 @@ import time
 import torch
 
 from common import SPLITS, base_model, sync
-from ouroboros_lm import OuroborosConfig, OuroborosModel
+from ouroboros_lm import OuroborosConfig, OuroborosModel, RecursionPolicy
 from ouroboros_lm.teacher import teacher_targets
 
 ARMS = {  # name: (OuroborosConfig fields, training depth)
@@ -45,7 +45,8 @@ def main() -> None:
     models = {}
     for name, (fields, depth) in ARMS.items():
         model = OuroborosModel.from_base(base_model("smollm2", "cpu", torch.float32),
-                                         OuroborosConfig(**SPLITS["smollm2"], rank=32, default_depth=4, **fields)).train()
+                                         OuroborosConfig(**SPLITS["smollm2"], rank=32, **fields),
+                                         policy=RecursionPolicy(default_depth=4)).train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         models[name] = (model, opt, depth, model.num_trainable_parameters())
     ids = torch.randint(0, teacher.config.vocab_size, (args.batch_size, args.seq_len))

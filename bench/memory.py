@@ -32,13 +32,13 @@ def measure(args) -> dict:
     import torch
 
     from common import SPLITS, autocast, base_model
-    from ouroboros_lm import OuroborosConfig, OuroborosModel
+    from ouroboros_lm import OuroborosConfig, OuroborosModel, StepTraining
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    cfg = OuroborosConfig(**SPLITS[args.shapes], rank=32, max_steps=64)
+    cfg = OuroborosConfig(**SPLITS[args.shapes], rank=32, max_depth=64)
     model = OuroborosModel.from_base(base_model(args.shapes, args.device, dtype), cfg).train()
-    model.checkpointing = "always" if args.ckpt else "never"
+    training = StepTraining("always" if args.ckpt else "never")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.vocab_size, (args.batch_size, args.seq_len), device=args.device)
     amp = autocast(args.device, dtype)
@@ -58,9 +58,9 @@ def measure(args) -> dict:
         with amp:
             if count:
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    loss = model(ids, labels=ids, depth=args.depth).loss
+                    loss = model(ids, labels=ids, depth=args.depth, training=training).loss
             else:
-                loss = model(ids, labels=ids, depth=args.depth).loss
+                loss = model(ids, labels=ids, depth=args.depth, training=training).loss
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=False)

@@ -62,14 +62,13 @@ def attribute(step):
 def main():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ouroboros_lm import OuroborosConfig, OuroborosModel
+    from ouroboros_lm import OuroborosConfig, OuroborosModel, StepTraining
 
     depth = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(LlamaConfig(**DIMS), dtype=torch.bfloat16 if BF16 else torch.float32)
     model = OuroborosModel.from_base(base.eval().requires_grad_(False),
                                      OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32)).train()
-    model.checkpointing = "never"
     ids = torch.randint(0, DIMS["vocab_size"], (1, 256))
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16)
     with torch.no_grad(), amp():
@@ -78,7 +77,7 @@ def main():
     def step(d):
         def run():
             with amp():
-                return model(ids, labels=ids, depth=d).loss
+                return model(ids, labels=ids, depth=d, training=StepTraining("never")).loss
         return run
 
     mb = 2 ** 20

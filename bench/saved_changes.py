@@ -31,7 +31,7 @@ import torch
 import ouroboros_lm.controller as controller_mod
 import ouroboros_lm.layers as layers_mod
 from common import autocast, random_base
-from ouroboros_lm import OuroborosConfig, OuroborosModel
+from ouroboros_lm import OuroborosConfig, OuroborosModel, StepTraining
 from ouroboros_lm.controller import Controller, pool
 from ouroboros_lm.loss import OuroborosOutput, causal_lm_loss
 from ouroboros_lm.model import OuroborosModel as _M
@@ -96,7 +96,6 @@ def main():
     torch.manual_seed(0)
     model = OuroborosModel.from_base(random_base("smollm2", "cpu", dtype),
                                      OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, rank=32)).train()
-    model.checkpointing = "never"
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -105,7 +104,7 @@ def main():
 
     def step(depth, hooks=None):
         with autocast("cpu", dtype), (hooks or contextlib.nullcontext()):
-            loss = model(ids, labels=ids, depth=depth).loss
+            loss = model(ids, labels=ids, depth=depth, training=StepTraining("never")).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
 

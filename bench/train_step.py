@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import SPLITS, autocast, base_model, sync
-from ouroboros_lm import OuroborosConfig, OuroborosModel
+from ouroboros_lm import OuroborosConfig, OuroborosModel, StepTraining
 
 
 def floor_step(model, ids, depth):
@@ -39,8 +39,7 @@ def floor_step(model, ids, depth):
 
 
 def ouroboros_step(model, opt, ids, depth, ckpt: bool):
-    model.checkpointing = "always" if ckpt else "never"
-    model(ids, labels=ids, depth=depth).loss.backward()
+    model(ids, labels=ids, depth=depth, training=StepTraining("always" if ckpt else "never")).loss.backward()
     if opt is not None:
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -66,7 +65,7 @@ def timed(fn, device):
 
 def build(args, device, dtype, depths):
     torch.manual_seed(0)
-    cfg = OuroborosConfig(**SPLITS[args.shapes], rank=args.rank, max_steps=max(64, max(depths)))
+    cfg = OuroborosConfig(**SPLITS[args.shapes], rank=args.rank, max_depth=max(64, max(depths)))
     model = OuroborosModel.from_base(base_model(args.shapes, device, dtype), cfg).train()
     ids = torch.randint(0, model.vocab_size, (args.batch_size, args.seq_len), device=device)
     return model, ids

@@ -27,7 +27,7 @@ CONFIGS = {
 }
 
 # The tiny split: layers 0-1 prelude, 4 recurrent, 6-7 coda; 2, 3, 5 removed.
-TINY_SPLIT = dict(n_prelude=2, recurrent_layer=4, n_coda=2, rank=4, style_dim=16, controller_hidden=24, max_steps=16)
+TINY_SPLIT = dict(n_prelude=2, recurrent_layer=4, n_coda=2, rank=4, style_dim=16, controller_hidden=24, max_depth=16)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -66,11 +66,10 @@ def tiny_base(arch: str = "llama", seed: int = 0):
     return model.eval()
 
 
-def tiny_ouroboros(arch: str = "llama", seed: int = 0, checkpointing: str = "auto", **overrides) -> OuroborosModel:
+def tiny_ouroboros(arch: str = "llama", seed: int = 0, **overrides) -> OuroborosModel:
     """A tiny model on `tiny_base(arch, seed)`; `overrides` are OuroborosConfig fields."""
     cfg = OuroborosConfig(**{**TINY_SPLIT, **overrides})
     model = OuroborosModel.from_base(tiny_base(arch, seed), cfg).eval()
-    model.checkpointing = checkpointing
     return model
 
 

@@ -10,7 +10,7 @@ from conftest import randomize_trainables, tiny_ouroboros
 
 def test_step_activation_estimate_is_close_to_what_a_step_saves(tokens):
     """The estimate "auto" decides by, against the bytes a plain step really saves (hooks)."""
-    model = tiny_ouroboros("llama", checkpointing="never").train()
+    model = tiny_ouroboros("llama").train()
     randomize_trainables(model)
     rb = model.recurrent
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, Qwen2Config
 
 from conftest import CONFIGS, TINY, TINY_SPLIT, randomize_trainables, tiny_base, tiny_ouroboros
-from ouroboros_lm import OuroborosConfig, OuroborosModel
+from ouroboros_lm import OuroborosConfig, OuroborosModel, RecursionPolicy
 from ouroboros_lm.config import TARGETS
 from ouroboros_lm.lora import mean_residual
 
@@ -232,12 +232,10 @@ BAD_CONFIGS = [
     (dict(rank=0), "rank must be in [1, 4096]"),
     (dict(variant="dynamic"), "variant must be one of"),
     (dict(pooling="max"), "pooling must be one of"),
-    (dict(default_depth=0), "default_depth"),
-    (dict(default_depth=17), "default_depth must be an integer in [1, max_steps=16]"),
     (dict(alpha=float("inf")), "alpha must be a finite number"),
     (dict(alpha=float("nan")), "alpha must be a finite number"),
     (dict(gate_bias=float("-inf")), "gate_bias must be a finite number"),
-    (dict(max_steps=10**9), "max_steps must be in [1, 1024]"),
+    (dict(max_depth=10**9), "max_depth must be in [1, 1024]"),
     (dict(style_dim=10**9), "style_dim must be in [1, 65536]"),
 ]
 
@@ -252,10 +250,20 @@ def test_bad_configuration_is_refused_before_touching_weights(overrides, message
     assert len(base.model.layers) == n_layers  # nothing was removed
 
 
+@pytest.mark.parametrize("policy,message", [(dict(default_depth=0), "default_depth must be in [1, 1024]"),
+                                            (dict(default_depth=17), "default_depth must be an integer in [1, max_depth=16]"),
+                                            (dict(trained_depth=17), "trained_depth must be in [0, max_depth=16]")])
+def test_a_policy_the_architecture_cannot_run_is_refused_before_touching_weights(policy, message):
+    base = tiny_base("llama")
+    with pytest.raises(ValueError) as err:
+        OuroborosModel.from_base(base, OuroborosConfig(**TINY_SPLIT), policy=RecursionPolicy(**policy))
+    assert message in str(err.value) and len(base.model.layers) == 8
+
+
 def test_bad_forward_inputs(tokens):
     model = tiny_ouroboros("llama")
     for depth in (0, 17, -1):
-        with pytest.raises(ValueError, match=r"depth must be an integer in \[1, max_steps=16\]"):
+        with pytest.raises(ValueError, match=r"depth must be an integer in \[1, max_depth=16\]"):
             model(tokens, depth=depth)
     bad = tokens.clone()
     bad[0, 0] = TINY["vocab_size"]

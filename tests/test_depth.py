@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY, randomize_trainables, tiny_ouroboros
-from ouroboros_lm import TrainConfig
+from ouroboros_lm import RecursionPolicy, StepTraining, TrainConfig
 from ouroboros_lm.exits import ExitRule
 from ouroboros_lm.train import step_depth
 
@@ -27,18 +27,17 @@ def test_steps_past_the_trained_depth_use_the_last_trained_steps_parameters(toke
     with torch.no_grad():  # the reference copies step 3's parameters into steps 4 and 5 by hand
         for p in (reference.recurrent.step_norms.weight, reference.recurrent.controller.step_embedding.weight):
             p[4:] = p[3]
-    model.config.trained_depth = 4
+    model.policy = model.policy.replace(trained_depth=4)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens, depth=6).logits, reference(tokens, depth=6).logits, atol=0, rtol=0)
         assert not torch.equal(model(tokens, depth=6).logits, model(tokens, depth=4).logits)
 
 
 def test_truncated_backprop_trains_only_the_last_k_steps_and_keeps_the_loss(tokens):
-    model = trained_model(checkpointing="never").train()
-    full = model(tokens, labels=tokens, depth=6).loss
-    model.recurrent.backprop_steps = 2
+    model = trained_model().train()
+    full = model(tokens, labels=tokens, depth=6, training=StepTraining("never")).loss
     model.zero_grad(set_to_none=True)
-    truncated = model(tokens, labels=tokens, depth=6).loss
+    truncated = model(tokens, labels=tokens, depth=6, training=StepTraining("never", backprop_steps=2)).loss
     truncated.backward()
     assert torch.equal(full, truncated)
     g = model.recurrent.step_norms.weight.grad
@@ -54,9 +53,6 @@ def test_depth_schedules_are_deterministic_and_stay_in_range():
     huginn = TrainConfig(depths=(1, 32), depth_schedule="lognormal_poisson", depth_mean=6.0)
     draws = [step_depth(huginn, s) for s in range(4000)]
     assert min(draws) >= 1 and max(draws) <= 32 and abs(statistics.mean(draws) - 6.0) < 0.3
-    curriculum = TrainConfig(depths=(2, 4, 8, 16), depth_schedule="curriculum", steps=100)
-    assert {step_depth(curriculum, s) for s in range(5)} == {2}  # the deep ones unlock later
-    assert 16 in {step_depth(curriculum, s) for s in range(50, 100)}
 
 
 def test_forced_full_depth_equals_the_fixed_depth_forward(tokens):
@@ -152,18 +148,81 @@ def test_a_halter_trains_alone_and_travels_in_the_adapter(tmp_path):
 
 def test_step_damping_scales_each_update_past_the_trained_depth(tokens):
     model = trained_model()
-    model.config.trained_depth = 4
+    model.policy = RecursionPolicy(trained_depth=4)
     with torch.no_grad():
         at_4 = model(tokens, depth=4).logits
-        model.config.step_damping = 0.0
+        model.policy = model.policy.replace(step_damping=0.0)
         assert torch.equal(model(tokens, depth=9).logits, at_4)  # nothing moves past the trained depth
-        model.config.step_damping = 1.0  # the reference, step by step: h + 0.5^(s - 3) * (step(h) - h) from s = 4
+        model.policy = model.policy.replace(step_damping=1.0)  # the reference, step by step: h + 0.5^(s - 3) * (step(h) - h) from s = 4
         h, ctx, _ = model.embed(tokens)
         h = model.run_layers("prelude", h, ctx)
         for s in range(6):
             h = h + (0.5 ** (s - 3) if s >= 4 else 1.0) * (model.recurrent.step(h, s, ctx, None) - h)
         reference = model.head(model.run_layers("coda", h, ctx)).logits
-        model.config.step_damping = 0.5
+        model.policy = model.policy.replace(step_damping=0.5)
         torch.testing.assert_close(model(tokens, depth=6).logits, reference, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"step_damping must be in \[0.0, 1.0\]"):
-        model.config.replace(step_damping=1.5)
+        model.policy.replace(step_damping=1.5)
+    with pytest.raises(ValueError, match=r"trained_depth must be in \[0, max_depth=16\]"):
+        model.policy = RecursionPolicy(trained_depth=17)
+
+
+# ---------------------------------------------------------------- per-step supervision
+def test_a_read_out_step_loses_what_the_model_stopped_there_would(tokens):
+    """step_losses after s steps are each position's loss of the model run at depth s (an
+    independent forward), and the final loss is unchanged by reading out."""
+    from ouroboros_lm.loss import token_losses
+
+    model = trained_model()
+    with torch.no_grad():
+        out = model(tokens, labels=tokens, depth=6, readout_steps=(2, 5))
+        assert out.loss.item() == model(tokens, labels=tokens, depth=6).loss.item()
+        for i, s in enumerate((2, 5)):
+            torch.testing.assert_close(out.step_losses[i], token_losses(model(tokens, depth=s).logits, tokens),
+                                       atol=1e-6, rtol=1e-6)
+    for bad in ((0,), (6,), (7,)):
+        with pytest.raises(ValueError, match=r"readout_steps must be step counts in \[1, depth=6\)"):
+            model(tokens, labels=tokens, depth=6, readout_steps=bad)
+    with pytest.raises(ValueError, match="readout_steps needs labels"):
+        model(tokens, depth=6, readout_steps=(2,))
+
+
+def test_per_step_supervision_follows_the_gradient_of_its_objective(tokens):
+    """The trainer's objective with step_loss_weight w is L(depth) + w * L(s): its gradient equals
+    that of two separate forwards (depth and s) combined by hand."""
+    from ouroboros_lm.train import step_objective
+
+    tc = TrainConfig(step_loss_weight=0.5, depths=(6,))
+    model = trained_model().train()
+    out = model(tokens, labels=tokens, depth=6, readout_steps=(3,))
+    (out.loss + step_objective(tc, out.loss, out.step_losses, tokens)).backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    (model(tokens, labels=tokens, depth=6).loss + 0.5 * model(tokens, labels=tokens, depth=3).loss).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[n], p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_the_monotonicity_term_charges_only_steps_that_make_the_loss_worse():
+    from ouroboros_lm.train import step_objective
+
+    labels = torch.zeros(1, 3, dtype=torch.long)  # 2 scored positions per row
+    per_step = torch.tensor([[[2.0, 2.0, 0.0]], [[3.0, 1.0, 0.0]], [[1.0, 1.0, 0.0]]])  # means 2, 2, 1
+    tc = TrainConfig(monotonic_weight=1.0)
+    assert step_objective(tc, torch.tensor(1.5), per_step, labels).item() == pytest.approx(0.5)  # 1 -> 1.5
+    assert step_objective(tc, torch.tensor(0.5), per_step, labels).item() == 0.0  # never worse
+    both = TrainConfig(monotonic_weight=2.0, step_loss_weight=0.3)
+    assert step_objective(both, torch.tensor(0.5), per_step, labels).item() == pytest.approx(0.3 * 5 / 3)
+
+
+def test_read_out_steps_are_drawn_among_the_steps_with_gradients():
+    from ouroboros_lm.train import readout_steps
+
+    assert readout_steps(TrainConfig(), 3, 8) == ()  # off
+    tc = TrainConfig(step_loss_weight=1.0, step_loss_samples=2, backprop_steps=4)
+    draws = [readout_steps(tc, s, 10) for s in range(200)]
+    assert draws == [readout_steps(tc, s, 10) for s in range(200)]  # a function of (seed, step)
+    assert all(len(d) == 2 and all(6 <= x < 10 for x in d) for d in draws)
+    assert {x for d in draws for x in d} == {6, 7, 8, 9}
+    assert readout_steps(tc, 0, 1) == ()  # depth 1: nothing before the last step

@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 
 from conftest import TINY, TINY_SPLIT, save_tiny_base, tiny_base, tiny_tokenizer, write_corpus
 from ouroboros_lm import load_adapter, save_adapter
-from ouroboros_lm import OuroborosConfig, OuroborosModel
+from ouroboros_lm import OuroborosConfig, OuroborosModel, RecursionPolicy
 from ouroboros_lm.cli import build_parser
 from ouroboros_lm.data import build_corpus
 from ouroboros_lm.checkpoints import list_checkpoints, read_metrics
 from ouroboros_lm.train import TrainConfig, TrainingError, train
 
 SPLIT = ["--n-prelude", "2", "--recurrent-layer", "4", "--n-coda", "2", "--rank", "4", "--style-dim", "8",
-         "--controller-hidden", "8", "--max-steps", "8", "--default-depth", "2"]
+         "--controller-hidden", "8", "--max-depth", "8", "--default-depth", "2"]
 
 
 def cli(*args, env=None, timeout=300):
@@ -122,7 +122,7 @@ def test_out_of_memory_gets_a_clear_message(tmp_path, monkeypatch):
          "recurrent_layer must lie between the prelude and the coda, in [2, 5]"),
         (["convert", "--base", "/no/such/model", "--out", "OUT"], "base model not found"),
         (["eval", "--adapter", "ADAPTER", "--data", "DATA", "--depths", "1,x"], "expected comma-separated integers"),
-        (["generate", "--adapter", "ADAPTER", "--prompt", "hi", "--depth", "99"], "--depth must be an integer in [1, max_steps=8]"),
+        (["generate", "--adapter", "ADAPTER", "--prompt", "hi", "--depth", "99"], "--depth must be an integer in [1, max_depth=8]"),
     ],
 )
 def test_cli_errors_exit_2_with_one_line(cli_setup, args, needle):
@@ -158,14 +158,14 @@ def is_valid(kw: dict, L: int = 8) -> bool:
             return False
         if kw["rank"] > 32:  # smallest side of the tiny model's projections (k/v: 2 heads x 16)
             return False
-    return 1 <= kw["default_depth"] <= kw["max_steps"]
+    return 1 <= kw["default_depth"] <= kw["max_depth"]
 
 
 configs = st.fixed_dictionaries({
     "n_prelude": st.integers(0, 8), "n_coda": st.integers(0, 8), "recurrent_layer": st.integers(0, 9),
     "rank": st.integers(1, 40), "variant": st.sampled_from(["controller", "static", "none"]),
     "pooling": st.sampled_from(["prefix_mean", "token", "sequence_mean"]), "gate": st.booleans(),
-    "step_norm": st.booleans(), "max_steps": st.integers(1, 6),
+    "step_norm": st.booleans(), "max_depth": st.integers(1, 6),
     "default_depth": st.integers(0, 7),
     "alpha": st.floats(0.5, 32), "gate_bias": st.floats(-4, 4), "style_dim": st.integers(1, 8),
     "controller_hidden": st.integers(1, 8),
@@ -179,12 +179,21 @@ BASE = tiny_base("qwen2")
 def test_every_valid_configuration_runs_and_every_invalid_one_is_refused(kw):
     base = copy.deepcopy(BASE)
     ids = torch.randint(0, TINY["vocab_size"], (1, 9))
-    if not is_valid(kw):
+    valid = is_valid(kw)
+    kw = dict(kw)
+    policy_kw = {"default_depth": kw.pop("default_depth")}
+    if valid:
+        policy = RecursionPolicy(**policy_kw)
+    elif policy_kw["default_depth"] == 0:  # the policy's own range: refused when it is made
+        with pytest.raises(ValueError, match=r"default_depth must be in \[1, 1024\]"):
+            RecursionPolicy(**policy_kw)
+        return
+    if not valid:
         with pytest.raises(ValueError):
-            OuroborosModel.from_base(base, OuroborosConfig(**kw))
+            OuroborosModel.from_base(base, OuroborosConfig(**kw), policy=RecursionPolicy(**policy_kw))
         assert len(base.model.layers) == 8  # refused before touching the weights
         return
-    model = OuroborosModel.from_base(base, OuroborosConfig(**kw)).eval()
+    model = OuroborosModel.from_base(base, OuroborosConfig(**kw), policy=policy).eval()
     with torch.no_grad():
         out = model(ids, labels=ids)  # at default_depth
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)

@@ -196,7 +196,7 @@ def test_export_refuses_a_non_empty_folder_and_bad_depth(exported, tmp_path, cap
     assert main(["export", "--adapter", str(adapter), "--out", str(hf_dir)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "x"), "--depth", "999"]) == 2
-    assert "max_steps" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert "max_depth" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_bfloat16_load_matches_load_adapter_in_bfloat16(exported):

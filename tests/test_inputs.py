@@ -103,7 +103,7 @@ def test_harness_refuses_bad_input_before_loading_anything(made, tmp_path, capsy
         (["--model", hf, "--tasks", "hellaswag"], "unknown task(s) hellaswag"),
         (["--model", base, "--baseline"], "need a folder from `ouroboros export`; "),
         (["--model", str(comma)], "splits its model arguments at ','"),
-        (["--model", hf, "--depth", "100000"], "--depth must be an integer in [1, max_steps=16]"),
+        (["--model", hf, "--depth", "100000"], "--depth must be an integer in [1, max_depth=16]"),
         (["--model", str(foreign_model(tmp_path))], "ships its own Python code for model type 'evil'"),
     ]:
         assert main(["harness", *args]) == 2, args
@@ -207,7 +207,7 @@ def test_nested_aliases_and_huge_grids_are_refused_at_once(tmp_path):
         SweepSpec.load(spec_file(tmp_path, HEAD + bomb))
     assert "expands to more than 100,000 values" in str(e.value) and len(str(e.value)) < 300
     grid = "grid: {" + ", ".join(f"{k}: [{', '.join(str(v) for v in range(1, 11))}]" for k in
-                                 ("rank", "style_dim", "controller_hidden", "max_steps", "default_depth", "steps",
+                                 ("rank", "style_dim", "controller_hidden", "max_depth", "default_depth", "steps",
                                   "batch_size", "log_every")) + "}\n"
     with pytest.raises(ValueError, match=r"make 100,000,000 runs; a sweep may have at most 10,000"):
         SweepSpec.load(spec_file(tmp_path, HEAD + grid))

@@ -1,8 +1,7 @@
-"""Adapting the outer layers (PEFT LoRA on the coda / prelude tail, coda norms) and the Controller's
-conditioning options (mean_and_token pooling, step dropout)."""
+"""Adapting the outer layers (PEFT LoRA on the coda / prelude tail), the recurrent block's input
+injection and the Controller's conditioning options (mean_and_token pooling)."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -17,27 +16,29 @@ from test_core import hf_pruned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OUTER = dict(coda_lora_rank=4, coda_norms=True, prelude_lora_layers=1)
+OUTER = dict(coda_lora_rank=4, prelude_lora_layers=1)
+INJECTIONS = [dict(injection="linear"), dict(injection="diagonal")]
 
 
 def test_fresh_outer_adaptation_is_exactly_neutral(tokens):
-    """A fresh adapter with coda LoRA, prelude-tail LoRA and trainable coda norms gives exactly the
-    loss of one without them (PEFT's B starts at zero; the norms start as the base's)."""
+    """A fresh adapter with coda LoRA and prelude-tail LoRA (or input injection) gives exactly the
+    loss of one without them (PEFT's B starts at zero; the injection's weights too)."""
     plain = tiny_ouroboros("llama")
-    adapted = tiny_ouroboros("llama", **OUTER)
-    with torch.no_grad():
-        for depth in (1, 3):
-            assert adapted(tokens, labels=tokens, depth=depth).loss.item() == plain(tokens, labels=tokens, depth=depth).loss.item()
+    for options in [OUTER] + INJECTIONS:
+        adapted = tiny_ouroboros("llama", **options)
+        with torch.no_grad():
+            for depth in (1, 3):
+                assert adapted(tokens, labels=tokens, depth=depth).loss.item() == \
+                    plain(tokens, labels=tokens, depth=depth).loss.item(), options
 
 
 def merged_base(model: OuroborosModel, seed: int = 0):
     """An independent computation of the adapted model: the tiny base with W + (alpha/r) B A written
-    into the adapted layers' weights (and the trained norms copied), no LoRA modules at all."""
+    into the adapted layers' weights, no LoRA modules at all."""
     base = tiny_base("llama", seed)
     cfg = model.config
     kept = cfg.kept_layers(TINY["num_hidden_layers"])
     scale = cfg.coda_lora_alpha / cfg.coda_lora_rank
-    named = dict(model.named_parameters())
     with torch.no_grad():
         for part, offset in (("prelude", 0), ("coda", cfg.n_prelude + 1)):
             for i, layer in enumerate(getattr(model, part)):
@@ -46,15 +47,11 @@ def merged_base(model: OuroborosModel, seed: int = 0):
                     if hasattr(module, "lora_A") and "default" in module.lora_A:
                         delta = module.lora_B["default"].weight @ module.lora_A["default"].weight
                         target.get_submodule(name).weight.add_(scale * delta)
-                for name in ("input_layernorm", "post_attention_layernorm"):
-                    if part == "coda":
-                        target.get_submodule(name).weight.copy_(named[f"coda.{i}.{name}.weight"])
-        base.model.norm.weight.copy_(named["norm.weight"])
     return base
 
 
 def test_outer_lora_equals_merged_weights(tokens):
-    """Trained (here: random) LoRA and norms give the logits of a base whose weights have the
+    """Trained (here: random) LoRA gives the logits of a base whose weights have the
     low-rank updates merged in, with the same recurrent block."""
     model = tiny_ouroboros("llama", **OUTER)
     randomize_trainables(model, scale=0.3)
@@ -94,7 +91,7 @@ def test_outer_adaptation_round_trips_and_is_a_new_format(tmp_path, tokens):
     save_adapter(model, tmp_path / "a")
     meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert meta["format_version"] == 2
-    assert meta["trainable_parameters"]["outer_lora"] > 0 and meta["trainable_parameters"]["coda_norms"] > 0
+    assert meta["trainable_parameters"]["outer_lora"] > 0
     loaded = load_adapter(tmp_path / "a", base=tiny_base("llama")).eval()
     with torch.no_grad():
         assert torch.equal(model(tokens, depth=3).logits, loaded(tokens, depth=3).logits)
@@ -107,7 +104,7 @@ def test_outer_adaptation_round_trips_and_is_a_new_format(tmp_path, tokens):
         load_adapter(tmp_path / "a", base=tiny_base("llama"))
 
 
-@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), dict(coda_lora_rank=2, coda_lora_layers=1)])
+@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token")] + INJECTIONS)
 def test_options_stay_causal_and_cached_decoding_equals_recomputing(options, tokens):
     model = tiny_ouroboros("llama", **options)
     randomize_trainables(model, scale=0.3)
@@ -123,7 +120,7 @@ def test_options_stay_causal_and_cached_decoding_equals_recomputing(options, tok
             assert torch.equal(logits.argmax(-1), out[:, i])
 
 
-@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), dict(coda_lora_rank=3, coda_lora_layers=1)])
+@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), dict(coda_lora_rank=3)] + INJECTIONS)
 def test_trainable_count_from_settings_matches_the_model(options):
     model = tiny_ouroboros("llama", **options)
     base = tiny_base("llama")
@@ -133,7 +130,7 @@ def test_trainable_count_from_settings_matches_the_model(options):
 
 
 def test_training_changes_the_adapted_parameters_and_no_frozen_weight(tokens):
-    model = tiny_ouroboros("llama", coda_lora_rank=2, coda_norms=True, coda_lora_layers=1)
+    model = tiny_ouroboros("llama", coda_lora_rank=2, injection="linear")
     model.train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -146,43 +143,37 @@ def test_training_changes_the_adapted_parameters_and_no_frozen_weight(tokens):
     assert all(torch.equal(after[n], w) for n, w in frozen.items())
     moved = {n for n, w in trainable.items() if not torch.equal(after[n], w)}
     assert {"coda.1.self_attn.q_proj.lora_B.default.weight", "coda.1.self_attn.q_proj.lora_A.default.weight",
-            "coda.0.input_layernorm.weight", "norm.weight"} <= moved
-    assert not any(n.startswith("coda.0.") and "lora" in n for n in trainable)  # only the last coda layer has LoRA
+            "coda.0.mlp.down_proj.lora_B.default.weight", "recurrent.injection.proj.weight",
+            "recurrent.injection.proj.bias"} <= moved
+    assert not any(n.startswith("prelude.") for n in trainable)  # no prelude LoRA asked for
 
 
 def test_bad_outer_settings_are_refused():
-    with pytest.raises(ValueError, match="coda_lora_layers must be in"):
-        OuroborosConfig(**{**TINY_SPLIT, "coda_lora_rank": 2, "coda_lora_layers": 3})
+    with pytest.raises(ValueError, match="injection must be one of none, diagonal, linear"):
+        OuroborosConfig(**{**TINY_SPLIT, "injection": "gated"})
     with pytest.raises(ValueError, match="prelude_lora_layers needs coda_lora_rank"):
         OuroborosConfig(**{**TINY_SPLIT, "prelude_lora_layers": 1})
 
 
-def test_step_dropout_drops_the_step_embedding_only_while_training(tokens):
-    model = tiny_ouroboros("llama", step_dropout=1.0)
+def test_input_injection_recalls_the_prelude_output_at_every_step(tokens):
+    """With injection, each step's layer reads h + W_e e + b_e (e: the prelude's output), and the
+    gate mixes against the state h itself: equal to the step computed by hand."""
+    model = tiny_ouroboros("llama", injection="linear")
     randomize_trainables(model, scale=0.3)
-    ctrl = model.recurrent.controller
-    pooled = torch.randn(2, 5, TINY["hidden_size"])
+    rec = model.recurrent
+    from ouroboros_lm.layers import decoder_layer
+
     with torch.no_grad():
-        keep = ctrl(pooled, 3)
-        ctrl.train()
-        with torch.enable_grad():
-            dropped = ctrl(pooled, 3)
-        zero = copy.deepcopy(ctrl).eval()
-        zero.step_embedding.weight.zero_()
-        assert torch.allclose(dropped, zero(pooled, 3)) and not torch.allclose(dropped, keep)
-
-
-def test_step_dropout_gradients_equal_with_and_without_checkpointing(tokens):
-    """Checkpointing replays the same dropout draws (the RNG state is restored for the recompute)."""
-    grads = []
-    for mode in ("never", "always"):
-        model = tiny_ouroboros("llama", checkpointing=mode, step_dropout=0.5)
-        randomize_trainables(model, scale=0.3)
-        model.train()
-        torch.manual_seed(7)
-        model(tokens, labels=tokens, depth=4).loss.backward()
-        grads.append(model.recurrent.controller.step_embedding.weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
+        h, ctx, _ = model.embed(tokens)
+        e = model.run_layers("prelude", h, ctx)
+        h = e
+        for s in range(3):
+            x = h + e @ rec.injection.proj.weight.T + rec.injection.proj.bias
+            d = rec.controller.from_hidden(h, s, "prefix_mean")
+            h_new = decoder_layer(rec.layer, x, ctx, project=rec.bases.modulated(d), norm_weights=rec.step_norms(s, h.dtype))
+            h = rec.gate(h_new, h)
+        reference = model.head(model.run_layers("coda", h, ctx)).logits
+        torch.testing.assert_close(model(tokens, depth=3).logits, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_mean_and_token_reads_both_views(tokens):

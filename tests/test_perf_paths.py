@@ -7,6 +7,7 @@ import torch
 
 from conftest import TINY, randomize_trainables, tiny_ouroboros
 from ouroboros_lm.config import TARGETS
+from ouroboros_lm.recurrence import StepTraining
 
 
 class UnfusedProjections:
@@ -36,18 +37,18 @@ def test_fused_low_rank_paths_equal_unfused(variant, tokens, monkeypatch):
     assert (fused - model.forward_baseline(tokens).logits).abs().max() > 1e-3  # the deltas matter
 
 
-def grads(model, tokens, depth):
+def grads(model, tokens, depth, checkpointing="auto"):
     model.zero_grad(set_to_none=True)
-    model(tokens, labels=tokens, depth=depth).loss.backward()
+    model(tokens, labels=tokens, depth=depth, training=StepTraining(checkpointing)).loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_activation_checkpointing_gives_identical_gradients(tokens):
-    plain = tiny_ouroboros("llama", checkpointing="never").train()
-    ckpt = tiny_ouroboros("llama", checkpointing="always").train()
+    plain = tiny_ouroboros("llama").train()
+    ckpt = tiny_ouroboros("llama").train()
     randomize_trainables(plain)
     randomize_trainables(ckpt)
-    a, b = grads(plain, tokens, 6), grads(ckpt, tokens, 6)
+    a, b = grads(plain, tokens, 6, "never"), grads(ckpt, tokens, 6, "always")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     assert any(v.abs().sum() > 0 for v in a.values())
@@ -72,14 +73,12 @@ def test_auto_checkpointing_only_when_the_activations_would_not_fit(tokens, monk
     assert len(calls) == 5
     with torch.no_grad():
         model(tokens, depth=5)  # no checkpointing without gradients
-    model.checkpointing = "never"
-    model(tokens, labels=tokens, depth=5).loss.backward()
+    model(tokens, labels=tokens, depth=5, training=StepTraining("never")).loss.backward()
     assert len(calls) == 5
-    model.checkpointing = "always"
-    model(tokens, labels=tokens, depth=1).loss.backward()
+    model(tokens, labels=tokens, depth=1, training=StepTraining("always")).loss.backward()
     assert len(calls) == 6
     with pytest.raises(ValueError, match="checkpointing must be one of auto, always, never"):
-        model.checkpointing = "sometimes"
+        StepTraining("sometimes")
 
 
 def test_folded_weights_follow_changes_to_the_bases_and_the_layer(tokens, monkeypatch):
@@ -105,11 +104,11 @@ def test_training_forward_and_backward_never_wait_for_the_device(arch, variant, 
     """No host-device sync (.item(), bool(tensor), .cpu(), data-dependent shapes) in a training
     step: on the weightless "meta" device any of them raises, so this runs the whole step there,
     padding mask and activation checkpointing included."""
-    model = tiny_ouroboros(arch, variant=variant, pooling=pooling, checkpointing="always").train().to("meta")
+    model = tiny_ouroboros(arch, variant=variant, pooling=pooling).train().to("meta")
     ids = torch.zeros(2, 12, dtype=torch.long, device="meta")
     mask = torch.ones(2, 12, dtype=torch.long, device="meta")
     for depth, m in ((2, None), (5, mask)):
-        out = model(ids, attention_mask=m, labels=ids, depth=depth)
+        out = model(ids, attention_mask=m, labels=ids, depth=depth, training=StepTraining("always"))
         out.loss.backward()
     assert all(p.grad is not None and p.grad.is_meta for p in model.parameters() if p.requires_grad)
     with pytest.raises(Exception):  # the premise: a sync on meta tensors does raise
@@ -133,16 +132,16 @@ def test_moving_or_casting_the_model_drops_the_old_folded_weights(tokens):
 def test_bf16_base_under_autocast_matches_float32(variant, tokens):
     """The GPU recipe (bf16 base weights, bf16 autocast, float32 trainables), run on the CPU:
     forward and backward work at every depth, checkpointed or not, and agree with float32."""
-    ref = tiny_ouroboros("qwen2", variant=variant, checkpointing="always").train()
+    ref = tiny_ouroboros("qwen2", variant=variant).train()
     randomize_trainables(ref, scale=0.05)
-    low = tiny_ouroboros("qwen2", variant=variant, checkpointing="always").train()
+    low = tiny_ouroboros("qwen2", variant=variant).train()
     low.load_state_dict(ref.state_dict())
     for module in filter(None, (low.embed_tokens, low.prelude, low.coda, low.norm, low.lm_head, low.recurrent.layer, low.recurrent.bases)):
         module.to(torch.bfloat16)  # the frozen model in bf16; trainables stay float32
     for depth in (2, 5):
-        expected = ref(tokens, labels=tokens, depth=depth).loss
+        expected = ref(tokens, labels=tokens, depth=depth, training=StepTraining("always")).loss
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = low(tokens, labels=tokens, depth=depth)
+            out = low(tokens, labels=tokens, depth=depth, training=StepTraining("always"))
         out.loss.backward()
         assert abs(out.loss.item() - expected.item()) < 0.02 * expected.item()
     grads = [p.grad for p in low.parameters() if p.requires_grad]

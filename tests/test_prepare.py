@@ -215,7 +215,7 @@ def prepared_run(tmp_path):
     text = write_corpus(tmp_path / "text", n_docs=12)
     assert main(["prepare", str(text), "--out", str(tmp_path / "p"), "--base", base]) == 0
     assert main(["convert", "--base", base, "--out", str(tmp_path / "ad"), "--n-prelude", "2", "--recurrent-layer", "4",
-                 "--n-coda", "2", "--rank", "4", "--max-steps", "8"]) == 0
+                 "--n-coda", "2", "--rank", "4", "--max-depth", "8"]) == 0
     return tmp_path
 
 

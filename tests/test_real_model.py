@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ouroboros_lm import load_adapter, save_adapter
-from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model, load_tokenizer
+from ouroboros_lm import OuroborosConfig, OuroborosModel, RecursionPolicy, load_base_model, load_tokenizer
 
 pytestmark = [
     pytest.mark.real_model,
@@ -76,8 +76,8 @@ def test_real_training_lowers_the_loss_and_the_adapter_reloads_exactly(smollm2, 
     base, tok = smollm2
     files = sotu_slice()
     corpus = build_corpus(files[1:], tok, seq_len=64, heldout=files[:1])
-    cfg = OuroborosConfig(**SPLIT, rank=32, default_depth=2)
-    model = OuroborosModel.from_base(copy.deepcopy(base), cfg)
+    cfg = OuroborosConfig(**SPLIT, rank=32)
+    model = OuroborosModel.from_base(copy.deepcopy(base), cfg, policy=RecursionPolicy(default_depth=2))
     held = corpus.heldout[:4]
     probe = corpus.train[:4]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import tiny_base, tiny_ouroboros
-from ouroboros_lm import OuroborosConfig, TrainConfig, load_adapter, save_adapter
+from ouroboros_lm import OuroborosConfig, RecursionPolicy, TrainConfig, load_adapter, save_adapter
 from ouroboros_lm.adapter import CONFIG_NAME, STRUCTURAL
 from ouroboros_lm.cli import build_parser
 from ouroboros_lm.experiments.sweep import grid_keys
@@ -41,7 +41,7 @@ def subcommand(name: str) -> argparse.ArgumentParser:
     return sub.choices[name]
 
 
-@pytest.mark.parametrize("command,cls", [("convert", OuroborosConfig), ("train", TrainConfig)])
+@pytest.mark.parametrize("command,cls", [("convert", OuroborosConfig), ("convert", RecursionPolicy), ("train", TrainConfig)])
 def test_every_setting_is_a_flag_with_its_default(command, cls):
     dests = {a.dest: a for a in subcommand(command)._actions}
     for f, _ in fields(cls):
@@ -54,9 +54,9 @@ def test_every_setting_is_a_flag_with_its_default(command, cls):
 
 def test_the_adapter_fixes_exactly_the_structural_fields():
     assert set(STRUCTURAL) == {"n_prelude", "recurrent_layer", "n_coda", "rank", "alpha", "variant", "gate",
-                               "step_norm", "pooling", "style_dim", "controller_hidden", "max_steps", "halter",
-                               "coda_lora_rank", "coda_lora_alpha", "coda_lora_layers", "prelude_lora_layers",
-                               "coda_norms", "recurrent_lora", "heal_layers"}
+                               "step_norm", "pooling", "style_dim", "controller_hidden", "max_depth", "halter",
+                               "coda_lora_rank", "coda_lora_alpha", "prelude_lora_layers", "recurrent_lora",
+                               "heal_layers", "injection"}
 
 
 def test_adapters_written_before_the_split_of_settings_still_load(tmp_path):
@@ -65,11 +65,45 @@ def test_adapters_written_before_the_split_of_settings_still_load(tmp_path):
     model = tiny_ouroboros("llama")
     save_adapter(model, tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
+    del meta["recursion_policy"]
     cfg = meta["ouroboros_config"]
-    del cfg["default_depth"]
     cfg["seed"] = cfg.pop("init_seed")
+    cfg["max_steps"] = cfg.pop("max_depth")
     cfg.update(depths=[2, 4, 6], checkpoint_from_depth=8)
     (tmp_path / "ad" / CONFIG_NAME).write_text(json.dumps(meta))
     loaded = load_adapter(tmp_path / "ad", base=tiny_base("llama"))
-    assert loaded.config.default_depth == 6 and loaded.config.init_seed == 0
+    assert loaded.policy.default_depth == 6 and loaded.config.init_seed == 0 and loaded.config.max_depth == 16
     assert all((loaded.trainable_state_dict()[k] == v).all() for k, v in model.trainable_state_dict().items())
+
+
+def previous_release_adapter(tmp_path, **config):
+    """An adapter as the release before the policy block wrote it: the inference knobs, `max_steps`
+    and the retired features' fields inside the architecture's dict, no recursion_policy."""
+    model = tiny_ouroboros("llama")
+    save_adapter(model, tmp_path / "ad")
+    meta = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
+    del meta["recursion_policy"]
+    cfg = meta["ouroboros_config"]
+    cfg["max_steps"] = cfg.pop("max_depth")
+    cfg.update({**dict(default_depth=5, step_damping=0.5, trained_depth=4, step_dropout=0.0, coda_norms=False,
+                       coda_lora_layers=0), **config})
+    (tmp_path / "ad" / CONFIG_NAME).write_text(json.dumps(meta))
+    return model, tmp_path / "ad"
+
+
+def test_adapters_of_the_release_before_the_policy_block_load_with_their_policy(tmp_path):
+    model, folder = previous_release_adapter(tmp_path)
+    loaded = load_adapter(folder, base=tiny_base("llama"))
+    assert loaded.policy == RecursionPolicy(default_depth=5, step_damping=0.5, trained_depth=4)
+    assert loaded.config == model.config
+    assert load_adapter(folder, base=tiny_base("llama"), step_damping=0.25).policy.step_damping == 0.25
+    save_adapter(loaded, tmp_path / "again")  # written anew: the policy in its own block
+    meta = json.loads((tmp_path / "again" / CONFIG_NAME).read_text())
+    assert meta["recursion_policy"]["trained_depth"] == 4 and "trained_depth" not in meta["ouroboros_config"]
+
+
+@pytest.mark.parametrize("retired", [dict(coda_norms=True), dict(coda_lora_layers=1)])
+def test_an_adapter_that_used_a_retired_feature_is_refused_with_the_reason(tmp_path, retired):
+    _, folder = previous_release_adapter(tmp_path, **retired)
+    with pytest.raises(ValueError, match=f"{next(iter(retired))}=.*retired after ouroboros-lm 0.1.0"):
+        load_adapter(folder, base=tiny_base("llama"))

@@ -133,7 +133,7 @@ def test_cli_convert_train_eval(tmp_path):
         return subprocess.run([sys.executable, "-m", "ouroboros_lm.cli", *args], capture_output=True, text=True, env=env, timeout=300)
 
     split = ["--n-prelude", "2", "--recurrent-layer", "4", "--n-coda", "2", "--rank", "4", "--style-dim", "8",
-             "--controller-hidden", "8", "--max-steps", "8", "--default-depth", "2"]
+             "--controller-hidden", "8", "--max-depth", "8", "--default-depth", "2"]
     r = run("convert", "--base", base, "--out", str(ad), *split)
     assert r.returncode == 0, r.stderr
     assert (ad / "adapter_config.json").is_file()
@@ -156,4 +156,4 @@ def test_cli_convert_train_eval(tmp_path):
     assert r.returncode == 0 and "recurrence steps per new token: mean" in r.stdout, r.stderr[-2000:]
     assert "| heldout" in (ad / "eval.md").read_text()
     r = run("eval", "--adapter", str(ad), "--data", str(data), "--depths", "1,99")
-    assert r.returncode == 2 and "max_steps=8" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "max_depth=8" in r.stderr and "Traceback" not in r.stderr

@@ -6,10 +6,12 @@ from . import hf_config
 from .hf_config import OuroborosHFConfig
 from .loading import load_base_model, load_tokenizer
 from .model import OuroborosModel, OuroborosOutput
+from .policy import RecursionPolicy
+from .recurrence import StepTraining
 from .train import TrainConfig, Trainer, train
 
 __all__ = ["OuroborosConfig", "OuroborosForCausalLM", "OuroborosHFConfig", "OuroborosModel", "OuroborosOutput",
-           "TrainConfig", "Trainer", "load_adapter", "load_base_model", "load_tokenizer", "save_adapter", "train"]
+           "RecursionPolicy", "StepTraining", "TrainConfig", "Trainer", "load_adapter", "load_base_model", "load_tokenizer", "save_adapter", "train"]
 __version__ = "0.1.0"
 
 

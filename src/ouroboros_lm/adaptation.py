@@ -1,5 +1,5 @@
-"""Adapting the frozen layers around the recursion: plain LoRA on the coda (and the prelude's
-tail, and the recurrent layer itself, one set shared by every step), and unfrozen coda norms.
+"""Plain LoRA (PEFT) on the frozen layers around the recursion: the coda (and the prelude's
+tail, and the recurrent layer itself, one set shared by every step).
 A heal model (`heal_layers`) puts plain LoRA on every layer it keeps.
 
 The recurrent block's low-rank paths are our own (SVD bases, modulated per step); the outer
@@ -10,9 +10,6 @@ wrapped `nn.Linear` adds its `(alpha/r) B A x` wherever the layer runs: training
 decoding, the Hugging Face wrapper, the other families' own forwards. PEFT initialises B to
 zero, so a fresh adapter is exactly the model without LoRA. The LoRA weights are kept in
 float32 (PEFT casts its input to them and the result back to the layer's dtype).
-
-`coda_norms` trains the coda layers' RMSNorm weights and the final norm in place (they are the
-base model's modules: a model built with it owns its copy of the base).
 """
 from __future__ import annotations
 
@@ -60,51 +57,10 @@ def inject_lora(model) -> None:
             p.requires_grad_(True)
 
 
-def layer_norms(layer: nn.Module) -> dict[str, nn.Module]:
-    """A decoder layer's own RMSNorms (its direct children named *norm / *layernorm)."""
-    return {name: m for name, m in layer.named_children() if name.endswith("norm") and hasattr(m, "weight")}
-
-
-def norm_parameters(coda: nn.ModuleList, final_norm: nn.Module) -> dict[str, nn.Parameter]:
-    """The coda layers' RMSNorm weights and the final norm's, by their names in `OuroborosModel`."""
-    out = {f"coda.{i}.{name}.weight": m.weight for i, layer in enumerate(coda) for name, m in layer_norms(layer).items()}
-    out["norm.weight"] = final_norm.weight
-    return out
-
-
 def adapted_parameters(model) -> dict[str, nn.Parameter]:
-    """Every trainable parameter outside the recurrent block, by name: LoRA and unfrozen norms."""
+    """Every trainable parameter outside the recurrent block's own parts, by name: the PEFT LoRA."""
     params = dict(model.named_parameters())
-    out = {n: p for n, p in params.items() if ".lora_" in n and n.split(".")[0] in ("prelude", "coda", "recurrent")}
-    if model.config.coda_norms:
-        out.update(norm_parameters(model.coda, model.norm))
-    return out
-
-
-class BaseNorms(nn.Module):
-    """Frozen copies of the norm weights that `coda_norms` trains, taken before training, so the
-    pruned baseline (and anything asking for the unadapted stack) still sees the base's norms."""
-
-    def __init__(self, norms: dict[str, nn.Parameter]):
-        super().__init__()
-        self.names = list(norms)
-        for i, w in enumerate(norms.values()):
-            self.register_buffer(f"w{i}", w.detach().clone())
-
-    def originals(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, f"w{i}") for i, name in enumerate(self.names)}
-
-
-def adapt_outer_layers(model) -> BaseNorms | None:
-    """Apply the config's outer-layer adaptation to a freshly built (all frozen) model; returns the
-    frozen copies of the norms it unfreezes (None without coda_norms)."""
-    inject_lora(model)
-    if not model.config.coda_norms:
-        return None
-    norms = norm_parameters(model.coda, model.norm)
-    for p in norms.values():
-        p.requires_grad_(True)
-    return BaseNorms(norms)
+    return {n: p for n, p in params.items() if ".lora_" in n and n.split(".")[0] in ("prelude", "coda", "recurrent")}
 
 
 def lora_layers_of(model) -> list[nn.Module]:
@@ -117,25 +73,18 @@ def lora_layers_of(model) -> list[nn.Module]:
 @contextlib.contextmanager
 def adaptation_disabled(model):
     """The outer layers as the base has them, for the duration: PEFT's LoRA switched off
-    (`enable_adapters`, trainable flags kept as they were) and the base's norm weights swapped in."""
+    (`enable_adapters`, trainable flags kept as they were)."""
     lora = lora_layers_of(model) if model.config.coda_lora_rank else []
     flags = {p: p.requires_grad for m in lora for p in m.parameters()}
-    base_norms = model.base_norms.originals() if model.base_norms is not None else {}
-    params = dict(model.named_parameters())
-    trained = {name: params[name].data for name in base_norms}
     try:
         for m in lora:
             m.enable_adapters(False)
-        for name, w in base_norms.items():
-            params[name].data = w
         yield
     finally:
         for m in lora:
             m.enable_adapters(True)
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        for name, w in trained.items():
-            params[name].data = w
 
 
 def adaptation_parameter_count(config, layer: nn.Module, hidden_size: int) -> int:
@@ -145,8 +94,6 @@ def adaptation_parameter_count(config, layer: nn.Module, hidden_size: int) -> in
         per_layer = sum(config.coda_lora_rank * (lin.in_features + lin.out_features)
                         for lin in projection_linears(layer))
         n += per_layer * (sum(len(v) for v in config.lora_layers().values()) + config.lora_on_recurrent_layer)
-    if config.coda_norms:
-        n += (len(layer_norms(layer)) * config.n_coda + 1) * hidden_size
     return n
 
 

@@ -1,7 +1,8 @@
 """Adapters, in the spirit of PEFT: what training produced, small and separate from the base.
 
 A folder holds
-  adapter_config.json        format version, the OuroborosConfig, the base model's name or path,
+  adapter_config.json        format version, the OuroborosConfig (architecture), the
+                             RecursionPolicy (how it runs at inference), the base model's name or path,
                              a hash of the base's architecture, fingerprints of the kept layers'
                              weights, and the sha256 of the weights file
   adapter_model.safetensors  the trained weights and the frozen SVD bases (so loading never
@@ -26,6 +27,7 @@ from .adaptation import adapted_parameters
 from .config import OuroborosConfig
 from .loading import load_base_model
 from .model import OuroborosModel
+from .policy import POLICY_FIELDS, RecursionPolicy, legacy_policy
 from .settings import structural_fields
 from .surgery import kept_fingerprints
 
@@ -85,6 +87,7 @@ def save_adapter(model: OuroborosModel, directory: str | os.PathLike) -> Path:
         "format_version": version,
         "library": "ouroboros-lm",
         "ouroboros_config": model.config.to_dict(),
+        "recursion_policy": model.policy.to_dict(),
         "base_model": model.base_name,
         "base_architecture": architecture(model.base_config),
         "base_architecture_hash": architecture_hash(model.base_config),
@@ -149,13 +152,35 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     except Exception as e:  # noqa: BLE001 - any parse failure means corruption
         raise AdapterError(f"{w_path} is corrupt or truncated ({e})") from None
     try:
-        OuroborosConfig.from_dict(meta["ouroboros_config"])
+        config = OuroborosConfig.from_dict(meta["ouroboros_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{cfg_path} holds an invalid ouroboros_config: {e}") from None
+    try:
+        saved_policy(meta).check(config.max_depth)
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{cfg_path} holds an invalid recursion_policy: {e}") from None
     return meta, tensors
 
 
+def saved_policy(meta: dict) -> RecursionPolicy:
+    """The adapter's RecursionPolicy; adapters written before it had its own block kept its fields
+    in the architecture's dict."""
+    if "recursion_policy" in meta:
+        return RecursionPolicy.from_dict(meta["recursion_policy"])
+    return legacy_policy(meta["ouroboros_config"])
+
+
+def resolve_policy(meta: dict, overrides: dict, max_depth: int) -> RecursionPolicy:
+    """The saved policy with the given (non-None) policy fields overridden."""
+    changed = {k: v for k, v in overrides.items() if k in POLICY_FIELDS and v is not None}
+    try:
+        return saved_policy(meta).replace(**changed).check(max_depth)
+    except ValueError as e:
+        raise AdapterError(f"cannot run this adapter so: {e}") from None
+
+
 def resolve_config(meta: dict, overrides: dict) -> OuroborosConfig:
+    overrides = {k: v for k, v in overrides.items() if k not in POLICY_FIELDS}
     saved = OuroborosConfig.from_dict(meta["ouroboros_config"])
     changed = {k: v for k, v in overrides.items() if v is not None and getattr(saved, k) != v}
     split = {k: v for k, v in changed.items() if k in SPLIT}
@@ -205,17 +230,18 @@ def check_base(meta: dict, base, config: OuroborosConfig) -> dict[str, str]:
 def load_adapter(directory, base=None, dtype=torch.float32, device=None, **overrides) -> OuroborosModel:
     """Rebuild a saved model on `base` (a model, a source string, or None for the base recorded
     in the adapter) bit for bit, without recomputing the SVD. `overrides` may change the
-    non-structural settings (e.g. default_depth). Fails with AdapterError (a ValueError) on a
+    policy (default_depth, step_damping) and the non-structural settings. Fails with AdapterError (a ValueError) on a
     different base, a different layer split, an incompatible format or a corrupt file, before
     anything is loaded."""
     meta, tensors = read_adapter(directory)
     config = resolve_config(meta, overrides)
+    policy = resolve_policy(meta, overrides, config.max_depth)
     if base is None:
         base = meta["base_model"]
     if isinstance(base, (str, os.PathLike)):
         base = load_base_model(base, dtype=dtype, device=device)
     check_base(meta, base, config)
-    model = OuroborosModel.from_base(base, config, compute_bases=False, base_name=meta.get("base_model"))
+    model = OuroborosModel.from_base(base, config, compute_bases=False, base_name=meta.get("base_model"), policy=policy)
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))

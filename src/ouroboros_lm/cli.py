@@ -15,6 +15,7 @@ from .evaluate import DEFAULT_EVAL_DEPTHS
 from .exits import ExitRule
 from .halter_training import HalterConfig
 from .experiments.demo import DemoConfig
+from .policy import RecursionPolicy
 from .prepare import PrepareConfig
 from .settings import add_flags, from_flags
 from .train import TrainConfig
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="adapter folder to write (must not hold an adapter already)")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     add_flags(p, OuroborosConfig, "model (OuroborosConfig)")
+    add_flags(p, RecursionPolicy, "inference (RecursionPolicy)")
 
     p = sub.add_parser("prepare", help="tokenize text once into token shards that train and eval read by memory map",
                        formatter_class=fmt)
@@ -226,11 +228,12 @@ def cmd_convert(args) -> None:
     from .model import OuroborosModel
 
     cfg = from_flags(OuroborosConfig, args)  # validates before loading anything
+    policy = from_flags(RecursionPolicy, args).check(cfg.max_depth)
     out = Path(args.out)
     if (out / CONFIG_NAME).exists() and not args.overwrite:
         raise ValueError(f"{out} already holds an adapter; pass --overwrite to replace it (nothing was changed)")
     base_name = str(Path(args.base).resolve()) if Path(args.base).exists() else args.base
-    model = OuroborosModel.from_base(load_base_model(args.base), cfg, base_name=base_name)
+    model = OuroborosModel.from_base(load_base_model(args.base), cfg, base_name=base_name, policy=policy)
     save_adapter(model, out)
     parts = model.trainable_parameter_breakdown()
     print(f"wrote untrained adapter to {out} ({len(model.prelude)}+1+{len(model.coda)} layers kept; trainable: "
@@ -308,8 +311,8 @@ def cmd_eval(args) -> None:
 
     meta, _ = read_adapter(args.adapter)
     saved = OuroborosConfig.from_dict(meta["ouroboros_config"])
-    if max(args.depths) > saved.max_steps:
-        raise ValueError(f"--depths: every depth must be in [1, max_steps={saved.max_steps}]; got {max(args.depths)}")
+    if max(args.depths) > saved.max_depth:
+        raise ValueError(f"--depths: every depth must be in [1, max_depth={saved.max_depth}]; got {max(args.depths)}")
     if args.exit_thresholds:
         check_exit_rule(saved, ExitRule(args.rule, args.exit_thresholds[0], args.min_steps),
                         saved.check_depth(args.exit_max_depth or max(args.depths), "--exit-max-depth"))
@@ -363,14 +366,15 @@ def prompt_ids(tok, args):
 
 
 def cmd_generate(args) -> None:
-    from .adapter import load_adapter, read_adapter
+    from .adapter import load_adapter, read_adapter, saved_policy
     from .loading import load_base_model, load_tokenizer
     from .runtime import choose_runtime
 
     meta, _ = read_adapter(args.adapter)
     cfg = OuroborosConfig.from_dict(meta["ouroboros_config"])
     rule = from_flags(ExitRule, args) if args.depth == "auto" else None
-    depth = args.exit_max_depth if args.depth == "auto" else args.depth if args.depth is not None else cfg.default_depth
+    default = saved_policy(meta).default_depth
+    depth = args.exit_max_depth if args.depth == "auto" else args.depth if args.depth is not None else default
     depth = cfg.check_depth(depth, "--exit-max-depth" if args.depth == "auto" else "--depth")
     if rule is not None:
         check_exit_rule(cfg, rule, depth)

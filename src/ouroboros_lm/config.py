@@ -13,11 +13,19 @@ from dataclasses import dataclass
 from .settings import from_dict, setting, to_dict, validate_fields
 
 VARIANTS = ("controller", "static", "none")
+INJECTIONS = ("none", "diagonal", "linear")
 POOLINGS = ("prefix_mean", "token", "mean_and_token", "sequence_mean")
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 MAX_LAYERS = 1024
-MAX_STEPS = 1024
+MAX_DEPTH = 1024
 MAX_WIDTH = 65536
+
+
+def check_depth(depth, max_depth: int, name: str = "depth") -> int:
+    """The one depth check: an integer in [1, max_depth] (ValueError naming `name` otherwise)."""
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= max_depth:
+        raise ValueError(f"{name} must be an integer in [1, max_depth={max_depth}]; got {depth!r}")
+    return depth
 
 
 @dataclass
@@ -41,21 +49,19 @@ class OuroborosConfig:
                            "static per-step vectors, or none", choices=VARIANTS, structural=True)
     gate: bool = setting(True, "gated recurrence h = g*h_new + (1-g)*h_old (--no-gate: h = h_new)", structural=True)
     gate_bias: float = setting(-2.0, "initial gate bias b_g (-2 keeps 88%% of the old state)", low=-30.0, high=30.0)
+    injection: str = setting("none", "input injection: every step's layer reads h + W_e e + b_e (linear, H^2 + H "
+                             "weights) or h + a * e (diagonal, H), e the prelude's output, zero at init (none: h alone)",
+                             choices=INJECTIONS, structural=True)
     step_norm: bool = setting(True, "a separate pair of RMSNorm weights per recurrence step", structural=True)
     pooling: str = setting("prefix_mean", "what the Controller reads: the prefix mean, the token's own state, "
                            "both side by side (mean_and_token), or the whole-sequence mean (sequence_mean leaks "
                            "future tokens; reproduction only)", choices=POOLINGS, structural=True)
-    step_dropout: float = setting(0.0, "while training, the probability that a sequence's Controller gets no step "
-                                  "embedding at a step (so the step index cannot carry all of the modulation)",
-                                  low=0.0, high=1.0)
     style_dim: int = setting(128, "Controller style / step-embedding width", low=1, high=MAX_WIDTH, structural=True)
     controller_hidden: int = setting(256, "Controller hidden width", low=1, high=MAX_WIDTH, structural=True)
     coda_lora_rank: int = setting(0, "rank of plain LoRA (PEFT) on the adapted outer layers' seven projections "
                                   "(0: none)", low=0, high=1024, structural=True)
     coda_lora_alpha: float = setting(8.0, "LoRA scale alpha of the outer layers (delta = alpha/rank B A x)", above=0,
                                      high=1e4, structural=True)
-    coda_lora_layers: int = setting(0, "how many of the last coda layers get LoRA (0: all n_coda)", low=0,
-                                    high=MAX_LAYERS, structural=True)
     prelude_lora_layers: int = setting(0, "how many of the last prelude layers (the prelude's tail) also get LoRA",
                                        low=0, high=MAX_LAYERS, structural=True)
     recurrent_lora: bool = setting(False, "plain LoRA (PEFT, rank coda_lora_rank) on the recurrent layer's seven "
@@ -66,20 +72,10 @@ class OuroborosConfig:
                                "the recursion; N: N base layers evenly spaced over the removed ones, the compute of "
                                "depth N) and plain LoRA of rank coda_lora_rank on every kept layer (0: the recursion)",
                                low=0, high=MAX_LAYERS, structural=True)
-    coda_norms: bool = setting(False, "train the coda layers' RMSNorm weights and the final norm (--coda-norms)",
-                               structural=True)
     halter: bool = setting(False, "a trained per-token halter for adaptive depth (added by `ouroboros train-halter`)",
                            structural=True, cli=False, sweep=False)
-    max_steps: int = setting(64, "largest recurrence depth the model can run", low=1, high=MAX_STEPS, structural=True)
-    default_depth: int = setting(8, "recurrence depth used when none is given (evaluation, generation)",
-                                 low=1, high=MAX_STEPS)
-    step_damping: float = setting(1.0, "past trained_depth, step s's update is scaled by step_damping^(s - "
-                                  "trained_depth + 1), so deeper recursion settles (1: off; 0.5: the steps past it "
-                                  "add at most one step's update in all)", low=0.0, high=1.0)
+    max_depth: int = setting(64, "largest recurrence depth the model can run", low=1, high=MAX_DEPTH, structural=True)
     init_seed: int = setting(0, "seed of the trainable parts' initialisation", low=0, high=2**63 - 1)
-    trained_depth: int = setting(0, "steps at or past this depth reuse the last trained step's per-step parameters "
-                                 "(0: every step its own; training sets it to its largest depth)", low=0,
-                                 high=MAX_STEPS)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,11 +87,6 @@ class OuroborosConfig:
         calls it again with the base model's layer count before touching any weight.
         """
         validate_fields(self)
-        self.check_depth(self.default_depth, "default_depth")
-        if self.trained_depth > self.max_steps:
-            raise ValueError(f"trained_depth must be in [0, max_steps={self.max_steps}]; got {self.trained_depth}")
-        if self.coda_lora_layers > self.n_coda:
-            raise ValueError(f"coda_lora_layers must be in [0, n_coda={self.n_coda}]; got {self.coda_lora_layers}")
         if self.prelude_lora_layers > self.n_prelude:
             raise ValueError(f"prelude_lora_layers must be in [0, n_prelude={self.n_prelude}]; got {self.prelude_lora_layers}")
         if self.prelude_lora_layers and not self.coda_lora_rank:
@@ -128,9 +119,8 @@ class OuroborosConfig:
             return {"prelude": [], "coda": []}
         if self.heal_layers:
             return {"prelude": list(range(self.n_prelude + self.heal_layers - 1)), "coda": list(range(self.n_coda))}
-        n_coda = self.coda_lora_layers or self.n_coda
         return {"prelude": list(range(self.n_prelude - self.prelude_lora_layers, self.n_prelude)),
-                "coda": list(range(self.n_coda - n_coda, self.n_coda))}
+                "coda": list(range(self.n_coda))}
 
     @property
     def lora_on_recurrent_layer(self) -> bool:
@@ -139,13 +129,12 @@ class OuroborosConfig:
 
     @property
     def adapts_outer_layers(self) -> bool:
-        """Whether anything outside the recurrent block trains (outer LoRA or coda norms)."""
-        return bool(self.coda_lora_rank or self.coda_norms)
+        """Whether anything outside the recurrent block trains (outer LoRA)."""
+        return bool(self.coda_lora_rank)
 
-    def check_depth(self, depth: int, name: str = "depth") -> int:
-        if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= self.max_steps:
-            raise ValueError(f"{name} must be an integer in [1, max_steps={self.max_steps}]; got {depth!r}")
-        return depth
+    def check_depth(self, depth, name: str = "depth") -> int:
+        """`depth`, if the model can run it (an integer in [1, max_depth]); ValueError naming `name`."""
+        return check_depth(depth, self.max_depth, name)
 
     # ------------------------------------------------------------------ layout
     def middle_layers(self, num_layers: int) -> list[int]:
@@ -183,17 +172,33 @@ class OuroborosConfig:
         return dataclasses.replace(self, **changes)
 
 
+LEGACY_POLICY = ("default_depth", "step_damping", "trained_depth")  # moved to `policy.RecursionPolicy`
+RETIRED = {"coda_norms": False, "coda_lora_layers": 0, "step_dropout": None}  # removed: never measured to help
+
+
 def migrate(d: dict) -> dict:
-    """Adapters written before training settings left the architecture (format 1, first
-    releases) carry `depths`, `checkpoint_from_depth` and `seed`: the largest training depth
-    becomes `default_depth`, the seed `init_seed`, and checkpointing is a training setting now."""
+    """An architecture dict as this release writes it, from any earlier adapter's:
+    format 1 (first releases) carried `depths`, `checkpoint_from_depth` and `seed` (the seed is
+    `init_seed` now; the depths and checkpointing are training settings); `max_steps` is
+    `max_depth`; the inference knobs (`default_depth`, `step_damping`, `trained_depth`) moved to
+    the adapter's `RecursionPolicy` (`policy.legacy_policy` reads them) and are dropped here;
+    retired features are dropped when off and refused, with the reason, when an adapter used them."""
     if not isinstance(d, dict):
         return d
     d = dict(d)
-    depths = d.pop("depths", None)
-    if depths and "default_depth" not in d:
-        d["default_depth"] = max(depths) if isinstance(depths, (list, tuple)) else depths
+    d.pop("depths", None)
     d.pop("checkpoint_from_depth", None)
     if "seed" in d and "init_seed" not in d:
         d["init_seed"] = d.pop("seed")
+    if "max_steps" in d and "max_depth" not in d:
+        d["max_depth"] = d.pop("max_steps")
+    for name in LEGACY_POLICY:
+        d.pop(name, None)
+    for name, off in RETIRED.items():
+        value = d.pop(name, off)
+        if name == "coda_lora_layers" and value == d.get("n_coda"):
+            value = 0  # LoRA on every coda layer: what 0 meant, and what this release does
+        if off is not None and value != off:
+            raise ValueError(f"{name}={value!r}: this adapter uses a feature retired after ouroboros-lm 0.1.0 "
+                             "(never measured to help); load it with that release")
     return d

@@ -114,16 +114,15 @@ class Controller(nn.Module):
     z = silu(W_in rmsnorm(h));  z = silu(W_mid z + e_s);  d = W_head z  (W_head = 0 at init)
     """
 
-    def __init__(self, hidden_size: int, controller_hidden: int, style_dim: int, rank: int, max_steps: int,
-                 pooling: str = "prefix_mean", step_dropout: float = 0.0):
+    def __init__(self, hidden_size: int, controller_hidden: int, style_dim: int, rank: int, max_depth: int,
+                 pooling: str = "prefix_mean"):
         super().__init__()
         self.rank = rank
         self.views = 2 if pooling == "mean_and_token" else 1  # pooled views side by side, each normalised
-        self.step_dropout = step_dropout
         self.norm_weight = nn.Parameter(torch.ones(self.views * hidden_size))
         self.inp = nn.Linear(self.views * hidden_size, controller_hidden)
         self.mid = nn.Linear(controller_hidden, style_dim)
-        self.step_embedding = nn.Embedding(max_steps, style_dim)
+        self.step_embedding = nn.Embedding(max_depth, style_dim)
         self.head = nn.Linear(style_dim, len(TARGETS) * rank)
         nn.init.normal_(self.step_embedding.weight, std=0.02)
         nn.init.zeros_(self.head.weight)
@@ -146,27 +145,18 @@ class Controller(nn.Module):
             return self._mlp(_PrefixMeanRMSNorm.apply(h, m, w, 1e-6), step)
         return self(pool(h, pooling, mask, state), step)
 
-    def step_input(self, step: int, batch: int) -> torch.Tensor:
-        """The step embedding, [style] or, under step dropout while training, [B, 1, style] with
-        each sequence's row zeroed with probability `step_dropout`."""
-        e = self.step_embedding.weight[step]
-        if not (self.training and self.step_dropout > 0 and torch.is_grad_enabled()):
-            return e
-        keep = torch.rand(batch, 1, 1, device=e.device) >= self.step_dropout
-        return e * keep.to(e.dtype)
-
     def _mlp(self, x: torch.Tensor, step: int) -> torch.Tensor:
         z = F.silu(self.inp(x))
-        z = F.silu(self.mid(z) + self.step_input(step, x.shape[0]))
+        z = F.silu(self.mid(z) + self.step_embedding.weight[step])
         return self.head(z).unflatten(-1, (len(TARGETS), self.rank))
 
 
 class StaticModulation(nn.Module):
     """The paper's ablation: one learned r-vector per step and projection, no input."""
 
-    def __init__(self, rank: int, max_steps: int):
+    def __init__(self, rank: int, max_depth: int):
         super().__init__()
-        self.vectors = nn.Parameter(torch.zeros(max_steps, len(TARGETS), rank))
+        self.vectors = nn.Parameter(torch.zeros(max_depth, len(TARGETS), rank))
 
     def forward(self, step: int) -> torch.Tensor:
         return self.vectors[step]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import MAX_STEPS
+from .config import MAX_DEPTH
 from .settings import setting, validate_fields
 
 RULES = ("converged", "halter")
@@ -27,7 +27,7 @@ class ExitRule:
                         "falls below the threshold; halter: the trained halter's stop probability exceeds it",
                         choices=RULES, flag="--exit-rule")
     threshold: float = setting(0.05, "the rule's threshold", above=0, high=1e6, flag="--exit-threshold")
-    min_steps: int = setting(1, "steps every position takes before it may stop", low=1, high=MAX_STEPS,
+    min_steps: int = setting(1, "steps every position takes before it may stop", low=1, high=MAX_DEPTH,
                              flag="--exit-min-steps")
 
     def __post_init__(self) -> None:

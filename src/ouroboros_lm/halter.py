@@ -3,7 +3,7 @@
     lambda_s = sigmoid(w . rmsnorm(h_s) + u * log(||h_s - h_(s-1)|| / ||h_(s-1)||) + b_s)
 
 It reads the token's own state after step s and how much that step changed it (causal), has
-H + max_steps + 1 parameters, and is trained on top of a trained adapter with everything else
+H + max_depth + 1 parameters, and is trained on top of a trained adapter with everything else
 frozen (`halter_training.py`), with an ACT-style objective: the expected loss under the halting
 distribution plus `ponder_cost` times the expected number of steps. At inference,
 `ExitRule(rule="halter", threshold=t)` stops a token once lambda_s > t.
@@ -18,12 +18,12 @@ from .layers import rms_norm
 
 
 class Halter(nn.Module):
-    def __init__(self, hidden_size: int, max_steps: int, bias: float = -2.0):
+    def __init__(self, hidden_size: int, max_depth: int, bias: float = -2.0):
         super().__init__()
         self.norm_weight = nn.Parameter(torch.ones(hidden_size))
         self.proj = nn.Parameter(torch.zeros(hidden_size))
         self.change = nn.Parameter(torch.zeros(()))
-        self.step_bias = nn.Parameter(torch.full((max_steps,), float(bias)))
+        self.step_bias = nn.Parameter(torch.full((max_depth,), float(bias)))
 
     def forward(self, h_new: torch.Tensor, h_old: torch.Tensor, step: int) -> torch.Tensor:
         """lambda_s [B, T] (float32) for the states after step `step` (0-based) and before it."""

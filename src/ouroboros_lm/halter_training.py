@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .adapter import save_adapter
 from .checkpoints import append_metrics
-from .config import MAX_STEPS
+from .config import MAX_DEPTH
 from .data import Corpus
 from .halter import Halter, halting_distribution, ponder_loss
 from .settings import setting, to_dict, validate_fields
@@ -29,7 +29,7 @@ class HalterConfig:
     batch_size: int = setting(2, "blocks per step", low=1, high=65536)
     lr: float = setting(1e-2, "learning rate (AdamW)", above=0, high=10.0)
     ponder_cost: float = setting(0.005, "loss in nats per token charged for each recurrence step", low=0, high=100.0)
-    max_depth: int = setting(16, "steps the halter chooses among", low=1, high=MAX_STEPS)
+    max_depth: int = setting(16, "steps the halter chooses among", low=1, high=MAX_DEPTH)
     seed: int = setting(0, "seed of the data order", low=0, high=2**63 - 1)
     progress: bool = setting(True, "show a progress bar", cli=False)
 
@@ -45,7 +45,7 @@ def attach_halter(model) -> Halter:
     if rec.halter is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model.config.init_seed)
-            rec.halter = Halter(model.embed_tokens.weight.shape[1], model.config.max_steps).to(model.device)
+            rec.halter = Halter(model.embed_tokens.weight.shape[1], model.config.max_depth).to(model.device)
         model.config.halter = True
     rec.halter.requires_grad_(True)
     return rec.halter

@@ -149,7 +149,7 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
             # the trained parts in float32: what load_adapter(dtype=...) builds
             base = AutoModelForCausalLM.from_config(config.base_config(), dtype=torch.get_default_dtype())
             model = OuroborosModel.from_base(base, config.ouroboros_config(), compute_bases=False,
-                                             base_name=config.base_model)
+                                             base_name=config.base_model, policy=config.recursion_policy())
             model.base_fingerprints = dict(config.base_fingerprints)
             for part in model.recurrent.trainable_parts().values():
                 part.float()
@@ -159,7 +159,8 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_ouroboros(cls, model: OuroborosModel, depth: int | None = None, baseline: bool = False) -> "OuroborosForCausalLM":
         """Wrap `model` (shared, not copied)."""
-        config = OuroborosHFConfig(ouroboros=model.config.to_dict(), base=model.base_config.to_dict(),
+        config = OuroborosHFConfig(ouroboros=model.config.to_dict(), policy=model.policy.to_dict(),
+                                   base=model.base_config.to_dict(),
                                    base_model=model.base_name, base_fingerprints=model.base_fingerprints,
                                    depth=depth, baseline=baseline, architectures=[cls.__name__])
         return cls(config, model=model).eval()

@@ -11,6 +11,7 @@ from typing import Callable
 from transformers import AutoConfig, PretrainedConfig
 
 from .config import OuroborosConfig
+from .policy import RecursionPolicy, legacy_policy
 
 MODEL_TYPE = "ouroboros"
 # Fields of the base model's configuration that tools read from the top-level config
@@ -19,15 +20,17 @@ MIRRORED = ("vocab_size", "hidden_size", "max_position_embeddings", "bos_token_i
 
 
 class OuroborosHFConfig(PretrainedConfig):
-    """ouroboros: the `OuroborosConfig` as a dict; base: the FULL base model's config as a dict
+    """ouroboros: the `OuroborosConfig` as a dict; policy: the `RecursionPolicy` as a dict (folders
+    exported before it had its own entry kept it inside `ouroboros`); base: the FULL base model's config as a dict
     (its `model_type` included); base_model: where the base came from; base_fingerprints: the
     kept weights' fingerprints (so `save_adapter` on a loaded model still identifies the base);
-    depth: the recurrence depth forward and generate use (None: the config's default_depth);
+    depth: the recurrence depth forward and generate use (None: the policy's default_depth);
     baseline: run the pruned stack instead of the recursion."""
 
     model_type = MODEL_TYPE
 
     ouroboros: dict | None = None
+    policy: dict | None = None
     base: dict | None = None
     base_model: str = ""
     base_fingerprints: dict | None = None
@@ -52,6 +55,7 @@ class OuroborosHFConfig(PretrainedConfig):
         self.tie_word_embeddings = bool(self.base.get("tie_word_embeddings", self.tie_word_embeddings))
         if self.ouroboros:
             cfg = OuroborosConfig.from_dict(self.ouroboros)  # validated here, not at the first forward
+            self.recursion_policy().check(cfg.max_depth)
             if self.depth is not None:
                 cfg.check_depth(self.depth)
         super().__post_init__(**kwargs)
@@ -60,7 +64,7 @@ class OuroborosHFConfig(PretrainedConfig):
 
     def check(self) -> OuroborosConfig:
         """Raise ValueError unless this is an exported model's configuration, typed and bounded like an
-        adapter's: the OuroborosConfig valid, `baseline` a boolean, `depth` within max_steps, the base's
+        adapter's: the OuroborosConfig valid, `baseline` a boolean, `depth` within max_depth, the base's
         config present, and the fingerprints recorded for exactly the layers the split keeps."""
         where = f"{self._name_or_path or 'the model'}/config.json"
         if not isinstance(self.ouroboros, dict) or not self.ouroboros:
@@ -69,6 +73,10 @@ class OuroborosHFConfig(PretrainedConfig):
             cfg = OuroborosConfig.from_dict(self.ouroboros)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where} holds an invalid 'ouroboros' configuration: {e}") from None
+        try:
+            self.recursion_policy().check(cfg.max_depth)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where} holds an invalid 'policy': {e}") from None
         if not isinstance(self.baseline, bool):
             raise ValueError(f"{where}: 'baseline' must be true or false; got {self.baseline!r}")
         if self.depth is not None and (not isinstance(self.depth, int) or isinstance(self.depth, bool)):
@@ -87,6 +95,9 @@ class OuroborosHFConfig(PretrainedConfig):
 
     def ouroboros_config(self) -> OuroborosConfig:
         return OuroborosConfig.from_dict(self.ouroboros)
+
+    def recursion_policy(self) -> RecursionPolicy:
+        return RecursionPolicy.from_dict(self.policy) if self.policy else legacy_policy(self.ouroboros)
 
     def base_config(self):
         """The full base model's `transformers` configuration."""

@@ -60,7 +60,9 @@ def trainable_parameter_count(config, hidden_size: int) -> int:
     counted from the settings alone (before anything is allocated)."""
     from .config import TARGETS
 
-    H, r, steps, n = hidden_size, config.rank, config.max_steps, 0
+    H, r, steps, n = hidden_size, config.rank, config.max_depth, 0
+    if config.heal_layers:
+        return 0  # a heal model builds nothing step-aware (its LoRA is counted by the caller)
     if config.variant == "controller":
         ch, sd = config.controller_hidden, config.style_dim
         Hc = 2 * H if config.pooling == "mean_and_token" else H  # what the Controller reads
@@ -71,6 +73,7 @@ def trainable_parameter_count(config, hidden_size: int) -> int:
         n += 2 * H * H + H
     if config.step_norm:
         n += steps * 2 * H
+    n += {"none": 0, "diagonal": H, "linear": H * H + H}[config.injection]
     if config.halter:
         n += 2 * H + 1 + steps
     return n
@@ -86,4 +89,4 @@ def check_trainable_size(config, hidden_size: int, device: torch.device, extra: 
         raise ValueError(
             f"these settings give {n:,} trainable parameters ({need / 2**30:.1f} GiB with gradients and optimizer "
             f"state), more than the {free / 2**30:.1f} GiB free on {device}: lower controller_hidden, style_dim, "
-            "max_steps or rank")
+            "max_depth or rank")

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from .adaptation import adapt_outer_layers, adaptation_disabled, adaptation_parameter_count, adapted_parameters
+from .adaptation import inject_lora, adaptation_disabled, adaptation_parameter_count, adapted_parameters
 from .cache import OuroborosCache
 from .config import OuroborosConfig
 from .exits import ExitRule, TokenExits
@@ -21,7 +21,8 @@ from .layers import AttentionContext, KVSlot, build_context, decoder_layer, get_
 from .loss import (OuroborosOutput, Teacher, causal_lm_loss, default_chunk, distill_loss, head_loss, lazy_logits,
                    token_losses)
 from .memory import check_trainable_size
-from .recurrence import RecurrentBlock
+from .policy import RecursionPolicy
+from .recurrence import NO_TRAINING, RecurrentBlock, StepTraining
 from .surgery import check_architecture, kept_fingerprints, split_layers
 
 
@@ -34,9 +35,10 @@ def check_token_range(input_ids: torch.Tensor, vocab_size: int, what: str = "inp
 class OuroborosModel(nn.Module):
     """A recursive transformer built from a pretrained Llama-family decoder.
 
-    Build it with `OuroborosModel.from_base(base, OuroborosConfig(...))`. What trains: the Controller
-    (or static vectors), the recurrence gate and the per-step norms, and, where configured, plain LoRA
-    on the outer layers and the recurrent layer and the coda norms. With `heal_layers` it is the heal
+    Build it with `OuroborosModel.from_base(base, OuroborosConfig(...), RecursionPolicy(...))`. What
+    trains: the Controller (or static vectors), the recurrence gate, the per-step norms and the input
+    injection, as configured, and plain LoRA (PEFT) on the outer layers and the recurrent layer where
+    `coda_lora_rank` is set. With `heal_layers` it is the heal
     model instead: the pruned stack (its middle layers once each) with plain LoRA on every kept layer,
     the alternative to recursion that every comparison stands beside.
 
@@ -45,7 +47,8 @@ class OuroborosModel(nn.Module):
     """
 
     def __init__(self, config: OuroborosConfig, base: nn.Module, prelude, recurrent, coda, bases,
-                 base_config=None, base_name: str | None = None, base_fingerprints: dict | None = None):
+                 base_config=None, base_name: str | None = None, base_fingerprints: dict | None = None,
+                 policy: RecursionPolicy | None = None):
         super().__init__()
         self.config = config
         self.base_config = base_config if base_config is not None else base.config  # the full model's config
@@ -68,15 +71,16 @@ class OuroborosModel(nn.Module):
         with torch.random.fork_rng(devices=[]), torch.device("meta" if w.is_meta else "cpu"):
             torch.manual_seed(config.init_seed)
             self.recurrent = RecurrentBlock(recurrent, layer_window(recurrent, base.config), bases, config,
-                                            base.config.hidden_size)
+                                            base.config.hidden_size, (policy or RecursionPolicy()).check(config.max_depth))
         self.recurrent.to(w.device)
-        self.base_norms = adapt_outer_layers(self)  # plain LoRA (outer / recurrent layers) and coda norms, if configured
+        inject_lora(self)  # plain LoRA (PEFT) on the outer / recurrent layers, if configured
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_base(cls, base: nn.Module, config: OuroborosConfig | None = None, compute_bases: bool = True,
-                  base_name: str | None = None) -> "OuroborosModel":
-        """Convert `base` (a Hugging Face Llama/Qwen2/Qwen3/Mistral causal LM).
+                  base_name: str | None = None, policy: RecursionPolicy | None = None) -> "OuroborosModel":
+        """Convert `base` (a Hugging Face Llama/Qwen2/Qwen3/Mistral causal LM), with the
+        architecture `config` and the inference `policy` (default depth, damping; `RecursionPolicy`).
 
         The base model is consumed: its removed layers are deleted to free memory, and the
         layers that are kept are shared with the returned model (and frozen).
@@ -85,13 +89,14 @@ class OuroborosModel(nn.Module):
         config = config or OuroborosConfig()
         check_architecture(base)
         config.validate(num_layers=len(base.model.layers))
+        (policy or RecursionPolicy()).check(config.max_depth)
         check_trainable_size(config, base.config.hidden_size, base.model.embed_tokens.weight.device,
                              extra=adaptation_parameter_count(config, base.model.layers[0], base.config.hidden_size))
         fingerprints = kept_fingerprints(base, config)  # before surgery: identifies the base in adapters
         full_config = copy.deepcopy(base.config)
         prelude, recurrent, coda, bases = split_layers(base, config, compute_bases)
         return cls(config, base, prelude, recurrent, coda, bases, base_config=full_config, base_name=base_name,
-                   base_fingerprints=fingerprints)
+                   base_fingerprints=fingerprints, policy=policy)
 
     @property
     def vocab_size(self) -> int:
@@ -102,14 +107,14 @@ class OuroborosModel(nn.Module):
         return self.embed_tokens.weight.device
 
     @property
-    def checkpointing(self) -> str:
-        """Activation checkpointing per recurrence step while training: "auto" (when the step's
-        activations would not fit the memory budget), "always" or "never"."""
-        return self.recurrent.checkpointing
+    def policy(self) -> RecursionPolicy:
+        """How the recursion runs when the caller does not say (`RecursionPolicy`): the default
+        depth, the trained depth past which per-step parameters are reused, the damping past it."""
+        return self.recurrent.policy
 
-    @checkpointing.setter
-    def checkpointing(self, mode: str) -> None:
-        self.recurrent.set_checkpointing(mode)
+    @policy.setter
+    def policy(self, policy: RecursionPolicy) -> None:
+        self.recurrent.policy = policy.check(self.config.max_depth)
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameter_breakdown(self) -> dict[str, int]:
@@ -122,8 +127,6 @@ class OuroborosModel(nn.Module):
             out["outer_lora"] = sum(p.numel() for n, p in outer.items() if ".lora_" in n and not n.startswith("recurrent."))
         if self.config.lora_on_recurrent_layer:
             out["recurrent_lora"] = sum(p.numel() for n, p in outer.items() if n.startswith("recurrent."))
-        if self.config.coda_norms:
-            out["coda_norms"] = sum(p.numel() for n, p in outer.items() if ".lora_" not in n)
         out["total"] = sum(out.values())
         return out
 
@@ -135,7 +138,7 @@ class OuroborosModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def resolve_depth(self, depth: int | None) -> int:
-        return self.config.default_depth if depth is None else self.config.check_depth(depth)
+        return self.policy.default_depth if depth is None else self.config.check_depth(depth)
 
     def check_inputs(self, input_ids: torch.Tensor, attention_mask=None, labels=None, past: int = 0) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
@@ -208,10 +211,11 @@ class OuroborosModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None, *,
                 cache: OuroborosCache | None = None, baseline: bool = False, exit_rule: ExitRule | None = None,
                 exit_steps: torch.Tensor | None = None, per_step: bool = False,
-                teacher: Teacher | None = None) -> OuroborosOutput:
+                readout_steps: tuple[int, ...] = (), teacher: Teacher | None = None,
+                training: StepTraining = NO_TRAINING) -> OuroborosOutput:
         """Logits (and the loss, given HF-aligned `labels`) of `input_ids` [B, T].
 
-        depth: recurrence steps (default `config.default_depth`); the maximum under adaptive exit.
+        depth: recurrence steps (default `policy.default_depth`); the maximum under adaptive exit.
             A heal model has no recursion and ignores it.
         baseline: the pruned stack (prelude + recurrent layer once + coda) with nothing added.
         cache: an `OuroborosCache` (`new_cache`) holding earlier positions; the new positions are
@@ -220,8 +224,13 @@ class OuroborosModel(nn.Module):
             position takes (replaying recorded decisions). The output's `steps` says how many ran.
         per_step: also return every step's state and, with labels, each position's loss had the
             recursion stopped after each step (what the halter is trained on; no cache).
+        readout_steps: with labels, the step counts (1-based, below `depth`) after which each position's
+            loss is also read out, through the coda and the head on that step's state: `step_losses`
+            [len(readout_steps), B, T], with gradients when they are enabled (per-step supervision).
         teacher: distillation targets (`loss.Teacher`, e.g. from the full model): with labels, the loss
             is `ce_weight * CE + weight * KL(teacher || ours)` (its terms in `ce_loss` / `kl_loss`).
+        training: how the recursion's steps are differentiated while training (`StepTraining`:
+            activation checkpointing, truncated backprop); the trainer passes its settings here.
         """
         heal = bool(self.config.heal_layers)  # a heal model: its stack once, with its LoRA (off for the baseline)
         depth = None if baseline or heal else self.resolve_depth(depth)
@@ -239,11 +248,12 @@ class OuroborosModel(nn.Module):
             h = self.run_layers("prelude", h, ctx, cache.prelude if cache is not None else None)
             steps = cache.steps if cache is not None else None
             states = [h] if per_step else None
+            readout = self.check_readout(readout_steps, depth, labels, cache)
             if depth is None:
                 h = self.recurrent.plain(h, ctx, kv=steps[0].kv if steps is not None else None)
             else:
                 h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps, exits=exits,
-                                   observe=(lambda s, x: states.append(x)) if per_step else None)
+                                   observe=self.observer(states, readout), training=training)
             h = self.run_layers("coda", h, ctx, cache.coda if cache is not None else None)
             if cache is not None:
                 cache.length += input_ids.shape[1]
@@ -252,8 +262,37 @@ class OuroborosModel(nn.Module):
             if per_step and labels is not None:
                 out.step_losses = torch.stack([token_losses(self.head(self.run_layers("coda", x, ctx)).logits, labels)
                                                for x in states[1:]])
+            if readout:
+                out.step_losses = torch.stack([token_losses(self.head(self.run_layers("coda", readout[s], ctx)).logits,
+                                                            labels) for s in sorted(readout)])
         out.states = states
         return out
+
+    @staticmethod
+    def check_readout(readout_steps, depth: int | None, labels, cache) -> dict:
+        """{step count: None} to be filled with the states after those steps; ValueError when they
+        cannot be read out (no labels, a cache, no recursion, a step outside [1, depth))."""
+        if not readout_steps:
+            return {}
+        if labels is None or cache is not None or depth is None:
+            raise ValueError("readout_steps needs labels, no cache and a recursion to read out")
+        bad = [s for s in readout_steps if not isinstance(s, int) or not 1 <= s < depth]
+        if bad:
+            raise ValueError(f"readout_steps must be step counts in [1, depth={depth}); got {bad}")
+        return dict.fromkeys(readout_steps)
+
+    @staticmethod
+    def observer(states: list | None, readout: dict):
+        """The recursion's per-step callback filling `states` (every step) and `readout` (its steps)."""
+        if states is None and not readout:
+            return None
+
+        def observe(s: int, h: torch.Tensor) -> None:
+            if states is not None:
+                states.append(h)
+            if s + 1 in readout:
+                readout[s + 1] = h
+        return observe
 
     def forward_baseline(self, input_ids, attention_mask=None, labels=None) -> OuroborosOutput:
         """The pruned stack (prelude + recurrent layer once + coda) with nothing added."""

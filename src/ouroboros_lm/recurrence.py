@@ -2,12 +2,18 @@
 
 Each step s:
     d      = Controller(pool(h), s)   |  static vectors[s]  |  nothing
-    h_new  = layer(h; norms = step_norms[s], projections + (alpha/r) B diag(d) A)
+    x      = h + W_e e + b_e          (input injection of the prelude's output e; or x = h)
+    h_new  = layer(x; norms = step_norms[s], projections + (alpha/r) B diag(d) A)
     h      = g * h_new + (1 - g) * h,   g = sigmoid(W_g [h_new; h] + b_g)   (or h = h_new)
+
+How the steps run at inference (their per-step parameters past the trained depths, damping) is the
+model's `RecursionPolicy`; how they are differentiated while training (checkpointing, truncated
+backprop) is a `StepTraining` the trainer passes to `forward`.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +26,9 @@ from .exits import ExitKV, TokenExits
 from .families import step_norm_names
 from .halter import Halter
 from .layers import AttentionContext, KVSlot, decoder_layer
-from .memory import activations_fit, step_activation_bytes
 from .lora import SVDLoRABases
+from .memory import activations_fit, step_activation_bytes
+from .policy import RecursionPolicy
 
 class _GateMix(torch.autograd.Function):
     """lerp(h_old, h_new, sigmoid(z)) computed in `dt`, saving z, h_new and h_old as they are (in
@@ -89,23 +96,70 @@ class StepNorms(nn.Module):
     """A separate pair of RMSNorm weights (pre-attention, pre-MLP) for every step, each
     initialised from the recurrent layer's own, so a fresh model normalises as the base does."""
 
-    def __init__(self, input_norm: torch.Tensor, post_norm: torch.Tensor, max_steps: int):
+    def __init__(self, input_norm: torch.Tensor, post_norm: torch.Tensor, max_depth: int):
         super().__init__()
         w = torch.stack([input_norm.detach().float(), post_norm.detach().float()])  # [2, H]
-        self.weight = nn.Parameter(w.unsqueeze(0).repeat(max_steps, 1, 1))
+        self.weight = nn.Parameter(w.unsqueeze(0).repeat(max_depth, 1, 1))
 
     def forward(self, step: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.weight[step].to(dtype)
         return w[0], w[1]
 
 
+class InputInjection(nn.Module):
+    """Recall of the prelude's output e at every step: the layer reads x = h + W_e e + b_e (linear) or
+    x = h + a * e (diagonal), so the recursion's fixed points can depend on the input (Huginn and
+    retrofitted recurrence feed [state; e] through an adapter). Zero at init: a converted model
+    starts exactly where it does without it."""
+
+    def __init__(self, hidden_size: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":
+            self.proj = nn.Linear(hidden_size, hidden_size)
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+        else:
+            self.scale = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return h + self.proj(e.to(self.proj.weight.dtype)).to(h.dtype)
+        return h + (self.scale * e.float()).to(h.dtype)
+
+
 CHECKPOINTING = ("auto", "always", "never")
 
 
+@dataclass(frozen=True)
+class StepTraining:
+    """How the recursion's steps are differentiated while training; the trainer passes one to
+    `forward` (no effect without gradients).
+
+    checkpointing: recompute a step's activations in the backward pass instead of keeping them:
+        "auto" (when depth x one step's activations would not fit the memory budget), "always", "never".
+    backprop_steps: gradients through only the last k steps (0: all); earlier steps run without.
+    """
+
+    checkpointing: str = "auto"
+    backprop_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}; got {self.checkpointing!r}")
+        if not isinstance(self.backprop_steps, int) or self.backprop_steps < 0:
+            raise ValueError(f"backprop_steps must be an integer >= 0; got {self.backprop_steps!r}")
+
+
+NO_TRAINING = StepTraining()
+
+
 class RecurrentBlock(nn.Module):
-    def __init__(self, layer: nn.Module, window: int | None, bases: SVDLoRABases | None, config: OuroborosConfig, hidden_size: int):
+    def __init__(self, layer: nn.Module, window: int | None, bases: SVDLoRABases | None, config: OuroborosConfig,
+                 hidden_size: int, policy: RecursionPolicy | None = None):
         super().__init__()
         self.config = config
+        self.policy = policy or RecursionPolicy()
         self.layer = layer.requires_grad_(False)  # the recurrent layer itself stays frozen
         self.window = window
         self.bases = bases
@@ -114,18 +168,18 @@ class RecurrentBlock(nn.Module):
         recursive = not config.heal_layers  # a heal model runs the layer once: nothing step-aware is built
         if recursive and config.variant == "controller":
             self.controller = Controller(hidden_size, config.controller_hidden, config.style_dim, config.rank,
-                                         config.max_steps, config.pooling, config.step_dropout)
+                                         config.max_depth, config.pooling)
         elif recursive and config.variant == "static":
-            self.static = StaticModulation(config.rank, config.max_steps)
+            self.static = StaticModulation(config.rank, config.max_depth)
         self.gate = RecurrenceGate(hidden_size, config.gate_bias) if config.gate and recursive else None
         self.step_norms = (
-            StepNorms(*(getattr(layer, n).weight for n in step_norm_names(layer)), config.max_steps)
+            StepNorms(*(getattr(layer, n).weight for n in step_norm_names(layer)), config.max_depth)
             if config.step_norm and recursive
             else None
         )
-        self.halter = Halter(hidden_size, config.max_steps) if config.halter and recursive else None
-        self.checkpointing = "auto"
-        self.backprop_steps = 0  # while training: gradients through only the last k steps (0 = all)
+        self.injection = (InputInjection(hidden_size, config.injection)
+                          if config.injection != "none" and recursive else None)
+        self.halter = Halter(hidden_size, config.max_depth) if config.halter and recursive else None
 
     @property
     def kind(self) -> str:
@@ -133,14 +187,9 @@ class RecurrentBlock(nn.Module):
         (a global one), the layer_types names of Gemma 2/3, whose recurrent layer may be either."""
         return "sliding_attention" if self.window is not None else "full_attention"
 
-    def set_checkpointing(self, mode: str) -> None:
-        if mode not in CHECKPOINTING:
-            raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}; got {mode!r}")
-        self.checkpointing = mode
-
     def trainable_parts(self) -> dict[str, nn.Module]:
         parts = {"controller": self.controller, "static": self.static, "gate": self.gate, "step_norms": self.step_norms,
-                 "halter": self.halter}
+                 "injection": self.injection, "halter": self.halter}
         return {k: m for k, m in parts.items() if m is not None}
 
     def modulation(self, h: torch.Tensor, step: int, mask, pool_state: PoolState | None) -> torch.Tensor | None:
@@ -150,28 +199,18 @@ class RecurrentBlock(nn.Module):
             return self.static(step)
         return None
 
-    def parameter_step(self, s: int) -> int:
-        """Whose per-step parameters (norms, step embedding, static vectors) step s uses: its own,
-        or, past the depths the model was trained at (`config.trained_depth`), the last trained
-        step's, so that running deeper never reaches parameters that never saw a gradient."""
-        trained = self.config.trained_depth
-        return min(s, trained - 1) if trained else s
-
-    def step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, kv: KVSlot | None = None, pool_state: PoolState | None = None) -> torch.Tensor:
-        p = self.parameter_step(s)
+    def step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, kv: KVSlot | None = None,
+             pool_state: PoolState | None = None, e: torch.Tensor | None = None) -> torch.Tensor:
+        """Step s (0-based) on state h; e: the prelude's output (read by the input injection)."""
+        p = self.policy.parameter_step(s)
         d = self.modulation(h, p, mask, pool_state)
         project = self.bases.modulated(d) if d is not None else None
         norms = self.step_norms(p, h.dtype) if self.step_norms is not None else None
-        h_new = decoder_layer(self.layer, h, ctx, window=self.window, project=project, norm_weights=norms, kv=kv)
+        x = self.injection(h, e) if self.injection is not None else h
+        h_new = decoder_layer(self.layer, x, ctx, window=self.window, project=project, norm_weights=norms, kv=kv)
         out = self.gate(h_new, h) if self.gate is not None else h_new
-        damping = self.update_scale(s)
+        damping = self.policy.update_scale(s)
         return out if damping == 1.0 else torch.lerp(h, out, damping)  # h + damping * (out - h)
-
-    def update_scale(self, s: int) -> float:
-        """How much of step s's update is kept: 1 up to `config.trained_depth`, then
-        `config.step_damping` ** (steps past it), so the recursion settles past the trained depths."""
-        trained, damping = self.config.trained_depth, self.config.step_damping
-        return 1.0 if not trained or s < trained or damping == 1.0 else damping ** (s - trained + 1)
 
     def plain(self, h: torch.Tensor, ctx: AttentionContext, kv: KVSlot | None = None) -> torch.Tensor:
         """The recurrent layer applied once with nothing added (the pruned baseline)."""
@@ -182,35 +221,38 @@ class RecurrentBlock(nn.Module):
         ctrl = 2 * self.config.controller_hidden + self.config.style_dim if self.controller is not None else 0
         return step_activation_bytes(h, self.layer, ctrl)
 
-    def uses_checkpointing(self, h: torch.Tensor, depth: int) -> bool:
-        if not (self.training and torch.is_grad_enabled()) or self.checkpointing == "never":
+    def uses_checkpointing(self, h: torch.Tensor, depth: int, mode: str = "auto") -> bool:
+        if not (self.training and torch.is_grad_enabled()) or mode == "never":
             return False
-        return self.checkpointing == "always" or not activations_fit(self.step_activation_bytes(h), depth, h.device)
+        return mode == "always" or not activations_fit(self.step_activation_bytes(h), depth, h.device)
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext, depth: int, mask=None, cache=None,
-                exits: TokenExits | None = None, observe=None) -> torch.Tensor:
-        """`depth` steps (at most, with `exits`: per-position adaptive depth).
+                exits: TokenExits | None = None, observe=None, training: StepTraining = NO_TRAINING) -> torch.Tensor:
+        """`depth` steps (at most, with `exits`: per-position adaptive depth) from the prelude's output h.
         cache: optional list of `cache.StepCache`, one per step (cached decoding).
-        observe: optional callback observe(s, h) with the state after each step."""
+        observe: optional callback observe(s, h) with the state after each step.
+        training: how the steps are differentiated (`StepTraining`; only while training with gradients)."""
+        e = h  # the prelude's output, recalled at every step by the input injection
         if exits is not None:
             for s in range(depth):
-                h = self.exit_step(h, s, ctx, mask, cache[s] if cache is not None else None, exits)
+                h = self.exit_step(h, s, ctx, mask, cache[s] if cache is not None else None, exits, e)
             return h
         grad = self.training and torch.is_grad_enabled()
-        first_grad = depth - self.backprop_steps if grad and self.backprop_steps else 0
-        use_ckpt = cache is None and self.uses_checkpointing(h, depth - first_grad)
+        first_grad = depth - training.backprop_steps if grad and training.backprop_steps else 0
+        use_ckpt = cache is None and self.uses_checkpointing(h, depth - first_grad, training.checkpointing)
         for s in range(depth):
             slot = cache[s] if cache is not None else None
             with torch.no_grad() if s < first_grad else contextlib.nullcontext():  # truncated backprop
                 if use_ckpt and s >= first_grad:
-                    h = checkpoint(self.step, h, s, ctx, mask, use_reentrant=False)
+                    h = checkpoint(self.step, h, s, ctx, mask, None, None, e, use_reentrant=False)
                 else:
-                    h = self.step(h, s, ctx, mask, slot.kv if slot else None, slot.pool if slot else None)
+                    h = self.step(h, s, ctx, mask, slot.kv if slot else None, slot.pool if slot else None, e)
             if observe is not None:
                 observe(s, h)
         return h
 
-    def exit_step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, slot, exits: TokenExits) -> torch.Tensor:
+    def exit_step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, slot, exits: TokenExits,
+                  e: torch.Tensor | None = None) -> torch.Tensor:
         """One step under adaptive exit: stopped positions keep their state and lend their last
         keys/values to this step's attention; once every position has stopped, the step is skipped
         (with a cache, its slot still receives their keys/values and pooled states)."""
@@ -222,5 +264,5 @@ class RecurrentBlock(nn.Module):
                     pool(h, self.config.pooling, mask, slot.pool)
             return h
         kv = ExitKV(exits, slot.kv if slot is not None else None)
-        h_new = self.step(h, s, ctx, mask, kv, slot.pool if slot is not None else None)
+        h_new = self.step(h, s, ctx, mask, kv, slot.pool if slot is not None else None, e)
         return exits.update(s, h, h_new, self.halter)

@@ -23,17 +23,18 @@ from .adapter import copy_into, read_adapter, save_adapter
 from .atomic import ensure_dir
 from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, read_state, refuse_planted_links,
                           remove_partial_checkpoints, save_checkpoint, truncate_metrics)
-from .config import MAX_STEPS
+from .config import MAX_DEPTH
 from .data import Corpus
 from .evaluate import mean_loss
+from .loss import scored_tokens
 from .model import check_token_range
-from .recurrence import CHECKPOINTING
+from .recurrence import CHECKPOINTING, StepTraining
 from .runtime import PRECISIONS, choose_runtime
 from .settings import setting, structural_fields, to_dict, validate_fields
 from .teacher import check_teacher, teacher_targets
 
 BIG = 10**9
-DEPTH_SCHEDULES = ("uniform", "lognormal_poisson", "curriculum")
+DEPTH_SCHEDULES = ("uniform", "lognormal_poisson")
 TRACKERS = ("none", "tensorboard", "wandb")
 TRACKING_DIR = "tracking"  # trackers' local files (TensorBoard events) under the run folder
 
@@ -56,20 +57,28 @@ class TrainConfig:
     weight_decay: float = setting(0.01, "AdamW weight decay", low=0, high=10.0, structural=True)
     warmup_steps: int = setting(100, "linear warmup steps", low=0, high=BIG, structural=True)
     grad_clip: float = setting(1.0, "gradient norm clip (0 = off)", low=0, high=1e9, structural=True)
-    depths: tuple[int, ...] = setting((4, 8, 16), "recurrence depths: uniform draws from this list; the other "
-                                      "schedules draw within [min, max] of it", low=1, high=MAX_STEPS, structural=True)
+    depths: tuple[int, ...] = setting((4, 8, 16), "recurrence depths: uniform draws from this list; "
+                                      "lognormal_poisson draws within [min, max] of it", low=1, high=MAX_DEPTH, structural=True)
     depth_schedule: str = setting("uniform", "how each step's depth is drawn: uniform over depths; lognormal_poisson "
                                   "(Huginn: Poisson with a log-normal rate of mean depth_mean, clipped to the depths' "
-                                  "range); curriculum (uniform over depths, the largest unlocked linearly over the first "
-                                  "half of training)", choices=DEPTH_SCHEDULES, structural=True)
-    depth_mean: float = setting(6.0, "mean depth of the lognormal_poisson schedule", above=1.0, high=MAX_STEPS,
+                                  "range)", choices=DEPTH_SCHEDULES, structural=True)
+    depth_mean: float = setting(6.0, "mean depth of the lognormal_poisson schedule", above=1.0, high=MAX_DEPTH,
                                 structural=True)
     param_steps: int = setting(0, "distinct per-step parameter sets (norms, step embedding) to train: deeper steps "
-                               "reuse the last one (0: the largest training depth)", low=0, high=MAX_STEPS,
+                               "reuse the last one (0: the largest training depth)", low=0, high=MAX_DEPTH,
                                structural=True)
     backprop_steps: int = setting(0, "backpropagate through only the last k recurrence steps (earlier ones run "
                                   "without gradients, so deep draws cost what k steps cost; 0 = all)", low=0,
-                                  high=MAX_STEPS, structural=True)
+                                  high=MAX_DEPTH, structural=True)
+    step_loss_weight: float = setting(0.0, "per-step supervision: weight of the next-token loss read out (through the "
+                                      "coda and head) after step_loss_samples intermediate steps, drawn among the "
+                                      "steps with gradients, averaged over them and added to the final loss (0: off)",
+                                      low=0.0, high=1e3, structural=True)
+    step_loss_samples: int = setting(1, "intermediate steps read out per optimizer step under step_loss_weight or "
+                                     "monotonic_weight", low=1, high=MAX_DEPTH, structural=True)
+    monotonic_weight: float = setting(0.0, "weight of the monotonicity term: the sum of relu(later loss - earlier "
+                                      "loss) over the read-out steps and the final one, so no step may make the "
+                                      "prediction worse (LoopUS; 0: off)", low=0.0, high=1e3, structural=True)
     distill_weight: float = setting(0.0, "weight of KL(full model || ours) on the next-token distributions in the "
                                     "loss: distillation from the full base model, loaded as the teacher (0: off)",
                                     low=0.0, high=1e3, structural=True)
@@ -104,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"stop_after must be in [1, steps={self.steps}]; got {self.stop_after!r}")
         if self.ce_weight == 0 and self.distill_weight == 0:
             raise ValueError("ce_weight and distill_weight are both 0: the loss would be empty")
+        if self.monotonic_weight and self.distill_weight:
+            raise ValueError("monotonic_weight compares next-token losses; it cannot be combined with distill_weight")
 
 
 def lr_lambda(tc: TrainConfig):
@@ -129,10 +140,33 @@ def step_depth(tc: TrainConfig, step: int) -> int:
         sigma = 0.5
         rate = math.exp(rng.gauss(math.log(tc.depth_mean - 1.0) - sigma**2 / 2, sigma))
         return min(hi, max(lo, 1 + poisson(rng, rate)))
-    if tc.depth_schedule == "curriculum":
-        unlocked = lo + (hi - lo) * min(1.0, 2.0 * step / max(1, tc.steps))
-        return rng.choice([d for d in tc.depths if d <= unlocked] or [lo])
     return rng.choice(tc.depths)
+
+
+def readout_steps(tc: TrainConfig, step: int, depth: int) -> tuple[int, ...]:
+    """The intermediate steps read out at optimizer step `step` (per-step supervision): up to
+    `step_loss_samples` distinct step counts in [1, depth), among those with gradients under
+    truncated backprop; a function of (seed, step) only (exact resume). () when off."""
+    if not (tc.step_loss_weight or tc.monotonic_weight):
+        return ()
+    first = max(1, depth - tc.backprop_steps) if tc.backprop_steps else 1
+    window = list(range(first, depth))
+    rng = random.Random(tc.seed * 104_729 + step)
+    return tuple(sorted(rng.sample(window, min(tc.step_loss_samples, len(window)))))
+
+
+def step_objective(tc: TrainConfig, final: torch.Tensor, step_losses: torch.Tensor | None, labels) -> torch.Tensor:
+    """What per-step supervision adds to the final loss `final`: step_loss_weight x the mean of the
+    read-out steps' losses, and monotonic_weight x the sum of relu(L_later - L_earlier) along the
+    read-out steps and the final step (step_losses: [k, B, T] per position, 0 where unscored)."""
+    if step_losses is None:
+        return final.new_zeros(())
+    means = step_losses.sum(dim=(1, 2)) / max(1, scored_tokens(labels))
+    extra = tc.step_loss_weight * means.mean()
+    if tc.monotonic_weight:
+        chain = torch.cat([means, final.reshape(1)])
+        extra = extra + tc.monotonic_weight * torch.relu(chain[1:] - chain[:-1]).sum()
+    return extra
 
 
 def poisson(rng: random.Random, lam: float) -> int:
@@ -257,10 +291,11 @@ class Trainer:
         self.model.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device).eval().requires_grad_(False)
-        self.model.checkpointing = tc.checkpoint
-        self.model.recurrent.backprop_steps = tc.backprop_steps
-        # steps past the deepest trained one reuse its parameters (never ones that saw no gradient)
-        self.model.config.trained_depth = tc.param_steps or max(self.model.config.trained_depth, max(tc.depths))
+        self.step_training = StepTraining(tc.checkpoint, tc.backprop_steps)
+        # the policy training sets: steps past the deepest trained one reuse its parameters (never
+        # ones that saw no gradient)
+        policy = self.model.policy
+        self.model.policy = policy.replace(trained_depth=tc.param_steps or max(policy.trained_depth, max(tc.depths)))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))
@@ -317,15 +352,18 @@ class Trainer:
         self.accelerator.trackers.clear()
 
     # ------------------------------------------------------------------ one step
-    def forward_backward(self, ids: torch.Tensor, depth: int, sync: bool) -> torch.Tensor:
+    def forward_backward(self, ids: torch.Tensor, step: int, depth: int, sync: bool) -> torch.Tensor:
         acc = self.accelerator
         ctx = acc.no_sync(self.ddp_model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
         try:
             with ctx, acc.autocast():
                 teacher = None if self.teacher is None else teacher_targets(self.teacher, ids, self.tc.distill_weight,
                                                                              self.tc.ce_weight)
-                out = self.ddp_model(ids, labels=ids, depth=depth, teacher=teacher)
-                acc.backward(out.loss / self.tc.grad_accum)
+                readout = readout_steps(self.tc, step, depth)
+                out = self.ddp_model(ids, labels=ids, depth=depth, teacher=teacher, training=self.step_training,
+                                     readout_steps=readout)
+                objective = out.loss + step_objective(self.tc, out.loss, out.step_losses if readout else None, ids)
+                acc.backward(objective / self.tc.grad_accum)
         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(e):
                 raise
@@ -347,7 +385,7 @@ class Trainer:
             if self.on_batch is not None:
                 self.on_batch(step, micro, idx)
             ids = self.corpus.train[idx].to(self.device)
-            step_loss += self.forward_backward(ids, depth, sync=micro == tc.grad_accum - 1) / tc.grad_accum
+            step_loss += self.forward_backward(ids, step, depth, sync=micro == tc.grad_accum - 1) / tc.grad_accum
             if log and micro == 0:
                 with torch.no_grad(), acc.autocast():
                     baseline = self.model(ids, labels=ids, baseline=True).loss.detach()
@@ -374,7 +412,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         """Held-out loss at the model's default depth and the pruned baseline's, both under the
         run's autocast, on the first `eval_blocks` held-out blocks."""
-        heldout, depth = self.corpus.heldout[: self.tc.eval_blocks], self.model.config.default_depth
+        heldout, depth = self.corpus.heldout[: self.tc.eval_blocks], self.model.policy.default_depth
         self.model.eval()
         with self.accelerator.autocast():
             if self.heldout_baseline is None:

@@ -19,6 +19,7 @@ from ..data import build_corpus, domain_blocks
 from ..evaluate import evaluate
 from ..loading import cache_dir, load_base_model, load_tokenizer
 from ..model import OuroborosModel
+from ..policy import RecursionPolicy
 from ..adaptation import matching_lora_rank
 from ..settings import setting, to_dict
 from ..exits import ExitRule
@@ -99,9 +100,9 @@ def sotu_files(corpus: Path, last_train_year: int, first_train_year: int = 1790)
 
 def demo_model(dc: DemoConfig, out: Path):
     base = load_base_model(dc.base)
-    cfg = OuroborosConfig(**SPLIT, rank=32, default_depth=8, init_seed=dc.seed,
-                          step_damping=dc.step_damping, coda_lora_rank=dc.coda_lora_rank)
-    model = OuroborosModel.from_base(base, cfg, base_name=dc.base)
+    cfg = OuroborosConfig(**SPLIT, rank=32, init_seed=dc.seed, coda_lora_rank=dc.coda_lora_rank)
+    policy = RecursionPolicy(default_depth=8, step_damping=dc.step_damping)
+    model = OuroborosModel.from_base(base, cfg, base_name=dc.base, policy=policy)
     save_adapter(model, out)
     print("      trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in model.trainable_parameter_breakdown().items()))
     return model

@@ -41,13 +41,14 @@ import yaml
 
 from ..adapter import load_adapter, save_adapter
 from ..checkpoints import list_checkpoints
-from ..config import MAX_STEPS, OuroborosConfig
+from ..config import MAX_DEPTH, OuroborosConfig
 from ..data import build_corpus, domain_blocks, group_items, map_source
 from ..evaluate import DEFAULT_EVAL_DEPTHS, EvalReport, evaluate
 from ..exits import ExitRule
 from ..loading import cache_dir, load_base_model, load_tokenizer
 from ..model import OuroborosModel
 from ..runtime import choose_runtime
+from ..policy import POLICY_FIELDS, RecursionPolicy
 from ..settings import check_value, from_dict, setting, sweep_keys, to_dict, validate_fields
 from ..train import TrainConfig, train
 from ..atomic import ensure_dir, read_json, write_json, write_text, write_with
@@ -63,12 +64,12 @@ MAX_SPEC_NODES = 100_000  # YAML values after expanding aliases (a few nested al
 @dataclass
 class EvalSettings:
     """The spec's `eval:` section."""
-    depths: tuple[int, ...] = setting(DEFAULT_EVAL_DEPTHS, "depths every run is evaluated at", low=1, high=MAX_STEPS)
+    depths: tuple[int, ...] = setting(DEFAULT_EVAL_DEPTHS, "depths every run is evaluated at", low=1, high=MAX_DEPTH)
     blocks: int = setting(16, "blocks per split", low=1, high=1 << 20)
     batch_size: int = setting(4, "blocks per forward pass", low=1, high=65536)
     modulation_inputs: int = setting(6, "held-out blocks the Controller's modulation is measured on", low=1, high=65536)
     exit_thresholds: tuple[float, ...] | None = setting(None, "adaptive-exit thresholds also evaluated", above=0)
-    exit_max_depth: int = setting(32, "most steps under adaptive exit", low=1, high=MAX_STEPS)
+    exit_max_depth: int = setting(32, "most steps under adaptive exit", low=1, high=MAX_DEPTH)
 
     def __post_init__(self):
         validate_fields(self)
@@ -116,8 +117,8 @@ def load_yaml(path: Path):
 
 
 def grid_keys(model_cls=OuroborosConfig, train_cls=TrainConfig) -> set[str]:
-    """What defaults / grid / runs may vary: every sweepable field of both settings classes."""
-    return sweep_keys(model_cls, train_cls)
+    """What defaults / grid / runs may vary: every sweepable field of the settings classes."""
+    return sweep_keys(model_cls, RecursionPolicy, train_cls)
 
 
 @dataclass
@@ -261,17 +262,22 @@ class Run:
         parts += [f"{k}{v}" for k, v in sorted(s.items()) if k not in NAMED]
         return "-".join(str(p) for p in parts).replace("/", "_").replace("\\", "_").replace(" ", "")
 
-    def split_settings(self) -> tuple[dict, dict]:
+    def split_settings(self) -> tuple[dict, dict, dict]:
+        """The run's settings as (architecture, policy, training) dicts."""
         model_keys = {f for f in OuroborosConfig.__dataclass_fields__}
         model = {k: v for k, v in self.settings.items() if k in model_keys}
-        return model, {k: v for k, v in self.settings.items() if k not in model_keys}
+        policy = {k: v for k, v in self.settings.items() if k in POLICY_FIELDS}
+        return model, policy, {k: v for k, v in self.settings.items() if k not in model_keys | set(POLICY_FIELDS)}
 
     def model_config(self, spec: SweepSpec) -> OuroborosConfig:
-        model, _ = self.split_settings()
+        model, _, _ = self.split_settings()
         return from_dict(OuroborosConfig, {**spec.split, "init_seed": self.seed_in(spec), **model}, "run")
 
+    def policy(self) -> RecursionPolicy:
+        return from_dict(RecursionPolicy, self.split_settings()[1], "run")
+
     def train_config(self, spec: SweepSpec, progress: bool = True) -> TrainConfig:
-        _, train_settings = self.split_settings()
+        _, _, train_settings = self.split_settings()
         return from_dict(TrainConfig, {"seed": self.seed_in(spec), "progress": progress, **spec.train, **train_settings},
                          "run")
 
@@ -332,9 +338,8 @@ def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, 
                if split not in ref or ref.get("keys", {}).get(split) != keys[split]}
     if missing:  # a new sweep, splits added or changed since: only those are evaluated
         base = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
-        plain = runs[0].model_config(spec).replace(variant="none", coda_lora_rank=0, coda_lora_layers=0,
-                                                   prelude_lora_layers=0, coda_norms=False, recurrent_lora=False,
-                                                   heal_layers=0)
+        plain = runs[0].model_config(spec).replace(variant="none", coda_lora_rank=0, prelude_lora_layers=0,
+                                                   recurrent_lora=False, heal_layers=0, injection="none")
         model = OuroborosModel.from_base(base, plain)
         full = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
         rep = evaluate(model, missing, depths=(), full_model=full, batch_size=ev["batch_size"], progress=progress,
@@ -355,7 +360,8 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
     if resume:
         model = load_adapter(rdir, base=load_base_model(spec.base, dtype=runtime.dtype))
     else:
-        model = OuroborosModel.from_base(load_base_model(spec.base, dtype=runtime.dtype), cfg, base_name=spec.base)
+        model = OuroborosModel.from_base(load_base_model(spec.base, dtype=runtime.dtype), cfg, base_name=spec.base,
+                                         policy=run.policy())
         save_adapter(model, rdir)
     teacher = load_base_model(spec.base, dtype=runtime.dtype) if tc.distill_weight > 0 else None
     summary = train(model, corpus, rdir, tc, resume=resume, teacher=teacher)
@@ -382,11 +388,11 @@ def evaluate_run(model, splits: dict, reference: dict, ev: dict, progress: bool,
     """A trained run on `splits`: its eval report and the Controller's input dependence per split."""
     cfg = model.config
     known = {split: {k: reference[split][k] for k in ("full", "baseline")} for split in splits}
-    top = min(ev["exit_max_depth"], cfg.max_steps)
-    rep = evaluate(model, splits, depths=tuple(d for d in ev["depths"] if d <= cfg.max_steps),
+    top = min(ev["exit_max_depth"], cfg.max_depth)
+    rep = evaluate(model, splits, depths=tuple(d for d in ev["depths"] if d <= cfg.max_depth),
                    batch_size=ev["batch_size"], progress=progress, known=known, runtime=runtime,
                    exit_rules=[(ExitRule(threshold=t), top) for t in ev["exit_thresholds"]])
-    spread = ({split: modulation_spread(model, blocks[: ev["modulation_inputs"]], cfg.default_depth)
+    spread = ({split: modulation_spread(model, blocks[: ev["modulation_inputs"]], model.policy.default_depth)
                for split, blocks in splits.items()} if model.recurrent.controller is not None else None)
     return rep, spread
 

@@ -108,7 +108,7 @@ def check_harness(model: str | os.PathLike, data=None, tasks=TASKS, depth: int |
                   baseline: bool = False, trust_remote_code: bool = False) -> None:
     """Everything `run_harness` can refuse before loading anything, as one ValueError: the model folder
     (a path lm-evaluation-harness can take, a Hugging Face folder; --depth / --baseline only on an
-    exported Ouroboros model, the depth within its max_steps), the task names, and text to build them from."""
+    exported Ouroboros model, the depth within its max_depth), the task names, and text to build them from."""
     from ..atomic import read_json
 
     path = Path(model)
