@@ -117,6 +117,8 @@ def test_eval_and_generate_refuse_what_they_cannot_do_before_any_row(made, tmp_p
     ad = str(root / "ad")
     ev = ["eval", "--adapter", ad, "--data", str(text), "--seq-len", "32", "--blocks", "2", "--depths", "1,2"]
     for args, needle in [
+        ([*ev[:-1], "1,99"], "--depths must be an integer in [1, max_steps=16]; got 99"),  # the adapter's check_depth
+        (["export", "--adapter", ad, "--out", str(tmp_path / "x"), "--depth", "99"], "--depth must be an integer in"),
         ([*ev, "--exit-thresholds", "0.5", "--exit-rule", "halter"], "--exit-rule halter needs an adapter with a trained halter"),
         ([*ev, "--exit-thresholds", "0.5", "--exit-max-depth", "4", "--exit-min-steps", "6"], "--exit-min-steps 6 is more than the 4"),
         (["generate", "--adapter", ad, "--prompt", "x", "--depth", "auto", "--exit-max-depth", "4",
@@ -186,8 +188,9 @@ HEAD = "name: x\nbase: b\nsplit: {}\ndata: {train: [a]}\n"
     ("eval: {exit_thresholds: [-1]}\nruns: [{}]\n", "exit_thresholds must be > 0; got -1"),
     ("eval: {depths: [0]}\nruns: [{}]\n", "depths must be in [1, 1024]; got 0"),
     ("eval: {colour: 1}\nruns: [{}]\n", "unknown eval setting(s): colour"),
+    ("eval: {full: false}\nruns: [{}]\n", "eval.full is not a sweep setting"),
     ("runs: [{}]\nseed: 1.5\n", "seed must be an integer"),
-], ids=["modulation_inputs", "exit_thresholds", "depths", "unknown", "seed"])
+], ids=["modulation_inputs", "exit_thresholds", "depths", "unknown", "command-line-only", "seed"])
 def test_every_spec_key_is_validated_before_anything_runs(tmp_path, body, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         SweepSpec.load(spec_file(tmp_path, HEAD + body))
