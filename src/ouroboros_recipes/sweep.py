@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from ouroboros_lm.adapter import load_adapter, save_adapter
 from ouroboros_lm.atomic import ensure_dir, read_json, write_json, write_text, write_with
