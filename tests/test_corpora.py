@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from ouroboros_lm.experiments.corpora import convert_email, convert_python_docs, email_body, main, rst_to_text
+from ouroboros_recipes.corpora import convert_email, convert_python_docs, email_body, main, rst_to_text
 
 
 def test_rst_roles_literals_and_links_become_their_text():

@@ -3,7 +3,61 @@ from __future__ import annotations
 
 import pytest
 
-from ouroboros_lm.experiments.demo import DemoConfig, mix_files, sotu_files
+from ouroboros_lm import RecursionPolicy
+from ouroboros_recipes.demo import DemoConfig, DemoRun, mix_files, settings_from_flags, sotu_files
+
+
+def test_the_shipped_config_keeps_every_setting_the_demo_had():
+    """demo.yaml + the library's dataclasses give what DemoConfig used to declare itself."""
+    run = DemoRun.load()
+    m, tc, ev = run.model, run.train, run.eval
+    assert (m.n_prelude, m.recurrent_layer, m.n_coda, m.rank, m.coda_lora_rank, m.init_seed) == (7, 15, 7, 32, 2, 0)
+    assert run.policy == RecursionPolicy(default_depth=8, step_damping=0.5)
+    assert (tc.steps, tc.batch_size, tc.lr, tc.warmup_steps, tc.time_budget, tc.depths, tc.depth_schedule,
+            tc.depth_mean, tc.param_steps, tc.backprop_steps, tc.distill_weight, tc.seed) == (
+        70, 4, 3e-3, 7, 240.0, (1, 32), "lognormal_poisson", 6.0, 8, 8, 0.0, 0)
+    assert (tc.log_every, tc.eval_every, tc.eval_blocks, tc.save_every, tc.checkpoint) == (10, 23, 8, 50, "never")
+    assert (ev.depths, ev.blocks, ev.batch_size, ev.exit_thresholds, ev.top, ev.seed) == (
+        (1, 2, 4, 8, 16, 32), 16, 4, (0.08,), 16, 1)
+    assert run.data.seq_len == 256 and (run.halter.max_depth, run.halter.seed, run.halter.steps) == (16, 0, 60)
+    dc = run.demo
+    assert dc == DemoConfig() and (dc.out, dc.base, dc.first_train_year, dc.last_train_year, dc.heal_rows,
+                                   dc.heal_compute_layers, dc.heal_time_budget, dc.domain_depths, dc.domain_blocks,
+                                   dc.halter_thresholds, dc.train_halter) == (
+        "runs/demo", "smollm2-135m", 1950, 2000, True, 4, 240.0, (4, 8), 8, (0.5,), False)
+
+
+def test_flags_override_the_config_file_and_a_file_replaces_the_shipped_one(tmp_path):
+    from ouroboros_lm.cli import build_parser
+
+    parse = build_parser().parse_args
+    run = settings_from_flags(parse(["demo", "--train.steps", "5", "--policy.step-damping", "1", "--no-heal-rows",
+                                     "--eval.depths", "1,2", "--mix", "a", "b", "--train.seed", "3"]))
+    assert (run.train.steps, run.policy.step_damping, run.demo.heal_rows, run.eval.depths, run.demo.mix) == (
+        5, 1.0, False, (1, 2), ("a", "b"))
+    assert (run.model.init_seed, run.eval.seed, run.halter.seed) == (3, 4, 3)  # train.seed seeds them all
+    assert run.train.lr == 3e-3 and run.model.coda_lora_rank == 2  # the rest as the file says
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train: {steps: 5}\ndemo: {heal_rows: false}\n")
+    run = settings_from_flags(parse(["demo", "--config", str(mine), "--train.lr", "0.01"]))
+    assert (run.train.steps, run.train.lr, run.policy.step_damping, run.demo.heal_rows) == (5, 0.01, 1.0, False)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("model: {init_seed: 3}\n", r"model.init_seed is set by the demo itself"),
+    ("eval: {full: false}\n", r"eval.full is set by the demo itself"),
+    ("colour: {x: 1}\n", r"expected a mapping of sections demo, model, policy, train, eval, data, halter"),
+    ("policy: {trained_depth: 3}\n", r"policy.trained_depth is set by the demo itself"),
+    ("policy: {default_depth: 99}\n", r"default_depth must be an integer in \[1, max_depth=64\]"),
+    ("train: [1]\n", r"section train must be a mapping"),
+    ("train: {stepz: 3}\n", r"unknown train setting\(s\): stepz"),
+    ("policy: {step_damping: 2}\n", r"step_damping must be in \[0.0, 1.0\]; got 2"),
+])
+def test_a_bad_config_file_is_refused_naming_the_setting(tmp_path, text, needle):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=needle):
+        DemoRun.load(bad)
 
 
 def test_years_split_the_addresses_and_the_mix_is_optional(tmp_path):
@@ -46,7 +100,7 @@ def test_demo_end_to_end_puts_the_heal_rows_beside_the_recursion(tmp_path, one_t
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from conftest import TINY, tiny_tokenizer, write_corpus
-    from ouroboros_lm.experiments.demo import run_demo
+    from ouroboros_recipes.demo import DemoRun, run_demo
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**{**TINY, "num_hidden_layers": 30, "max_position_embeddings": 512})
@@ -57,10 +111,12 @@ def test_demo_end_to_end_puts_the_heal_rows_beside_the_recursion(tmp_path, one_t
     sotu.mkdir()
     for i, doc in enumerate(sorted(text.iterdir())):
         (sotu / f"{1990 + 3 * i}_x.txt").write_text(doc.read_text())
-    dc = DemoConfig(out=str(tmp_path / "demo"), base=str(tmp_path / "base"), corpus=str(sotu), first_train_year=1990,
-                    last_train_year=2006, mix=("none",), domains=str(tmp_path / "no-domains"), seq_len=32, steps=3,
-                    batch_size=2, warmup_steps=1, eval_depths=(1, 2), exit_thresholds=(0.5,), eval_blocks=2)
-    result = run_demo(dc)
+    run = DemoRun.load(changes={
+        "demo": dict(out=str(tmp_path / "demo"), base=str(tmp_path / "base"), corpus=str(sotu), first_train_year=1990,
+                     last_train_year=2006, mix=("none",), domains=str(tmp_path / "no-domains")),
+        "data": dict(seq_len=32), "train": dict(steps=3, batch_size=2, warmup_steps=1),
+        "eval": dict(depths=(1, 2), exit_thresholds=(0.5,), exit_max_depth=2, blocks=2)})
+    result = run_demo(run)
     rows = {r.model: r for r in result["report"].splits["heldout"]}
     ours = rows["ouroboros@2"].trainable
     weights = next(r for name, r in rows.items() if name.startswith("heal: 15 layers"))
@@ -77,7 +133,7 @@ def test_demo_end_to_end_puts_the_heal_rows_beside_the_recursion(tmp_path, one_t
 def test_the_demo_trains_on_its_genres_as_named_sources(tmp_path):
     from conftest import tiny_tokenizer, write_corpus
     from ouroboros_lm.data import build_corpus
-    from ouroboros_lm.experiments.demo import genre_items
+    from ouroboros_recipes.demo import genre_items
 
     sotu, moby, docs = (write_corpus(tmp_path / n, n_docs=k, seed=k) for n, k in (("sotu", 4), ("moby-dick", 3),
                                                                                    ("python docs", 2)))

@@ -14,7 +14,7 @@ from conftest import TINY_SPLIT, randomize_trainables, save_tiny_base, tiny_toke
 from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model, save_adapter
 from ouroboros_lm.cli import main
 from ouroboros_lm.data import build_corpus
-from ouroboros_lm.experiments.sweep import SweepSpec, run_sweep
+from ouroboros_recipes.sweep import SweepSpec, run_sweep
 from test_writes import one_line_error, tiny_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,6 +117,8 @@ def test_eval_and_generate_refuse_what_they_cannot_do_before_any_row(made, tmp_p
     ad = str(root / "ad")
     ev = ["eval", "--adapter", ad, "--data", str(text), "--seq-len", "32", "--blocks", "2", "--depths", "1,2"]
     for args, needle in [
+        ([*ev[:-1], "1,99"], "--depths must be an integer in [1, max_depth=16]; got 99"),  # the adapter's check_depth
+        (["export", "--adapter", ad, "--out", str(tmp_path / "x"), "--depth", "99"], "--depth must be an integer in"),
         ([*ev, "--exit-thresholds", "0.5", "--exit-rule", "halter"], "--exit-rule halter needs an adapter with a trained halter"),
         ([*ev, "--exit-thresholds", "0.5", "--exit-max-depth", "4", "--exit-min-steps", "6"], "--exit-min-steps 6 is more than the 4"),
         (["generate", "--adapter", ad, "--prompt", "x", "--depth", "auto", "--exit-max-depth", "4",
@@ -127,7 +129,7 @@ def test_eval_and_generate_refuse_what_they_cannot_do_before_any_row(made, tmp_p
         assert one_line_error(capsys, needle) and "full model" not in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main([*ev, "--eval-seed", "100000000000000000000000"])
-    assert e.value.code == 2 and "expected an integer in [0, 2**63 - 1]" in capsys.readouterr().err
+    assert e.value.code == 2 and "--eval-seed: seed must be in [0, 2**63 - 1]" in capsys.readouterr().err
 
 
 def test_a_data_file_named_with_glob_characters_can_be_named(tmp_path):
@@ -141,7 +143,7 @@ def test_a_data_file_named_with_glob_characters_can_be_named(tmp_path):
 
 @pytest.mark.parametrize("chapter", [b'{"title": "no text"}', b'{"text": "caf\xe9"}'])
 def test_the_corpus_converter_writes_nothing_for_a_bad_chapter(tmp_path, capsys, chapter):
-    from ouroboros_lm.experiments.corpora import main as corpora
+    from ouroboros_recipes.corpora import main as corpora
 
     src = tmp_path / "src"
     src.mkdir()
@@ -186,8 +188,9 @@ HEAD = "name: x\nbase: b\nsplit: {}\ndata: {train: [a]}\n"
     ("eval: {exit_thresholds: [-1]}\nruns: [{}]\n", "exit_thresholds must be > 0; got -1"),
     ("eval: {depths: [0]}\nruns: [{}]\n", "depths must be in [1, 1024]; got 0"),
     ("eval: {colour: 1}\nruns: [{}]\n", "unknown eval setting(s): colour"),
+    ("eval: {full: false}\nruns: [{}]\n", "eval.full is not a sweep setting"),
     ("runs: [{}]\nseed: 1.5\n", "seed must be an integer"),
-], ids=["modulation_inputs", "exit_thresholds", "depths", "unknown", "seed"])
+], ids=["modulation_inputs", "exit_thresholds", "depths", "unknown", "command-line-only", "seed"])
 def test_every_spec_key_is_validated_before_anything_runs(tmp_path, body, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         SweepSpec.load(spec_file(tmp_path, HEAD + body))
@@ -243,7 +246,7 @@ def test_a_sweep_whose_training_data_changed_is_refused_and_new_eval_blocks_resc
 
 
 def test_results_written_before_keys_are_rescored_only_where_their_reference_differs():
-    from ouroboros_lm.experiments.reference import stale_splits
+    from ouroboros_recipes.reference import stale_splits
 
     reference = {"train": {"full": 2.0, "baseline": 3.0}, "heldout": {"full": 2.5, "baseline": 3.5},
                  "shakespeare": {"full": 4.0, "baseline": 5.0}}

@@ -12,8 +12,13 @@ from conftest import tiny_base, tiny_ouroboros
 from ouroboros_lm import OuroborosConfig, RecursionPolicy, TrainConfig, load_adapter, save_adapter
 from ouroboros_lm.adapter import CONFIG_NAME, STRUCTURAL
 from ouroboros_lm.cli import build_parser
-from ouroboros_lm.experiments.sweep import grid_keys
-from ouroboros_lm.settings import add_flags, fields, from_flags, setting, structural_fields
+from ouroboros_lm.evaluate import EvalConfig
+from ouroboros_lm.export import ExportConfig
+from ouroboros_lm.generate import GenerateConfig
+from ouroboros_lm.harness import HarnessConfig
+from ouroboros_lm.settings import REQUIRED, add_flags, fields, from_flags, overrides, setting, structural_fields
+from ouroboros_recipes.report import ReportConfig
+from ouroboros_recipes.sweep import SweepConfig, grid_keys
 
 
 @dataclass
@@ -41,15 +46,61 @@ def subcommand(name: str) -> argparse.ArgumentParser:
     return sub.choices[name]
 
 
-@pytest.mark.parametrize("command,cls", [("convert", OuroborosConfig), ("convert", RecursionPolicy), ("train", TrainConfig)])
+@pytest.mark.parametrize("command,cls", [("convert", OuroborosConfig), ("convert", RecursionPolicy),
+                                         ("train", TrainConfig), ("eval", EvalConfig),
+                                         ("generate", GenerateConfig), ("export", ExportConfig),
+                                         ("harness", HarnessConfig), ("sweep", SweepConfig), ("report", ReportConfig)])
 def test_every_setting_is_a_flag_with_its_default(command, cls):
     dests = {a.dest: a for a in subcommand(command)._actions}
     for f, _ in fields(cls):
         if f.metadata.get("cli", True):
             assert f.name in dests, f.name
+            if f.default is REQUIRED:  # a required flag or a positional argument
+                assert dests[f.name].required or not dests[f.name].option_strings, f.name
+                continue
             default = dests[f.name].default
             assert (list(default) if isinstance(default, tuple) else default) == (
                 list(f.default) if isinstance(f.default, tuple) else f.default)
+
+
+@dataclass
+class Job:
+    sources: tuple[str, ...] = setting(REQUIRED, "what to read", positional=True)
+    out: str = setting(REQUIRED, "where to write")
+    depth: int | str | None = setting(None, "a depth, or auto", low=1, words=("auto",))
+    paths: tuple[str, ...] | None = setting(None, "more paths")
+    fast: bool = setting(False, "go fast", exclusive="pace")
+    slow: bool = setting(False, "go slow", exclusive="pace")
+
+
+def test_positional_required_word_list_and_exclusive_settings_come_from_the_fields():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Job)
+    job = from_flags(Job, parser.parse_args(["a", "b,c", "--out", "o", "--depth", "auto", "--paths", "x,1", "y",
+                                             "--fast"]))
+    assert (job.sources, job.out, job.depth, job.paths, job.fast, job.slow) == (("a", "b,c"), "o", "auto",
+                                                                              ("x,1", "y"), True, False)
+    assert from_flags(Job, parser.parse_args(["a", "--out", "o", "--depth", "3"])).depth == 3
+    for bad in (["a"], ["--out", "o"], ["a", "--out", "o", "--fast", "--slow"], ["a", "--out", "o", "--depth", "0"],
+                ["a", "--out", "o", "--depth", "deep"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_override_flags_leave_only_what_was_given_and_show_the_file_s_values():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, TrainConfig, prefix="train", defaults={"steps": 70, "depths": (1, 32)})
+    add_flags(parser, OuroborosConfig, prefix="model")
+    args = parser.parse_args(["--train.steps", "5", "--train.depths", "1,2", "--model.gate", "false"])
+    assert overrides(TrainConfig, args, "train") == {"steps": 5, "depths": (1, 2)}
+    assert overrides(OuroborosConfig, args, "model") == {"gate": False}
+    assert overrides(TrainConfig, parser.parse_args([]), "train") == {}
+    help_text = " ".join(parser.format_help().split())
+    assert "--train.steps STEPS optimizer steps (in [1, 1000000000]) (default: 70)" in help_text
+    assert "(default: 1,32)" in help_text and "--model.gate {true,false}" in help_text
+    for bad in (["--train.steps", "0"], ["--model.gate", "maybe"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
 
 
 def test_the_adapter_fixes_exactly_the_structural_fields():

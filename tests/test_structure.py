@@ -1,10 +1,12 @@
 """The shape of the code, checked: what a newcomer relies on when reading it.
 
-* no import cycles between the package's modules (function-level imports included);
-* the core never imports the experiment tooling (sweep, report, demo);
+Over both packages, the library (src/ouroboros_lm) and the recipes (src/ouroboros_recipes):
+* no import cycles between their modules (function-level imports included);
+* the library never imports a recipe (no exemption: the CLI finds them by entry point);
 * the adapter format depends on the model, never the reverse;
 * no access to another object's underscore names (only `self`/`cls` may touch their own);
-* no function longer than 60 lines, no block of 6 or more lines repeated.
+* no function longer than 60 lines, no block of 6 or more lines repeated;
+* no hand-written `add_argument` for a flag that a settings dataclass declares (`setting(...)`).
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parent.parent / "src" / "ouroboros_lm"
-MODULES = {p: ".".join(("ouroboros_lm",) + p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
-           for p in sorted(SRC.rglob("*.py"))}
+ROOT = Path(__file__).resolve().parent.parent / "src"
+LIBRARY, RECIPES = "ouroboros_lm", "ouroboros_recipes"
+SRC = ROOT / LIBRARY
+MODULES = {p: ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+           for package in (LIBRARY, RECIPES) for p in sorted((ROOT / package).rglob("*.py"))}
 # Private names of other libraries we must use, each with why.
 FOREIGN_PRIVATE = {
     "_version": "torch.Tensor._version: the in-place version counter that keeps folded weights fresh",
@@ -32,7 +36,7 @@ def is_own(node: ast.expr) -> bool:
 
 
 def imports_of(path: Path) -> set[str]:
-    """Modules of this package that `path` imports, anywhere in the file."""
+    """Modules of the two packages that `path` imports, anywhere in the file."""
     name = MODULES[path]
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out = set()
@@ -60,7 +64,7 @@ def test_no_import_cycles():
     def visit(m):
         state[m] = "open"
         stack.append(m)
-        for n in sorted(GRAPH[m] - {"ouroboros_lm"}):
+        for n in sorted(GRAPH[m] - {LIBRARY, RECIPES}):
             if state.get(n) == "open":
                 raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
             if n not in state:
@@ -71,12 +75,21 @@ def test_no_import_cycles():
     for m in GRAPH:
         if m not in state:
             visit(m)
+    assert any(is_in(d, LIBRARY) for d in GRAPH["ouroboros_recipes.sweep"])  # the walk sees across packages
 
 
-def test_the_core_never_imports_the_experiments_and_the_model_never_imports_storage():
+def is_in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_both_packages_are_scanned():
+    assert {"ouroboros_lm.cli", "ouroboros_recipes.sweep", "ouroboros_recipes.demo"} <= set(MODULES.values())
+
+
+def test_the_library_never_imports_a_recipe_and_the_model_never_imports_storage():
     for m, deps in GRAPH.items():
-        if not m.startswith(("ouroboros_lm.experiments", "ouroboros_lm.cli")) and m != "ouroboros_lm":
-            assert not any(d.startswith("ouroboros_lm.experiments") for d in deps), m
+        if is_in(m, LIBRARY):
+            assert not any(is_in(d, RECIPES) for d in deps), (m, sorted(d for d in deps if is_in(d, RECIPES)))
     reach = set()
     todo = ["ouroboros_lm.model"]
     while todo:
@@ -93,9 +106,9 @@ def test_no_underscore_access_across_objects():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
                 if not is_own(node.value) and node.attr not in FOREIGN_PRIVATE:
-                    bad.append(f"{path.relative_to(SRC)}:{node.lineno} .{node.attr}")
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("ouroboros_lm")):
-                bad += [f"{path.relative_to(SRC)}:{node.lineno} imports {a.name}" for a in node.names
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {a.name}" for a in node.names
                         if a.name.startswith("_")]
     assert not bad, bad
 
@@ -105,7 +118,7 @@ def test_no_function_over_60_lines():
     for path in MODULES:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
-                long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
 
 
@@ -127,7 +140,7 @@ def test_no_block_of_six_lines_repeated():
         for k in range(len(lines) - 5):
             window = tuple(t for _, t in lines[k : k + 6])
             if sum(len(t) for t in window) > 120:  # ignore runs of trivial lines
-                seen[window].append(f"{path.relative_to(SRC)}:{lines[k][0]}")
+                seen[window].append(f"{path.relative_to(ROOT)}:{lines[k][0]}")
     repeated = {w: where for w, where in seen.items() if len(where) > 1}
     assert not repeated, next(iter(repeated.items()))
 
@@ -137,3 +150,47 @@ def test_the_stack_is_walked_in_one_place():
     package calls run_layers or decoder_layer on the prelude or coda."""
     users = [MODULES[p] for p in MODULES if "run_layers(" in p.read_text()]
     assert users == ["ouroboros_lm.model"], users
+
+
+def setting_flags() -> dict[str, str]:
+    """Every command-line name a settings dataclass declares (a field set with `setting(...)`:
+    `flag=` or --field-name; a positional field's own name), with the class declaring it."""
+    out = {}
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for item in node.body:
+                call = item.value if isinstance(item, ast.AnnAssign) else None
+                if isinstance(call, ast.Call) and getattr(call.func, "id", None) in ("setting", "same_as"):
+                    kw = {k.arg: k.value for k in call.keywords}
+                    name = item.target.id
+                    if isinstance(kw.get("positional"), ast.Constant) and kw["positional"].value:
+                        out[name] = node.name
+                    flag = kw["flag"].value if isinstance(kw.get("flag"), ast.Constant) else None
+                    out[flag or "--" + name.replace("_", "-")] = node.name
+    return out
+
+
+def test_the_scan_finds_the_settings_of_every_command():
+    flags = setting_flags()
+    for flag, cls in [("--rank", "OuroborosConfig"), ("--steps", "TrainConfig"), ("--blocks", "EvalConfig"),
+                      ("--eval-seed", "EvalConfig"), ("--top-p", "GenerateConfig"), ("--overwrite", "ExportConfig"),
+                      ("--trust-remote-code", "HarnessConfig"), ("--data", "DataConfig"), ("spec", "SweepConfig"),
+                      ("--against", "ReportConfig"), ("--heal-rows", "DemoConfig")]:
+        assert flag in flags, flag
+    assert "--" + "max-depth" in flags
+
+
+def test_no_add_argument_for_a_flag_a_settings_dataclass_declares():
+    """Flags come from the dataclasses (`settings.add_flags`); a hand-written flag of the same name
+    would be a second declaration of that setting, with its own default and range."""
+    declared, bad = setting_flags(), []
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                for arg in node.args:
+                    if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("-") \
+                            and arg.value in declared:
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {arg.value} ({declared[arg.value]})")
+    assert not bad, bad

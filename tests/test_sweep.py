@@ -10,7 +10,7 @@ import yaml
 
 from conftest import save_tiny_base, write_corpus
 from ouroboros_lm.evaluate import gap_recovered
-from ouroboros_lm.experiments.sweep import SweepSpec, run_sweep
+from ouroboros_recipes.sweep import SweepSpec, run_sweep
 
 PLOTS = ["training_curves.png", "gap_by_variant_depth.png", "gap_by_rank.png", "controller_heatmaps.png", "controller_spread.png"]
 
@@ -171,7 +171,7 @@ def _fake_run(sweep, config, seed, losses, reference):
 def test_two_sweeps_are_compared_paired_by_seed_on_the_text_they_share(tmp_path):
     """`report --against`: per seed, gap recovered here minus there, only on splits scored on the same
     blocks (same full / baseline losses); a split on different text is named and left out."""
-    from ouroboros_lm.experiments.report import compare_sweeps
+    from ouroboros_recipes.report import compare_sweeps
 
     ref = {"heldout": {"full": 2.0, "baseline": 6.0}, "train": {"full": 2.0, "baseline": 6.0}}
     other_ref = {"heldout": {"full": 2.0, "baseline": 6.0}, "train": {"full": 3.0, "baseline": 7.0}}
@@ -198,7 +198,7 @@ def test_heal_runs_stand_beside_the_recursion_paired_by_seed(tmp_path):
     """A heal run (no recursion) in a sweep: one row per split, scored against the sweep's own pruned
     baseline and full model, shown at every depth the recursion was evaluated at, and paired seed by
     seed with it when named as the --reference."""
-    from ouroboros_lm.experiments.report import write_report
+    from ouroboros_recipes.report import write_report
 
     base = save_tiny_base(tmp_path / "base")
     data = write_corpus(tmp_path / "text", n_docs=12)

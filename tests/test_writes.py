@@ -17,7 +17,7 @@ from conftest import save_tiny_base, write_corpus
 from ouroboros_lm.atomic import MARKER, check_removable, clean_temporaries, write_text
 from ouroboros_lm.checkpoints import list_checkpoints
 from ouroboros_lm.cli import main
-from ouroboros_lm.experiments.sweep import SweepSpec
+from ouroboros_recipes.sweep import SweepSpec
 from test_hardening import SPLIT
 
 TRAIN = ["--seq-len", "32", "--steps", "2", "--batch-size", "2", "--save-every", "1", "--eval-every", "2",
@@ -290,7 +290,7 @@ def test_sweep_and_report_replace_planted_file_links_and_refuse_folder_links(mad
 
 def test_a_demo_folder_is_replaced_only_if_it_holds_nothing_but_demo_output(tmp_path, monkeypatch):
     from ouroboros_lm.atomic import write_marker
-    from ouroboros_lm.experiments.demo import DEMO_OUTPUTS
+    from ouroboros_recipes.demo import DEMO_OUTPUTS
 
     out = tmp_path / "demo"
     (out / "checkpoints" / "step_000010").mkdir(parents=True)

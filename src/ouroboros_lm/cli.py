@@ -1,23 +1,32 @@
-"""The `ouroboros` command: convert, prepare, train, eval, generate, export, harness, sweep, report, demo.
+"""The `ouroboros` command: convert, prepare, train, train-halter, eval, generate, export, harness,
+and the commands installed packages register (the recipes: sweep, report, demo; see commands.py).
 
-Flags use the names of the OuroborosConfig fields (--n-prelude, --recurrent-layer, ...).
-Bad input exits with status 2 and one line saying what is wrong.
+Every flag is a field of a settings dataclass (`settings.add_flags`): the model's (OuroborosConfig:
+--n-prelude, --recurrent-layer, ...), training's (TrainConfig), the data's (DataConfig), each
+command's own (EvalConfig, GenerateConfig, ExportConfig, HarnessConfig, and the small *Args
+classes below for what a command reads and writes). Bad input exits with status 2 and one line
+saying what is wrong.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from .commands import Command, registered
 from .config import OuroborosConfig
-from .evaluate import DEFAULT_EVAL_DEPTHS
+from .data import DataConfig
+from .evaluate import EvalConfig
 from .exits import ExitRule
+from .export import ExportConfig
+from .generate import GenerateConfig
 from .halter_training import HalterConfig
-from .experiments.demo import DemoConfig
+from .harness import HarnessConfig
 from .policy import RecursionPolicy
 from .prepare import PrepareConfig
-from .settings import add_flags, from_flags
+from .settings import REQUIRED, add_flags, from_flags, setting
 from .train import TrainConfig
 
 
@@ -28,212 +37,107 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def number_list(kind, example: str, ok, bound: str):
-    """argparse type: comma-separated numbers of `kind`, each passing `ok` (e.g. 1,4,8)."""
-    noun = "integers" if kind is int else "numbers"
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, once: not again where the help already says it."""
 
-    def parse(text: str) -> tuple:
-        try:
-            out = tuple(kind(x) for x in text.split(",") if x.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {noun} like {example}; got {text!r}") from None
-        if not out or not all(ok(x) for x in out):
-            raise argparse.ArgumentTypeError(f"expected {bound}; got {text!r}")
-        return out
-
-    return parse
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
 
 
-depths_arg = number_list(int, "1,4,8,16", lambda d: d >= 1, "depths: integers >= 1")
-floats_arg = number_list(float, "0.1,0.05", lambda x: 0 < x < float("inf"), "finite numbers > 0")
+# ---------------------------------------------------------------------- what each command reads and writes
+@dataclass
+class ConvertArgs:
+    base: str = setting(REQUIRED, "local HF folder, hub id, .gguf file, or alias (smollm2-135m)")
+    out: str = setting(REQUIRED, "adapter folder to write (must not hold an adapter already)")
+    overwrite: bool = setting(False, "replace an adapter already in --out")
 
 
-def _positive(kind, noun: str, bound: str):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun}; got {text!r}") from None
-        if not v > 0 or v != v or v == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected {noun} {bound}; got {v}")
-        return v
-
-    return parse
-
-
-positive_int = _positive(int, "an integer", ">= 1")
+@dataclass
+class PrepareArgs:
+    sources: tuple[str, ...] = setting(REQUIRED, "text files, folders, globs, .jsonl, .parquet, or hf:<dataset "
+                                       "id>[:split] (streamed)", positional=True, metavar="SRC")
+    out: str = setting(REQUIRED, "prepared folder to write (an interrupted run resumes in it)")
+    base: str = setting(REQUIRED, "the model whose tokenizer is used: local HF folder, hub id, .gguf file, alias "
+                        "(smollm2-135m), or an adapter folder")
+    heldout: tuple[str, ...] | None = setting(None, "held-out sources (default: a deterministic split of SRC by "
+                                              "document)", metavar="SRC")
+    overwrite: bool = setting(False, "replace a folder prepared from other sources or settings")
 
 
-def seed_arg(text: str) -> int:
-    """A random seed: an integer in [0, 2**63 - 1] (what torch accepts)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 - 1]; got {text}")
-    return v
+@dataclass
+class TrainArgs:
+    adapter: str = setting(REQUIRED, "adapter folder (from `ouroboros convert`); the run lives here")
+    resume: bool = setting(False, "continue from the latest checkpoint in the adapter folder")
 
 
-def depth_or_auto(text: str):
-    return "auto" if text == "auto" else positive_int(text)
-positive_float = _positive(float, "a finite number", "> 0")
+@dataclass
+class HalterArgs:
+    adapter: str = setting(REQUIRED, "trained adapter folder; the halter is saved into it")
 
 
-def add_data_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", required=True, metavar="SRC",
-                   help="text files, folders, globs, .jsonl, .parquet, hf:<dataset id>, or a folder from `ouroboros "
-                   "prepare`; NAME=SRC[:WEIGHT] names sources and mixes them by weight (by size without weights)")
-    g.add_argument("--heldout", nargs="+", default=None, metavar="SRC",
-                   help="held-out sources (default: a deterministic split of --data by document)")
-    g.add_argument("--heldout-fraction", type=float, default=0.1, help="fraction of documents held out without --heldout")
-    g.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
-    g.add_argument("--seq-len", type=positive_int, default=None, help="tokens per block (default 2048 on GPU, 256 on CPU)")
+@dataclass
+class EvalArgs:
+    adapter: str = setting(REQUIRED, "adapter folder")
+    out: str | None = setting(None, "folder for eval.json / eval.md (default: the adapter folder)")
 
 
-def add_eval_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, help="adapter folder")
-    add_data_flags(p)
-    p.add_argument("--depths", type=depths_arg, default=DEFAULT_EVAL_DEPTHS, help="Ouroboros depths to evaluate")
-    p.add_argument("--exit-thresholds", type=floats_arg, default=(), metavar="T[,T...]",
-                   help="also evaluate adaptive exit (--exit-rule) at each threshold, up to --exit-max-depth steps")
-    p.add_argument("--exit-max-depth", type=positive_int, default=None, help="maximum steps under adaptive exit "
-                   "(default: the largest of --depths)")
-    add_flags(p, ExitRule, "adaptive exit (per token)", skip=("threshold",))
-    p.add_argument("--step-damping", type=float, default=None,
-                   help="override the adapter's step_damping (updates past trained_depth scaled geometrically)")
-    p.add_argument("--blocks", type=positive_int, default=32, help="blocks evaluated per split")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="blocks per forward pass")
-    p.add_argument("--no-full", action="store_true", help="skip the full base model row")
-    p.add_argument("--out", default=None, help="folder for eval.json / eval.md (default: the adapter folder)")
-    p.add_argument("--eval-seed", type=seed_arg, default=0, help="seed choosing the training-distribution blocks")
-
-
-def add_generate_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, help="adapter folder")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--depth", type=depth_or_auto, default=None, help="recurrence depth (default: the adapter's "
-                   "default_depth), or auto: each token stops by the exit rule below, up to --exit-max-depth steps")
-    p.add_argument("--exit-max-depth", type=positive_int, default=32, help="maximum steps with --depth auto")
-    add_flags(p, ExitRule, "adaptive exit (with --depth auto)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=positive_float, default=None, help="nucleus sampling mass")
-    p.add_argument("--seed", type=seed_arg, default=None, help="sampling seed (reproducible)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--baseline", action="store_true", help="generate with the pruned model instead")
-    who.add_argument("--full", action="store_true", help="generate with the full base model instead")
-    who.add_argument("--compare", action="store_true", help="print full, pruned and Ouroboros continuations")
-
-
-def add_export_parser(sub, fmt) -> None:
-    p = sub.add_parser("export", help="write a Hugging Face model folder (transformers, pipeline, lm-eval)",
-                       formatter_class=fmt)
-    p.add_argument("--adapter", required=True, help="adapter folder")
-    p.add_argument("--out", required=True,
-                   help="folder to write (AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True))")
-    p.add_argument("--depth", type=positive_int, default=None,
-                   help="depth the exported model runs at (default: the adapter's default_depth)")
-    p.add_argument("--baseline", action="store_true", help="export the pruned stack's behaviour instead of the recursion")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-
-
-def add_harness_parser(sub, fmt) -> None:
-    p = sub.add_parser("harness", help="lm-evaluation-harness on our local tasks (perplexity, next sentence)",
-                       formatter_class=fmt)
-    p.add_argument("--model", required=True, help="folder from `ouroboros export` (or any HF model folder: the full model)")
-    p.add_argument("--data", nargs="*", default=None, metavar="SRC",
-                   help="text files, folders or globs (default: the sample shipped with the tasks)")
-    p.add_argument("--tasks", default="ouroboros_ppl,ouroboros_next_sentence", help="comma-separated task names")
-    p.add_argument("--depth", type=positive_int, default=None, help="override the exported model's depth")
-    p.add_argument("--baseline", action="store_true", help="evaluate the pruned stack instead of the recursion")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="harness batch size")
-    p.add_argument("--limit", type=positive_int, default=None, help="documents per task (for a quick look)")
-    p.add_argument("--out", default=None, help="write the harness's results as JSON here")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let transformers run Python files the model folder ships (never needed for folders from "
-                        "`ouroboros export`: only for a folder of another model type whose code you trust)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = Parser(prog="ouroboros", description=__doc__.splitlines()[0], formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-
-    p = sub.add_parser("convert", help="convert a base model and write an untrained adapter", formatter_class=fmt)
-    p.add_argument("--base", required=True, help="local HF folder, hub id, .gguf file, or alias (smollm2-135m)")
-    p.add_argument("--out", required=True, help="adapter folder to write (must not hold an adapter already)")
-    p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
+# ---------------------------------------------------------------------- flags
+def convert_flags(p) -> None:
+    add_flags(p, ConvertArgs)
     add_flags(p, OuroborosConfig, "model (OuroborosConfig)")
     add_flags(p, RecursionPolicy, "inference (RecursionPolicy)")
 
-    p = sub.add_parser("prepare", help="tokenize text once into token shards that train and eval read by memory map",
-                       formatter_class=fmt)
-    p.add_argument("sources", nargs="+", metavar="SRC", help="text files, folders, globs, .jsonl, .parquet, or "
-                   "hf:<dataset id>[:split] (streamed)")
-    p.add_argument("--out", required=True, help="prepared folder to write (an interrupted run resumes in it)")
-    p.add_argument("--base", required=True, help="the model whose tokenizer is used: local HF folder, hub id, .gguf "
-                   "file, alias (smollm2-135m), or an adapter folder")
-    p.add_argument("--heldout", nargs="+", default=None, metavar="SRC",
-                   help="held-out sources (default: a deterministic split of SRC by document)")
-    p.add_argument("--overwrite", action="store_true", help="replace a folder prepared from other sources or settings")
+
+def prepare_flags(p) -> None:
+    add_flags(p, PrepareArgs)
     add_flags(p, PrepareConfig, "preparation (PrepareConfig)")
 
-    p = sub.add_parser("train", help="train an adapter on text", formatter_class=fmt)
-    p.add_argument("--adapter", required=True, help="adapter folder (from `ouroboros convert`); the run lives here")
-    add_data_flags(p)
-    add_flags(p, TrainConfig, "training (TrainConfig; the paper's recipe by default)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the adapter folder")
 
-    p = sub.add_parser("train-halter", help="train a per-token halter on top of a trained adapter (the rest frozen)",
-                       formatter_class=fmt)
-    p.add_argument("--adapter", required=True, help="trained adapter folder; the halter is saved into it")
-    add_data_flags(p)
+def train_flags(p) -> None:
+    add_flags(p, TrainArgs)
+    add_flags(p, DataConfig, "data (DataConfig)")
+    add_flags(p, TrainConfig, "training (TrainConfig; the paper's recipe by default)")
+
+
+def halter_flags(p) -> None:
+    add_flags(p, HalterArgs)
+    add_flags(p, DataConfig, "data (DataConfig)")
     add_flags(p, HalterConfig, "halter training (HalterConfig)")
 
-    add_eval_parser(sub.add_parser("eval", help="evaluate full model, pruned baseline and Ouroboros on the same tokens",
-                                   formatter_class=fmt))
-    add_generate_parser(sub.add_parser("generate", help="generate text through the recursion (streams tokens)",
-                                       formatter_class=fmt))
-    add_export_parser(sub, fmt)
-    add_harness_parser(sub, fmt)
 
-    p = sub.add_parser("sweep", help="run an experiment grid from a YAML spec (resumable)", formatter_class=fmt)
-    p.add_argument("spec", help="sweep spec (YAML); see configs/")
-    p.add_argument("--out", default=None, help="sweep folder (default: runs/<spec name>)")
-    p.add_argument("--only", nargs="+", default=None, metavar="RUN", help="run only these runs (by name)")
+def eval_flags(p) -> None:
+    add_flags(p, EvalArgs)
+    add_flags(p, DataConfig, "data (DataConfig)")
+    add_flags(p, EvalConfig, "evaluation (EvalConfig)")
+    add_flags(p, ExitRule, "adaptive exit (per token)", skip=("threshold",))
 
-    p = sub.add_parser("report", help="tables and plots of a sweep folder", formatter_class=fmt)
-    p.add_argument("dir", help="sweep folder")
-    p.add_argument("--against", default=None, metavar="DIR",
-                   help="another sweep folder scored on the same blocks: paired-by-seed differences of each "
-                        "configuration against the same one there (or its only one) -> paired_vs_<DIR>.md/json")
-    p.add_argument("--reference", default=None, metavar="CONFIG",
-                   help="the configuration summary.md pairs every other one against, seed by seed (its name, or a "
-                        "part only it has; default: the one with the fewest trained weights)")
 
-    p = sub.add_parser("demo", help="the main job: SmolLM2-135M on State of the Union addresses", formatter_class=fmt)
-    add_flags(p, DemoConfig)
-    return parser
+def generate_flags(p) -> None:
+    add_flags(p, GenerateConfig)
+    add_flags(p, ExitRule, "adaptive exit (with --depth auto)")
 
 
 # ---------------------------------------------------------------------- commands
+def saved_config(adapter: str) -> tuple[dict, OuroborosConfig]:
+    """(the adapter's metadata, its model config): what the flags are checked against before loading."""
+    from .adapter import read_adapter
+
+    meta, _ = read_adapter(adapter)
+    return meta, OuroborosConfig.from_dict(meta["ouroboros_config"])
+
+
 def cmd_convert(args) -> None:
     from .adapter import CONFIG_NAME, save_adapter
     from .loading import load_base_model
     from .model import OuroborosModel
 
-    cfg = from_flags(OuroborosConfig, args)  # validates before loading anything
+    ca, cfg = from_flags(ConvertArgs, args), from_flags(OuroborosConfig, args)  # validated before loading anything
     policy = from_flags(RecursionPolicy, args).check(cfg.max_depth)
-    out = Path(args.out)
-    if (out / CONFIG_NAME).exists() and not args.overwrite:
+    out = Path(ca.out)
+    if (out / CONFIG_NAME).exists() and not ca.overwrite:
         raise ValueError(f"{out} already holds an adapter; pass --overwrite to replace it (nothing was changed)")
-    base_name = str(Path(args.base).resolve()) if Path(args.base).exists() else args.base
-    model = OuroborosModel.from_base(load_base_model(args.base), cfg, base_name=base_name, policy=policy)
+    base_name = str(Path(ca.base).resolve()) if Path(ca.base).exists() else ca.base
+    model = OuroborosModel.from_base(load_base_model(ca.base), cfg, base_name=base_name, policy=policy)
     save_adapter(model, out)
     parts = model.trainable_parameter_breakdown()
     print(f"wrote untrained adapter to {out} ({len(model.prelude)}+1+{len(model.coda)} layers kept; trainable: "
@@ -245,91 +149,70 @@ def cmd_prepare(args) -> None:
     from .loading import load_tokenizer
     from .prepare import prepare
 
-    pc = from_flags(PrepareConfig, args)
-    base = read_adapter(args.base)[0]["base_model"] if (Path(args.base) / CONFIG_NAME).is_file() else args.base
-    m = prepare(args.sources, args.out, load_tokenizer(base), pc, heldout=args.heldout, overwrite=args.overwrite)
+    pa, pc = from_flags(PrepareArgs, args), from_flags(PrepareConfig, args)
+    base = read_adapter(pa.base)[0]["base_model"] if (Path(pa.base) / CONFIG_NAME).is_file() else pa.base
+    heldout = list(pa.heldout) if pa.heldout else None
+    m = prepare(list(pa.sources), pa.out, load_tokenizer(base), pc, heldout=heldout, overwrite=pa.overwrite)
     train, held = m["splits"]["train"], m["splits"]["heldout"]
-    print(f"wrote {args.out}: train {train['documents']} docs, {train['tokens']:,} tokens in {len(train['shards'])} "
+    print(f"wrote {pa.out}: train {train['documents']} docs, {train['tokens']:,} tokens in {len(train['shards'])} "
           f"shard(s); held-out {held['documents']} docs, {held['tokens']:,} tokens; {m['dtype'][1:]} tokens of "
-          f"{m['tokenizer']['name'] or 'the tokenizer'} (vocab {m['vocab_size']}). Train with --data {args.out}")
-
-
-def corpus_for(args, tokenizer, runtime, seed: int = 0):
-    from .data import build_corpus
-
-    return build_corpus(args.data, tokenizer, args.seq_len or runtime.default_seq_len, heldout=args.heldout,
-                        heldout_fraction=args.heldout_fraction, seed=seed, text_field=args.text_field)
+          f"{m['tokenizer']['name'] or 'the tokenizer'} (vocab {m['vocab_size']}). Train with --data {pa.out}")
 
 
 def cmd_train(args) -> None:
-    from .adapter import load_adapter, read_adapter
+    from .adapter import load_adapter
     from .loading import load_base_model, load_tokenizer
     from .runtime import choose_runtime
     from .train import Trainer
 
-    tc = from_flags(TrainConfig, args)
-    meta, _ = read_adapter(args.adapter)  # fail fast on a bad adapter folder
+    ta, data, tc = from_flags(TrainArgs, args), from_flags(DataConfig, args), from_flags(TrainConfig, args)
+    meta, _ = saved_config(ta.adapter)  # fail fast on a bad adapter folder
     runtime = choose_runtime(tc.mixed_precision)
-    corpus = corpus_for(args, load_tokenizer(meta["base_model"]), runtime)
+    corpus = data.corpus(load_tokenizer(meta["base_model"]), runtime.default_seq_len)
     print(corpus.describe())
-    model = load_adapter(args.adapter, dtype=runtime.dtype)
+    model = load_adapter(ta.adapter, dtype=runtime.dtype)
     teacher = load_base_model(meta["base_model"], dtype=runtime.dtype) if tc.distill_weight > 0 else None
-    summary = Trainer(model, corpus, args.adapter, tc, resume=args.resume, teacher=teacher).run()
+    summary = Trainer(model, corpus, ta.adapter, tc, resume=ta.resume, teacher=teacher).run()
     print(json.dumps(summary, indent=2))
 
 
 def cmd_train_halter(args) -> None:
-    from .adapter import load_adapter, read_adapter
+    from .adapter import load_adapter
     from .halter_training import train_halter
     from .loading import load_tokenizer
     from .runtime import choose_runtime
 
-    hc = from_flags(HalterConfig, args)
-    meta, _ = read_adapter(args.adapter)
-    OuroborosConfig.from_dict(meta["ouroboros_config"]).check_depth(hc.max_depth, "--max-depth")
+    ha, data, hc = from_flags(HalterArgs, args), from_flags(DataConfig, args), from_flags(HalterConfig, args)
+    meta, cfg = saved_config(ha.adapter)
+    cfg.check_depth(hc.max_depth, "--max-depth")  # before loading anything (train_halter checks it after)
     runtime = choose_runtime()
-    corpus = corpus_for(args, load_tokenizer(meta["base_model"]), runtime)
+    corpus = data.corpus(load_tokenizer(meta["base_model"]), runtime.default_seq_len)
     print(corpus.describe())
-    model = load_adapter(args.adapter, dtype=runtime.dtype, device=runtime.device)
+    model = load_adapter(ha.adapter, dtype=runtime.dtype, device=runtime.device)
     with runtime.autocast():
-        print(json.dumps(train_halter(model, corpus, args.adapter, hc), indent=2))
-
-
-def check_exit_rule(cfg: OuroborosConfig, rule: ExitRule, top: int) -> None:
-    """Refuse, before loading anything, an exit rule the model cannot follow or a minimum it never reaches."""
-    if rule.rule == "halter" and not cfg.halter:
-        raise ValueError("--exit-rule halter needs an adapter with a trained halter (run `ouroboros train-halter` first)")
-    if rule.min_steps > top:
-        raise ValueError(f"--exit-min-steps {rule.min_steps} is more than the {top} steps allowed (--exit-max-depth)")
+        print(json.dumps(train_halter(model, corpus, ha.adapter, hc), indent=2))
 
 
 def cmd_eval(args) -> None:
-    from .adapter import load_adapter, read_adapter
+    from .adapter import load_adapter
     from .evaluate import evaluate
     from .loading import load_base_model, load_tokenizer
+    from .plots import plot_depth_curve
     from .runtime import choose_runtime
 
-    meta, _ = read_adapter(args.adapter)
-    saved = OuroborosConfig.from_dict(meta["ouroboros_config"])
-    if max(args.depths) > saved.max_depth:
-        raise ValueError(f"--depths: every depth must be in [1, max_depth={saved.max_depth}]; got {max(args.depths)}")
-    if args.exit_thresholds:
-        check_exit_rule(saved, ExitRule(args.rule, args.exit_thresholds[0], args.min_steps),
-                        saved.check_depth(args.exit_max_depth or max(args.depths), "--exit-max-depth"))
+    ea, data, ec = from_flags(EvalArgs, args), from_flags(DataConfig, args), from_flags(EvalConfig, args)
+    rule = from_flags(ExitRule, args)
+    meta, saved = saved_config(ea.adapter)
+    ec.check(saved, rule)  # depths and the exit rule, before loading anything
     runtime = choose_runtime()
-    corpus = corpus_for(args, load_tokenizer(meta["base_model"]), runtime)
-    model = load_adapter(args.adapter, dtype=runtime.dtype, device=runtime.device, step_damping=args.step_damping)
-    full = None if args.no_full else load_base_model(meta["base_model"], dtype=runtime.dtype, device=runtime.device)
-    splits = corpus.eval_splits(args.blocks, args.eval_seed)
-    top = model.config.check_depth(args.exit_max_depth or max(args.depths), "--exit-max-depth")
-    rules = [(ExitRule(args.rule, t, args.min_steps), top) for t in args.exit_thresholds]
-    report = evaluate(model, splits, depths=args.depths, full_model=full, batch_size=args.batch_size, runtime=runtime,
-                      exit_rules=rules,
-                      meta={"adapter": str(args.adapter), "base_model": meta["base_model"], "seq_len": corpus.seq_len})
+    corpus = data.corpus(load_tokenizer(meta["base_model"]), runtime.default_seq_len)
+    model = load_adapter(ea.adapter, dtype=runtime.dtype, device=runtime.device, step_damping=ec.step_damping)
+    full = load_base_model(meta["base_model"], dtype=runtime.dtype, device=runtime.device) if ec.full else None
+    report = evaluate(model, corpus.eval_splits(ec.blocks, ec.seed), depths=ec.depths, full_model=full,
+                      batch_size=ec.batch_size, runtime=runtime, exit_rules=ec.exit_rules(rule),
+                      meta={"adapter": str(ea.adapter), "base_model": meta["base_model"], "seq_len": corpus.seq_len})
     print(report.table())
-    j, m = report.write(args.out or args.adapter)
-    from .experiments.report import plot_depth_curve
-
+    j, m = report.write(ea.out or ea.adapter)
     curve = plot_depth_curve(report, j.parent / "depth_curve.png")
     print(f"wrote {j}, {m} and {curve}")
 
@@ -348,62 +231,54 @@ def streaming_printer(tok):
     return stream
 
 
-def generate_full(full, tok, ids, args, sample: dict) -> None:
+def generate_full(full, tok, ids, gc: GenerateConfig) -> None:
     import torch
     from transformers import TextStreamer
 
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    full.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-                  streamer=TextStreamer(tok, skip_prompt=True), **(sample if args.do_sample else {"do_sample": False}))
+    if gc.seed is not None:
+        torch.manual_seed(gc.seed)
+    sample = gc.sampling() if gc.do_sample else {"do_sample": False}
+    full.generate(ids, max_new_tokens=gc.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                  streamer=TextStreamer(tok, skip_prompt=True), **sample)
 
 
-def prompt_ids(tok, args):
-    text = args.prompt
-    if args.chat:
+def prompt_ids(tok, gc: GenerateConfig):
+    text = gc.prompt
+    if gc.chat:
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return tok(text, return_tensors="pt", add_special_tokens=not args.chat).input_ids
+    return tok(text, return_tensors="pt", add_special_tokens=not gc.chat).input_ids
 
 
 def cmd_generate(args) -> None:
-    from .adapter import load_adapter, read_adapter, saved_policy
+    from .adapter import load_adapter, saved_policy
     from .loading import load_base_model, load_tokenizer
     from .runtime import choose_runtime
 
-    meta, _ = read_adapter(args.adapter)
-    cfg = OuroborosConfig.from_dict(meta["ouroboros_config"])
-    rule = from_flags(ExitRule, args) if args.depth == "auto" else None
-    default = saved_policy(meta).default_depth
-    depth = args.exit_max_depth if args.depth == "auto" else args.depth if args.depth is not None else default
-    depth = cfg.check_depth(depth, "--exit-max-depth" if args.depth == "auto" else "--depth")
-    if rule is not None:
-        check_exit_rule(cfg, rule, depth)
-    if args.top_p is not None and args.top_p > 1:
-        raise ValueError(f"--top-p must be in (0, 1]; got {args.top_p}")
-    tok = load_tokenizer(meta["base_model"])
-    sample = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    runs = ["full", "baseline", "ouroboros"] if args.compare else ["full" if args.full else "baseline" if args.baseline else "ouroboros"]
-    runtime = choose_runtime()
-    model = load_adapter(args.adapter, dtype=runtime.dtype, device=runtime.device) if runs != ["full"] else None
+    gc = from_flags(GenerateConfig, args)
+    rule = from_flags(ExitRule, args) if gc.adaptive else None
+    meta, cfg = saved_config(gc.adapter)
+    depth = gc.checked_depth(cfg, rule, saved_policy(meta).default_depth)  # before loading anything
+    tok, runs, runtime = load_tokenizer(meta["base_model"]), gc.runs(), choose_runtime()
+    model = load_adapter(gc.adapter, dtype=runtime.dtype, device=runtime.device) if runs != ["full"] else None
     full = load_base_model(meta["base_model"], dtype=runtime.dtype, device=runtime.device) if "full" in runs else None
-    ids = prompt_ids(tok, args).to(runtime.device)
+    ids = prompt_ids(tok, gc).to(runtime.device)
     max_pos = getattr(model.base_config if model is not None else full.config, "max_position_embeddings", None)
-    if max_pos is not None and ids.shape[1] + args.max_new_tokens > max_pos:  # every path, --full included
-        raise ValueError(f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the "
+    if max_pos is not None and ids.shape[1] + gc.max_new_tokens > max_pos:  # every path, --full included
+        raise ValueError(f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens ({gc.max_new_tokens}) exceeds the "
                          f"base model's max_position_embeddings {max_pos}")
     how = f"adaptive depth, at most {depth}" if rule is not None else f"depth {depth}"
     labels = {"full": "full model", "baseline": "pruned baseline", "ouroboros": f"ouroboros ({how})"}
     for who in runs:
-        if args.compare:
+        if gc.compare:
             print(f"\n=== {labels[who]} ===")
-        print(args.prompt, end="", flush=True)
+        print(gc.prompt, end="", flush=True)
         if who == "full":
-            generate_full(full, tok, ids, args, sample)
+            generate_full(full, tok, ids, gc)
             continue
         stats: dict = {}
-        model.generate(ids, max_new_tokens=args.max_new_tokens, depth=depth, eos_token_id=tok.eos_token_id,
-                       seed=args.seed, baseline=who == "baseline", on_token=streaming_printer(tok),
-                       exit_rule=rule if who == "ouroboros" else None, stats=stats, **sample)
+        model.generate(ids, max_new_tokens=gc.max_new_tokens, depth=depth, eos_token_id=tok.eos_token_id,
+                       seed=gc.seed, baseline=who == "baseline", on_token=streaming_printer(tok),
+                       exit_rule=rule if who == "ouroboros" else None, stats=stats, **gc.sampling())
         print()
         if stats.get("steps"):
             steps = [int(x[0]) for x in stats["steps"]]
@@ -413,7 +288,8 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     from .export import export_hf
 
-    out = export_hf(args.adapter, args.out, depth=args.depth, baseline=args.baseline, overwrite=args.overwrite)
+    ec = from_flags(ExportConfig, args)
+    out = export_hf(ec.adapter, ec.out, depth=ec.depth, baseline=ec.baseline, overwrite=ec.overwrite)
     print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) after `import ouroboros_lm` "
           "(elsewhere: trust_remote_code=True, which runs the folder's modeling_ouroboros.py)")
 
@@ -421,6 +297,7 @@ def cmd_export(args) -> None:
 def cmd_harness(args) -> None:
     import importlib.util
 
+    hc = from_flags(HarnessConfig, args)
     if importlib.util.find_spec("lm_eval") is None:
         raise ValueError("ouroboros harness needs lm-evaluation-harness: pip install 'ouroboros-lm[hf]' (or lm-eval)")
     from lm_eval.utils import make_table
@@ -428,66 +305,54 @@ def cmd_harness(args) -> None:
     from .atomic import write_json
     from .harness import check_harness, run_harness
 
-    tasks = tuple(t for t in args.tasks.split(",") if t)
-    check_harness(args.model, args.data, tasks, depth=args.depth, baseline=args.baseline,
-                  trust_remote_code=args.trust_remote_code)  # before loading anything
-    out = run_harness(args.model, args.data, tasks, depth=args.depth, baseline=args.baseline,
-                      batch_size=args.batch_size, limit=args.limit, trust_remote_code=args.trust_remote_code)
+    check_harness(hc.model, hc.data, hc.task_names, depth=hc.depth, baseline=hc.baseline,
+                  trust_remote_code=hc.trust_remote_code)  # before loading anything
+    out = run_harness(hc.model, hc.data, hc.task_names, depth=hc.depth, baseline=hc.baseline,
+                      batch_size=hc.batch_size, limit=hc.limit, trust_remote_code=hc.trust_remote_code)
     print(make_table(out))
-    if args.out:
-        write_json(args.out, out["results"])
-        print(f"wrote {args.out}")
+    if hc.out:
+        write_json(hc.out, out["results"])
+        print(f"wrote {hc.out}")
 
 
-def cmd_sweep(args) -> None:
-    from .experiments.sweep import run_sweep
-
-    run_sweep(args.spec, out=args.out, only=args.only)
-
-
-def cmd_report(args) -> None:
-    from .experiments.report import write_report
-
-    for d in (args.dir, args.against):
-        if d is not None and not Path(d).is_dir():
-            raise FileNotFoundError(f"sweep folder not found: {d}")
-    write_report(args.dir, reference=args.reference)
-    if args.against:
-        from .experiments.report import compare_sweeps
-
-        compare_sweeps(args.dir, args.against)
-
-
-def cmd_demo(args) -> None:
-    from .experiments.demo import run_demo
-
-    run_demo(from_flags(DemoConfig, args))
-
-
-COMMANDS = {"convert": cmd_convert, "prepare": cmd_prepare, "train": cmd_train, "train-halter": cmd_train_halter, "eval": cmd_eval,
-            "generate": cmd_generate, "export": cmd_export, "harness": cmd_harness, "sweep": cmd_sweep,
-            "report": cmd_report, "demo": cmd_demo}
-
-
-# What an interrupted command leaves (Ctrl-C), per command; the rest write nothing or only whole files.
-INTERRUPTED = {
-    "prepare": "the complete shards are kept: the same command resumes after them",
-    "train": "the last checkpoint is kept (rerun with --resume to continue)",
-    "train-halter": "the adapter is as it was before (rerun to train the halter)",
-    "sweep": "finished runs are kept; rerun the same command to continue (the interrupted run resumes from "
-             "its last checkpoint)",
-    "demo": "the partial output is kept (the next demo run to the same --out starts over)",
-    "export": "nothing was changed (the temporary folder was removed)",
+COMMANDS = {
+    "convert": Command("convert a base model and write an untrained adapter", convert_flags, cmd_convert),
+    "prepare": Command("tokenize text once into token shards that train and eval read by memory map", prepare_flags,
+                       cmd_prepare, "the complete shards are kept: the same command resumes after them"),
+    "train": Command("train an adapter on text", train_flags, cmd_train,
+                     "the last checkpoint is kept (rerun with --resume to continue)"),
+    "train-halter": Command("train a per-token halter on top of a trained adapter (the rest frozen)", halter_flags,
+                            cmd_train_halter, "the adapter is as it was before (rerun to train the halter)"),
+    "eval": Command("evaluate full model, pruned baseline and Ouroboros on the same tokens", eval_flags, cmd_eval),
+    "generate": Command("generate text through the recursion (streams tokens)", generate_flags, cmd_generate),
+    "export": Command("write a Hugging Face model folder (transformers, pipeline, lm-eval)",
+                      lambda p: add_flags(p, ExportConfig), cmd_export,
+                      "nothing was changed (the temporary folder was removed)"),
+    "harness": Command("lm-evaluation-harness on our local tasks (perplexity, next sentence)",
+                       lambda p: add_flags(p, HarnessConfig), cmd_harness),
 }
+
+
+def all_commands() -> dict[str, Command]:
+    """The library's commands, then those installed packages register (`commands.registered`)."""
+    return {**COMMANDS, **registered(frozenset(COMMANDS))}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="ouroboros", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    for name, command in all_commands().items():
+        command.add_flags(sub.add_parser(name, help=command.help, formatter_class=HelpFormatter))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .train import TrainingError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    command = all_commands()[args.command]
     try:
-        COMMANDS[args.command](args)
+        command.run(args)
     except (ValueError, OSError) as e:  # bad input, missing/unreadable files, unreachable hub ids, a full disk
         print(f"ouroboros {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -495,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ouroboros {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"ouroboros {args.command}: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}",
-              file=sys.stderr)
+        print(f"ouroboros {args.command}: interrupted; {command.interrupted}", file=sys.stderr)
         return 130
     return 0
 

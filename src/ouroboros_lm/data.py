@@ -7,7 +7,7 @@ sources and mixes them by weight. Raw sources are prepared (`prepare.py`: tokeni
 after every document) into the data cache; blocks are read from the shards by memory map
 (`shards.py`) and drawn by a stateless sampler (`sampling.py`). The held-out split is either
 explicit (`heldout` sources) or a deterministic split *by document* (`prepare.held_out`), so no
-document is on both sides.
+document is on both sides. `DataConfig` says which (the `--data` flags, a sweep spec's `data:`).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .prepare import PrepareConfig, cache_folder, check_disjoint, prepare
+from .settings import REQUIRED, same_as, setting, validate_fields
 from .reading import TEXT_SUFFIXES, DataError, expand_sources, iter_documents  # noqa: F401 - the data API
 from .sampling import BlockSampler, MixtureSampler, quotas
 from .shards import Blocks, Prepared, is_prepared
@@ -212,3 +213,27 @@ def domain_blocks(sources: list[str], tokenizer, seq_len: int, n_blocks: int, se
     blocks = joined([f], "train", seq_len, f"domain {sources}")
     n = min(n_blocks, len(blocks))
     return blocks[BlockSampler(len(blocks), seed).batch(0, n)]
+
+
+@dataclass
+class DataConfig:
+    """Where a run's tokens come from: the data flags of train, train-halter and eval, a sweep spec's
+    `data:` section (there `train:`), the demo's `data:` section."""
+
+    train: tuple[str, ...] = setting(REQUIRED, "text files, folders, globs, .jsonl, .parquet, hf:<dataset id>, or a "
+                                     "folder from `ouroboros prepare`; NAME=SRC[:WEIGHT] names sources and mixes them "
+                                     "by weight (by size without weights)", flag="--data", metavar="SRC")
+    heldout: tuple[str, ...] | None = setting(None, "held-out sources (default: a deterministic split of --data by "
+                                              "document)", metavar="SRC")
+    heldout_fraction: float = same_as(PrepareConfig, "heldout_fraction")
+    text_field: str = same_as(PrepareConfig, "text_field")
+    seq_len: int | None = setting(None, "tokens per block (default: 2048 on GPU, 256 on CPU)", low=1, high=1 << 20)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    def corpus(self, tokenizer, default_seq_len: int, seed: int = 0) -> Corpus:
+        """The corpus these sources make, in blocks of seq_len tokens (default_seq_len when unset)."""
+        return build_corpus(list(self.train), tokenizer, self.seq_len or default_seq_len,
+                            heldout=list(self.heldout) if self.heldout else None,
+                            heldout_fraction=self.heldout_fraction, seed=seed, text_field=self.text_field)

@@ -1,5 +1,8 @@
 """Next-token loss of the full base model, the pruned baseline and Ouroboros at several
-depths, on the same tokens, for the training distribution and the held-out split."""
+depths, on the same tokens, for the training distribution and the held-out split.
+
+`EvalConfig` is how an evaluation runs, declared once for `ouroboros eval`, a sweep spec's
+`eval:` section and the demo's."""
 from __future__ import annotations
 
 import contextlib
@@ -12,10 +15,55 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text, ensure_dir
+from .config import MAX_DEPTH
 from .exits import ExitRule
+from .generate import check_exit_rule
 from .loss import causal_lm_loss, scored_tokens
+from .settings import setting, validate_fields
 
 DEFAULT_EVAL_DEPTHS = (1, 4, 8, 16)
+
+
+@dataclass
+class EvalConfig:
+    """How an evaluation runs. `sweep=False` fields are the command line's alone (a sweep spec
+    evaluates every run the same way: the full model once, its own seed, each run's own damping)."""
+
+    depths: tuple[int, ...] = setting(DEFAULT_EVAL_DEPTHS, "Ouroboros depths to evaluate", low=1, high=MAX_DEPTH)
+    exit_thresholds: tuple[float, ...] | None = setting(None, "also evaluate adaptive exit (--exit-rule) at each "
+                                                        "threshold, up to --exit-max-depth steps", above=0,
+                                                        metavar="T[,T...]")
+    exit_max_depth: int | None = setting(None, "most steps under adaptive exit (default: the largest of --depths; "
+                                         "at most the adapter's max_depth)", low=1)
+    blocks: int = setting(32, "blocks evaluated per split", low=1, high=1 << 20)
+    batch_size: int = setting(4, "blocks per forward pass", low=1, high=65536)
+    step_damping: float | None = setting(None, "override the adapter's step_damping (updates past trained_depth "
+                                         "scaled geometrically; default: the adapter's)", low=0.0, high=1.0,
+                                         sweep=False)
+    full: bool = setting(True, "evaluate the full base model too (--no-full: skip its row)", sweep=False)
+    seed: int = setting(0, "seed choosing the training-distribution blocks", low=0, high=2**63 - 1, flag="--eval-seed",
+                        sweep=False)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    @property
+    def top(self) -> int:
+        """The most steps adaptive exit may take."""
+        return self.exit_max_depth or max(self.depths)
+
+    def check(self, cfg, rule: ExitRule | None = None) -> None:
+        """Refuse, before anything is loaded, depths the model `cfg` cannot run and an exit rule it cannot follow."""
+        for d in self.depths:
+            cfg.check_depth(d, "--depths")
+        if self.exit_thresholds:
+            check_exit_rule(cfg, rule or ExitRule(), cfg.check_depth(self.top, "--exit-max-depth"))
+
+    def exit_rules(self, rule: ExitRule | None = None) -> list[tuple[ExitRule, int]]:
+        """(rule at each threshold, the most steps): the adaptive rows (`rule` gives the rule and its minimum)."""
+        rule = rule or ExitRule()
+        return [(ExitRule(rule.rule, t, rule.min_steps), self.top) for t in self.exit_thresholds or ()]
+
 
 
 def gap_recovered(loss: float, baseline: float, full: float) -> float | None:

@@ -23,12 +23,14 @@ imported. It holds
                               a folder that holds it and nothing else)
 
 The folder is written under a temporary name and renamed when complete; temporaries an export
-that was killed left behind are removed by the next export to the same folder.
+that was killed left behind are removed by the next export to the same folder. `ExportConfig`
+is `ouroboros export`'s settings.
 """
 from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ from .adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter
 from .config import OuroborosConfig
 from .hf import OuroborosForCausalLM
 from .loading import load_tokenizer
+from .settings import REQUIRED, setting, validate_fields
 
 MODELING_FILE = "modeling_ouroboros.py"
 ADAPTER_SUBFOLDER = "adapter"
@@ -50,6 +53,21 @@ from ouroboros_lm.hf import OuroborosForCausalLM, OuroborosHFConfig  # noqa: F40
 '''
 AUTO_MAP = {"AutoConfig": "modeling_ouroboros.OuroborosHFConfig",
             "AutoModelForCausalLM": "modeling_ouroboros.OuroborosForCausalLM"}
+
+
+@dataclass
+class ExportConfig:
+    """What `ouroboros export` writes: which adapter, where, and how the exported model runs."""
+
+    adapter: str = setting(REQUIRED, "adapter folder")
+    out: str = setting(REQUIRED, "folder to write (AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True))")
+    depth: int | None = setting(None, "depth the exported model runs at (default: the adapter's default_depth; at "
+                                "most its max_depth)", low=1)
+    baseline: bool = setting(False, "export the pruned stack's behaviour instead of the recursion")
+    overwrite: bool = setting(False, "replace a non-empty --out (only an earlier export of ours)")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 def check_out(out: Path, adapter: Path, overwrite: bool) -> None:

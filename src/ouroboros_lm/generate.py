@@ -1,13 +1,71 @@
 """Generation through the recursion, with a cache that makes each new token cost one pass
 through P + depth + C layers on one position (`cache.OuroborosCache`, read and extended by
 `OuroborosModel.forward`). `tests/test_generate.py` checks it against recomputing the whole
-prefix every token.
+prefix every token. `GenerateConfig` is `ouroboros generate`'s settings.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .settings import REQUIRED, setting, validate_fields
+
+WHO = ("full", "baseline", "ouroboros")
+
+
+def check_exit_rule(cfg, rule, top: int) -> None:
+    """Refuse an exit rule (`exits.ExitRule`) the model `cfg` cannot follow, or a minimum it never reaches within `top` steps."""
+    if rule.rule == "halter" and not cfg.halter:
+        raise ValueError("--exit-rule halter needs an adapter with a trained halter (run `ouroboros train-halter` first)")
+    if rule.min_steps > top:
+        raise ValueError(f"--exit-min-steps {rule.min_steps} is more than the {top} steps allowed (--exit-max-depth)")
+
+
+@dataclass
+class GenerateConfig:
+    """What `ouroboros generate` does: the prompt, the depth (or adaptive exit), decoding, which model."""
+
+    adapter: str = setting(REQUIRED, "adapter folder")
+    prompt: str = setting(REQUIRED, "prompt text")
+    depth: int | str | None = setting(None, "recurrence depth (default: the adapter's default_depth), or auto: each "
+                                      "token stops by the exit rule below, up to --exit-max-depth steps; at most "
+                                      "the adapter's max_depth)", low=1, words=("auto",))
+    exit_max_depth: int = setting(32, "maximum steps with --depth auto (at most the adapter's max_depth)", low=1)
+    max_new_tokens: int = setting(64, "tokens to generate", low=1, high=1 << 20)
+    do_sample: bool = setting(False, "sample instead of greedy decoding")
+    temperature: float = setting(1.0, "sampling temperature", above=0)
+    top_k: int | None = setting(None, "sample from the k most likely tokens", low=1)
+    top_p: float | None = setting(None, "nucleus sampling mass", above=0, high=1.0)
+    seed: int | None = setting(None, "sampling seed (reproducible)", low=0, high=2**63 - 1)
+    chat: bool = setting(False, "wrap the prompt in the tokenizer's chat template")
+    baseline: bool = setting(False, "generate with the pruned model instead", exclusive="model")
+    full: bool = setting(False, "generate with the full base model instead", exclusive="model")
+    compare: bool = setting(False, "print full, pruned and Ouroboros continuations", exclusive="model")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.depth == "auto"
+
+    def runs(self) -> list[str]:
+        """Which models generate, in order (of WHO)."""
+        return list(WHO) if self.compare else ["full" if self.full else "baseline" if self.baseline else "ouroboros"]
+
+    def sampling(self) -> dict:
+        return dict(do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+    def checked_depth(self, cfg, rule=None, default_depth: int | None = None) -> int:
+        """The depth to run (the maximum with --depth auto; without --depth, the policy's
+        `default_depth`) for the model `cfg`, checked with the exit `rule` before anything is loaded."""
+        if self.adaptive:
+            top = cfg.check_depth(self.exit_max_depth, "--exit-max-depth")
+            check_exit_rule(cfg, rule, top)
+            return top
+        return cfg.check_depth(default_depth if self.depth is None else self.depth, "--depth")
 
 
 def next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,

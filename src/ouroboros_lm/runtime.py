@@ -1,5 +1,5 @@
 """Where and in what precision things run, decided once and shared by training, evaluation,
-generation, the CLI and the experiments: bf16 on a GPU (bf16 base weights, bf16 autocast,
+generation, the CLI and the recipes: bf16 on a GPU (bf16 base weights, bf16 autocast,
 float32 trainable parts), float32 on the CPU."""
 from __future__ import annotations
 

@@ -25,12 +25,40 @@ import glob
 import os
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
+
+from ..settings import REQUIRED, setting, validate_fields
 
 TASKS_DIR = Path(__file__).resolve().parent
 SAMPLE = TASKS_DIR / "sample.txt"
 TASKS = ("ouroboros_ppl", "ouroboros_next_sentence")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass
+class HarnessConfig:
+    """What `ouroboros harness` runs: which model folder, on what text, which tasks."""
+
+    model: str = setting(REQUIRED, "folder from `ouroboros export` (or any HF model folder: the full model)")
+    data: tuple[str, ...] | None = setting(None, "text files, folders or globs (default: the sample shipped with the "
+                                           "tasks)", metavar="SRC")
+    tasks: str = setting(",".join(TASKS), "comma-separated task names")
+    depth: int | None = setting(None, "override the exported model's depth (at most its max_depth)", low=1)
+    baseline: bool = setting(False, "evaluate the pruned stack instead of the recursion")
+    batch_size: int = setting(1, "harness batch size", low=1, high=65536)
+    limit: int | None = setting(None, "documents per task (for a quick look)", low=1)
+    out: str | None = setting(None, "write the harness's results as JSON here")
+    trust_remote_code: bool = setting(False, "let transformers run Python files the model folder ships (never needed "
+                                      "for folders from `ouroboros export`: only for a folder of another model type "
+                                      "whose code you trust)")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t for t in self.tasks.split(",") if t)
 
 
 def text_files(data) -> list[Path]:

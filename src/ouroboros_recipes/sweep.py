@@ -5,7 +5,10 @@ gets the same data, seed and budget, goes into its own subfolder (adapter, metri
 and the sweep can be rerun at any time: finished runs are skipped, an interrupted one resumes
 from its last checkpoint, and a split added to the spec since (say a new `data.domains` entry)
 is evaluated on the finished runs' saved adapters without training again. The full model and
-the pruned baseline are evaluated once, on the same blocks as every run. `experiments/report.py` turns the folder into tables and plots.
+the pruned baseline are evaluated once, on the same blocks as every run. `report.py` turns the
+folder into tables and plots. `SweepConfig` holds the command's own settings; the spec's sections
+are the library's dataclasses (`data:` DataConfig, `train:` TrainConfig, `eval:` EvalConfig and
+`modulation_inputs`).
 
 Spec (YAML):
     name: smollm2-sotu-cpu
@@ -20,7 +23,7 @@ Spec (YAML):
     runs: [{variant: none}, {rank: 8}]                               # explicit extra runs
     seeds: [0, 1, 2]                                                 # every run once per seed (optional)
 
-defaults / grid / runs may set any OuroborosConfig or TrainConfig field (`settings.sweep_keys`)
+defaults / grid / runs may set any OuroborosConfig, RecursionPolicy or TrainConfig field (`settings.sweep_keys`)
 but the layer split; `train:` holds TrainConfig fields shared by every run. With `seeds`, every
 run is repeated per seed (its initialisation and data order; folder suffix `-seed<n>`), and the
 report gives mean and standard deviation over seeds. `data.train` items may be `NAME=SRC[:WEIGHT]`
@@ -30,6 +33,7 @@ included, is validated before anything is loaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -37,83 +41,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..adapter import load_adapter, save_adapter
-from ..checkpoints import list_checkpoints
-from ..config import MAX_DEPTH, OuroborosConfig
-from ..data import build_corpus, domain_blocks, group_items, map_source
-from ..evaluate import DEFAULT_EVAL_DEPTHS, EvalReport, evaluate
-from ..exits import ExitRule
-from ..loading import cache_dir, load_base_model, load_tokenizer
-from ..model import OuroborosModel
-from ..runtime import choose_runtime
-from ..policy import POLICY_FIELDS, RecursionPolicy
-from ..settings import check_value, from_dict, setting, sweep_keys, to_dict, validate_fields
-from ..train import TrainConfig, train
-from ..atomic import ensure_dir, read_json, write_json, write_text, write_with
+from ouroboros_lm.adapter import load_adapter, save_adapter
+from ouroboros_lm.atomic import ensure_dir, read_json, write_json, write_text, write_with
+from ouroboros_lm.checkpoints import list_checkpoints
+from ouroboros_lm.config import OuroborosConfig
+from ouroboros_lm.data import DataConfig, domain_blocks, group_items, map_source
+from ouroboros_lm.evaluate import EvalConfig, EvalReport, evaluate
+from ouroboros_lm.loading import cache_dir, load_base_model, load_tokenizer
+from ouroboros_lm.model import OuroborosModel
+from ouroboros_lm.policy import POLICY_FIELDS, RecursionPolicy
+from ouroboros_lm.runtime import choose_runtime
+from ouroboros_lm.settings import REQUIRED, check_value, fields, from_dict, setting, sweep_keys, to_dict
+from ouroboros_lm.train import TrainConfig, train
+
 from .reference import RESULT, check_trained_on, corpus_key, read_reference, save_reference, split_keys, stale_splits
 from .report import write_report
+from .yaml_file import load_yaml
 
 SPLIT_KEYS = ("n_prelude", "recurrent_layer", "n_coda")
 MAX_RUNS = 10_000  # runs a spec may expand to (checked before any is built)
-MAX_SPEC_BYTES = 1 << 20
-MAX_SPEC_NODES = 100_000  # YAML values after expanding aliases (a few nested aliases can mean billions)
 
 
 @dataclass
-class EvalSettings:
-    """The spec's `eval:` section."""
-    depths: tuple[int, ...] = setting(DEFAULT_EVAL_DEPTHS, "depths every run is evaluated at", low=1, high=MAX_DEPTH)
-    blocks: int = setting(16, "blocks per split", low=1, high=1 << 20)
-    batch_size: int = setting(4, "blocks per forward pass", low=1, high=65536)
+class SweepConfig:
+    """What `ouroboros sweep` runs."""
+
+    spec: str = setting(REQUIRED, "sweep spec (YAML); see configs/", positional=True)
+    out: str | None = setting(None, "sweep folder (default: runs/<spec name>)")
+    only: tuple[str, ...] | None = setting(None, "run only these runs (by name)", metavar="RUN")
+
+
+@dataclass
+class SweepEvalConfig(EvalConfig):
+    """The spec's `eval:` section: how every run is evaluated (`EvalConfig`'s sweep fields), and
+    how many held-out blocks the Controller's modulation is measured on."""
+
     modulation_inputs: int = setting(6, "held-out blocks the Controller's modulation is measured on", low=1, high=65536)
-    exit_thresholds: tuple[float, ...] | None = setting(None, "adaptive-exit thresholds also evaluated", above=0)
-    exit_max_depth: int = setting(32, "most steps under adaptive exit", low=1, high=MAX_DEPTH)
-
-    def __post_init__(self):
-        validate_fields(self)
 
 
-@dataclass
-class DataSettings:
-    """The spec's `data:` section (its `domains` are checked by SweepSpec.validate)."""
-    train: tuple[str, ...] = setting((), "training sources (NAME=SRC[:WEIGHT] items mix them by weight)")
-    heldout: tuple[str, ...] | None = setting(None, "held-out sources")
-    seq_len: int | None = setting(None, "tokens per block (default: the runtime's)", low=1, high=1 << 20)
-    heldout_fraction: float = setting(0.1, "documents held out without heldout", above=0, high=0.99)
-    text_field: str = setting("text", "field holding the text in .jsonl/.parquet/datasets")
-
-    def __post_init__(self):
-        if not self.train:
-            raise ValueError("data.train must list the training sources")
-        validate_fields(self)
-
-
-def load_yaml(path: Path):
-    """A YAML file, refusing one over MAX_SPEC_BYTES or whose aliases expand past MAX_SPEC_NODES values."""
-    if path.stat().st_size > MAX_SPEC_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_SPEC_BYTES:,} bytes: not a sweep spec")
-    try:
-        loader = yaml.SafeLoader(path.read_text())
-        try:
-            node = loader.get_single_node()
-            stack, seen = [node] if node is not None else [], 0
-            while stack:  # the composed graph walked as it would be expanded, stopped at the bound
-                n = stack.pop()
-                seen += 1
-                if seen > MAX_SPEC_NODES:
-                    raise ValueError(f"{path} expands to more than {MAX_SPEC_NODES:,} values "
-                                     "(nested aliases?): not a sweep spec")
-                if isinstance(n, yaml.MappingNode):
-                    stack += [x for kv in n.value for x in kv]
-                elif isinstance(n, yaml.SequenceNode):
-                    stack += n.value
-            return loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid YAML: {str(e)[:200]}") from None
+def eval_keys() -> set[str]:
+    """What a spec's `eval:` may set (EvalConfig's command-line-only fields are left out)."""
+    return {f.name for f, _ in fields(SweepEvalConfig) if f.metadata.get("sweep", True)}
 
 
 def grid_keys(model_cls=OuroborosConfig, train_cls=TrainConfig) -> set[str]:
@@ -195,15 +164,22 @@ class SweepSpec:
         for run in self.expand():  # every run's configuration must be valid before anything starts
             run.model_config(self), run.train_config(self)
 
-    def eval_settings(self) -> dict:
-        """The eval section with its defaults, validated (EvalSettings)."""
+    def eval_settings(self) -> SweepEvalConfig:
+        """The eval section with its defaults, validated."""
         ev = dict(self.eval)
         if ev.get("exit_thresholds") == []:
             ev["exit_thresholds"] = None
-        return {**to_dict(from_dict(EvalSettings, ev, "eval")), "exit_thresholds": list(ev.get("exit_thresholds") or [])}
+        fixed = sorted(k for k in ev if k in {f.name for f, _ in fields(SweepEvalConfig)} and k not in eval_keys())
+        if fixed:
+            raise ValueError(f"eval.{fixed[0]} is not a sweep setting (every run is evaluated alike: the full model "
+                             "once, on blocks of the spec's seed, at the run's own damping)")
+        return from_dict(SweepEvalConfig, ev, "eval")
 
-    def data_settings(self) -> "DataSettings":
-        return from_dict(DataSettings, {k: v for k, v in self.data.items() if k != "domains"}, "data")
+    def data_settings(self) -> DataConfig:
+        """The data section as a DataConfig (`train` the training sources), validated."""
+        if not self.data.get("train"):
+            raise ValueError("data.train must list the training sources")
+        return from_dict(DataConfig, {k: v for k, v in self.data.items() if k != "domains"}, "data")
 
     def expand(self) -> list["Run"]:
         keys = list(self.grid)
@@ -269,12 +245,12 @@ class Run:
         policy = {k: v for k, v in self.settings.items() if k in POLICY_FIELDS}
         return model, policy, {k: v for k, v in self.settings.items() if k not in model_keys | set(POLICY_FIELDS)}
 
+    def policy(self) -> RecursionPolicy:
+        return from_dict(RecursionPolicy, self.split_settings()[1], "run")
+
     def model_config(self, spec: SweepSpec) -> OuroborosConfig:
         model, _, _ = self.split_settings()
         return from_dict(OuroborosConfig, {**spec.split, "init_seed": self.seed_in(spec), **model}, "run")
-
-    def policy(self) -> RecursionPolicy:
-        return from_dict(RecursionPolicy, self.split_settings()[1], "run")
 
     def train_config(self, spec: SweepSpec, progress: bool = True) -> TrainConfig:
         _, _, train_settings = self.split_settings()
@@ -329,7 +305,7 @@ def modulation_spread(model, blocks: torch.Tensor, depth: int) -> dict | None:
             "per_step": ratios, "depth": depth}
 
 
-def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, ev: dict, runtime, progress: bool,
+def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, ev: SweepEvalConfig, runtime, progress: bool,
                      ref: dict, corpus) -> dict:
     """Full model and pruned baseline: once, on the same blocks as every run (cached in out/reference.json,
     keyed by those blocks: a split whose blocks changed is scored again)."""
@@ -342,7 +318,7 @@ def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, 
                                                    recurrent_lora=False, heal_layers=0, injection="none")
         model = OuroborosModel.from_base(base, plain)
         full = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
-        rep = evaluate(model, missing, depths=(), full_model=full, batch_size=ev["batch_size"], progress=progress,
+        rep = evaluate(model, missing, depths=(), full_model=full, batch_size=ev.batch_size, progress=progress,
                        runtime=runtime)
         ref.update({split: {r.model: r.loss for r in rows} for split, rows in rep.splits.items()})
         ref["tokens"].update(rep.tokens)
@@ -352,7 +328,7 @@ def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, 
     return ref
 
 
-def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, reference: dict, ev: dict, runtime,
+def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, reference: dict, ev: SweepEvalConfig, runtime,
             progress: bool) -> None:
     """Train (or resume) one run, evaluate it, and write result.json last (it marks the run done)."""
     cfg, tc = run.model_config(spec), run.train_config(spec, progress)
@@ -367,7 +343,7 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
     summary = train(model, corpus, rdir, tc, resume=resume, teacher=teacher)
     del teacher
     rep, spread = evaluate_run(model, splits, reference, ev, progress, runtime)
-    mod = capture_modulation(model, corpus.heldout[: ev["modulation_inputs"]], max(tc.depths))
+    mod = capture_modulation(model, corpus.heldout[: ev.modulation_inputs], max(tc.depths))
     if mod is not None:
         write_with(rdir / "modulation.pt", lambda f: torch.save(mod, f))
     result = {
@@ -384,20 +360,19 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
     write_json(rdir / RESULT, result)
 
 
-def evaluate_run(model, splits: dict, reference: dict, ev: dict, progress: bool, runtime):
+def evaluate_run(model, splits: dict, reference: dict, ev: SweepEvalConfig, progress: bool, runtime):
     """A trained run on `splits`: its eval report and the Controller's input dependence per split."""
     cfg = model.config
     known = {split: {k: reference[split][k] for k in ("full", "baseline")} for split in splits}
-    top = min(ev["exit_max_depth"], cfg.max_depth)
-    rep = evaluate(model, splits, depths=tuple(d for d in ev["depths"] if d <= cfg.max_depth),
-                   batch_size=ev["batch_size"], progress=progress, known=known, runtime=runtime,
-                   exit_rules=[(ExitRule(threshold=t), top) for t in ev["exit_thresholds"]])
-    spread = ({split: modulation_spread(model, blocks[: ev["modulation_inputs"]], model.policy.default_depth)
+    rep = evaluate(model, splits, depths=tuple(d for d in ev.depths if d <= cfg.max_depth),
+                   batch_size=ev.batch_size, progress=progress, known=known, runtime=runtime,
+                   exit_rules=[(rule, min(top, cfg.max_depth)) for rule, top in ev.exit_rules()])
+    spread = ({split: modulation_spread(model, blocks[: ev.modulation_inputs], model.policy.default_depth)
                for split, blocks in splits.items()} if model.recurrent.controller is not None else None)
     return rep, spread
 
 
-def extend_run(spec: SweepSpec, rdir: Path, splits: dict, reference: dict, ev: dict, runtime, progress: bool) -> list[str]:
+def extend_run(spec: SweepSpec, rdir: Path, splits: dict, reference: dict, ev: SweepEvalConfig, runtime, progress: bool) -> list[str]:
     """A finished run evaluated on the splits its result.json lacks (added to the spec since) or scored
     on other blocks than now (`stale_splits`), from its saved adapter, without training; result.json is
     rewritten with them (the other numbers unchanged)."""
@@ -447,12 +422,12 @@ def sweep_corpus(spec: SweepSpec, runtime):
     data = spec.data_settings()
     seq_len = data.seq_len or runtime.default_seq_len
     tokenizer = load_tokenizer(spec.base)
-    corpus = build_corpus(spec.sources("train"), tokenizer, seq_len, heldout=spec.sources("heldout"),
-                          heldout_fraction=data.heldout_fraction, seed=spec.seed, text_field=data.text_field)
+    data = dataclasses.replace(data, train=tuple(spec.sources("train")), heldout=spec.sources("heldout"))
+    corpus = data.corpus(tokenizer, runtime.default_seq_len, seed=spec.seed)
     ev = spec.eval_settings()
-    splits = corpus.eval_splits(min(ev["blocks"], corpus.train.shape[0], corpus.heldout.shape[0]), spec.seed + 1)
+    splits = corpus.eval_splits(min(ev.blocks, corpus.train.shape[0], corpus.heldout.shape[0]), spec.seed + 1)
     for name, sources in spec.domain_sources().items():
-        splits[name] = domain_blocks(sources, tokenizer, seq_len, ev["blocks"], spec.seed + 1, data.text_field)
+        splits[name] = domain_blocks(sources, tokenizer, seq_len, ev.blocks, spec.seed + 1, data.text_field)
     return corpus, splits, ev
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import read_json, write_json
+from ouroboros_lm.atomic import read_json, write_json
 
 REFERENCE = "reference.json"
 RESULT = "result.json"

