@@ -1,22 +1,26 @@
-"""This round's activation-memory changes, each reverted in turn: training-step time and saved bytes.
+"""What the fused ops (`ouroboros_lm.ops`) buy in a whole training step: time and bytes saved for backward,
+with every op fused, every op in its reference form, and each op in turn in its reference form, all
+through the package's own switch (`ops.reference(name)`), side by side in one run.
 
-Variants (the old implementations are restated here and patched in):
+Variants:
 
-    new            everything as in the package now
-    old            all five changes reverted (the code before this round)
-    -loss          the LM head + loss as before: lm_head(norm(h)) and F.cross_entropy(logits.float())
-    -rmsnorm       RMSNorm by autograd of the plain ops (a float32 copy of x and the normalised product saved)
-    -swiglu        act_fn(g) * u by autograd (silu(g) saved as well)
-    -gate          the gate casting h_new/h_old to float32 first and using lerp under autograd
-    -pool          the Controller's prefix-mean pooling and RMSNorm as separate ops (the float32 means saved)
+    fused                   everything as the package runs it
+    reference               every op in its reference form (what OUROBOROS_FUSED=0 runs)
+    -rms_norm               RMSNorm by autograd of the plain ops (a float32 copy of x and the normalised product saved)
+    -swiglu                 silu(g) * u by autograd (silu(g) saved as well)
+    -gate_mix               the gate's mix by autograd (the states' float32 copies and g saved)
+    -prefix_mean_rms_norm   the Controller's prefix-mean pooling and norm by autograd (the float32 means saved)
+    -chunked_head_loss      the LM head's loss from the full float32 logits (their log-softmax saved)
+    -chunked_kl             (with --distill) the KL to a teacher from the full logits of both heads
 
-A training step = forward + backward at `--depth` (SmolLM2 shapes, random weights, no
-checkpointing), median of `--repeats` in CPU seconds of the process (time.process_time: a shared machine's
-time slicing does not count), all variants interleaved in one run, each timed call right
-after an untimed one. Saved bytes: storages saved for backward at depth 1 and depth 2 that are freed
-after the step (as /work/shared/bench/saved_bytes.py counts them).
+A training step = forward + backward at `--depth` (SmolLM2 shapes, random weights, no checkpointing;
+`--distill`: plus a KL term to random teacher states through the same LM head), median of `--repeats`
+in CPU seconds of the process (time.process_time: a shared machine's time slicing does not count), all
+variants interleaved in one run, each timed call right after an untimed one. Saved bytes: storages saved
+for backward at depth 1 and depth 2 that are freed after the step (as ../shared/bench/saved_bytes.py
+counts them).
 
-    python bench/saved_changes.py [--dtype bfloat16] [--batch-size 1 --seq-len 256 --depth 4]
+    python bench/saved_changes.py [--dtype bfloat16] [--batch-size 1 --seq-len 256 --depth 4] [--distill]
 """
 from __future__ import annotations
 
@@ -28,58 +32,27 @@ import time
 
 import torch
 
-import ouroboros_lm.controller as controller_mod
-import ouroboros_lm.layers as layers_mod
 from common import autocast, random_base
+<<<<<<< HEAD
 from ouroboros_lm import OuroborosConfig, OuroborosModel, StepTraining
 from ouroboros_lm.controller import Controller, pool
 from ouroboros_lm.loss import OuroborosOutput, causal_lm_loss
 from ouroboros_lm.model import OuroborosModel as _M
 from ouroboros_lm.recurrence import RecurrenceGate
+=======
+from ouroboros_lm import OuroborosConfig, OuroborosModel, ops
+from ouroboros_lm.loss import Teacher
+>>>>>>> wip/ops
 
 
-def old_rms_norm(x, weight, eps):
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+def variants(distill: bool) -> dict[str, tuple[str, ...]]:
+    """Variant name -> the ops in reference form."""
+    used = [n for n in ops.FUSED_OPS if distill or n != "chunked_kl"]
+    return {"fused": (), "reference": ops.FUSED_OPS, **{f"-{n}": (n,) for n in used}}
 
 
-def old_gate_forward(self, h_new, h_old):
-    out_dtype, dt = h_new.dtype, self.bias.dtype
-    h_new, h_old = h_new.to(dt), h_old.to(dt)
-    z = torch.addmm(torch.addmm(self.bias, h_new.flatten(0, -2), self.weight_new.t()), h_old.flatten(0, -2), self.weight_old.t())
-    g = torch.sigmoid(z.to(dt)).view_as(h_new)
-    return torch.lerp(h_old, h_new, g).to(out_dtype)
-
-
-def old_head(self, h, labels=None):
-    logits = self.lm_head(self.norm(h))
-    return OuroborosOutput(causal_lm_loss(logits, labels) if labels is not None else None, logits)
-
-
-PATCHES = {
-    "loss": [(_M, "head", old_head)],
-    "rmsnorm": [(layers_mod, "rms_norm", old_rms_norm), (controller_mod, "rms_norm", old_rms_norm)],
-    "swiglu": [(layers_mod, "gated_activation", lambda act, g, u: act(g) * u)],
-    "gate": [(RecurrenceGate, "forward", old_gate_forward)],
-    "pool": [(Controller, "from_hidden", lambda self, h, step, pooling, mask=None, state=None: self(pool(h, pooling, mask, state), step))],
-}
-VARIANTS = {"new": [], "old": list(PATCHES), **{f"-{k}": [k] for k in PATCHES}}
-
-
-@contextlib.contextmanager
-def reverted(names):
-    saved = []
-    for n in names:
-        for obj, attr, fn in PATCHES[n]:
-            saved.append((obj, attr, getattr(obj, attr)))
-            setattr(obj, attr, fn)
-    try:
-        yield
-    finally:
-        for obj, attr, fn in reversed(saved):
-            setattr(obj, attr, fn)
+def switch(names: tuple[str, ...]):
+    return ops.reference(*names) if names else ops.fused()
 
 
 def main():
@@ -90,6 +63,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--distill", action="store_true", help="add a KL term to a teacher (exercises chunked_kl)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -101,10 +75,15 @@ def main():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.01)
     ids = torch.randint(0, 49152, (args.batch_size, args.seq_len))
+    teacher = Teacher(torch.randn(*ids.shape, model.lm_head.weight.shape[1], dtype=dtype), model.logits_of, lm_head=model.lm_head) if args.distill else None
 
     def step(depth, hooks=None):
         with autocast("cpu", dtype), (hooks or contextlib.nullcontext()):
+<<<<<<< HEAD
             loss = model(ids, labels=ids, depth=depth, training=StepTraining("never")).loss
+=======
+            loss = model(ids, labels=ids, depth=depth, teacher=teacher).loss
+>>>>>>> wip/ops
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -120,28 +99,32 @@ def main():
         alive = {o.untyped_storage().data_ptr() for o in gc.get_objects() if torch.is_tensor(o)}
         return sum(n for p, n in saved.items() if p not in alive)
 
+    table = variants(args.distill)
     step(1)
     mem = {}
-    for v, names in VARIANTS.items():
-        with reverted(names):
+    for v, names in table.items():
+        with switch(names):
             mem[v] = (saved_bytes(1), saved_bytes(2))
-    times = {v: [] for v in VARIANTS}
+    times = {v: [] for v in table}
     for _ in range(args.repeats):
-        for v, names in VARIANTS.items():
-            with reverted(names):
+        for v, names in table.items():
+            with switch(names):
                 step(args.depth)
                 t0 = time.process_time()
                 step(args.depth)
                 times[v].append(time.process_time() - t0)
     med = {v: statistics.median(t) for v, t in times.items()}
     mb = 2 ** 20
-    print(f"SmolLM2 shapes, {args.batch_size} x {args.seq_len}, {args.dtype}, training step at depth {args.depth}, "
-          f"median of {args.repeats} (interleaved), {args.threads} thread(s), CPU seconds of the process (robust to a shared machine)")
-    print("| variant | step s | x new | saved MiB, depth 1 | per step (depth 2 - 1) |")
-    print("|---|---:|---:|---:|---:|")
-    for v in VARIANTS:
+    print(f"SmolLM2 shapes, {args.batch_size} x {args.seq_len}, {args.dtype}{', distillation' if args.distill else ''}, "
+          f"training step at depth {args.depth}, median of {args.repeats} (interleaved), {args.threads} thread(s), "
+          "CPU seconds of the process (robust to a shared machine)")
+    print("| variant | step s | x fused | saved MiB, depth 1 | x fused | per step (depth 2 - 1) | x fused |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    f1, f2 = mem["fused"]
+    for v in table:
         d1, d2 = mem[v]
-        print(f"| {v} | {med[v]:.3f} | {med[v] / med['new']:.3f} | {d1 / mb:.1f} | {(d2 - d1) / mb:.2f} |")
+        print(f"| {v} | {med[v]:.3f} | {med[v] / med['fused']:.3f} | {d1 / mb:.1f} | {d1 / f1:.2f} | {(d2 - d1) / mb:.2f} | "
+              f"{(d2 - d1) / (f2 - f1):.2f} |")
 
 
 if __name__ == "__main__":

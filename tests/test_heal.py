@@ -208,7 +208,7 @@ def test_evaluation_rows_carry_layer_passes(tokens):
 
 @pytest.mark.parametrize("chunk", [5, 1000])
 def test_fused_distill_loss_equals_the_checkpointed_form_and_its_gradient(chunk):
-    """With plain linear heads the KL and its gradient are formed in one pass (`_ChunkedKL`); they equal
+    """With plain linear heads the KL and its gradient are formed in one pass (`ops.chunked_kl`); they equal
     the plain KL of the two models' logits, and the checkpointed chunks used for other heads."""
     torch.manual_seed(0)
     head, t_head = (torch.nn.Linear(16, 40, bias=True).double().requires_grad_(False) for _ in range(2))

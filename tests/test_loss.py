@@ -1,5 +1,5 @@
-"""The chunked LM-head loss and the memory-saving autograd functions (RMSNorm, SwiGLU, gate mix)
-against independent computations: float64, written out term by term, gradients by autograd."""
+"""The chunked LM-head loss against independent computations: float64, written out term by term,
+gradients by autograd. (The fused autograd functions against their references: `test_ops.py`.)"""
 from __future__ import annotations
 
 import pytest
@@ -8,9 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TINY, randomize_trainables, tiny_ouroboros
-from ouroboros_lm.layers import _RMSNorm, _SwiGLU, rms_norm
 from ouroboros_lm.loss import OuroborosOutput, causal_lm_loss, head_loss
-from ouroboros_lm.recurrence import _GateMix
 
 
 def reference_loss(hidden, weight, bias, labels):
@@ -127,59 +125,3 @@ def test_logits_are_lazy_and_follow_the_forward_modes(tokens):
     out = model.train()(tokens, labels=tokens, depth=2)
     assert [f.name for f in dataclasses.fields(out)] == ["loss", "steps", "states", "step_losses", "ce_loss", "kl_loss"]
     assert [t is out.loss for t in _find_tensors(out)] == [True] and callable(out.logits_or_thunk)
-
-
-def test_rms_norm_function_matches_autograd_of_the_plain_ops():
-    g = torch.Generator().manual_seed(3)
-    for x_dtype, w_dtype in ((torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
-        x = torch.randn(2, 5, 12, generator=g).to(x_dtype).requires_grad_(True)
-        w = (1 + 0.1 * torch.randn(12, generator=g)).to(w_dtype).requires_grad_(True)
-        gy = torch.randn(2, 5, 12, generator=g)
-        y = _RMSNorm.apply(x, w, 1e-6)
-        x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
-        h = x2.to(torch.float32)  # float32 statistics, as Hugging Face (even for a float64 x)
-        y2 = w2 * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x_dtype)
-        assert y.dtype == y2.dtype and torch.equal(y, y2)
-        torch.autograd.backward(y, gy.to(y.dtype))
-        torch.autograd.backward(y2, gy.to(y2.dtype))
-        tol = dict(atol=1e-5, rtol=1e-4) if x_dtype != torch.bfloat16 else dict(atol=2e-2, rtol=2e-2)
-        torch.testing.assert_close(x.grad, x2.grad, **tol)
-        torch.testing.assert_close(w.grad, w2.grad, **tol)
-    with torch.no_grad():  # the plain path, same values
-        assert torch.equal(rms_norm(x, w, 1e-6), y)
-
-
-def test_swiglu_and_gate_mix_match_autograd_of_the_plain_ops():
-    g = torch.Generator().manual_seed(4)
-    a = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    z = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: _SwiGLU.apply(a, b), (a, b))
-    assert torch.autograd.gradcheck(lambda z, a, b: _GateMix.apply(z, a, b, torch.float64), (z, a, b))
-    torch.testing.assert_close(_SwiGLU.apply(a, b), F.silu(a) * b)
-    torch.testing.assert_close(_GateMix.apply(z, a, b, torch.float64), torch.sigmoid(z) * a + (1 - torch.sigmoid(z)) * b)
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_prefix_mean_norm_function_matches_pool_then_rms_norm(masked):
-    from ouroboros_lm.controller import Controller, pool
-
-    g = torch.Generator().manual_seed(5)
-    ctrl = Controller(12, 10, 6, 4, 8)
-    with torch.no_grad():
-        ctrl.head.weight.normal_(generator=g)
-        ctrl.norm_weight.add_(0.1 * torch.randn(12, generator=g))
-    h = torch.randn(2, 9, 12, generator=g)
-    mask = torch.ones(2, 9, dtype=torch.long)
-    if masked:
-        mask[1, :3] = 0
-    m = mask if masked else None
-    h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
-    a = ctrl.from_hidden(h1, 2, "prefix_mean", m)
-    b = ctrl(pool(h2, "prefix_mean", m), 2)
-    assert torch.equal(a, b)
-    gy = torch.randn(a.shape, generator=g)
-    ga = torch.autograd.grad(a, [h1, ctrl.norm_weight], gy)
-    gb = torch.autograd.grad(b, [h2, ctrl.norm_weight], gy)
-    for x, y in zip(ga, gb):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)

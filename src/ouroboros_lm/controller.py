@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TARGETS
-from .layers import rms_normalize, rms_norm
+from .ops import grad_needed, prefix_mean_rms_norm, prefix_sums, rms_norm
 
 
 class PoolState:
@@ -42,18 +42,9 @@ def pool(h: torch.Tensor, mode: str, mask: torch.Tensor | None = None, state: Po
         return h.float()
     if mode == "mean_and_token":
         return torch.cat([pool(h, "prefix_mean", mask, state), h.float()], dim=-1)
-    if mask is None:  # every position is a real token: no masking pass, counts are 1..T
-        hm = h.float()
-        m = None
-    else:
-        m = mask.to(h.device, torch.float32)
-        hm = h.float() * m.unsqueeze(-1)
+    m = None if mask is None else mask.to(h.device, torch.float32)  # None: every position is a real token
     if mode == "prefix_mean":
-        sums = hm.cumsum(dim=1)
-        if m is None:
-            counts = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=torch.float32).expand(h.shape[:2])
-        else:
-            counts = m.cumsum(dim=1)
+        sums, counts = prefix_sums(h, m)
         if state is not None:
             if state.sum is not None:
                 sums = sums + state.sum.unsqueeze(1)
@@ -66,46 +57,11 @@ def pool(h: torch.Tensor, mode: str, mask: torch.Tensor | None = None, state: Po
                 "pooling='sequence_mean' is not causal (every position reads the whole sequence, "
                 "future tokens included), so it cannot be decoded incrementally"
             )
+        hm = h.float() if m is None else h.float() * m.unsqueeze(-1)
         n = torch.full(h.shape[:1], h.shape[1], device=h.device, dtype=torch.float32) if m is None else m.sum(dim=1)
         mean = hm.sum(dim=1) / n.clamp(min=1.0).unsqueeze(-1)
         return mean.unsqueeze(1).expand_as(hm)
     raise ValueError(f"unknown pooling {mode!r}")
-
-
-class _PrefixMeanRMSNorm(torch.autograd.Function):
-    """weight * rms_norm(prefix mean of h) (pooling "prefix_mean" followed by the Controller's
-    norm), saving h and the [.., 1] rsqrt for the backward pass instead of the float32 means
-    (a fresh [B, T, H] float32 tensor); the backward recomputes them (one cumsum)."""
-
-    @staticmethod
-    def means(h, m):
-        if m is None:
-            counts = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=torch.float32).expand(h.shape[:2])
-            return h.float().cumsum(dim=1), counts.clamp(min=1.0).unsqueeze(-1)
-        return (h.float() * m.unsqueeze(-1)).cumsum(dim=1), m.cumsum(dim=1).clamp(min=1.0).unsqueeze(-1)
-
-    @staticmethod
-    def forward(ctx, h, m, weight, eps):
-        sums, counts = _PrefixMeanRMSNorm.means(h, m)
-        n, r = rms_normalize(sums / counts, eps)
-        ctx.save_for_backward(h, m, weight, r)
-        return weight * n
-
-    @staticmethod
-    def backward(ctx, gy):
-        h, m, weight, r = ctx.saved_tensors
-        sums, counts = _PrefixMeanRMSNorm.means(h, m)
-        n = (sums / counts) * r
-        gw = (gy * n).sum_to_size(weight.shape) if ctx.needs_input_grad[2] else None
-        gh = None
-        if ctx.needs_input_grad[0]:
-            gn = gy * weight
-            gs = r * (gn - n * (gn * n).mean(-1, keepdim=True)) / counts
-            gh = gs.flip(1).cumsum(dim=1).flip(1)  # the cumsum's backward: a reversed cumsum
-            if m is not None:
-                gh = gh * m.unsqueeze(-1)
-            gh = gh.to(h.dtype)
-        return gh, None, gw, None
 
 
 class Controller(nn.Module):
@@ -136,13 +92,13 @@ class Controller(nn.Module):
         return self._mlp(torch.cat([rms_norm(v, w, 1e-6) for v, w in parts], dim=-1), step)
 
     def from_hidden(self, h: torch.Tensor, step: int, pooling: str, mask=None, state: PoolState | None = None) -> torch.Tensor:
-        """forward(pool(h, pooling, mask, state), step); while training with prefix-mean pooling,
-        without keeping the float32 means for the backward pass (`_PrefixMeanRMSNorm`)."""
+        """forward(pool(h, pooling, mask, state), step); while training with prefix-mean pooling (and a
+        float32 norm weight), through `ops.prefix_mean_rms_norm`, which does not keep the float32 means for
+        the backward pass. (Without a gradient it calls forward itself, so forward hooks see every step.)"""
         w = self.norm_weight
-        if pooling == "prefix_mean" and state is None and w.dtype == torch.float32 and torch.is_grad_enabled() \
-                and (h.requires_grad or w.requires_grad):
+        if pooling == "prefix_mean" and state is None and w.dtype == torch.float32 and grad_needed(h, w):
             m = None if mask is None else mask.to(h.device, torch.float32)
-            return self._mlp(_PrefixMeanRMSNorm.apply(h, m, w, 1e-6), step)
+            return self._mlp(prefix_mean_rms_norm(h, m, w, 1e-6), step)
         return self(pool(h, pooling, mask, state), step)
 
     def _mlp(self, x: torch.Tensor, step: int) -> torch.Tensor:

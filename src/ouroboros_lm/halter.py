@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .exits import relative_change
-from .layers import rms_norm
+from .ops import rms_norm
 
 
 class Halter(nn.Module):

@@ -10,7 +10,9 @@ module's weights and compute the layer here, so that
 * every layer, prelude and coda included, can read and extend a key/value cache that we own
   (generation keeps one per recurrence step).
 
-`tests/test_core.py` checks that this equals Hugging Face's own forward.
+Its RMSNorm and SwiGLU are `ops.rms_norm` and `ops.swiglu` (hand-written backward passes that save
+less; `ops.reference()` switches them off). `tests/test_core.py` checks that this equals Hugging Face's
+own forward.
 """
 from __future__ import annotations
 
@@ -22,68 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .families import generic_decoder_layer, is_generic, rotary_tables
+from .ops import rms_norm, swiglu
 from .projections import PROJECTIONS, get_projection, projection_modules  # noqa: F401 (the seven-projection view)
 
 
-def rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    h = x.to(torch.float32)
-    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return h * r, r
-
-
-class _RMSNorm(torch.autograd.Function):
-    """weight * rms_norm(x), saving only x and the rsqrt (autograd of the plain ops would keep a
-    float32 copy of x and the normalised product as well); the backward recomputes x * rsqrt."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        n, r = rms_normalize(x, eps)
-        ctx.save_for_backward(x, weight, r)
-        return weight * n.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, r = ctx.saved_tensors
-        n = x.to(torch.float32) * r
-        gx = gw = None
-        if ctx.needs_input_grad[1]:
-            gw = (gy * n.to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            gn = (gy * weight).to(x.dtype).to(torch.float32)
-            gx = (r * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
-        return gx, gw, None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm exactly as Hugging Face's Llama/Qwen do it (float32 statistics). When a gradient
-    is needed it keeps only x and the [.., 1] rsqrt for the backward pass (`_RMSNorm`)."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _RMSNorm.apply(x, weight, eps)
-    n, _ = rms_normalize(x, eps)
-    return weight * n.to(x.dtype)
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(g) * u saving g and u only (autograd of the two ops also keeps silu(g))."""
-
-    @staticmethod
-    def forward(ctx, g, u):
-        ctx.save_for_backward(g, u)
-        return F.silu(g) * u
-
-    @staticmethod
-    def backward(ctx, go):
-        g, u = ctx.saved_tensors  # the same kernels as autograd of the two ops, silu(g) recomputed
-        gg = torch.ops.aten.silu_backward(go * u, g) if ctx.needs_input_grad[0] else None
-        gu = go * F.silu(g) if ctx.needs_input_grad[1] else None
-        return gg, gu
-
-
 def gated_activation(act_fn: nn.Module, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """act_fn(g) * u, the gated MLP's product (`_SwiGLU` for SiLU when a gradient is needed)."""
-    if type(act_fn).__name__ in ("SiLU", "SiLUActivation") and torch.is_grad_enabled() and (g.requires_grad or u.requires_grad) \
-            and g.dtype == u.dtype:
-        return _SwiGLU.apply(g, u)
+    """act_fn(g) * u, the gated MLP's product (`ops.swiglu` for SiLU)."""
+    if type(act_fn).__name__ in ("SiLU", "SiLUActivation"):
+        return swiglu(g, u)
     return act_fn(g) * u
 
 

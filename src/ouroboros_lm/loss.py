@@ -16,6 +16,9 @@ the same precision as the plain form's (the chunk's logits are the lm_head's own
 `distill_loss` is the KL to a teacher's next-token distribution (distillation from the full model),
 chunked the same way.
 
+The two chunked autograd functions live in `ops.py` (`ops.chunked_head_loss`, `ops.chunked_kl`),
+each beside its full-logits reference; `ops.reference()` switches them (and the other fused ops) off.
+
 `OuroborosOutput.logits` is computed on first access (`lazy_logits`), in the grad and autocast
 mode of the forward that produced it: a training step that reads only `.loss` never materialises
 the [batch, seq, vocab] logits at all.
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from .ops import IGNORE, chunked_head_loss, chunked_kl, kl_sum
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -62,53 +65,6 @@ def default_chunk(vocab_size: int) -> int:
     return max(128, (1 << 23) // max(vocab_size, 1))
 
 
-class _SavedGradient(torch.autograd.Function):
-    """A loss whose forward also computes its gradient with respect to its first input (the hidden
-    states) and saves only that: the backward just scales it by the incoming gradient."""
-
-    @staticmethod
-    def finish(ctx, loss: torch.Tensor, grad: torch.Tensor | None, n_inputs: int) -> torch.Tensor:
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        ctx.n_inputs = n_inputs
-        return loss
-
-    @staticmethod
-    def backward(ctx, go):
-        (grad,) = ctx.saved_tensors
-        return ((grad.float() * go).to(grad.dtype),) + (None,) * (ctx.n_inputs - 1)
-
-
-class _ChunkedHeadLoss(_SavedGradient):
-    """sum over tokens of CE(hidden @ W^T + b, target) / n_valid, in chunks of `chunk` tokens.
-
-    With `need_grad`, the forward also computes d loss / d hidden and saves only that."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, need_grad):
-        N = hidden.shape[0]
-        valid = targets != IGNORE
-        n_valid = valid.sum()
-        total = hidden.new_zeros((), dtype=torch.float32)
-        grad = torch.empty_like(hidden) if need_grad else None
-        w_mm = None
-        for i in range(0, N, chunk):
-            h, t, v = hidden[i : i + chunk], targets[i : i + chunk], valid[i : i + chunk]
-            logits = F.linear(h, weight, bias)  # as the plain form: under autocast, in its dtype
-            lf = logits.float()
-            lse = torch.logsumexp(lf, dim=-1)
-            tl = lf.gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            total = total + torch.where(v, lse - tl, 0.0).sum()
-            if need_grad:
-                if w_mm is None:
-                    w_mm = weight.to(logits.dtype)  # the weight the forward product used (autocast's cast)
-                p = torch.exp(lf.sub_(lse.unsqueeze(-1)))  # softmax, in place of the upcast logits
-                p.scatter_add_(-1, t.clamp(min=0).unsqueeze(-1), -torch.ones_like(tl).unsqueeze(-1))
-                p.mul_(v.unsqueeze(-1) / n_valid)
-                grad[i : i + chunk] = (p.to(logits.dtype) @ w_mm).to(hidden.dtype)
-        return _SavedGradient.finish(ctx, total / n_valid, grad, n_inputs=6)
-
-
 def head_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """`causal_lm_loss(lm_head(hidden), labels)` without the full logits (see the module's doc).
 
@@ -120,8 +76,7 @@ def head_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, ch
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return causal_lm_loss(lm_head(hidden), labels)
     targets = shift_labels(labels.to(hidden.device)).reshape(-1)
-    need_grad = torch.is_grad_enabled() and hidden.requires_grad
-    return _ChunkedHeadLoss.apply(hidden.flatten(0, -2), weight, bias, targets, chunk or default_chunk(weight.shape[0]), need_grad)
+    return chunked_head_loss(hidden.flatten(0, -2), weight, bias, targets, chunk or default_chunk(weight.shape[0]))
 
 
 @dataclass
@@ -137,35 +92,11 @@ class Teacher:
     lm_head: nn.Linear | None = None  # when `logits` is this plain linear head (the fused path below)
 
 
-class _ChunkedKL(_SavedGradient):
-    """sum over the valid positions of KL(softmax(t Wt^T + bt) || softmax(h W^T + b)) / n_valid, chunk by
-    chunk; with `need_grad` the forward also computes d/dh = ((softmax_s - softmax_t) / n) @ W and saves
-    only that, so each chunk costs three head products and none is recomputed in the backward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, t_weight, t_bias, valid, chunk, need_grad):
-        n_valid = valid.sum().clamp(min=1)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        grad = torch.empty_like(hidden) if need_grad else None
-        for i in range(0, hidden.shape[0], chunk):
-            h, v = hidden[i : i + chunk], valid[i : i + chunk]
-            logits = F.linear(h, weight, bias)
-            ls = F.log_softmax(logits.float(), dim=-1)
-            lt = F.log_softmax(F.linear(teacher[i : i + chunk], t_weight, t_bias).float(), dim=-1)
-            pt = lt.exp()
-            total = total + torch.where(v, (pt * (lt - ls)).sum(-1), 0.0).sum()
-            if need_grad:
-                g = ls.exp_().sub_(pt).mul_(v.unsqueeze(-1) / n_valid)  # softmax_s - softmax_t, in place
-                grad[i : i + chunk] = (g.to(logits.dtype) @ weight.to(logits.dtype)).to(hidden.dtype)
-        return _SavedGradient.finish(ctx, total / n_valid, grad, n_inputs=9)
-
-
 def kl_chunk(h, t, valid, student_logits, teacher_logits) -> torch.Tensor:
     """Sum over the chunk's scored positions of KL(softmax(teacher) || softmax(student)), in float32."""
-    s = F.log_softmax(student_logits(h).float(), dim=-1)
     with torch.no_grad():
-        lt = F.log_softmax(teacher_logits(t).float(), dim=-1)
-    return torch.where(valid, (lt.exp() * (lt - s)).sum(-1), 0.0).sum()
+        t_logits = teacher_logits(t)
+    return kl_sum(student_logits(h), t_logits, valid)
 
 
 def distill_loss(hidden: torch.Tensor, student_logits, teacher: Teacher, labels: torch.Tensor,
@@ -174,15 +105,14 @@ def distill_loss(hidden: torch.Tensor, student_logits, teacher: Teacher, labels:
 
     Chunk by chunk over the tokens: a chunk's [chunk, vocab] float32 tensors exist only while it is
     computed, never the whole sequence's. When both heads are plain frozen linear layers (`lm_head`,
-    `teacher.lm_head`) the gradient is formed in the same pass (`_ChunkedKL`); otherwise (heads that
+    `teacher.lm_head`) the gradient is formed in the same pass (`ops.chunked_kl`); otherwise (heads that
     scale or soft-cap their logits) each chunk is checkpointed and recomputed for its gradient."""
     valid = (shift_labels(labels.to(hidden.device)) != IGNORE).reshape(-1)
     h, t = hidden.flatten(0, -2), teacher.hidden.to(hidden.device).flatten(0, -2)
     grad = torch.is_grad_enabled() and h.requires_grad
     if lm_head is not None and teacher.lm_head is not None and not lm_head.weight.requires_grad:
         th = teacher.lm_head
-        return _ChunkedKL.apply(h, lm_head.weight, lm_head.bias, t.to(th.weight.device), th.weight, th.bias,
-                                valid, chunk, grad)
+        return chunked_kl(h, lm_head.weight, lm_head.bias, t.to(th.weight.device), th.weight, th.bias, valid, chunk)
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
         args = (h[i : i + chunk], t[i : i + chunk], valid[i : i + chunk], student_logits, teacher.logits)

@@ -17,10 +17,11 @@ from .config import OuroborosConfig
 from .exits import ExitRule, TokenExits
 from .families import OWN_HEAD_TYPES, final_logits, scale_embeddings
 from .generate import generate as generate_tokens
-from .layers import AttentionContext, KVSlot, build_context, decoder_layer, get_projection, layer_window, rms_norm
+from .layers import AttentionContext, KVSlot, build_context, decoder_layer, get_projection, layer_window
 from .loss import (OuroborosOutput, Teacher, causal_lm_loss, default_chunk, distill_loss, head_loss, lazy_logits,
                    token_losses)
 from .memory import check_trainable_size
+from .ops import rms_norm
 from .policy import RecursionPolicy
 from .recurrence import NO_TRAINING, RecurrentBlock, StepTraining
 from .surgery import check_architecture, kept_fingerprints, split_layers

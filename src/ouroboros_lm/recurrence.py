@@ -28,29 +28,8 @@ from .halter import Halter
 from .layers import AttentionContext, KVSlot, decoder_layer
 from .lora import SVDLoRABases
 from .memory import activations_fit, step_activation_bytes
+from .ops import gate_mix
 from .policy import RecursionPolicy
-
-class _GateMix(torch.autograd.Function):
-    """lerp(h_old, h_new, sigmoid(z)) computed in `dt`, saving z, h_new and h_old as they are (in
-    their own, possibly bf16, precision; h_new and h_old are kept anyway for W_g's gradient)
-    instead of float32 copies of the states and of g."""
-
-    @staticmethod
-    def forward(ctx, z, h_new, h_old, dt):
-        ctx.save_for_backward(z, h_new, h_old)
-        ctx.dt = dt
-        g = torch.sigmoid(z.to(dt))
-        return torch.lerp(h_old.to(dt), h_new.to(dt), g).to(h_new.dtype)  # g*h_new + (1-g)*h_old
-
-    @staticmethod
-    def backward(ctx, go):
-        z, h_new, h_old = ctx.saved_tensors
-        dt = ctx.dt
-        g = torch.sigmoid(z.to(dt))
-        go = go.to(dt)
-        g_new = go * g
-        gz = (go * (h_new.to(dt) - h_old.to(dt)) * g * (1 - g)).to(z.dtype)
-        return gz, g_new.to(h_new.dtype), (go - g_new).to(h_old.dtype), None
 
 
 class RecurrenceGate(nn.Module):
@@ -77,7 +56,7 @@ class RecurrenceGate(nn.Module):
             a, b = a.to(dt), b.to(dt)  # (under autocast the matmuls cast, and these copies would be saved)
         # F.linear on the leaf parameters, so autocast casts each weight once per forward, not once per step
         z = F.linear(a, self.weight_new, self.bias) + F.linear(b, self.weight_old)
-        return _GateMix.apply(z, h_new, h_old, dt)
+        return gate_mix(z, h_new, h_old, dt)  # saving z and the states as they are (`ops.gate_mix`)
 
     def joined(self) -> dict[str, torch.Tensor]:
         """{"proj.weight": W_g (H x 2H), "proj.bias": b_g}: the gate as the spec (and files) write it."""
