@@ -76,6 +76,7 @@ class _SavedGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, go):
         (grad,) = ctx.saved_tensors
+        go = go.reshape(go.shape + (1,) * (grad.dim() - go.dim()))  # a scalar loss, or one loss per token
         return ((grad.float() * go).to(grad.dtype),) + (None,) * (ctx.n_inputs - 1)
 
 
@@ -122,6 +123,43 @@ def head_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, ch
     targets = shift_labels(labels.to(hidden.device)).reshape(-1)
     need_grad = torch.is_grad_enabled() and hidden.requires_grad
     return _ChunkedHeadLoss.apply(hidden.flatten(0, -2), weight, bias, targets, chunk or default_chunk(weight.shape[0]), need_grad)
+
+
+class _ChunkedTokenLosses(_SavedGradient):
+    """CE(hidden @ W^T + b, target) of each token [N] (0 where the target is ignored), in chunks of
+    `chunk` tokens; with `need_grad` the forward also computes each token's d loss_t / d hidden_t
+    ((softmax - onehot) @ W: a token's loss depends on its own hidden state only) and saves only that,
+    so a per-token loss costs what the mean one does (`_ChunkedHeadLoss`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, need_grad):
+        losses = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        grad = torch.empty_like(hidden) if need_grad else None
+        for i in range(0, hidden.shape[0], chunk):
+            part = slice(i, i + chunk)
+            logits = F.linear(hidden[part], weight, bias)  # under autocast, in its dtype (as the plain form)
+            scores = logits.float()
+            losses[part] = F.cross_entropy(scores, targets[part], ignore_index=IGNORE, reduction="none")
+            if need_grad:
+                scored = (targets[part] != IGNORE).unsqueeze(-1)
+                p = scores.softmax(-1)
+                p.scatter_add_(-1, targets[part].clamp(min=0).unsqueeze(-1), -torch.ones_like(p[:, :1]))
+                p.mul_(scored)
+                grad[part] = (p.to(logits.dtype) @ weight.to(logits.dtype)).to(hidden.dtype)
+        return _SavedGradient.finish(ctx, losses, grad, n_inputs=6)
+
+
+def head_token_losses(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """`token_losses(lm_head(hidden), labels)` [..., T] without the full logits, chunked as `head_loss`
+    (and, like it, the plain form when the LM head itself is trained)."""
+    weight, bias = lm_head.weight, lm_head.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return token_losses(lm_head(hidden), labels)
+    targets = shift_labels(labels.to(hidden.device)).reshape(-1)
+    need_grad = torch.is_grad_enabled() and hidden.requires_grad
+    flat = _ChunkedTokenLosses.apply(hidden.flatten(0, -2), weight, bias, targets,
+                                     chunk or default_chunk(weight.shape[0]), need_grad)
+    return flat.view(labels.shape)
 
 
 @dataclass
@@ -208,9 +246,10 @@ def lazy_logits(hidden: torch.Tensor, lm_head: nn.Module) -> Callable[[], torch.
 @dataclass(init=False, eq=False)
 class OuroborosOutput:
     """loss (None without labels), logits [batch, seq, vocab]; under adaptive exit, steps [B, T]
-    (the recurrence steps each position ran); with per_step, states (the recurrence's state before
-    step 1 and after each step) and step_losses [depth, B, T] (each position's loss had the
-    recursion stopped after each step).
+    (the recurrence steps each position ran); with `readout_steps` (K steps), step_losses [K, B, T]
+    (each position's next-token loss had the recursion stopped after each of those steps, 0 where
+    nothing is scored) and, for a model with a halter, step_halts [K, B, T] (its stop probability
+    there).
 
     `logits` may be given as a tensor or as a function computing it (`lazy_logits`); then it is
     computed on first access and kept. (The logits are not a dataclass field, so that code walking
@@ -219,13 +258,13 @@ class OuroborosOutput:
 
     loss: torch.Tensor | None
     steps: torch.Tensor | None
-    states: list | None
     step_losses: torch.Tensor | None
+    step_halts: torch.Tensor | None
     ce_loss: torch.Tensor | None  # under distillation: the two terms of `loss` (detached)
     kl_loss: torch.Tensor | None
 
-    def __init__(self, loss: torch.Tensor | None, logits, steps=None, states=None, step_losses=None):
-        self.loss, self.steps, self.states, self.step_losses = loss, steps, states, step_losses
+    def __init__(self, loss: torch.Tensor | None, logits, steps=None, step_losses=None, step_halts=None):
+        self.loss, self.steps, self.step_losses, self.step_halts = loss, steps, step_losses, step_halts
         self.ce_loss = self.kl_loss = None
         self.logits_or_thunk = logits
 
