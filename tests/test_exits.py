@@ -12,6 +12,8 @@ from ouroboros_lm.exits import RULES, ExitRule
 from ouroboros_lm.halter import exit_entropy, expected_loss, halting_distribution, improvement_targets
 from ouroboros_lm.loss import token_losses
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # thresholds at which the tiny random model's tokens stop at varied steps under each rule
 VARIED = {"converged": 0.15, "acceleration": 0.3, "kl": 3e-4, "entropy": 1e-4, "halter": 0.5}
 
@@ -186,3 +188,52 @@ def test_the_entropy_term_spreads_the_exit_distribution():
             opt.zero_grad()
         entropies.append(halter_loss(model, ids, hc)[1]["exit_entropy"])
     assert entropies[1] > entropies[0] + 0.3, entropies  # the ponder cost alone collapses the exits early
+
+
+def test_the_comparison_reads_each_rule_at_equal_mean_steps_beside_the_fixed_depths(model):
+    from ouroboros_lm.exit_eval import ExitEvalConfig, bracket, compare_exits
+
+    blocks = ids_of(9, (3, 16))
+    cfg = ExitEvalConfig(rules=("converged", "kl", "halter"), max_depth=6, depths=(1, 2, 3, 4), targets=(2.0, 3.0, 3.5),
+                         points=4, refine=1, batch_size=2)
+    cmp = compare_exits(model, blocks, cfg, progress=False)
+    fixed = {int(p.mean_steps): p.loss for p in cmp.fixed}
+    at = {t: cmp.at(t) for t in cfg.targets}
+    assert at[2.0]["fixed depth"] == fixed[2] and at[3.5]["fixed depth"] == pytest.approx((fixed[3] + fixed[4]) / 2)
+    for name, points in cmp.rules.items():
+        assert len(points) >= 4 and all(sum(p.hist) == blocks.numel() for p in points)
+        for t in cfg.targets:  # each rule's loss at t lies between the two sweep points around it
+            pair = bracket(points, t)
+            assert (pair is None) == (at[t][name] is None)
+            if pair is not None:
+                a, b = pair
+                assert min(a.mean_steps, b.mean_steps) <= t <= max(a.mean_steps, b.mean_steps)
+                assert min(a.loss, b.loss) - 1e-9 <= at[t][name] <= max(a.loss, b.loss) + 1e-9
+    assert "fixed depth" in cmp.table() and "| converged |" in cmp.table(markdown=True)
+    assert max(p.modal_share for p in cmp.rules["converged"]) <= 1
+
+
+def test_eval_exits_writes_the_table_and_refuses_a_halter_it_does_not_have(tmp_path, capsys):
+    import json
+
+    from conftest import TINY_SPLIT, save_tiny_base, write_corpus
+    from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model, save_adapter
+    from ouroboros_lm.cli import main
+
+    base = save_tiny_base(tmp_path / "base")
+    model = OuroborosModel.from_base(load_base_model(base), OuroborosConfig(**TINY_SPLIT), base_name=base)
+    randomize_trainables(model, scale=0.3)
+    save_adapter(model, tmp_path / "ad")
+    text = write_corpus(tmp_path / "text", n_docs=8)
+    args = ["eval-exits", "--adapter", str(tmp_path / "ad"), "--data", str(text), "--seq-len", "32", "--blocks", "2",
+            "--exit-max-depth", "5", "--depths", "1,2,3", "--targets", "2,3", "--points", "3", "--refine", "1"]
+    capsys.readouterr()
+    assert main([*args, "--exit-rules", "converged,halter"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exit rule halter needs an adapter with a trained halter" in err[0]
+    assert main([*args, "--exit-rules", "acceleration,entropy", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "loss at mean steps/token" in printed and "acceleration" in printed
+    found = json.loads((tmp_path / "out" / "exits.json").read_text())
+    assert set(found["rules"]) == {"acceleration", "entropy"} and set(found["at_equal_steps"]) == {"2", "3"}
+    assert all((tmp_path / "out" / f).is_file() for f in ("exits.md", "exits_compute.png", "exits_steps.png"))

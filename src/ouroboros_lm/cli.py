@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import OuroborosConfig
 from .evaluate import DEFAULT_EVAL_DEPTHS
+from .exit_eval import ExitEvalConfig
 from .exits import ExitRule
 from .halter_training import HalterConfig
 from .experiments.demo import DemoConfig
@@ -141,6 +142,16 @@ def add_export_parser(sub, fmt) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
+def add_eval_exits_parser(sub, fmt) -> None:
+    p = sub.add_parser("eval-exits", help="exit rules against fixed depths at equal mean steps per token",
+                       formatter_class=fmt)
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    add_data_flags(p)
+    add_flags(p, ExitEvalConfig, "the comparison (ExitEvalConfig)")
+    p.add_argument("--out", default=None, help="folder for exits.json, exits.md, exits_compute.png and "
+                   "exits_steps.png (default: the adapter folder)")
+
+
 def add_harness_parser(sub, fmt) -> None:
     p = sub.add_parser("harness", help="lm-evaluation-harness on our local tasks (perplexity, next sentence)",
                        formatter_class=fmt)
@@ -195,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub.add_parser("eval", help="evaluate full model, pruned baseline and Ouroboros on the same tokens",
                                    formatter_class=fmt))
+    add_eval_exits_parser(sub, fmt)
     add_generate_parser(sub.add_parser("generate", help="generate text through the recursion (streams tokens)",
                                        formatter_class=fmt))
     add_export_parser(sub, fmt)
@@ -331,6 +343,24 @@ def cmd_eval(args) -> None:
     print(f"wrote {j}, {m} and {curve}")
 
 
+def cmd_eval_exits(args) -> None:
+    from .adapter import load_adapter, read_adapter
+    from .exit_eval import compare_exits
+    from .loading import load_tokenizer
+    from .runtime import choose_runtime
+
+    cfg = from_flags(ExitEvalConfig, args)
+    meta, _ = read_adapter(args.adapter)
+    cfg.check_model(OuroborosConfig.from_dict(meta["ouroboros_config"]))  # before loading anything
+    runtime = choose_runtime()
+    corpus = corpus_for(args, load_tokenizer(meta["base_model"]), runtime)
+    model = load_adapter(args.adapter, dtype=runtime.dtype, device=runtime.device)
+    blocks = corpus.eval_splits(cfg.blocks, cfg.eval_seed)[cfg.split]
+    cmp = compare_exits(model, blocks, cfg, runtime=runtime)
+    print(cmp.table())
+    print("wrote " + ", ".join(map(str, cmp.write(args.out or args.adapter))))
+
+
 def streaming_printer(tok):
     """on_token callback printing the decoded continuation as it grows."""
     produced: list[int] = []
@@ -461,6 +491,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"convert": cmd_convert, "prepare": cmd_prepare, "train": cmd_train, "train-halter": cmd_train_halter, "eval": cmd_eval,
+            "eval-exits": cmd_eval_exits,
             "generate": cmd_generate, "export": cmd_export, "harness": cmd_harness, "sweep": cmd_sweep,
             "report": cmd_report, "demo": cmd_demo}
 

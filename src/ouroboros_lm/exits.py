@@ -38,8 +38,8 @@ from .settings import setting, validate_fields
 RULES = ("converged", "acceleration", "kl", "entropy", "halter")
 PREDICTING = ("kl", "entropy")  # the rules that read a prediction (coda + head) at every step
 # Where each rule's threshold usually lies (a sweep's default grid, `exit_eval`).
-THRESHOLD_RANGES = {"converged": (0.005, 0.5), "acceleration": (0.005, 0.5), "kl": (1e-4, 1.0),
-                    "entropy": (1e-3, 1.0), "halter": (0.02, 0.98)}
+THRESHOLD_RANGES = {"converged": (0.005, 0.5), "acceleration": (0.005, 0.5), "kl": (1e-5, 1.0),
+                    "entropy": (1e-4, 1.0), "halter": (0.02, 0.98)}
 
 
 @dataclass
