@@ -253,8 +253,9 @@ def compare_exits(model, blocks: torch.Tensor, cfg: ExitEvalConfig, runtime=None
 
     def run(depth: int, rule: ExitRule | None = None) -> Point:
         bar.set_postfix_str(f"{rule.rule} < {rule.threshold:.3g}" if rule else f"depth {depth}")
+        point = measure(model, blocks, cfg.batch_size, depth, rule, runtime)
         bar.update(1)
-        return measure(model, blocks, cfg.batch_size, depth, rule, runtime)
+        return point
 
     try:
         cmp = ExitComparison(cfg.max_depth, cfg.targets, int(blocks[:, 1:].numel()), [run(d) for d in cfg.depths])
