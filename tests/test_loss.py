@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TINY, randomize_trainables, tiny_ouroboros
-from ouroboros_lm.loss import OuroborosOutput, causal_lm_loss, head_loss
+from ouroboros_lm.loss import OuroborosOutput, causal_lm_loss, head_loss, head_token_losses, token_losses
 
 
 def reference_loss(hidden, weight, bias, labels):
@@ -47,6 +47,29 @@ def test_chunked_head_loss_equals_the_plain_loss_and_its_gradient(chunk, bias):
     (2.5 * loss).backward()
     (2.5 * ref).backward()
     torch.testing.assert_close(h1.grad.double(), h2.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunked_token_losses_equal_the_plain_ones_and_their_gradient(chunk):
+    """Per-token losses (what per-step readouts return) with a per-token incoming gradient."""
+    g = torch.Generator().manual_seed(4)
+    B, T, H, V = 2, 9, 16, 41
+    hidden = torch.randn(B, T, H, generator=g)
+    head = nn.Linear(H, V, bias=True).requires_grad_(False)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[1, 2:4] = -100
+    weights = torch.rand(B, T, generator=g)  # e.g. a halting distribution's mass on each token
+    h1, h2 = hidden.clone().requires_grad_(True), hidden.double().clone().requires_grad_(True)
+    ours = head_token_losses(h1, head, labels, chunk=chunk)
+    plain = token_losses(F.linear(h2, head.weight.double(), head.bias.double()), labels)
+    assert ours.shape == (B, T) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), plain.double(), atol=1e-5, rtol=1e-5)
+    assert (ours[:, -1] == 0).all() and (ours[1, 1:3] == 0).all()  # nothing scored there
+    (ours * weights).sum().backward()
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(h1.grad.double(), h2.grad, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(head_token_losses(hidden, head, labels), ours.detach())
 
 
 def test_chunked_head_loss_without_gradient_and_with_a_trained_head():
@@ -123,5 +146,5 @@ def test_logits_are_lazy_and_follow_the_forward_modes(tokens):
     from torch.nn.parallel.distributed import _find_tensors
 
     out = model.train()(tokens, labels=tokens, depth=2)
-    assert [f.name for f in dataclasses.fields(out)] == ["loss", "steps", "states", "step_losses", "ce_loss", "kl_loss"]
+    assert [f.name for f in dataclasses.fields(out)] == ["loss", "steps", "step_losses", "step_halts", "ce_loss", "kl_loss"]
     assert [t is out.loss for t in _find_tensors(out)] == [True] and callable(out.logits_or_thunk)

@@ -108,6 +108,15 @@ def head_case(dtype, chunk, bias=True, amp=False):
                      labels_like(21, 53)], grad_of=(0,))
 
 
+def token_case(dtype, chunk, amp=False):
+    def fn(h, w, b, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return ops.chunked_token_losses(h, w, b, t, chunk)
+
+    return Case(fn, [randn(21, 16, dtype=dtype), randn(53, 16, seed=1, dtype=dtype), randn(53, seed=2, dtype=dtype),
+                     labels_like(21, 53)], grad_of=(0,))
+
+
 def kl_case(dtype, chunk):
     valid = labels_like(21, 53) != ops.IGNORE
     return Case(lambda h, w, b, t, tw, tb: ops.chunked_kl(h, w, b, t, tw, tb, valid, chunk),
@@ -118,6 +127,7 @@ def kl_case(dtype, chunk):
 F64 = dict(atol=1e-12, rtol=1e-10)
 F32 = dict(atol=1e-6, rtol=1e-6)  # ops whose maths is float32 by design (Hugging Face's norm statistics, float32 logits)
 BF16 = dict(atol=1e-3, rtol=8e-3)  # one bf16 rounding step (2^-7 relative)
+BF16_UNIT = dict(atol=1e-2, rtol=8e-3)  # the same for gradients of order 1 (per-token losses, not a mean over tokens)
 # (case, tolerance of values, of gradients, whether the forward values are bit for bit the same)
 CASES = {
     "rms_norm-f64": (lambda: rms_case(torch.float64), F32, F32, True),
@@ -134,12 +144,14 @@ CASES = {
     "chunked_head_loss-f64-chunk5": (lambda: head_case(torch.float64, 5), F32, F32, False),
     "chunked_head_loss-f32-one-chunk-no-bias": (lambda: head_case(torch.float32, 1000, bias=False), F32, F32, False),
     "chunked_head_loss-bf16-autocast": (lambda: head_case(torch.bfloat16, 4, amp=True), F32, BF16, False),
+    "chunked_token_losses-f64-chunk5": (lambda: token_case(torch.float64, 5), F32, F32, False),
+    "chunked_token_losses-bf16-autocast": (lambda: token_case(torch.bfloat16, 4, amp=True), F32, BF16_UNIT, False),
     "chunked_kl-f64-chunk5": (lambda: kl_case(torch.float64, 5), F32, F32, False),
     "chunked_kl-bf16": (lambda: kl_case(torch.bfloat16, 7), F32, BF16, False),
 }
 NODE = {"rms_norm": "_RMSNormBackward", "swiglu": "_SwiGLUBackward", "gate_mix": "_GateMixBackward",
         "prefix_mean_rms_norm": "_PrefixMeanRMSNormBackward", "chunked_head_loss": "_ChunkedHeadLossBackward",
-        "chunked_kl": "_ChunkedKLBackward"}
+        "chunked_token_losses": "_ChunkedTokenLossesBackward", "chunked_kl": "_ChunkedKLBackward"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -262,10 +274,11 @@ def test_the_environment_variable():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_a_model_trains_the_same_with_the_switch_on_and_off(dtype, tokens):
-    """The whole model (padding, ignored labels, a distillation teacher): the same loss and the same
-    gradient of every trainable parameter with the fused ops and with their references; the fused
-    graph holds every fused op (the Controller's pooled norm only for its float32 weight)."""
-    model = tiny_ouroboros("llama", checkpointing="never").to(dtype).train()
+    """The whole model (padding, ignored labels, a distillation teacher, a per-step readout): the same
+    loss and the same gradient of every trainable parameter with the fused ops and with their
+    references; the fused graph holds every fused op (the Controller's pooled norm only for its
+    float32 weight)."""
+    model = tiny_ouroboros("llama").to(dtype).train()
     randomize_trainables(model)
     mask = torch.ones_like(tokens)
     mask[1, :5] = 0
@@ -276,7 +289,8 @@ def test_a_model_trains_the_same_with_the_switch_on_and_off(dtype, tokens):
     results = {}
     for fused in (True, False):
         with ops.switched(fused):
-            out = model(tokens, attention_mask=mask, labels=labels, depth=3, teacher=teacher)
+            out = model(tokens, attention_mask=mask, labels=labels, depth=3, teacher=teacher, readout_steps=(1, 3))
+            out.loss = out.loss + 0.3 * out.step_losses[0].mean()
         nodes = node_names(out.loss)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

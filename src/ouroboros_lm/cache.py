@@ -3,7 +3,9 @@
 It keeps keys and values of every prelude layer, of *each recurrence step separately* (the
 same layer sees different hidden states at step s and s+1), and of every coda layer, plus
 per step the running sum and count that the Controller's causal prefix-mean pooling needs,
-and the rotary position and padding of every position so far. `OuroborosModel.forward(...,
+and the rotary position and padding of every position so far; for the exit rules that read each
+step's prediction (kl, entropy), also a KV slot per coda layer per step, for that step's readout.
+`OuroborosModel.forward(...,
 cache=)` reads and extends it; `tests/test_generate.py` checks it against recomputing the
 whole prefix every token.
 """
@@ -23,6 +25,7 @@ class StepCache:
 
     kv: KVSlot
     pool: PoolState = field(default_factory=PoolState)
+    readout: list[KVSlot] | None = None  # the coda layers of this step's readout (exit rules kl, entropy)
 
 
 @dataclass
@@ -36,17 +39,26 @@ class OuroborosCache:
     length: int = 0  # positions cached so far
 
     @classmethod
-    def empty(cls, n_prelude: int, n_coda: int, depth: int | None, capacity: int | None = None) -> "OuroborosCache":
-        """capacity: total positions (prompt + new tokens) to preallocate the KV buffers for."""
+    def empty(cls, n_prelude: int, n_coda: int, depth: int | None, capacity: int | None = None,
+              readout: bool = False) -> "OuroborosCache":
+        """capacity: total positions (prompt + new tokens) to preallocate the KV buffers for;
+        readout: keep each step's readout coda layers too (exit rules that read predictions)."""
         slot = lambda: KVSlot(capacity)  # noqa: E731
         n_steps = depth if depth is not None else 1
-        return cls(depth, [slot() for _ in range(n_prelude)], [StepCache(slot()) for _ in range(n_steps)],
-                   [slot() for _ in range(n_coda)])
+        steps = [StepCache(slot(), readout=[slot() for _ in range(n_coda)] if readout else None) for _ in range(n_steps)]
+        return cls(depth, [slot() for _ in range(n_prelude)], steps, [slot() for _ in range(n_coda)])
 
-    def check(self, depth: int | None) -> None:
+    @property
+    def keeps_readouts(self) -> bool:
+        return bool(self.steps) and self.steps[0].readout is not None
+
+    def check(self, depth: int | None, readout: bool = False) -> None:
         if depth != self.depth:
             what = lambda d: "the pruned baseline" if d is None else f"depth {d}"  # noqa: E731
             raise ValueError(f"this cache was built for {what(self.depth)}; the forward asked for {what(depth)}")
+        if readout != self.keeps_readouts:
+            raise ValueError("an exit rule that reads each step's prediction (kl, entropy) needs a cache with per-step "
+                             "readout slots, new_cache(depth, readout=True), and only such a rule may use one")
 
     def extend(self, attention_mask: torch.Tensor | None, batch: int, new: int, device) -> tuple:
         """Positions for `new` tokens appended to every row: (position_ids [B, new], key padding
@@ -66,7 +78,7 @@ class OuroborosCache:
     def reorder(self, index: torch.Tensor) -> None:
         """Keep (and repeat or permute) the batch rows `index` [B'] of everything cached: beam
         search reorders its beams this way, and `index` may repeat a row or drop one."""
-        slots = self.prelude + [s.kv for s in self.steps] + self.coda
+        slots = self.prelude + [s.kv for s in self.steps] + [r for s in self.steps for r in s.readout or []] + self.coda
         for slot in slots:
             if slot.k is not None:
                 slot.k, slot.v = slot.k.index_select(0, index.to(slot.k.device)), slot.v.index_select(0, index.to(slot.v.device))

@@ -19,6 +19,7 @@ from .commands import Command, registered
 from .config import OuroborosConfig
 from .data import DataConfig
 from .evaluate import EvalConfig
+from .exit_eval import ExitEvalConfig
 from .exits import ExitRule
 from .export import ExportConfig
 from .generate import GenerateConfig
@@ -103,6 +104,19 @@ def halter_flags(p) -> None:
     add_flags(p, HalterArgs)
     add_flags(p, DataConfig, "data (DataConfig)")
     add_flags(p, HalterConfig, "halter training (HalterConfig)")
+
+
+@dataclass
+class ExitsArgs:
+    adapter: str = setting(REQUIRED, "adapter folder")
+    out: str | None = setting(None, "folder for exits.json, exits.md, exits_compute.png and exits_steps.png "
+                              "(default: the adapter folder)")
+
+
+def exits_flags(p) -> None:
+    add_flags(p, ExitsArgs)
+    add_flags(p, DataConfig, "data (DataConfig)")
+    add_flags(p, ExitEvalConfig, "the comparison (ExitEvalConfig)")
 
 
 def eval_flags(p) -> None:
@@ -217,6 +231,24 @@ def cmd_eval(args) -> None:
     print(f"wrote {j}, {m} and {curve}")
 
 
+def cmd_eval_exits(args) -> None:
+    from .adapter import load_adapter
+    from .exit_eval import compare_exits
+    from .loading import load_tokenizer
+    from .runtime import choose_runtime
+
+    xa, data, cfg = from_flags(ExitsArgs, args), from_flags(DataConfig, args), from_flags(ExitEvalConfig, args)
+    meta, saved = saved_config(xa.adapter)
+    cfg.check_model(saved)  # before loading anything
+    runtime = choose_runtime()
+    corpus = data.corpus(load_tokenizer(meta["base_model"]), runtime.default_seq_len)
+    model = load_adapter(xa.adapter, dtype=runtime.dtype, device=runtime.device)
+    blocks = corpus.eval_splits(cfg.blocks, cfg.eval_seed)[cfg.split]
+    cmp = compare_exits(model, blocks, cfg, runtime=runtime)
+    print(cmp.table())
+    print("wrote " + ", ".join(map(str, cmp.write(xa.out or xa.adapter))))
+
+
 def streaming_printer(tok):
     """on_token callback printing the decoded continuation as it grows."""
     produced: list[int] = []
@@ -324,6 +356,8 @@ COMMANDS = {
     "train-halter": Command("train a per-token halter on top of a trained adapter (the rest frozen)", halter_flags,
                             cmd_train_halter, "the adapter is as it was before (rerun to train the halter)"),
     "eval": Command("evaluate full model, pruned baseline and Ouroboros on the same tokens", eval_flags, cmd_eval),
+    "eval-exits": Command("exit rules against fixed depths at equal mean steps per token", exits_flags,
+                          cmd_eval_exits),
     "generate": Command("generate text through the recursion (streams tokens)", generate_flags, cmd_generate),
     "export": Command("write a Hugging Face model folder (transformers, pipeline, lm-eval)",
                       lambda p: add_flags(p, ExportConfig), cmd_export,

@@ -179,8 +179,8 @@ class EvalReport:
 
 
 def exit_name(rule: ExitRule, max_depth: int) -> str:
-    return f"ouroboros@auto({rule.rule}<{rule.threshold:g},max{max_depth})" if rule.rule == "converged" else \
-        f"ouroboros@auto({rule.rule}>{rule.threshold:g},max{max_depth})"
+    """The row of a rule: a token stops once the rule's score falls below the threshold (`exits`)."""
+    return f"ouroboros@auto({rule.rule}<{rule.threshold:g},max{max_depth})"
 
 
 def ouroboros_job(model, depth: int, rule: ExitRule | None = None):

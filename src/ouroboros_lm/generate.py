@@ -143,7 +143,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    cache = model.new_cache(depth, capacity=ids.shape[1] + max_new_tokens, baseline=baseline) if use_cache else None
+    reads = exit_rule is not None and exit_rule.reads_predictions  # then the cache keeps each step's readout
+    cache = (model.new_cache(depth, capacity=ids.shape[1] + max_new_tokens, baseline=baseline, readout=reads)
+             if use_cache else None)
     kw = dict(depth=depth, baseline=baseline, exit_rule=exit_rule)
     step_ids, step_mask, was_training = ids, mask, model.training
     model.eval()

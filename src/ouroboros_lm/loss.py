@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .ops import IGNORE, chunked_head_loss, chunked_kl, kl_sum
+from .ops import IGNORE, chunked_head_loss, chunked_kl, chunked_token_losses, kl_sum
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -77,6 +77,17 @@ def head_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, ch
         return causal_lm_loss(lm_head(hidden), labels)
     targets = shift_labels(labels.to(hidden.device)).reshape(-1)
     return chunked_head_loss(hidden.flatten(0, -2), weight, bias, targets, chunk or default_chunk(weight.shape[0]))
+
+
+def head_token_losses(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """`token_losses(lm_head(hidden), labels)` [..., T] without the full logits, chunked as `head_loss`
+    (and, like it, the plain form when the LM head itself is trained)."""
+    weight, bias = lm_head.weight, lm_head.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return token_losses(lm_head(hidden), labels)
+    targets = shift_labels(labels.to(hidden.device)).reshape(-1)
+    flat = chunked_token_losses(hidden.flatten(0, -2), weight, bias, targets, chunk or default_chunk(weight.shape[0]))
+    return flat.view(labels.shape)
 
 
 @dataclass
@@ -138,9 +149,10 @@ def lazy_logits(hidden: torch.Tensor, lm_head: nn.Module) -> Callable[[], torch.
 @dataclass(init=False, eq=False)
 class OuroborosOutput:
     """loss (None without labels), logits [batch, seq, vocab]; under adaptive exit, steps [B, T]
-    (the recurrence steps each position ran); with per_step, states (the recurrence's state before
-    step 1 and after each step) and step_losses [depth, B, T] (each position's loss had the
-    recursion stopped after each step).
+    (the recurrence steps each position ran); with `readout_steps` (K steps), step_losses [K, B, T]
+    (each position's next-token loss had the recursion stopped after each of those steps, 0 where
+    nothing is scored) and, for a model with a halter, step_halts [K, B, T] (its stop probability
+    there).
 
     `logits` may be given as a tensor or as a function computing it (`lazy_logits`); then it is
     computed on first access and kept. (The logits are not a dataclass field, so that code walking
@@ -149,13 +161,13 @@ class OuroborosOutput:
 
     loss: torch.Tensor | None
     steps: torch.Tensor | None
-    states: list | None
     step_losses: torch.Tensor | None
+    step_halts: torch.Tensor | None
     ce_loss: torch.Tensor | None  # under distillation: the two terms of `loss` (detached)
     kl_loss: torch.Tensor | None
 
-    def __init__(self, loss: torch.Tensor | None, logits, steps=None, states=None, step_losses=None):
-        self.loss, self.steps, self.states, self.step_losses = loss, steps, states, step_losses
+    def __init__(self, loss: torch.Tensor | None, logits, steps=None, step_losses=None, step_halts=None):
+        self.loss, self.steps, self.step_losses, self.step_halts = loss, steps, step_losses, step_halts
         self.ce_loss = self.kl_loss = None
         self.logits_or_thunk = logits
 

@@ -14,15 +14,16 @@ from torch import nn
 from .adaptation import inject_lora, adaptation_disabled, adaptation_parameter_count, adapted_parameters
 from .cache import OuroborosCache
 from .config import OuroborosConfig
-from .exits import ExitRule, TokenExits
+from .exits import ExitKV, ExitRule, TokenExits
 from .families import OWN_HEAD_TYPES, final_logits, scale_embeddings
 from .generate import generate as generate_tokens
 from .layers import AttentionContext, KVSlot, build_context, decoder_layer, get_projection, layer_window
-from .loss import (OuroborosOutput, Teacher, causal_lm_loss, default_chunk, distill_loss, head_loss, lazy_logits,
-                   token_losses)
+from .loss import (OuroborosOutput, Teacher, causal_lm_loss, default_chunk, distill_loss, head_loss, head_token_losses,
+                   lazy_logits, token_losses)
 from .memory import check_trainable_size
 from .ops import rms_norm
 from .policy import RecursionPolicy
+from .readout import StepReadout
 from .recurrence import NO_TRAINING, RecurrentBlock, StepTraining
 from .surgery import check_architecture, kept_fingerprints, split_layers
 
@@ -156,11 +157,13 @@ class OuroborosModel(nn.Module):
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(t.shape)}")
 
-    def new_cache(self, depth: int | None = None, capacity: int | None = None, baseline: bool = False) -> OuroborosCache:
-        """An empty cache for cached decoding at `depth` (or of the pruned baseline)."""
+    def new_cache(self, depth: int | None = None, capacity: int | None = None, baseline: bool = False,
+                  readout: bool = False) -> OuroborosCache:
+        """An empty cache for cached decoding at `depth` (or of the pruned baseline); `readout`: with
+        each step's readout coda layers, for an exit rule that reads predictions (kl, entropy)."""
         plain = baseline or self.config.heal_layers
         return OuroborosCache.empty(len(self.prelude), len(self.coda), None if plain else self.resolve_depth(depth),
-                                    capacity)
+                                    capacity, readout=readout and not plain)
 
     def embed(self, input_ids, attention_mask=None, cache: OuroborosCache | None = None):
         """(token embeddings h, the AttentionContext every layer shares, the pooling mask)."""
@@ -209,11 +212,42 @@ class OuroborosModel(nn.Module):
             out.loss = teacher.ce_weight * out.loss + teacher.weight * kl
         return out
 
+    def token_losses_of(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each position's next-token loss [B, T] from coda output h (final norm, LM head; chunked, with
+        its gradient formed in the same pass, for Llama heads)."""
+        if self.base_config.model_type in OWN_HEAD_TYPES:
+            return token_losses(self.logits_of(self.norm(h)), labels)
+        return head_token_losses(rms_norm(h, self.norm.weight, self.norm.variance_epsilon), self.lm_head, labels)
+
+    def token_exits(self, shape, ctx: AttentionContext, cache: OuroborosCache | None, rule, forced) -> TokenExits:
+        """The exit state of one forward. The rules that read each step's prediction get it through the
+        coda (stopped positions lending their last keys/values there too, cached per step) and the head."""
+        def predict(s: int, h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+            slots = cache.steps[s].readout if cache is not None else [None] * len(self.coda)
+            x = self.run_layers("coda", h, ctx, [ExitKV(exits, slot, ("coda", i)) for i, slot in enumerate(slots)])
+            return self.head(x[active]).logits.float().log_softmax(-1)
+
+        exits = TokenExits(shape, self.device, rule, forced,
+                           predict=predict if rule is not None and rule.reads_predictions else None)
+        return exits
+
+    def check_recursion_request(self, depth, baseline: bool, cache, exit_rule, exit_steps, readout_steps, labels) -> None:
+        what = "the pruned baseline" if baseline else "a heal model"
+        if (exit_rule is not None or exit_steps is not None) and depth is None:
+            raise ValueError(f"{what} has no recursion to exit from")
+        if cache is not None:
+            cache.check(depth, readout=exit_rule is not None and exit_rule.reads_predictions)
+        if readout_steps is None:
+            return
+        if depth is None:
+            raise ValueError(f"{what} has no recursion steps to read out")
+        if labels is None or cache is not None or exit_rule is not None or exit_steps is not None:
+            raise ValueError("readout_steps needs labels, and works without a cache or an exit rule")
+
     def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None, *,
                 cache: OuroborosCache | None = None, baseline: bool = False, exit_rule: ExitRule | None = None,
-                exit_steps: torch.Tensor | None = None, per_step: bool = False,
-                readout_steps: tuple[int, ...] = (), teacher: Teacher | None = None,
-                training: StepTraining = NO_TRAINING) -> OuroborosOutput:
+                exit_steps: torch.Tensor | None = None, readout_steps=None,
+                teacher: Teacher | None = None, training: StepTraining = NO_TRAINING) -> OuroborosOutput:
         """Logits (and the loss, given HF-aligned `labels`) of `input_ids` [B, T].
 
         depth: recurrence steps (default `policy.default_depth`); the maximum under adaptive exit.
@@ -223,11 +257,11 @@ class OuroborosModel(nn.Module):
             appended to it, and the logits are those of the new positions only.
         exit_rule: per-token adaptive depth (`exits.ExitRule`); or exit_steps [B, T], the steps each
             position takes (replaying recorded decisions). The output's `steps` says how many ran.
-        per_step: also return every step's state and, with labels, each position's loss had the
-            recursion stopped after each step (what the halter is trained on; no cache).
-        readout_steps: with labels, the step counts (1-based, below `depth`) after which each position's
-            loss is also read out, through the coda and the head on that step's state: `step_losses`
-            [len(readout_steps), B, T], with gradients when they are enabled (per-step supervision).
+        readout_steps: 1-based step counts (increasing, each <= depth; with labels, no cache or exit
+            rule): the output's step_losses [K, B, T] are each position's loss had the recursion stopped
+            after each of them (coda + head on that step's state, with gradients when enabled), and for a
+            model with a halter, step_halts [K, B, T] its stop probabilities there. Only those steps pay
+            for a readout (`readout.py`).
         teacher: distillation targets (`loss.Teacher`, e.g. from the full model): with labels, the loss
             is `ce_weight * CE + weight * KL(teacher || ours)` (its terms in `ce_loss` / `kl_loss`).
         training: how the recursion's steps are differentiated while training (`StepTraining`:
@@ -236,64 +270,30 @@ class OuroborosModel(nn.Module):
         heal = bool(self.config.heal_layers)  # a heal model: its stack once, with its LoRA (off for the baseline)
         depth = None if baseline or heal else self.resolve_depth(depth)
         self.check_inputs(input_ids, attention_mask, labels, past=cache.length if cache is not None else 0)
-        if cache is not None:
-            cache.check(depth)
-        exits = None
-        if exit_rule is not None or exit_steps is not None:
-            if depth is None:
-                raise ValueError(f"{'the pruned baseline' if baseline else 'a heal model'} has no recursion to exit from")
-            exits = TokenExits(input_ids.shape, self.device, exit_rule, exit_steps)
+        self.check_recursion_request(depth, baseline, cache, exit_rule, exit_steps, readout_steps, labels)
         outer = adaptation_disabled(self) if baseline and self.config.adapts_outer_layers else contextlib.nullcontext()
         with outer:  # the pruned baseline runs the outer layers as the base has them
             h, ctx, pool_mask = self.embed(input_ids, attention_mask, cache)
             h = self.run_layers("prelude", h, ctx, cache.prelude if cache is not None else None)
             steps = cache.steps if cache is not None else None
-            states = [h] if per_step else None
-            readout = self.check_readout(readout_steps, depth, labels, cache)
+            exits = None if exit_rule is None and exit_steps is None else \
+                self.token_exits(input_ids.shape, ctx, cache, exit_rule, exit_steps)
+            readout = None if readout_steps is None else StepReadout(
+                readout_steps, depth, lambda x: self.token_losses_of(self.run_layers("coda", x, ctx), labels), h,
+                self.recurrent.halter)
             if depth is None:
                 h = self.recurrent.plain(h, ctx, kv=steps[0].kv if steps is not None else None)
             else:
                 h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps, exits=exits,
-                                   observe=self.observer(states, readout), training=training)
+                                   observe=readout.observe if readout is not None else None, training=training)
             h = self.run_layers("coda", h, ctx, cache.coda if cache is not None else None)
             if cache is not None:
                 cache.length += input_ids.shape[1]
             out = self.head(h, labels, teacher)
             out.steps = exits.steps if exits is not None else None
-            if per_step and labels is not None:
-                out.step_losses = torch.stack([token_losses(self.head(self.run_layers("coda", x, ctx)).logits, labels)
-                                               for x in states[1:]])
-            if readout:
-                out.step_losses = torch.stack([token_losses(self.head(self.run_layers("coda", readout[s], ctx)).logits,
-                                                            labels) for s in sorted(readout)])
-        out.states = states
+            if readout is not None:
+                out.step_losses, out.step_halts = readout.finish(lambda: self.token_losses_of(h, labels))
         return out
-
-    @staticmethod
-    def check_readout(readout_steps, depth: int | None, labels, cache) -> dict:
-        """{step count: None} to be filled with the states after those steps; ValueError when they
-        cannot be read out (no labels, a cache, no recursion, a step outside [1, depth))."""
-        if not readout_steps:
-            return {}
-        if labels is None or cache is not None or depth is None:
-            raise ValueError("readout_steps needs labels, no cache and a recursion to read out")
-        bad = [s for s in readout_steps if not isinstance(s, int) or not 1 <= s < depth]
-        if bad:
-            raise ValueError(f"readout_steps must be step counts in [1, depth={depth}); got {bad}")
-        return dict.fromkeys(readout_steps)
-
-    @staticmethod
-    def observer(states: list | None, readout: dict):
-        """The recursion's per-step callback filling `states` (every step) and `readout` (its steps)."""
-        if states is None and not readout:
-            return None
-
-        def observe(s: int, h: torch.Tensor) -> None:
-            if states is not None:
-                states.append(h)
-            if s + 1 in readout:
-                readout[s + 1] = h
-        return observe
 
     def forward_baseline(self, input_ids, attention_mask=None, labels=None) -> OuroborosOutput:
         """The pruned stack (prelude + recurrent layer once + coda) with nothing added."""

@@ -13,6 +13,7 @@ same values and the same gradients (to rounding; `tests/test_ops.py`):
 | `gate_mix(z, h_new, h_old, dt)` | `_GateMix` | z, h_new, h_old as they are / the states' `dt` copies (new tensors for bf16 states) and g |
 | `prefix_mean_rms_norm(h, m, weight, eps)` | `_PrefixMeanRMSNorm` | h and the rsqrt / also the float32 prefix means |
 | `chunked_head_loss(hidden, weight, bias, targets, chunk)` | `_ChunkedHeadLoss` | d loss / d hidden / the float32 log-softmax of all the logits |
+| `chunked_token_losses(hidden, weight, bias, targets, chunk)` | `_ChunkedTokenLosses` | each token's d loss / d hidden / the float32 log-softmax of all the logits |
 | `chunked_kl(hidden, weight, bias, teacher, t_weight, t_bias, valid, chunk)` | `_ChunkedKL` | d KL / d hidden / both heads' float32 log-softmaxes |
 
 The two losses in their fused form also work through the tokens a chunk at a time (never the whole
@@ -24,7 +25,7 @@ their chunking saves memory in evaluation too), and for the losses only while th
 frozen (their fused forms give the head no gradient). Otherwise the reference form runs, whatever
 the switch says.
 
-The switch (one for all six; by name for some of them):
+The switch (one for all seven; by name for some of them):
 
     OUROBOROS_FUSED=0              environment, read once on import: every op starts in reference form
                                    (1 / 0, true / false, on / off, yes / no; anything else is an error)
@@ -49,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100  # a target that is not scored (Hugging Face's convention, F.cross_entropy's default)
-FUSED_OPS = ("rms_norm", "swiglu", "gate_mix", "prefix_mean_rms_norm", "chunked_head_loss", "chunked_kl")
+FUSED_OPS = ("rms_norm", "swiglu", "gate_mix", "prefix_mean_rms_norm", "chunked_head_loss", "chunked_token_losses",
+             "chunked_kl")
 ENV_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 
 
@@ -79,7 +81,7 @@ def is_fused(name: str) -> bool:
 
 
 def use_fused(flag: bool, *names: str) -> frozenset[str]:
-    """Fused (True) or reference (False) forms for the named ops (all six without names) from now on.
+    """Fused (True) or reference (False) forms for the named ops (all seven without names) from now on.
     Returns the set of ops in reference form before the call."""
     before = frozenset(_REFERENCE)
     chosen = op_names(names)
@@ -305,6 +307,7 @@ class _SavedGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, go):
         (grad,) = ctx.saved_tensors
+        go = go.reshape(go.shape + (1,) * (grad.dim() - go.dim()))  # a scalar loss, or one loss per token
         return ((grad.float() * go).to(grad.dtype),) + (None,) * (ctx.n_inputs - 1)
 
 
@@ -350,6 +353,44 @@ def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if is_fused("chunked_head_loss") and not grad_needed(weight, bias):
         return _ChunkedHeadLoss.apply(hidden, weight, bias, targets, chunk, grad_needed(hidden))
     return chunked_head_loss_reference(hidden, weight, bias, targets)
+
+
+def chunked_token_losses_reference(hidden, weight, bias, targets) -> torch.Tensor:
+    """CE(hidden @ W^T + b, target) of each token [N] (0 where ignored), from the full float32 logits."""
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=IGNORE, reduction="none")
+
+
+class _ChunkedTokenLosses(_SavedGradient):
+    """CE(hidden @ W^T + b, target) of each token [N] (0 where the target is ignored), in chunks of
+    `chunk` tokens; with `need_grad` the forward also computes each token's d loss_t / d hidden_t
+    ((softmax - onehot) @ W: a token's loss depends on its own hidden state only) and saves only that,
+    so a per-token loss costs what the mean one does (`_ChunkedHeadLoss`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, need_grad):
+        losses = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        grad = torch.empty_like(hidden) if need_grad else None
+        for i in range(0, hidden.shape[0], chunk):
+            part = slice(i, i + chunk)
+            logits = F.linear(hidden[part], weight, bias)  # under autocast, in its dtype (as the plain form)
+            scores = logits.float()
+            losses[part] = F.cross_entropy(scores, targets[part], ignore_index=IGNORE, reduction="none")
+            if need_grad:
+                scored = (targets[part] != IGNORE).unsqueeze(-1)
+                p = scores.softmax(-1)
+                p.scatter_add_(-1, targets[part].clamp(min=0).unsqueeze(-1), -torch.ones_like(p[:, :1]))
+                p.mul_(scored)
+                grad[part] = (p.to(logits.dtype) @ weight.to(logits.dtype)).to(hidden.dtype)
+        return _SavedGradient.finish(ctx, losses, grad, n_inputs=6)
+
+
+def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         chunk: int) -> torch.Tensor:
+    """Each token's CE(hidden @ weight^T + bias, target) [N] (0 where target == IGNORE): the per-step
+    readouts' loss. `_ChunkedTokenLosses` (chunks of `chunk` tokens) unless the head needs a gradient."""
+    if is_fused("chunked_token_losses") and not grad_needed(weight, bias):
+        return _ChunkedTokenLosses.apply(hidden, weight, bias, targets, chunk, grad_needed(hidden))
+    return chunked_token_losses_reference(hidden, weight, bias, targets)
 
 
 def kl_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -238,7 +238,7 @@ class RecurrentBlock(nn.Module):
         exits.start_step(s)
         if exits.all_stopped():
             if slot is not None:
-                exits.extend(slot.kv, exits.last_k, exits.last_v)
+                exits.skip(slot)
                 if self.controller is not None:
                     pool(h, self.config.pooling, mask, slot.pool)
             return h

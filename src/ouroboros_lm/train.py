@@ -361,7 +361,7 @@ class Trainer:
                                                                              self.tc.ce_weight)
                 readout = readout_steps(self.tc, step, depth)
                 out = self.ddp_model(ids, labels=ids, depth=depth, teacher=teacher, training=self.step_training,
-                                     readout_steps=readout)
+                                     readout_steps=readout or None)
                 objective = out.loss + step_objective(self.tc, out.loss, out.step_losses if readout else None, ids)
                 acc.backward(objective / self.tc.grad_accum)
         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
