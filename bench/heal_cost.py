@@ -21,9 +21,9 @@ from ouroboros_lm import OuroborosConfig, OuroborosModel, RecursionPolicy
 from ouroboros_lm.teacher import teacher_targets
 
 ARMS = {  # name: (OuroborosConfig fields, training depth)
-    "ouroboros@4 (Controller, gate, step norms, coda LoRA r2)": (dict(coda_lora_rank=2), 4),
-    "heal, equal weights (15 layers, LoRA r7)": (dict(heal_layers=1, coda_lora_rank=7), 1),
-    "heal, equal compute (18 layers, LoRA r6)": (dict(heal_layers=4, coda_lora_rank=6), 1),
+    "ouroboros@4 (Controller, gate, step norms, coda LoRA r2)": (dict(lora_rank=2), 4),
+    "heal, equal weights (15 layers, LoRA r7)": (dict(heal_layers=1, lora_rank=7), 1),
+    "heal, equal compute (18 layers, LoRA r6)": (dict(heal_layers=4, lora_rank=6), 1),
 }
 
 

@@ -36,7 +36,8 @@ from common import autocast, random_base
 <<<<<<< HEAD
 from ouroboros_lm import OuroborosConfig, OuroborosModel, StepTraining
 from ouroboros_lm.controller import Controller, pool
-from ouroboros_lm.loss import OuroborosOutput, causal_lm_loss
+from ouroboros_lm.loss import causal_lm_loss
+from ouroboros_lm.model import OuroborosOutput
 from ouroboros_lm.model import OuroborosModel as _M
 from ouroboros_lm.recurrence import RecurrenceGate
 =======

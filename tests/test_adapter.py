@@ -39,7 +39,7 @@ def test_round_trip_gives_bit_identical_logits(tmp_path, tokens, variant):
 
 
 def test_loading_never_recomputes_the_svd(saved, monkeypatch):
-    import ouroboros_lm.lora as lora
+    import ouroboros_lm.svd_bases as lora
 
     model, path = saved
     monkeypatch.setattr(lora, "svd_bases", lambda *a, **k: pytest.fail("SVD recomputed on load"))

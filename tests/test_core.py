@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, Qwen2C
 from conftest import CONFIGS, TINY, TINY_SPLIT, randomize_trainables, tiny_base, tiny_ouroboros
 from ouroboros_lm import OuroborosConfig, OuroborosModel, RecursionPolicy
 from ouroboros_lm.config import TARGETS
-from ouroboros_lm.lora import mean_residual
+from ouroboros_lm.svd_bases import mean_residual
 
 
 def hf_pruned(base, keep):

@@ -11,7 +11,7 @@ def test_the_shipped_config_keeps_every_setting_the_demo_had():
     """demo.yaml + the library's dataclasses give what DemoConfig used to declare itself."""
     run = DemoRun.load()
     m, tc, ev = run.model, run.train, run.eval
-    assert (m.n_prelude, m.recurrent_layer, m.n_coda, m.rank, m.coda_lora_rank, m.init_seed) == (7, 15, 7, 32, 2, 0)
+    assert (m.n_prelude, m.recurrent_layer, m.n_coda, m.rank, m.lora_rank, m.init_seed) == (7, 15, 7, 32, 2, 0)
     assert run.policy == RecursionPolicy(default_depth=8, step_damping=0.5)
     assert (tc.steps, tc.batch_size, tc.lr, tc.warmup_steps, tc.time_budget, tc.depths, tc.depth_schedule,
             tc.depth_mean, tc.param_steps, tc.backprop_steps, tc.distill_weight, tc.seed) == (
@@ -36,7 +36,7 @@ def test_flags_override_the_config_file_and_a_file_replaces_the_shipped_one(tmp_
     assert (run.train.steps, run.policy.step_damping, run.demo.heal_rows, run.eval.depths, run.demo.mix) == (
         5, 1.0, False, (1, 2), ("a", "b"))
     assert (run.model.init_seed, run.eval.seed, run.halter.seed) == (3, 4, 3)  # train.seed seeds them all
-    assert run.train.lr == 3e-3 and run.model.coda_lora_rank == 2  # the rest as the file says
+    assert run.train.lr == 3e-3 and run.model.lora_rank == 2  # the rest as the file says
     mine = tmp_path / "mine.yaml"
     mine.write_text("train: {steps: 5}\ndemo: {heal_rows: false}\n")
     run = settings_from_flags(parse(["demo", "--config", str(mine), "--train.lr", "0.01"]))

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, G
 
 from conftest import TINY, TINY_SPLIT, randomize_trainables
 from ouroboros_lm import OuroborosConfig, OuroborosModel
-from ouroboros_lm.adaptation import adaptation_parameter_count
+from ouroboros_lm.peft_lora import adaptation_parameter_count
 from ouroboros_lm.adapter import AdapterError, load_adapter, save_adapter
 from ouroboros_lm.hf import OuroborosForCausalLM
 
@@ -189,7 +189,7 @@ def test_gemma3_recurrent_layer_may_be_local_or_global_and_the_kind_is_recorded(
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_adapter_round_trip_and_fingerprints_refuse_another_base(arch, tmp_path):
-    model = family_model(arch, coda_lora_rank=4 if arch == "phi3" else 0)
+    model = family_model(arch, lora_rank=4 if arch == "phi3" else 0)
     randomize_trainables(model, seed=2, scale=0.3)  # the LoRA's B too
     save_adapter(model, tmp_path / "a")
     back = load_adapter(tmp_path / "a", base=family_base(arch))
@@ -254,7 +254,7 @@ def test_phi3_fused_projections_equal_the_same_weights_split_into_the_llama_laye
 def test_outer_lora_on_fused_projections_equals_merged_weights_and_trains():
     """PEFT LoRA on Phi-3's outer layers wraps the fused modules; its output equals the base with
     W + (alpha/r) B A merged into qkv_proj / gate_up_proj, and a training step reaches it."""
-    model = family_model("phi3", coda_lora_rank=4, prelude_lora_layers=1)
+    model = family_model("phi3", lora_rank=4, prelude_lora_layers=1)
     randomize_trainables(model, seed=4, scale=0.3)
     wrapped = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == {f"{part}.{i}.{m}" for part, i in (("prelude", 1), ("coda", 0), ("coda", 1))
@@ -262,7 +262,7 @@ def test_outer_lora_on_fused_projections_equals_merged_weights_and_trains():
     base, cfg = family_base("phi3"), model.config
     outer = model.trainable_parameter_breakdown()["outer_lora"]  # counted from the fused modules' shapes
     assert adaptation_parameter_count(cfg, base.model.layers[0], TINY["hidden_size"]) == outer
-    kept, scale = cfg.kept_layers(TINY["num_hidden_layers"]), cfg.coda_lora_alpha / cfg.coda_lora_rank
+    kept, scale = cfg.kept_layers(TINY["num_hidden_layers"]), cfg.lora_alpha / cfg.lora_rank
     with torch.no_grad():
         for part, offset in (("prelude", 0), ("coda", cfg.n_prelude + 1)):
             for i, layer in enumerate(getattr(model, part)):
@@ -341,8 +341,8 @@ def test_recurrent_lora_equals_recursion_on_merged_weights(arch):
     slice's low-rank path adds its rows of the LoRA update) is the recursion on a layer with B A merged in."""
     from test_heal import merge_lora_layer
 
-    model = family_model(arch, recurrent_lora=True, coda_lora_rank=2)
-    plain = family_model(arch, coda_lora_rank=2)
+    model = family_model(arch, recurrent_lora=True, lora_rank=2)
+    plain = family_model(arch, lora_rank=2)
     randomize_trainables(model, seed=5, scale=0.2)
     plain.load_state_dict(model.state_dict(), strict=False)  # everything but the recurrent LoRA
     model.double(), plain.double()
@@ -352,14 +352,14 @@ def test_recurrent_lora_equals_recursion_on_merged_weights(arch):
         for depth in (1, 3):
             torch.testing.assert_close(model(ids, depth=depth).logits, plain(ids, depth=depth).logits,
                                        atol=1e-10, rtol=1e-10)
-        assert (model(ids, depth=3).logits - family_model(arch, coda_lora_rank=2).double()(ids, depth=3).logits).abs().max() > 1e-3
+        assert (model(ids, depth=3).logits - family_model(arch, lora_rank=2).double()(ids, depth=3).logits).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "phi3"])
 def test_heal_model_equals_hugging_face_on_its_kept_layers_with_merged_lora(arch):
     from test_heal import merge_lora
 
-    model = family_model(arch, heal_layers=2, coda_lora_rank=2)  # LoRA B randomised too
+    model = family_model(arch, heal_layers=2, lora_rank=2)  # LoRA B randomised too
     ref = hf_truncated(family_base(arch), model.config.kept_layers(TINY["num_hidden_layers"]))
     merge_lora(model, ref.model.layers)
     ids = tokens()

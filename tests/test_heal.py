@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import TINY, TINY_SPLIT, randomize_trainables, save_tiny_base, tiny_base, tiny_ouroboros, tiny_tokenizer, write_corpus
 from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model
-from ouroboros_lm.adaptation import adaptation_parameter_count
+from ouroboros_lm.peft_lora import adaptation_parameter_count
 from ouroboros_lm.adapter import load_adapter, save_adapter
 from ouroboros_lm.data import build_corpus
 from ouroboros_lm.evaluate import evaluate
@@ -42,7 +42,7 @@ def merge_lora(model: OuroborosModel, layers) -> None:
 def test_heal_model_equals_hugging_face_on_its_kept_layers_with_merged_lora(n, tokens):
     """A heal model is Hugging Face's own model on the kept layers (the N middle ones evenly spaced)
     with the LoRA updates merged into their weights; the baseline switches the LoRA off."""
-    model = tiny_ouroboros(heal_layers=n, coda_lora_rank=2)
+    model = tiny_ouroboros(heal_layers=n, lora_rank=2)
     kept = model.config.kept_layers(L)
     assert len(kept) == TINY_SPLIT["n_prelude"] + n + TINY_SPLIT["n_coda"] and len(set(kept)) == len(kept)
     assert model.config.kept_layers(L)[2:2 + n] == ([4] if n == 1 else model.config.middle_layers(L))
@@ -62,21 +62,21 @@ def test_heal_model_equals_hugging_face_on_its_kept_layers_with_merged_lora(n, t
 
 
 def test_heal_middle_layers_are_evenly_spaced_and_bounded():
-    cfg = OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, heal_layers=4, coda_lora_rank=6)
+    cfg = OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, heal_layers=4, lora_rank=6)
     assert cfg.middle_layers(30) == [9, 13, 17, 21]  # the equal-compute arm of issue #21
-    assert cfg.layer_passes(None) == 18 and OuroborosConfig(coda_lora_rank=1).layer_passes(4) == 8 + 4 + 8
+    assert cfg.layer_passes(None) == 18 and OuroborosConfig(lora_rank=1).layer_passes(4) == 8 + 4 + 8
     with pytest.raises(ValueError, match="heal_layers must be in"):
         cfg.replace(heal_layers=17).validate(num_layers=30)
-    with pytest.raises(ValueError, match="heal_layers needs coda_lora_rank"):
+    with pytest.raises(ValueError, match="heal_layers needs lora_rank"):
         OuroborosConfig(heal_layers=1)
-    with pytest.raises(ValueError, match="recurrent_lora needs coda_lora_rank"):
+    with pytest.raises(ValueError, match="recurrent_lora needs lora_rank"):
         OuroborosConfig(recurrent_lora=True)
 
 
 def test_heal_model_trains_only_lora_and_round_trips(tmp_path, tokens):
     """Only LoRA trains (every kept layer has it, nothing recursive is built); the count matches the
     settings' arithmetic; save / load rebuilds it bit for bit; cached decoding equals recomputing."""
-    model = tiny_ouroboros(heal_layers=2, coda_lora_rank=2)
+    model = tiny_ouroboros(heal_layers=2, lora_rank=2)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(".lora_" in n for n in names)
     layers_with_lora = {n.split(".self_attn")[0].split(".mlp")[0] for n in names}
@@ -96,8 +96,8 @@ def test_recurrent_lora_equals_recursion_on_merged_weights(tokens):
     """Plain LoRA on the recurrent layer, shared by every step, is the recursion on a layer whose
     weights have B A merged in (same SVD bases, Controller, gate, norms and coda LoRA); the pruned
     baseline does not see it."""
-    model = tiny_ouroboros(recurrent_lora=True, coda_lora_rank=2)
-    plain = tiny_ouroboros(coda_lora_rank=2)
+    model = tiny_ouroboros(recurrent_lora=True, lora_rank=2)
+    plain = tiny_ouroboros(lora_rank=2)
     with torch.no_grad():
         assert torch.equal(model(tokens, depth=3).logits, plain(tokens, depth=3).logits)  # neutral at init
     randomize_trainables(model, scale=0.2)
@@ -135,7 +135,7 @@ def test_distill_loss_equals_plain_kl_and_its_gradient(chunk):
 def test_model_loss_with_the_full_model_as_teacher(tokens):
     """loss = ce_weight * CE + weight * KL(full || ours), the KL computed from both models' logits; a
     model distilled onto its own logits has KL 0."""
-    model = tiny_ouroboros(coda_lora_rank=2)
+    model = tiny_ouroboros(lora_rank=2)
     randomize_trainables(model, scale=0.2)
     full = tiny_base()
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_model_loss_with_the_full_model_as_teacher(tokens):
         torch.testing.assert_close(out.loss, 2.0 * plain.loss + 0.5 * kl, atol=1e-5, rtol=1e-5)
         # the full model distilled onto itself: a "teacher" that is the pruned stack, against the pruned stack
         pruned = hf_pruned(tiny_base(), model.config.kept_layers(L))
-        self_kl = tiny_ouroboros(coda_lora_rank=2)(tokens, labels=tokens, baseline=True,
+        self_kl = tiny_ouroboros(lora_rank=2)(tokens, labels=tokens, baseline=True,
                                                    teacher=teacher_targets(pruned, tokens, 1.0)).kl_loss
     assert abs(self_kl.item()) < 1e-5
 
@@ -161,7 +161,7 @@ def test_training_with_distillation_logs_the_kl_and_lowers_it(tmp_path):
     corpus = build_corpus([str(write_corpus(tmp_path / "text", n_docs=12))], tiny_tokenizer(), seq_len=32,
                           heldout_fraction=0.2)
     model = OuroborosModel.from_base(load_base_model(base), OuroborosConfig(**TINY_SPLIT, heal_layers=1,
-                                                                            coda_lora_rank=2), base_name=base)
+                                                                            lora_rank=2), base_name=base)
     teacher, held = load_base_model(base), corpus.heldout[:4]
 
     def kl_to_teacher() -> float:
@@ -193,7 +193,7 @@ def test_training_with_distillation_logs_the_kl_and_lowers_it(tmp_path):
 def test_evaluation_rows_carry_layer_passes(tokens):
     """Every row says how many decoder layers a token passes through; a heal model is one row."""
     model = tiny_ouroboros()
-    heal = tiny_ouroboros(heal_layers=2, coda_lora_rank=2)
+    heal = tiny_ouroboros(heal_layers=2, lora_rank=2)
     blocks = {"x": tokens}
     report = evaluate(model, blocks, depths=(1, 3), full_model=tiny_base(), progress=False)
     passes = {r.model: r.layers for r in report.splits["x"]}

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TINY, randomize_trainables, tiny_ouroboros
-from ouroboros_lm.loss import OuroborosOutput, causal_lm_loss, head_loss, head_token_losses, token_losses
+from ouroboros_lm.loss import causal_lm_loss, head_loss, head_token_losses, token_losses
+from ouroboros_lm.model import OuroborosOutput
 
 
 def reference_loss(hidden, weight, bias, labels):

@@ -9,14 +9,14 @@ import torch
 
 from conftest import TINY, TINY_SPLIT, randomize_trainables, tiny_base, tiny_ouroboros
 from ouroboros_lm import OuroborosConfig, OuroborosModel
-from ouroboros_lm.adaptation import adaptation_parameter_count
+from ouroboros_lm.peft_lora import adaptation_parameter_count
 from ouroboros_lm.adapter import AdapterError, load_adapter, save_adapter
 from ouroboros_lm.memory import trainable_parameter_count
 from test_core import hf_pruned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OUTER = dict(coda_lora_rank=4, prelude_lora_layers=1)
+OUTER = dict(lora_rank=4, prelude_lora_layers=1)
 INJECTIONS = [dict(injection="linear"), dict(injection="diagonal")]
 
 
@@ -38,7 +38,7 @@ def merged_base(model: OuroborosModel, seed: int = 0):
     base = tiny_base("llama", seed)
     cfg = model.config
     kept = cfg.kept_layers(TINY["num_hidden_layers"])
-    scale = cfg.coda_lora_alpha / cfg.coda_lora_rank
+    scale = cfg.lora_alpha / cfg.lora_rank
     with torch.no_grad():
         for part, offset in (("prelude", 0), ("coda", cfg.n_prelude + 1)):
             for i, layer in enumerate(getattr(model, part)):
@@ -120,7 +120,7 @@ def test_options_stay_causal_and_cached_decoding_equals_recomputing(options, tok
             assert torch.equal(logits.argmax(-1), out[:, i])
 
 
-@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), dict(coda_lora_rank=3)] + INJECTIONS)
+@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), dict(lora_rank=3)] + INJECTIONS)
 def test_trainable_count_from_settings_matches_the_model(options):
     model = tiny_ouroboros("llama", **options)
     base = tiny_base("llama")
@@ -130,7 +130,7 @@ def test_trainable_count_from_settings_matches_the_model(options):
 
 
 def test_training_changes_the_adapted_parameters_and_no_frozen_weight(tokens):
-    model = tiny_ouroboros("llama", coda_lora_rank=2, injection="linear")
+    model = tiny_ouroboros("llama", lora_rank=2, injection="linear")
     model.train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -151,7 +151,7 @@ def test_training_changes_the_adapted_parameters_and_no_frozen_weight(tokens):
 def test_bad_outer_settings_are_refused():
     with pytest.raises(ValueError, match="injection must be one of none, diagonal, linear"):
         OuroborosConfig(**{**TINY_SPLIT, "injection": "gated"})
-    with pytest.raises(ValueError, match="prelude_lora_layers needs coda_lora_rank"):
+    with pytest.raises(ValueError, match="prelude_lora_layers needs lora_rank"):
         OuroborosConfig(**{**TINY_SPLIT, "prelude_lora_layers": 1})
 
 

@@ -106,7 +106,7 @@ def test_override_flags_leave_only_what_was_given_and_show_the_file_s_values():
 def test_the_adapter_fixes_exactly_the_structural_fields():
     assert set(STRUCTURAL) == {"n_prelude", "recurrent_layer", "n_coda", "rank", "alpha", "variant", "gate",
                                "step_norm", "pooling", "style_dim", "controller_hidden", "max_depth", "halter",
-                               "coda_lora_rank", "coda_lora_alpha", "prelude_lora_layers", "recurrent_lora",
+                               "lora_rank", "lora_alpha", "prelude_lora_layers", "recurrent_lora",
                                "heal_layers", "injection"}
 
 
@@ -136,6 +136,7 @@ def previous_release_adapter(tmp_path, **config):
     del meta["recursion_policy"]
     cfg = meta["ouroboros_config"]
     cfg["max_steps"] = cfg.pop("max_depth")
+    cfg["coda_lora_rank"], cfg["coda_lora_alpha"] = cfg.pop("lora_rank"), cfg.pop("lora_alpha")
     cfg.update({**dict(default_depth=5, step_damping=0.5, trained_depth=4, step_dropout=0.0, coda_norms=False,
                        coda_lora_layers=0), **config})
     (tmp_path / "ad" / CONFIG_NAME).write_text(json.dumps(meta))

@@ -84,7 +84,7 @@ def test_seeds_and_domains_give_a_summary_with_spread(tmp_path):
         "train": {"steps": 2, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "eval_every": 2, "eval_blocks": 2},
         "eval": {"depths": [2], "blocks": 2, "modulation_inputs": 2},
         "defaults": {"rank": 4, "depths": [2]},
-        "runs": [{"variant": "controller", "pooling": "mean_and_token"}, {"variant": "none", "coda_lora_rank": 2}],
+        "runs": [{"variant": "controller", "pooling": "mean_and_token"}, {"variant": "none", "lora_rank": 2}],
         "seeds": [3, 4],
     }
     path = tmp_path / "spec.yaml"
@@ -208,7 +208,7 @@ def test_heal_runs_stand_beside_the_recursion_paired_by_seed(tmp_path):
         "train": {"steps": 2, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "eval_every": 2, "eval_blocks": 2},
         "eval": {"depths": [1, 2], "blocks": 2, "modulation_inputs": 2},
         "defaults": {"rank": 4, "depths": [2]},
-        "runs": [{"variant": "static"}, {"heal_layers": 1, "coda_lora_rank": 1}],
+        "runs": [{"variant": "static"}, {"heal_layers": 1, "lora_rank": 1}],
         "seeds": [0, 1],
     }
     path = tmp_path / "spec.yaml"

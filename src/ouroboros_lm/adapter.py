@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_bytes, ensure_dir
-from .adaptation import adapted_parameters
+from .peft_lora import adapted_parameters
 from .config import OuroborosConfig
 from .loading import load_base_model
 from .model import OuroborosModel

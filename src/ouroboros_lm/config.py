@@ -58,19 +58,20 @@ class OuroborosConfig:
                            "future tokens; reproduction only)", choices=POOLINGS, structural=True)
     style_dim: int = setting(128, "Controller style / step-embedding width", low=1, high=MAX_WIDTH, structural=True)
     controller_hidden: int = setting(256, "Controller hidden width", low=1, high=MAX_WIDTH, structural=True)
-    coda_lora_rank: int = setting(0, "rank of plain LoRA (PEFT) on the adapted outer layers' seven projections "
-                                  "(0: none)", low=0, high=1024, structural=True)
-    coda_lora_alpha: float = setting(8.0, "LoRA scale alpha of the outer layers (delta = alpha/rank B A x)", above=0,
-                                     high=1e4, structural=True)
+    lora_rank: int = setting(0, "rank of plain LoRA (PEFT) on the seven projections of every adapted layer: the "
+                             "coda, the prelude's tail (prelude_lora_layers), the recurrent layer (recurrent_lora), "
+                             "every kept layer of a heal model (0: none)", low=0, high=1024, structural=True)
+    lora_alpha: float = setting(8.0, "scale alpha of that plain LoRA (delta = alpha/rank B A x)", above=0,
+                                high=1e4, structural=True)
     prelude_lora_layers: int = setting(0, "how many of the last prelude layers (the prelude's tail) also get LoRA",
                                        low=0, high=MAX_LAYERS, structural=True)
-    recurrent_lora: bool = setting(False, "plain LoRA (PEFT, rank coda_lora_rank) on the recurrent layer's seven "
+    recurrent_lora: bool = setting(False, "plain LoRA (PEFT, rank lora_rank) on the recurrent layer's seven "
                                    "projections too, one set shared by every step (beside the step's modulation)",
                                    structural=True)
     heal_layers: int = setting(0, "build the heal model instead of the recursion: the pruned stack run once, with "
                                "heal_layers distinct middle layers (1: the recurrent layer alone, the same weights as "
                                "the recursion; N: N base layers evenly spaced over the removed ones, the compute of "
-                               "depth N) and plain LoRA of rank coda_lora_rank on every kept layer (0: the recursion)",
+                               "depth N) and plain LoRA of rank lora_rank on every kept layer (0: the recursion)",
                                low=0, high=MAX_LAYERS, structural=True)
     halter: bool = setting(False, "a trained per-token halter for adaptive depth (added by `ouroboros train-halter`)",
                            structural=True, cli=False, sweep=False)
@@ -89,11 +90,11 @@ class OuroborosConfig:
         validate_fields(self)
         if self.prelude_lora_layers > self.n_prelude:
             raise ValueError(f"prelude_lora_layers must be in [0, n_prelude={self.n_prelude}]; got {self.prelude_lora_layers}")
-        if self.prelude_lora_layers and not self.coda_lora_rank:
-            raise ValueError("prelude_lora_layers needs coda_lora_rank > 0 (the LoRA rank of every adapted outer layer)")
+        if self.prelude_lora_layers and not self.lora_rank:
+            raise ValueError("prelude_lora_layers needs lora_rank > 0 (the LoRA rank of every adapted outer layer)")
         for name in ("recurrent_lora", "heal_layers"):
-            if getattr(self, name) and not self.coda_lora_rank:
-                raise ValueError(f"{name} needs coda_lora_rank > 0 (the rank of the plain LoRA it adds)")
+            if getattr(self, name) and not self.lora_rank:
+                raise ValueError(f"{name} needs lora_rank > 0 (the rank of the plain LoRA it adds)")
         if num_layers is None:
             return
         L = num_layers
@@ -115,7 +116,7 @@ class OuroborosConfig:
     def lora_layers(self) -> dict[str, list[int]]:
         """Indices (within the prelude and the coda) of the outer layers that get plain LoRA. A heal
         model adapts every kept layer (its middle layers but the last run as the prelude's tail)."""
-        if not self.coda_lora_rank:
+        if not self.lora_rank:
             return {"prelude": [], "coda": []}
         if self.heal_layers:
             return {"prelude": list(range(self.n_prelude + self.heal_layers - 1)), "coda": list(range(self.n_coda))}
@@ -125,12 +126,12 @@ class OuroborosConfig:
     @property
     def lora_on_recurrent_layer(self) -> bool:
         """Whether the recurrent layer (a heal model's last middle layer) carries plain LoRA."""
-        return bool(self.coda_lora_rank and (self.recurrent_lora or self.heal_layers))
+        return bool(self.lora_rank and (self.recurrent_lora or self.heal_layers))
 
     @property
     def adapts_outer_layers(self) -> bool:
         """Whether anything outside the recurrent block trains (outer LoRA)."""
-        return bool(self.coda_lora_rank)
+        return bool(self.lora_rank)
 
     def check_depth(self, depth, name: str = "depth") -> int:
         """`depth`, if the model can run it (an integer in [1, max_depth]); ValueError naming `name`."""
@@ -172,6 +173,7 @@ class OuroborosConfig:
         return dataclasses.replace(self, **changes)
 
 
+RENAMED = {"max_steps": "max_depth", "coda_lora_rank": "lora_rank", "coda_lora_alpha": "lora_alpha"}  # old: new
 LEGACY_POLICY = ("default_depth", "step_damping", "trained_depth")  # moved to `policy.RecursionPolicy`
 RETIRED = {"coda_norms": False, "coda_lora_layers": 0, "step_dropout": None}  # removed: never measured to help
 
@@ -180,7 +182,8 @@ def migrate(d: dict) -> dict:
     """An architecture dict as this release writes it, from any earlier adapter's:
     format 1 (first releases) carried `depths`, `checkpoint_from_depth` and `seed` (the seed is
     `init_seed` now; the depths and checkpointing are training settings); `max_steps` is
-    `max_depth`; the inference knobs (`default_depth`, `step_damping`, `trained_depth`) moved to
+    `max_depth` and `coda_lora_rank` / `coda_lora_alpha` are `lora_rank` / `lora_alpha` (they set
+    every adapted layer's LoRA, not only the coda's); the inference knobs (`default_depth`, `step_damping`, `trained_depth`) moved to
     the adapter's `RecursionPolicy` (`policy.legacy_policy` reads them) and are dropped here;
     retired features are dropped when off and refused, with the reason, when an adapter used them."""
     if not isinstance(d, dict):
@@ -190,8 +193,9 @@ def migrate(d: dict) -> dict:
     d.pop("checkpoint_from_depth", None)
     if "seed" in d and "init_seed" not in d:
         d["init_seed"] = d.pop("seed")
-    if "max_steps" in d and "max_depth" not in d:
-        d["max_depth"] = d.pop("max_steps")
+    for old, new in RENAMED.items():
+        if old in d and new not in d:
+            d[new] = d.pop(old)
     for name in LEGACY_POLICY:
         d.pop(name, None)
     for name, off in RETIRED.items():

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import OuroborosCache
 from .families import reset_rotary_tables
-from .adaptation import adapted_parameters
+from .peft_lora import adapted_parameters
 from .hf_config import OuroborosHFConfig, register_config
 from .model import OuroborosModel
 from .surgery import tensor_fingerprint

@@ -19,7 +19,7 @@ chunked the same way.
 The two chunked autograd functions live in `ops.py` (`ops.chunked_head_loss`, `ops.chunked_kl`),
 each beside its full-logits reference; `ops.reference()` switches them (and the other fused ops) off.
 
-`OuroborosOutput.logits` is computed on first access (`lazy_logits`), in the grad and autocast
+`OuroborosOutput.logits` (model.py) is computed on first access (`lazy_logits`), in the grad and autocast
 mode of the forward that produced it: a training step that reads only `.loss` never materialises
 the [batch, seq, vocab] logits at all.
 """
@@ -144,35 +144,3 @@ def lazy_logits(hidden: torch.Tensor, lm_head: nn.Module) -> Callable[[], torch.
             return lm_head(hidden)
 
     return compute
-
-
-@dataclass(init=False, eq=False)
-class OuroborosOutput:
-    """loss (None without labels), logits [batch, seq, vocab]; under adaptive exit, steps [B, T]
-    (the recurrence steps each position ran); with `readout_steps` (K steps), step_losses [K, B, T]
-    (each position's next-token loss had the recursion stopped after each of those steps, 0 where
-    nothing is scored) and, for a model with a halter, step_halts [K, B, T] (its stop probability
-    there).
-
-    `logits` may be given as a tensor or as a function computing it (`lazy_logits`); then it is
-    computed on first access and kept. (The logits are not a dataclass field, so that code walking
-    the fields for tensors, e.g. DDP's find_unused_parameters, sees the loss and does not compute
-    the logits.)"""
-
-    loss: torch.Tensor | None
-    steps: torch.Tensor | None
-    step_losses: torch.Tensor | None
-    step_halts: torch.Tensor | None
-    ce_loss: torch.Tensor | None  # under distillation: the two terms of `loss` (detached)
-    kl_loss: torch.Tensor | None
-
-    def __init__(self, loss: torch.Tensor | None, logits, steps=None, step_losses=None, step_halts=None):
-        self.loss, self.steps, self.step_losses, self.step_halts = loss, steps, step_losses, step_halts
-        self.ce_loss = self.kl_loss = None
-        self.logits_or_thunk = logits
-
-    @property
-    def logits(self) -> torch.Tensor:
-        if callable(self.logits_or_thunk) and not torch.is_tensor(self.logits_or_thunk):
-            self.logits_or_thunk = self.logits_or_thunk()
-        return self.logits_or_thunk

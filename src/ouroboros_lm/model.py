@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .adaptation import inject_lora, adaptation_disabled, adaptation_parameter_count, adapted_parameters
+from .peft_lora import inject_lora, adaptation_disabled, adaptation_parameter_count, adapted_parameters
 from .cache import OuroborosCache
 from .config import OuroborosConfig
 from .exits import ExitKV, ExitRule, TokenExits
 from .families import OWN_HEAD_TYPES, final_logits, scale_embeddings
 from .generate import generate as generate_tokens
 from .layers import AttentionContext, KVSlot, build_context, decoder_layer, get_projection, layer_window
-from .loss import (OuroborosOutput, Teacher, causal_lm_loss, default_chunk, distill_loss, head_loss, head_token_losses,
+from .loss import (Teacher, causal_lm_loss, default_chunk, distill_loss, head_loss, head_token_losses,
                    lazy_logits, token_losses)
 from .memory import check_trainable_size
 from .ops import rms_norm
@@ -26,6 +27,38 @@ from .policy import RecursionPolicy
 from .readout import StepReadout
 from .recurrence import NO_TRAINING, RecurrentBlock, StepTraining
 from .surgery import check_architecture, kept_fingerprints, split_layers
+
+
+@dataclass(init=False, eq=False)
+class OuroborosOutput:
+    """loss (None without labels), logits [batch, seq, vocab]; under adaptive exit, steps [B, T]
+    (the recurrence steps each position ran); with `readout_steps` (K steps), step_losses [K, B, T]
+    (each position's next-token loss had the recursion stopped after each of those steps, 0 where
+    nothing is scored) and, for a model with a halter, step_halts [K, B, T] (its stop probability
+    there).
+
+    `logits` may be given as a tensor or as a function computing it (`lazy_logits`); then it is
+    computed on first access and kept. (The logits are not a dataclass field, so that code walking
+    the fields for tensors, e.g. DDP's find_unused_parameters, sees the loss and does not compute
+    the logits.)"""
+
+    loss: torch.Tensor | None
+    steps: torch.Tensor | None
+    step_losses: torch.Tensor | None
+    step_halts: torch.Tensor | None
+    ce_loss: torch.Tensor | None  # under distillation: the two terms of `loss` (detached)
+    kl_loss: torch.Tensor | None
+
+    def __init__(self, loss: torch.Tensor | None, logits, steps=None, step_losses=None, step_halts=None):
+        self.loss, self.steps, self.step_losses, self.step_halts = loss, steps, step_losses, step_halts
+        self.ce_loss = self.kl_loss = None
+        self.logits_or_thunk = logits
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if callable(self.logits_or_thunk) and not torch.is_tensor(self.logits_or_thunk):
+            self.logits_or_thunk = self.logits_or_thunk()
+        return self.logits_or_thunk
 
 
 def check_token_range(input_ids: torch.Tensor, vocab_size: int, what: str = "input_ids") -> None:
@@ -40,7 +73,7 @@ class OuroborosModel(nn.Module):
     Build it with `OuroborosModel.from_base(base, OuroborosConfig(...), RecursionPolicy(...))`. What
     trains: the Controller (or static vectors), the recurrence gate, the per-step norms and the input
     injection, as configured, and plain LoRA (PEFT) on the outer layers and the recurrent layer where
-    `coda_lora_rank` is set. With `heal_layers` it is the heal
+    `lora_rank` is set. With `heal_layers` it is the heal
     model instead: the pruned stack (its middle layers once each) with plain LoRA on every kept layer,
     the alternative to recursion that every comparison stands beside.
 
@@ -125,7 +158,7 @@ class OuroborosModel(nn.Module):
             n = sum(p.numel() for p in outer.values())
             return {"lora": n, "total": n}
         out = {name: sum(p.numel() for p in m.parameters()) for name, m in self.recurrent.trainable_parts().items()}
-        if self.config.coda_lora_rank:
+        if self.config.lora_rank:
             out["outer_lora"] = sum(p.numel() for n, p in outer.items() if ".lora_" in n and not n.startswith("recurrent."))
         if self.config.lora_on_recurrent_layer:
             out["recurrent_lora"] = sum(p.numel() for n, p in outer.items() if n.startswith("recurrent."))
@@ -310,7 +343,7 @@ class OuroborosModel(nn.Module):
         c = self.config
         if c.heal_layers:
             return (f"base={self.base_name!r}, heal: prelude={c.n_prelude}, middle={c.heal_layers}, coda={c.n_coda}, "
-                    f"lora_rank={c.coda_lora_rank}")
+                    f"lora_rank={c.lora_rank}")
         return (
             f"base={self.base_name!r}, prelude={c.n_prelude}, recurrent_layer={c.recurrent_layer}, "
             f"coda={c.n_coda}, variant={c.variant}, rank={c.rank}, gate={c.gate}, pooling={c.pooling}, "

@@ -26,7 +26,7 @@ from .exits import ExitKV, TokenExits
 from .families import step_norm_names
 from .halter import Halter
 from .layers import AttentionContext, KVSlot, decoder_layer
-from .lora import SVDLoRABases
+from .svd_bases import SVDBases
 from .memory import activations_fit, step_activation_bytes
 from .ops import gate_mix
 from .policy import RecursionPolicy
@@ -134,7 +134,7 @@ NO_TRAINING = StepTraining()
 
 
 class RecurrentBlock(nn.Module):
-    def __init__(self, layer: nn.Module, window: int | None, bases: SVDLoRABases | None, config: OuroborosConfig,
+    def __init__(self, layer: nn.Module, window: int | None, bases: SVDBases | None, config: OuroborosConfig,
                  hidden_size: int, policy: RecursionPolicy | None = None):
         super().__init__()
         self.config = config

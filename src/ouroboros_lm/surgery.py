@@ -11,7 +11,7 @@ from torch import nn
 from .config import TARGETS, OuroborosConfig
 from .families import FAMILIES, Family, refusal, submodule
 from .projections import get_projection
-from .lora import SVDLoRABases
+from .svd_bases import SVDBases
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -91,7 +91,7 @@ def split_layers(base: nn.Module, config: OuroborosConfig, compute_bases: bool =
             raise ValueError(f"rank must be in [1, {limit}] (the smallest side of the recurrent layer's projections); got {config.rank}")
         removed = [layers[i] for i in removed_idx] if compute_bases else None
         with torch.no_grad():
-            bases = SVDLoRABases.from_layers(recurrent, removed, config.rank, config.alpha)
+            bases = SVDBases.from_layers(recurrent, removed, config.rank, config.alpha)
     prelude = [layers[i] for i in range(config.n_prelude)] + middle[:-1]  # a heal model's other middle layers
     coda = [layers[i] for i in range(L - config.n_coda, L)]
     # Free the removed layers: the base model keeps only what we use.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ouroboros_lm.adaptation import matching_lora_rank
+from ouroboros_lm.peft_lora import matching_lora_rank
 from ouroboros_lm.adapter import save_adapter
 from ouroboros_lm.atomic import ensure_dir, remove_tree, write_json, write_marker
 from ouroboros_lm.config import MAX_DEPTH, OuroborosConfig
@@ -196,9 +196,9 @@ def train_heal(run: DemoRun, folder: str, middle: int, budget: int, steps: int, 
     Returns (the model, its row name, the training summary)."""
     base, m = load_base_model(run.demo.base), run.model
     probe = OuroborosConfig(n_prelude=m.n_prelude, recurrent_layer=m.recurrent_layer, n_coda=m.n_coda,
-                            heal_layers=middle, coda_lora_rank=1, init_seed=m.init_seed)
+                            heal_layers=middle, lora_rank=1, init_seed=m.init_seed)
     rank = matching_lora_rank(probe, base.model.layers[0], base.config.hidden_size, budget)
-    model = OuroborosModel.from_base(base, probe.replace(coda_lora_rank=rank), base_name=run.demo.base)
+    model = OuroborosModel.from_base(base, probe.replace(lora_rank=rank), base_name=run.demo.base)
     save_adapter(model, out / folder)
     # the recursion's schedule step for step (it may have stopped early on its time budget: so does this one)
     tc = dataclasses.replace(run.train, stop_after=steps, time_budget=run.demo.heal_time_budget, depths=(1,),

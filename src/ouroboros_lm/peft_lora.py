@@ -46,7 +46,7 @@ def inject_lora(model) -> None:
     # only the frozen layers go in (PEFT freezes everything else it is handed: the recurrent block's own parts stay out)
     holder = nn.ModuleDict({"prelude": model.prelude, "coda": model.coda,
                             "recurrent": nn.ModuleDict({"layer": model.recurrent.layer})})
-    peft_config = LoraConfig(r=config.coda_lora_rank, lora_alpha=config.coda_lora_alpha, lora_dropout=0.0,
+    peft_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                              target_modules=pattern, bias="none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed + 1)  # LoRA's A draws, reproducible and apart from the global RNG
@@ -74,7 +74,7 @@ def lora_layers_of(model) -> list[nn.Module]:
 def adaptation_disabled(model):
     """The outer layers as the base has them, for the duration: PEFT's LoRA switched off
     (`enable_adapters`, trainable flags kept as they were)."""
-    lora = lora_layers_of(model) if model.config.coda_lora_rank else []
+    lora = lora_layers_of(model) if model.config.lora_rank else []
     flags = {p: p.requires_grad for m in lora for p in m.parameters()}
     try:
         for m in lora:
@@ -90,15 +90,15 @@ def adaptation_disabled(model):
 def adaptation_parameter_count(config, layer: nn.Module, hidden_size: int) -> int:
     """Parameters the outer-layer adaptation adds, from the settings and one layer's shapes."""
     n = 0
-    if config.coda_lora_rank:
-        per_layer = sum(config.coda_lora_rank * (lin.in_features + lin.out_features)
+    if config.lora_rank:
+        per_layer = sum(config.lora_rank * (lin.in_features + lin.out_features)
                         for lin in projection_linears(layer))
         n += per_layer * (sum(len(v) for v in config.lora_layers().values()) + config.lora_on_recurrent_layer)
     return n
 
 
 def matching_lora_rank(config, layer: nn.Module, hidden_size: int, budget: int) -> int:
-    """The plain-LoRA rank (`coda_lora_rank`) at which `config`'s trained weights come closest to
+    """The plain-LoRA rank (`lora_rank`) at which `config`'s trained weights come closest to
     `budget` (e.g. a heal model with as many weights as a recursive one); at least 1."""
-    per_rank = adaptation_parameter_count(config.replace(coda_lora_rank=1), layer, hidden_size)
+    per_rank = adaptation_parameter_count(config.replace(lora_rank=1), layer, hidden_size)
     return max(1, round(budget / per_rank)) if per_rank else 1

@@ -44,7 +44,7 @@ def svd_bases(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous()
 
 
-class SVDLoRABases(nn.Module):
+class SVDBases(nn.Module):
     """Buffers A_<group> (concatenated over the group's targets) and B_<target>."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], rank: int, alpha: float, dtype, device=None):
@@ -126,7 +126,7 @@ class ModulatedProjections:
     d has shape [7, r] (static: same for every token) or [B, T, 7, r] (Controller).
     """
 
-    def __init__(self, bases: SVDLoRABases, d: torch.Tensor):
+    def __init__(self, bases: SVDBases, d: torch.Tensor):
         self.bases = bases
         self.d = d
         self._group_x: dict[str, torch.Tensor] = {}
