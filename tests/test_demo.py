@@ -11,7 +11,8 @@ def test_the_shipped_config_keeps_every_setting_the_demo_had():
     """demo.yaml + the library's dataclasses give what DemoConfig used to declare itself."""
     run = DemoRun.load()
     m, tc, ev = run.model, run.train, run.eval
-    assert (m.n_prelude, m.recurrent_layer, m.n_coda, m.rank, m.lora_rank, m.init_seed) == (7, 15, 7, 32, 2, 0)
+    assert (m.n_prelude, m.recurrent_layer, m.n_coda, m.rank, m.lora_rank, m.injection, m.init_seed) == (
+        7, 15, 7, 32, 2, "linear", 0)
     assert run.policy == RecursionPolicy(default_depth=8, step_damping=0.5)
     assert (tc.steps, tc.batch_size, tc.lr, tc.warmup_steps, tc.time_budget, tc.depths, tc.depth_schedule,
             tc.depth_mean, tc.param_steps, tc.backprop_steps, tc.distill_weight, tc.seed) == (
