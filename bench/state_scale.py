@@ -55,7 +55,7 @@ def main() -> None:
         model = load_adapter(folder).eval()
         if corpus is None:
             files = sorted(f for g in HELDOUT for f in glob.glob(g))
-            corpus = build_corpus(files, load_tokenizer(model.base_name), seq_len=args.seq_len, heldout=files[:1])
+            corpus = build_corpus(files[1:], load_tokenizer(model.base_name), seq_len=args.seq_len, heldout=files[:1])
         traces[folder] = trace(model, corpus.train[: args.blocks], args.depth)
     shown = [int(s) for s in args.steps.split(",") if int(s) <= args.depth]
     print("step | " + " | ".join(f"{os.path.basename(f.rstrip('/'))[-40:]} loss / scale / update" for f in traces))

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY, randomize_trainables, tiny_ouroboros
 from ouroboros_lm import RecursionPolicy, StepTraining, TrainConfig
 from ouroboros_lm.exits import ExitRule
-from ouroboros_lm.train import step_depth
+from ouroboros_lm.schedules import step_depth
 
 
 def trained_model(**kw):
@@ -178,7 +178,7 @@ def test_a_read_out_step_loses_what_the_model_stopped_there_would(tokens):
 def test_per_step_supervision_follows_the_gradient_of_its_objective(tokens):
     """The trainer's objective with step_loss_weight w is L(depth) + w * L(s): its gradient equals
     that of two separate forwards (depth and s) combined by hand."""
-    from ouroboros_lm.train import step_objective
+    from ouroboros_lm.loss import step_objective
 
     tc = TrainConfig(step_loss_weight=0.5, depths=(6,))
     model = trained_model().train()
@@ -193,7 +193,7 @@ def test_per_step_supervision_follows_the_gradient_of_its_objective(tokens):
 
 
 def test_the_monotonicity_term_charges_only_steps_that_make_the_loss_worse():
-    from ouroboros_lm.train import step_objective
+    from ouroboros_lm.loss import step_objective
 
     labels = torch.zeros(1, 3, dtype=torch.long)  # 2 scored positions per row
     per_step = torch.tensor([[[2.0, 2.0, 0.0]], [[3.0, 1.0, 0.0]], [[1.0, 1.0, 0.0]]])  # means 2, 2, 1
@@ -205,7 +205,7 @@ def test_the_monotonicity_term_charges_only_steps_that_make_the_loss_worse():
 
 
 def test_read_out_steps_are_drawn_among_the_steps_with_gradients():
-    from ouroboros_lm.train import readout_steps
+    from ouroboros_lm.schedules import readout_steps
 
     assert readout_steps(TrainConfig(), 3, 8) == ()  # off
     tc = TrainConfig(step_loss_weight=1.0, step_loss_samples=2, backprop_steps=4)

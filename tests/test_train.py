@@ -15,7 +15,8 @@ from ouroboros_lm import load_adapter, save_adapter
 from ouroboros_lm import OuroborosConfig, OuroborosModel
 from ouroboros_lm.data import build_corpus
 from ouroboros_lm.checkpoints import read_metrics
-from ouroboros_lm.train import TrainConfig, lr_lambda, train
+from ouroboros_lm.schedules import lr_lambda
+from ouroboros_lm.train import TrainConfig, train
 
 HERE = Path(__file__).parent
 

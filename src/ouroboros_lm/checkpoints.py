@@ -7,7 +7,9 @@ links, and fault injection for the crash tests.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -147,3 +149,23 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if path.is_file() or path.is_symlink():
         keep = [json.dumps(r) for r in read_metrics(run_dir) if r.get("step", 0) <= step]
         write_text(path, "\n".join(keep) + "\n" if keep else "")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """An exclusive lock on a run folder for the whole run. The kernel releases it when the
+    process exits, however it exits, so a dead run never leaves a stale lock behind."""
+    ensure_dir(run_dir)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise ValueError(f"{run_dir} is in use by another ouroboros run (pid {holder}); "
+                             "wait for it to finish or use another folder (nothing was changed)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -23,7 +23,7 @@ from .data import Corpus
 from .halter import Halter, exit_entropy, expected_loss, expected_steps, improvement_loss, token_mean
 from .loss import IGNORE, shift_labels
 from .settings import setting, to_dict, validate_fields
-from .train import run_lock
+from .checkpoints import run_lock
 
 OBJECTIVES = ("expected", "improvement")
 

@@ -144,3 +144,17 @@ def lazy_logits(hidden: torch.Tensor, lm_head: nn.Module) -> Callable[[], torch.
             return lm_head(hidden)
 
     return compute
+
+
+def step_objective(tc, final: torch.Tensor, step_losses: torch.Tensor | None, labels) -> torch.Tensor:
+    """What per-step supervision adds to the final loss `final`: step_loss_weight x the mean of the
+    read-out steps' losses, and monotonic_weight x the sum of relu(L_later - L_earlier) along the
+    read-out steps and the final step (step_losses: [k, B, T] per position, 0 where unscored)."""
+    if step_losses is None:
+        return final.new_zeros(())
+    means = step_losses.sum(dim=(1, 2)) / max(1, scored_tokens(labels))
+    extra = tc.step_loss_weight * means.mean()
+    if tc.monotonic_weight:
+        chain = torch.cat([means, final.reshape(1)])
+        extra = extra + tc.monotonic_weight * torch.relu(chain[1:] - chain[:-1]).sum()
+    return extra

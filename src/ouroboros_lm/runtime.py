@@ -38,3 +38,14 @@ def choose_runtime(mixed_precision: str = "auto") -> Runtime:
     cuda = torch.cuda.is_available()
     mp = ("bf16" if cuda else "no") if mixed_precision == "auto" else mixed_precision
     return Runtime(torch.device("cuda" if cuda else "cpu"), mp)
+
+
+def release_accelerator_state(mixed_precision: str) -> None:
+    """accelerate keeps one precision per process; a second run in the same process (a notebook,
+    a sweep, a test) with another precision would be refused. Forget the earlier precision; the
+    process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and str(previous) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)

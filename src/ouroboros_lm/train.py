@@ -8,10 +8,7 @@ evaluation, checkpoint) is its own method. The run folder's files are in `checkp
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
-import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,19 +19,19 @@ from tqdm.auto import tqdm
 from .adapter import copy_into, read_adapter, save_adapter
 from .atomic import ensure_dir
 from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, read_state, refuse_planted_links,
-                          remove_partial_checkpoints, save_checkpoint, truncate_metrics)
+                          remove_partial_checkpoints, run_lock, save_checkpoint, truncate_metrics)
 from .config import MAX_DEPTH
 from .data import Corpus
 from .evaluate import mean_loss
-from .loss import scored_tokens
+from .loss import step_objective
 from .model import check_token_range
 from .recurrence import CHECKPOINTING, StepTraining
-from .runtime import PRECISIONS, choose_runtime
+from .runtime import PRECISIONS, choose_runtime, release_accelerator_state
+from .schedules import DEPTH_SCHEDULES, lr_lambda, readout_steps, step_depth
 from .settings import setting, structural_fields, to_dict, validate_fields
 from .teacher import check_teacher, teacher_targets
 
 BIG = 10**9
-DEPTH_SCHEDULES = ("uniform", "lognormal_poisson")
 TRACKERS = ("none", "tensorboard", "wandb")
 TRACKING_DIR = "tracking"  # trackers' local files (TensorBoard events) under the run folder
 
@@ -117,69 +114,6 @@ class TrainConfig:
             raise ValueError("monotonic_weight compares next-token losses; it cannot be combined with distill_weight")
 
 
-def lr_lambda(tc: TrainConfig):
-    """Linear warmup to lr, then cosine down to min_lr at `steps`."""
-
-    def f(step: int) -> float:
-        if tc.warmup_steps and step < tc.warmup_steps:
-            return (step + 1) / tc.warmup_steps
-        span = max(1, tc.steps - tc.warmup_steps)
-        progress = min(1.0, (step - tc.warmup_steps) / span)
-        floor = tc.min_lr / tc.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def step_depth(tc: TrainConfig, step: int) -> int:
-    """The depth trained at `step`, a function of (seed, step) only (exact resume)."""
-    rng = random.Random(tc.seed * 7_919 + step)
-    lo, hi = min(tc.depths), max(tc.depths)
-    if tc.depth_schedule == "lognormal_poisson":
-        # Huginn's draw: rate = exp(N(log(mean - 1) - sigma^2 / 2, sigma)), so E[rate] = mean - 1; depth = 1 + Poisson(rate)
-        sigma = 0.5
-        rate = math.exp(rng.gauss(math.log(tc.depth_mean - 1.0) - sigma**2 / 2, sigma))
-        return min(hi, max(lo, 1 + poisson(rng, rate)))
-    return rng.choice(tc.depths)
-
-
-def readout_steps(tc: TrainConfig, step: int, depth: int) -> tuple[int, ...]:
-    """The intermediate steps read out at optimizer step `step` (per-step supervision): up to
-    `step_loss_samples` distinct step counts in [1, depth), among those with gradients under
-    truncated backprop; a function of (seed, step) only (exact resume). () when off."""
-    if not (tc.step_loss_weight or tc.monotonic_weight):
-        return ()
-    first = max(1, depth - tc.backprop_steps) if tc.backprop_steps else 1
-    window = list(range(first, depth))
-    rng = random.Random(tc.seed * 104_729 + step)
-    return tuple(sorted(rng.sample(window, min(tc.step_loss_samples, len(window)))))
-
-
-def step_objective(tc: TrainConfig, final: torch.Tensor, step_losses: torch.Tensor | None, labels) -> torch.Tensor:
-    """What per-step supervision adds to the final loss `final`: step_loss_weight x the mean of the
-    read-out steps' losses, and monotonic_weight x the sum of relu(L_later - L_earlier) along the
-    read-out steps and the final step (step_losses: [k, B, T] per position, 0 where unscored)."""
-    if step_losses is None:
-        return final.new_zeros(())
-    means = step_losses.sum(dim=(1, 2)) / max(1, scored_tokens(labels))
-    extra = tc.step_loss_weight * means.mean()
-    if tc.monotonic_weight:
-        chain = torch.cat([means, final.reshape(1)])
-        extra = extra + tc.monotonic_weight * torch.relu(chain[1:] - chain[:-1]).sum()
-    return extra
-
-
-def poisson(rng: random.Random, lam: float) -> int:
-    """A Poisson draw (Knuth's method for small rates, a rounded normal for large ones)."""
-    if lam > 50:
-        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
-    limit, k, p = math.exp(-lam), 0, rng.random()
-    while p > limit:
-        k += 1
-        p *= rng.random()
-    return k
-
-
 def out_of_memory_message(tc: TrainConfig, seq_len: int, depth: int, device, err) -> str:
     return (
         f"out of memory on {device} for a micro-batch of {tc.batch_size} x {seq_len} tokens at depth {depth} "
@@ -190,37 +124,6 @@ def out_of_memory_message(tc: TrainConfig, seq_len: int, depth: int, device, err
 
 def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
-
-
-def release_accelerator_state(mixed_precision: str) -> None:
-    """accelerate keeps one precision per process; a second run in the same process (a notebook,
-    a sweep, a test) with another precision would be refused. Forget the earlier precision; the
-    process group (PartialState) is kept."""
-    from accelerate.state import AcceleratorState
-
-    previous = AcceleratorState._shared_state.get("_mixed_precision")
-    if previous is not None and str(previous) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """An exclusive lock on a run folder for the whole run. The kernel releases it when the
-    process exits, however it exits, so a dead run never leaves a stale lock behind."""
-    ensure_dir(run_dir)
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise ValueError(f"{run_dir} is in use by another ouroboros run (pid {holder}); "
-                             "wait for it to finish or use another folder (nothing was changed)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 def resume_conflicts(saved: dict, tc: TrainConfig, seq_len: int, data: dict | None = None) -> list[str]:
