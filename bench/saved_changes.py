@@ -33,17 +33,8 @@ import time
 import torch
 
 from common import autocast, random_base
-<<<<<<< HEAD
-from ouroboros_lm import OuroborosConfig, OuroborosModel, StepTraining
-from ouroboros_lm.controller import Controller, pool
-from ouroboros_lm.loss import causal_lm_loss
-from ouroboros_lm.model import OuroborosOutput
-from ouroboros_lm.model import OuroborosModel as _M
-from ouroboros_lm.recurrence import RecurrenceGate
-=======
-from ouroboros_lm import OuroborosConfig, OuroborosModel, ops
+from ouroboros_lm import OuroborosConfig, OuroborosModel, StepTraining, ops
 from ouroboros_lm.loss import Teacher
->>>>>>> wip/ops
 
 
 def variants(distill: bool) -> dict[str, tuple[str, ...]]:
@@ -80,11 +71,7 @@ def main():
 
     def step(depth, hooks=None):
         with autocast("cpu", dtype), (hooks or contextlib.nullcontext()):
-<<<<<<< HEAD
-            loss = model(ids, labels=ids, depth=depth, training=StepTraining("never")).loss
-=======
-            loss = model(ids, labels=ids, depth=depth, teacher=teacher).loss
->>>>>>> wip/ops
+            loss = model(ids, labels=ids, depth=depth, teacher=teacher, training=StepTraining("never")).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
 

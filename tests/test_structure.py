@@ -194,3 +194,13 @@ def test_no_add_argument_for_a_flag_a_settings_dataclass_declares():
                             and arg.value in declared:
                         bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {arg.value} ({declared[arg.value]})")
     assert not bad, bad
+
+
+def test_no_merge_conflict_markers_anywhere():
+    """A merge left half done (markers committed) is caught here, not by a user's import error."""
+    root = SRC.parent.parent
+    bad = [f"{p.relative_to(root)}:{i}" for folder in ("src", "tests", "bench", "docs", "configs")
+           for p in sorted((root / folder).rglob("*")) if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".toml")
+           for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+           if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "======="]
+    assert not bad, bad

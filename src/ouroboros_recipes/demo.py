@@ -36,7 +36,7 @@ from ouroboros_lm.runtime import choose_runtime
 from ouroboros_lm.settings import add_flags, from_dict, overrides, setting, to_dict
 from ouroboros_lm.train import TrainConfig, train
 
-from .report import plot_exit_steps
+from .sweep_plots import plot_exit_steps
 from .yaml_file import load_yaml
 
 SHIPPED = Path(__file__).with_name("demo.yaml")
