@@ -48,10 +48,11 @@ def test_the_demo_help_lists_the_library_settings_with_the_shipped_values():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     text = " ".join(sub.choices["demo"].format_help().split())
     for needle in ("--train.steps STEPS optimizer steps (in [1, 1000000000]) (default: 70)",
-                   "--model.step-damping STEP_DAMPING", "(default: 0.5)", "--eval.blocks BLOCKS", "(default: 16)",
+                   "--policy.step-damping STEP_DAMPING", "(default: 0.5)", "--model.injection", "--eval.blocks BLOCKS", "(default: 16)",
                    "--data.seq-len SEQ_LEN", "--halter.max-depth", "--no-heal-rows", "--config YAML"):
         assert needle in text, needle
-    for fixed in ("--model.init-seed", "--eval.seed", "--eval.full", "--data.train", "--halter.seed"):
+    for fixed in ("--model.init-seed", "--policy.trained-depth", "--eval.seed", "--eval.full", "--data.train",
+                  "--halter.seed"):
         assert fixed not in text, fixed
 
 
