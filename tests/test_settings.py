@@ -110,19 +110,29 @@ def test_the_adapter_fixes_exactly_the_structural_fields():
                                "heal_layers", "injection"}
 
 
-def test_adapters_written_before_the_split_of_settings_still_load(tmp_path):
-    """Format-1 adapters of the first releases kept training depths, checkpointing and the seed in
-    the model config; they load, the largest training depth becoming default_depth."""
+def older_adapter(tmp_path, edit):
+    """(a tiny model, its adapter folder rewritten as an earlier release wrote it): no recursion_policy
+    block, `max_steps` for `max_depth`, and `edit(architecture dict)` for the rest."""
     model = tiny_ouroboros("llama")
     save_adapter(model, tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
     del meta["recursion_policy"]
     cfg = meta["ouroboros_config"]
-    cfg["seed"] = cfg.pop("init_seed")
     cfg["max_steps"] = cfg.pop("max_depth")
-    cfg.update(depths=[2, 4, 6], checkpoint_from_depth=8)
+    edit(cfg)
     (tmp_path / "ad" / CONFIG_NAME).write_text(json.dumps(meta))
-    loaded = load_adapter(tmp_path / "ad", base=tiny_base("llama"))
+    return model, tmp_path / "ad"
+
+
+def test_adapters_written_before_the_split_of_settings_still_load(tmp_path):
+    """Format-1 adapters of the first releases kept training depths, checkpointing and the seed in
+    the model config; they load, the largest training depth becoming default_depth."""
+    def first_release(cfg):
+        cfg["seed"] = cfg.pop("init_seed")
+        cfg.update(depths=[2, 4, 6], checkpoint_from_depth=8)
+
+    model, folder = older_adapter(tmp_path, first_release)
+    loaded = load_adapter(folder, base=tiny_base("llama"))
     assert loaded.policy.default_depth == 6 and loaded.config.init_seed == 0 and loaded.config.max_depth == 16
     assert all((loaded.trainable_state_dict()[k] == v).all() for k, v in model.trainable_state_dict().items())
 
@@ -130,17 +140,12 @@ def test_adapters_written_before_the_split_of_settings_still_load(tmp_path):
 def previous_release_adapter(tmp_path, **config):
     """An adapter as the release before the policy block wrote it: the inference knobs, `max_steps`
     and the retired features' fields inside the architecture's dict, no recursion_policy."""
-    model = tiny_ouroboros("llama")
-    save_adapter(model, tmp_path / "ad")
-    meta = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
-    del meta["recursion_policy"]
-    cfg = meta["ouroboros_config"]
-    cfg["max_steps"] = cfg.pop("max_depth")
-    cfg["coda_lora_rank"], cfg["coda_lora_alpha"] = cfg.pop("lora_rank"), cfg.pop("lora_alpha")
-    cfg.update({**dict(default_depth=5, step_damping=0.5, trained_depth=4, step_dropout=0.0, coda_norms=False,
-                       coda_lora_layers=0), **config})
-    (tmp_path / "ad" / CONFIG_NAME).write_text(json.dumps(meta))
-    return model, tmp_path / "ad"
+    def previous_release(cfg):
+        cfg["coda_lora_rank"], cfg["coda_lora_alpha"] = cfg.pop("lora_rank"), cfg.pop("lora_alpha")
+        cfg.update({**dict(default_depth=5, step_damping=0.5, trained_depth=4, step_dropout=0.0, coda_norms=False,
+                           coda_lora_layers=0), **config})
+
+    return older_adapter(tmp_path, previous_release)
 
 
 def test_adapters_of_the_release_before_the_policy_block_load_with_their_policy(tmp_path):
