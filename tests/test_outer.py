@@ -1,5 +1,5 @@
 """Adapting the outer layers (PEFT LoRA on the coda / prelude tail), the recurrent block's input
-injection and the Controller's conditioning options (mean_and_token pooling)."""
+injection and anchored state scale, and the Controller's conditioning options (mean_and_token pooling)."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 OUTER = dict(lora_rank=4, prelude_lora_layers=1)
 INJECTIONS = [dict(injection="linear"), dict(injection="diagonal")]
+ANCHORED = dict(state_scale="anchored", injection="linear")
 
 
 def test_fresh_outer_adaptation_is_exactly_neutral(tokens):
@@ -104,7 +105,7 @@ def test_outer_adaptation_round_trips_and_is_a_new_format(tmp_path, tokens):
         load_adapter(tmp_path / "a", base=tiny_base("llama"))
 
 
-@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token")] + INJECTIONS)
+@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), ANCHORED] + INJECTIONS)
 def test_options_stay_causal_and_cached_decoding_equals_recomputing(options, tokens):
     model = tiny_ouroboros("llama", **options)
     randomize_trainables(model, scale=0.3)
@@ -120,7 +121,7 @@ def test_options_stay_causal_and_cached_decoding_equals_recomputing(options, tok
             assert torch.equal(logits.argmax(-1), out[:, i])
 
 
-@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), dict(lora_rank=3)] + INJECTIONS)
+@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), dict(lora_rank=3), ANCHORED] + INJECTIONS)
 def test_trainable_count_from_settings_matches_the_model(options):
     model = tiny_ouroboros("llama", **options)
     base = tiny_base("llama")
@@ -174,6 +175,64 @@ def test_input_injection_recalls_the_prelude_output_at_every_step(tokens):
             h = rec.gate(h_new, h)
         reference = model.head(model.run_layers("coda", h, ctx)).logits
         torch.testing.assert_close(model(tokens, depth=3).logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_anchored_state_scale_holds_each_step_at_step_one_rms_times_its_factor(tokens):
+    """Anchored, every token's state after step s >= 2 has the RMS of its state after step 1 times
+    exp(a_s) (measured on the states themselves), the direction of the free step's output, and depth 1
+    is exactly the free model's."""
+    free = tiny_ouroboros("llama", injection="linear")
+    anchored = tiny_ouroboros("llama", **ANCHORED)
+    randomize_trainables(free, scale=0.3)
+    randomize_trainables(anchored, scale=0.3)  # the same draws for the shared parts, then log_scale
+    shared = {n: p for n, p in anchored.recurrent.state_dict().items() if not n.startswith("state_scale.")}
+    free.recurrent.load_state_dict(shared)
+    a = anchored.recurrent.state_scale.log_scale.detach()
+    assert a.abs().min() > 0  # random factors, so the check below is not of exp(0) = 1
+    states = []
+    with torch.no_grad():
+        torch.testing.assert_close(anchored(tokens, depth=1).logits, free(tokens, depth=1).logits, atol=0, rtol=0)
+        rec = anchored.recurrent
+        h, ctx, _ = anchored.embed(tokens)
+        e = anchored.run_layers("prelude", h, ctx)
+        rec(e, ctx, 4, observe=lambda s, h: states.append(h.clone()))
+        rms = [h.pow(2).mean(-1).sqrt() for h in states]
+        for s in range(1, 4):
+            torch.testing.assert_close(rms[s], rms[0] * a[s].exp(), atol=1e-4, rtol=1e-4)
+        # the direction is the free step's from the same state
+        h1 = states[0]
+        scale, rec.state_scale = rec.state_scale, None  # the same step without the rescale
+        try:
+            out = rec.step(h1, 1, ctx, None, e=e)
+        finally:
+            rec.state_scale = scale
+        torch.testing.assert_close(torch.nn.functional.normalize(states[1], dim=-1),
+                                   torch.nn.functional.normalize(out, dim=-1), atol=1e-5, rtol=1e-4)
+        assert (rms[3] / rms[0]).sub(1).abs().max() > 1e-2  # the factors act (it is not a plain renorm)
+
+
+def test_anchored_state_scale_round_trips_and_exports(tmp_path, tokens):
+    """Its factors are saved, loaded and exported with the rest of the recurrent block."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tiny_base
+    from ouroboros_lm import load_base_model
+    from ouroboros_lm.export import export_hf
+
+    base = save_tiny_base(tmp_path / "base")
+    model = OuroborosModel.from_base(load_base_model(base), OuroborosConfig(**TINY_SPLIT, **ANCHORED), base_name=base)
+    randomize_trainables(model, scale=0.3)
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(tmp_path / "adapter").eval()
+    assert torch.equal(loaded.recurrent.state_scale.log_scale, model.recurrent.state_scale.log_scale)
+    export_hf(tmp_path / "adapter", tmp_path / "hf", depth=3)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ours = model.eval()(tokens, depth=3).logits
+        torch.testing.assert_close(loaded(tokens, depth=3).logits, ours, atol=0, rtol=0)
+        torch.testing.assert_close(hf(tokens).logits, ours, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="state_scale must be one of free, anchored"):
+        OuroborosConfig(**{**TINY_SPLIT, "state_scale": "clipped"})
 
 
 def test_mean_and_token_reads_both_views(tokens):

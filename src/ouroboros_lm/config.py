@@ -14,6 +14,7 @@ from .settings import from_dict, setting, to_dict, validate_fields
 
 VARIANTS = ("controller", "static", "none")
 INJECTIONS = ("none", "diagonal", "linear")
+STATE_SCALES = ("free", "anchored")
 POOLINGS = ("prefix_mean", "token", "mean_and_token", "sequence_mean")
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 MAX_LAYERS = 1024
@@ -52,6 +53,10 @@ class OuroborosConfig:
     injection: str = setting("none", "input injection: every step's layer reads h + W_e e + b_e (linear, H^2 + H "
                              "weights) or h + a * e (diagonal, H), e the prelude's output, zero at init (none: h alone)",
                              choices=INJECTIONS, structural=True)
+    state_scale: str = setting("free", "the recurrent state's scale: free (each step's residual output grows it), or "
+                               "anchored (from step 2 on, every step's state is rescaled, per token, to the RMS of "
+                               "step 1's output times a learned per-step factor, 1 at init; depth 1 is unchanged)",
+                               choices=STATE_SCALES, structural=True)
     step_norm: bool = setting(True, "a separate pair of RMSNorm weights per recurrence step", structural=True)
     pooling: str = setting("prefix_mean", "what the Controller reads: the prefix mean, the token's own state, "
                            "both side by side (mean_and_token), or the whole-sequence mean (sequence_mean leaks "

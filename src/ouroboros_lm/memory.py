@@ -74,6 +74,8 @@ def trainable_parameter_count(config, hidden_size: int) -> int:
     if config.step_norm:
         n += steps * 2 * H
     n += {"none": 0, "diagonal": H, "linear": H * H + H}[config.injection]
+    if config.state_scale == "anchored":
+        n += steps
     if config.halter:
         n += 2 * H + 1 + steps
     return n

@@ -5,6 +5,7 @@ Each step s:
     x      = h + W_e e + b_e          (input injection of the prelude's output e; or x = h)
     h_new  = layer(x; norms = step_norms[s], projections + (alpha/r) B diag(d) A)
     h      = g * h_new + (1 - g) * h,   g = sigmoid(W_g [h_new; h] + b_g)   (or h = h_new)
+    h      = h * exp(a_s) * rms(h_1) / rms(h)   (state_scale "anchored", steps s >= 2; h_1: step 1's output)
 
 How the steps run at inference (their per-step parameters past the trained depths, damping) is the
 model's `RecursionPolicy`; how they are differentiated while training (checkpointing, truncated
@@ -107,6 +108,29 @@ class InputInjection(nn.Module):
         return h + (self.scale * e.float()).to(h.dtype)
 
 
+class StateScale(nn.Module):
+    """Scale-removing recurrence: every step's residual output adds to the state, so ||h|| grows with
+    depth, and the coda's pre-norms hide that growth from the loss ("The Readout Blind Spot in Looped
+    Language Models", arXiv 2606.24898). Anchored, each token's state after step s >= 2 is rescaled to
+    the RMS its state had after step 1, times a learned factor exp(a_s) (a = 0 at init): the scale is
+    a trained, bounded function of the step, not of how many residuals were added. Depth 1 is the
+    converted model's; the rescale is per token, so causality and cached decoding are untouched."""
+
+    eps = 1e-6
+
+    def __init__(self, max_depth: int):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(max_depth))
+
+    @classmethod
+    def rms(cls, h: torch.Tensor) -> torch.Tensor:
+        """[..., 1] float32 root mean square of each token's state."""
+        return h.float().pow(2).mean(-1, keepdim=True).add(cls.eps).sqrt()
+
+    def forward(self, h: torch.Tensor, step: int, anchor: torch.Tensor) -> torch.Tensor:
+        return (h.float() * (anchor * self.log_scale[step].exp() / self.rms(h))).to(h.dtype)
+
+
 CHECKPOINTING = ("auto", "always", "never")
 
 
@@ -158,6 +182,8 @@ class RecurrentBlock(nn.Module):
         )
         self.injection = (InputInjection(hidden_size, config.injection)
                           if config.injection != "none" and recursive else None)
+        self.state_scale = (StateScale(config.max_depth)
+                            if config.state_scale == "anchored" and recursive else None)
         self.halter = Halter(hidden_size, config.max_depth) if config.halter and recursive else None
 
     @property
@@ -168,7 +194,7 @@ class RecurrentBlock(nn.Module):
 
     def trainable_parts(self) -> dict[str, nn.Module]:
         parts = {"controller": self.controller, "static": self.static, "gate": self.gate, "step_norms": self.step_norms,
-                 "injection": self.injection, "halter": self.halter}
+                 "injection": self.injection, "state_scale": self.state_scale, "halter": self.halter}
         return {k: m for k, m in parts.items() if m is not None}
 
     def modulation(self, h: torch.Tensor, step: int, mask, pool_state: PoolState | None) -> torch.Tensor | None:
@@ -179,8 +205,10 @@ class RecurrentBlock(nn.Module):
         return None
 
     def step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, kv: KVSlot | None = None,
-             pool_state: PoolState | None = None, e: torch.Tensor | None = None) -> torch.Tensor:
-        """Step s (0-based) on state h; e: the prelude's output (read by the input injection)."""
+             pool_state: PoolState | None = None, e: torch.Tensor | None = None,
+             anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """Step s (0-based) on state h; e: the prelude's output (read by the input injection); anchor:
+        the RMS of step 0's output per token (`anchor_of`; None at step 0 or without an anchored scale)."""
         p = self.policy.parameter_step(s)
         d = self.modulation(h, p, mask, pool_state)
         project = self.bases.modulated(d) if d is not None else None
@@ -189,7 +217,14 @@ class RecurrentBlock(nn.Module):
         h_new = decoder_layer(self.layer, x, ctx, window=self.window, project=project, norm_weights=norms, kv=kv)
         out = self.gate(h_new, h) if self.gate is not None else h_new
         damping = self.policy.update_scale(s)
-        return out if damping == 1.0 else torch.lerp(h, out, damping)  # h + damping * (out - h)
+        out = out if damping == 1.0 else torch.lerp(h, out, damping)  # h + damping * (out - h)
+        return self.state_scale(out, p, anchor) if anchor is not None else out
+
+    def anchor_of(self, h: torch.Tensor, s: int, anchor: torch.Tensor | None) -> torch.Tensor | None:
+        """The scale anchor once step s has run: step 0's output RMS with an anchored scale (else None)."""
+        if self.state_scale is None or s > 0:
+            return anchor
+        return StateScale.rms(h)
 
     def plain(self, h: torch.Tensor, ctx: AttentionContext, kv: KVSlot | None = None) -> torch.Tensor:
         """The recurrent layer applied once with nothing added (the pruned baseline)."""
@@ -212,9 +247,11 @@ class RecurrentBlock(nn.Module):
         observe: optional callback observe(s, h) with the state after each step.
         training: how the steps are differentiated (`StepTraining`; only while training with gradients)."""
         e = h  # the prelude's output, recalled at every step by the input injection
+        anchor = None  # step 0's output RMS (an anchored state scale)
         if exits is not None:
             for s in range(depth):
-                h = self.exit_step(h, s, ctx, mask, cache[s] if cache is not None else None, exits, e)
+                h = self.exit_step(h, s, ctx, mask, cache[s] if cache is not None else None, exits, e, anchor)
+                anchor = self.anchor_of(h, s, anchor)
             return h
         grad = self.training and torch.is_grad_enabled()
         first_grad = depth - training.backprop_steps if grad and training.backprop_steps else 0
@@ -223,15 +260,16 @@ class RecurrentBlock(nn.Module):
             slot = cache[s] if cache is not None else None
             with torch.no_grad() if s < first_grad else contextlib.nullcontext():  # truncated backprop
                 if use_ckpt and s >= first_grad:
-                    h = checkpoint(self.step, h, s, ctx, mask, None, None, e, use_reentrant=False)
+                    h = checkpoint(self.step, h, s, ctx, mask, None, None, e, anchor, use_reentrant=False)
                 else:
-                    h = self.step(h, s, ctx, mask, slot.kv if slot else None, slot.pool if slot else None, e)
+                    h = self.step(h, s, ctx, mask, slot.kv if slot else None, slot.pool if slot else None, e, anchor)
+                anchor = self.anchor_of(h, s, anchor)
             if observe is not None:
                 observe(s, h)
         return h
 
     def exit_step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, slot, exits: TokenExits,
-                  e: torch.Tensor | None = None) -> torch.Tensor:
+                  e: torch.Tensor | None = None, anchor: torch.Tensor | None = None) -> torch.Tensor:
         """One step under adaptive exit: stopped positions keep their state and lend their last
         keys/values to this step's attention; once every position has stopped, the step is skipped
         (with a cache, its slot still receives their keys/values and pooled states)."""
@@ -243,5 +281,5 @@ class RecurrentBlock(nn.Module):
                     pool(h, self.config.pooling, mask, slot.pool)
             return h
         kv = ExitKV(exits, slot.kv if slot is not None else None)
-        h_new = self.step(h, s, ctx, mask, kv, slot.pool if slot is not None else None, e)
+        h_new = self.step(h, s, ctx, mask, kv, slot.pool if slot is not None else None, e, anchor)
         return exits.update(s, h, h_new, self.halter)
