@@ -224,7 +224,7 @@ def test_one_step_changes_only_trainable_parts(variant, tokens):
 
 # ---------------------------------------------------------------- 7. bad input
 BAD_CONFIGS = [
-    (dict(n_prelude=4, n_coda=4), "n_prelude + n_coda + 1"),
+    (dict(n_prelude=4, n_coda=4), "n_prelude + n_coda + block_layers"),
     (dict(recurrent_layer=1), "recurrent_layer must lie"),
     (dict(recurrent_layer=6), "recurrent_layer must lie"),
     (dict(recurrent_layer=99), "recurrent_layer must lie"),

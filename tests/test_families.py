@@ -94,6 +94,21 @@ def assert_baseline_equals_hf(arch, **split):
     return model
 
 
+def test_gemma3_block_of_a_local_and_a_global_layer_runs_each_with_its_own_window(tmp_path):
+    """A block of layers 4 (local) and 5 (global), nothing added: depth 2 equals Hugging Face's model
+    running 0, 1, 4, 5, 4, 5, 6, 7; the baseline runs the block once; the adapter records both kinds."""
+    model = assert_baseline_equals_hf("gemma3", recurrent_layer=4, block_layers=2, variant="none", gate=False,
+                                      step_norm=False)
+    assert model.recurrent.windows == [8, None]
+    ids = tokens()
+    with torch.no_grad():
+        ref = hf_truncated(family_base("gemma3"), [0, 1, 4, 5, 4, 5, 6, 7])
+        assert abs(ref(ids, labels=ids, use_cache=False).loss.item() - model(ids, labels=ids, depth=2).loss.item()) <= 1e-5
+    meta = json.loads((save_adapter(model, tmp_path / "a") / "adapter_config.json").read_text())
+    assert meta["recurrent_layer"]["block"] == [{"index": 4, "kind": "sliding_attention", "window": 8},
+                                                {"index": 5, "kind": "full_attention", "window": None}]
+
+
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_baseline_loss_equals_hugging_faces_truncated_model(arch):
     assert_baseline_equals_hf(arch)

@@ -66,12 +66,25 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
              for n, p in module.named_parameters() if part != "gate"}
     if model.recurrent.gate is not None:
         state.update({GATE + k: v for k, v in model.recurrent.gate.joined().items()})
-    if model.recurrent.bases is not None:
-        for n, b in model.recurrent.bases.named_buffers():
-            state[f"recurrent.bases.{n}"] = b.detach()
+    for part in ("bases", "tail_bases"):  # the block's first layer's, then its further layers'
+        if getattr(model.recurrent, part) is not None:
+            for n, b in getattr(model.recurrent, part).named_buffers():
+                state[f"recurrent.{part}.{n}"] = b.detach()
     # the outer-layer section: PEFT LoRA of the coda / prelude tail and the coda norms, under their model names
     state.update({n: p.detach() for n, p in adapted_parameters(model).items()})
     return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def recurrent_layer_record(model) -> dict:
+    """What the adapter records of the recurrent layer (index, attention kind, window); with a block of
+    several layers, the same for each of them under "block"."""
+    rec = model.recurrent
+    out = {"index": model.config.recurrent_layer, "kind": rec.kind, "window": rec.window}
+    if len(rec.layers) > 1:
+        out["block"] = [{"index": model.config.recurrent_layer + j,
+                         "kind": "sliding_attention" if w is not None else "full_attention", "window": w}
+                        for j, w in enumerate(rec.windows)]
+    return out
 
 
 # ---------------------------------------------------------------------- save / load
@@ -92,8 +105,7 @@ def save_adapter(model: OuroborosModel, directory: str | os.PathLike) -> Path:
         "base_architecture": architecture(model.base_config),
         "base_architecture_hash": architecture_hash(model.base_config),
         "kept_weights_fingerprints": model.base_fingerprints,
-        "recurrent_layer": {"index": model.config.recurrent_layer, "kind": model.recurrent.kind,  # informational
-                            "window": model.recurrent.window},
+        "recurrent_layer": recurrent_layer_record(model),  # informational
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
         "trainable_parameters": model.trainable_parameter_breakdown(),
     }

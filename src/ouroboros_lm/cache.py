@@ -23,9 +23,14 @@ from .layers import KVSlot
 class StepCache:
     """What one recurrence step (or the baseline's single application) keeps."""
 
-    kv: KVSlot
+    kv: KVSlot  # the recurrent block's first layer
     pool: PoolState = field(default_factory=PoolState)
     readout: list[KVSlot] | None = None  # the coda layers of this step's readout (exit rules kl, entropy)
+    tail: list[KVSlot] = field(default_factory=list)  # the block's further layers (block_layers > 1)
+
+    def slots(self) -> list[KVSlot]:
+        """One slot per layer of the recurrent block, in order."""
+        return [self.kv] + self.tail
 
 
 @dataclass
@@ -40,12 +45,14 @@ class OuroborosCache:
 
     @classmethod
     def empty(cls, n_prelude: int, n_coda: int, depth: int | None, capacity: int | None = None,
-              readout: bool = False) -> "OuroborosCache":
+              readout: bool = False, block_layers: int = 1) -> "OuroborosCache":
         """capacity: total positions (prompt + new tokens) to preallocate the KV buffers for;
-        readout: keep each step's readout coda layers too (exit rules that read predictions)."""
+        readout: keep each step's readout coda layers too (exit rules that read predictions);
+        block_layers: the layers of the recurrent block (a slot for each, at every step)."""
         slot = lambda: KVSlot(capacity)  # noqa: E731
         n_steps = depth if depth is not None else 1
-        steps = [StepCache(slot(), readout=[slot() for _ in range(n_coda)] if readout else None) for _ in range(n_steps)]
+        steps = [StepCache(slot(), readout=[slot() for _ in range(n_coda)] if readout else None,
+                           tail=[slot() for _ in range(block_layers - 1)]) for _ in range(n_steps)]
         return cls(depth, [slot() for _ in range(n_prelude)], steps, [slot() for _ in range(n_coda)])
 
     @property
@@ -78,7 +85,7 @@ class OuroborosCache:
     def reorder(self, index: torch.Tensor) -> None:
         """Keep (and repeat or permute) the batch rows `index` [B'] of everything cached: beam
         search reorders its beams this way, and `index` may repeat a row or drop one."""
-        slots = self.prelude + [s.kv for s in self.steps] + [r for s in self.steps for r in s.readout or []] + self.coda
+        slots = self.prelude + [k for s in self.steps for k in s.slots()] + [r for s in self.steps for r in s.readout or []] + self.coda
         for slot in slots:
             if slot.k is not None:
                 slot.k, slot.v = slot.k.index_select(0, index.to(slot.k.device)), slot.v.index_select(0, index.to(slot.v.device))

@@ -41,6 +41,10 @@ class OuroborosConfig:
                              structural=True, sweep=False)
     recurrent_layer: int = setting(18, "index of the base layer applied N times", low=0, high=MAX_LAYERS,
                                    structural=True, sweep=False)
+    block_layers: int = setting(1, "consecutive base layers, from recurrent_layer on, that form the recurrent block "
+                                "and run in order at every step (Huginn and retrofitted recurrence loop 2-4); each "
+                                "gets its own SVD bases, modulation and step norms", low=1, high=MAX_LAYERS,
+                                structural=True)
     n_coda: int = setting(8, "frozen layers kept after the recurrent block", low=0, high=MAX_LAYERS,
                           structural=True, sweep=False)
     rank: int = setting(32, "rank r of the SVD LoRA bases", low=1, high=4096, structural=True)
@@ -97,6 +101,8 @@ class OuroborosConfig:
             raise ValueError(f"prelude_lora_layers must be in [0, n_prelude={self.n_prelude}]; got {self.prelude_lora_layers}")
         if self.prelude_lora_layers and not self.lora_rank:
             raise ValueError("prelude_lora_layers needs lora_rank > 0 (the LoRA rank of every adapted outer layer)")
+        if self.heal_layers and self.block_layers > 1:
+            raise ValueError("heal_layers builds the pruned stack without a recurrent block: block_layers must be 1")
         for name in ("recurrent_lora", "heal_layers"):
             if getattr(self, name) and not self.lora_rank:
                 raise ValueError(f"{name} needs lora_rank > 0 (the rank of the plain LoRA it adds)")
@@ -106,15 +112,17 @@ class OuroborosConfig:
         if self.heal_layers > L - self.n_prelude - self.n_coda:
             raise ValueError(f"heal_layers must be in [0, {L - self.n_prelude - self.n_coda}] (the layers between the "
                              f"prelude and the coda of the base's {L}); got {self.heal_layers}")
-        if self.n_prelude + self.n_coda + 1 > L:
+        k = self.block_layers
+        if self.n_prelude + self.n_coda + k > L:
             raise ValueError(
-                f"n_prelude + n_coda + 1 must be <= the base model's {L} layers; "
-                f"got {self.n_prelude} + {self.n_coda} + 1 = {self.n_prelude + self.n_coda + 1}"
+                f"n_prelude + n_coda + block_layers must be <= the base model's {L} layers; "
+                f"got {self.n_prelude} + {self.n_coda} + {k} = {self.n_prelude + self.n_coda + k}"
             )
-        lo, hi = self.n_prelude, L - self.n_coda - 1
+        lo, hi = self.n_prelude, L - self.n_coda - k
         if not lo <= self.recurrent_layer <= hi:
+            block = "" if k == 1 else f" (its block of {k} layers ending before the coda)"
             raise ValueError(
-                f"recurrent_layer must lie between the prelude and the coda, in [{lo}, {hi}] "
+                f"recurrent_layer must lie between the prelude and the coda{block}, in [{lo}, {hi}] "
                 f"(n_prelude={self.n_prelude}, n_coda={self.n_coda}, {L} layers); got {self.recurrent_layer}"
             )
 
@@ -144,11 +152,11 @@ class OuroborosConfig:
 
     # ------------------------------------------------------------------ layout
     def middle_layers(self, num_layers: int) -> list[int]:
-        """The base layers between the prelude and the coda that are kept: the recurrent layer, or a
-        heal model's `heal_layers` layers (N > 1: evenly spaced, the middle of each of N equal spans
-        of the removed range)."""
+        """The base layers between the prelude and the coda that are kept: the recurrent block's
+        (`block_layers` from the recurrent layer on), or a heal model's `heal_layers` layers (N > 1:
+        evenly spaced, the middle of each of N equal spans of the removed range)."""
         if self.heal_layers <= 1:
-            return [self.recurrent_layer]
+            return list(range(self.recurrent_layer, self.recurrent_layer + self.block_layers))
         span = num_layers - self.n_prelude - self.n_coda
         return [self.n_prelude + (2 * i + 1) * span // (2 * self.heal_layers) for i in range(self.heal_layers)]
 
@@ -163,7 +171,7 @@ class OuroborosConfig:
     def layer_passes(self, depth: int | None) -> int:
         """Decoder-layer applications per token: the pruned stack (depth None), the recursion at
         `depth`, or a heal model's stack."""
-        middle = self.heal_layers or (1 if depth is None else depth)
+        middle = self.heal_layers or self.block_layers * (1 if depth is None else depth)
         return self.n_prelude + middle + self.n_coda
 
     # ------------------------------------------------------------------ (de)serialisation

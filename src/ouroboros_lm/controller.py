@@ -65,21 +65,22 @@ def pool(h: torch.Tensor, mode: str, mask: torch.Tensor | None = None, state: Po
 
 
 class Controller(nn.Module):
-    """pooled h [B, T, H], step s  ->  d [B, T, 7, r].
+    """pooled h [B, T, H], step s  ->  d [B, T, 7 k, r] (k: the recurrent block's layers, 7 per layer).
 
     z = silu(W_in rmsnorm(h));  z = silu(W_mid z + e_s);  d = W_head z  (W_head = 0 at init)
     """
 
     def __init__(self, hidden_size: int, controller_hidden: int, style_dim: int, rank: int, max_depth: int,
-                 pooling: str = "prefix_mean"):
+                 pooling: str = "prefix_mean", layers: int = 1):
         super().__init__()
         self.rank = rank
+        self.outputs = layers * len(TARGETS)  # one r-vector per projection of every block layer
         self.views = 2 if pooling == "mean_and_token" else 1  # pooled views side by side, each normalised
         self.norm_weight = nn.Parameter(torch.ones(self.views * hidden_size))
         self.inp = nn.Linear(self.views * hidden_size, controller_hidden)
         self.mid = nn.Linear(controller_hidden, style_dim)
         self.step_embedding = nn.Embedding(max_depth, style_dim)
-        self.head = nn.Linear(style_dim, len(TARGETS) * rank)
+        self.head = nn.Linear(style_dim, self.outputs * rank)
         nn.init.normal_(self.step_embedding.weight, std=0.02)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -104,15 +105,15 @@ class Controller(nn.Module):
     def _mlp(self, x: torch.Tensor, step: int) -> torch.Tensor:
         z = F.silu(self.inp(x))
         z = F.silu(self.mid(z) + self.step_embedding.weight[step])
-        return self.head(z).unflatten(-1, (len(TARGETS), self.rank))
+        return self.head(z).unflatten(-1, (self.outputs, self.rank))
 
 
 class StaticModulation(nn.Module):
-    """The paper's ablation: one learned r-vector per step and projection, no input."""
+    """The paper's ablation: one learned r-vector per step and projection (of every block layer), no input."""
 
-    def __init__(self, rank: int, max_depth: int):
+    def __init__(self, rank: int, max_depth: int, layers: int = 1):
         super().__init__()
-        self.vectors = nn.Parameter(torch.zeros(max_depth, len(TARGETS), rank))
+        self.vectors = nn.Parameter(torch.zeros(max_depth, layers * len(TARGETS), rank))
 
     def forward(self, step: int) -> torch.Tensor:
         return self.vectors[step]

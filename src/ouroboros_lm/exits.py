@@ -161,7 +161,8 @@ class TokenExits:
     def skip(self, step_cache) -> None:
         """A step every position skips: its cache slots (the recurrent layer's and, when kept, its
         readout's coda layers') receive the positions' last keys and values."""
-        slots = [("recurrent", step_cache.kv)] + [(("coda", i), slot) for i, slot in enumerate(step_cache.readout or [])]
+        slots = [(block_key(j), slot) for j, slot in enumerate(step_cache.slots())] + \
+            [(("coda", i), slot) for i, slot in enumerate(step_cache.readout or [])]
         for key, slot in slots:
             slot.extend(*self.last[key])
 
@@ -175,6 +176,11 @@ class TokenExits:
             if score is not None and s + 1 >= self.rule.min_steps:
                 self.active = self.active & ~(score < self.rule.threshold)
         return h
+
+
+def block_key(j: int):
+    """The key of the recurrent block's layer j in `TokenExits.last`."""
+    return "recurrent" if j == 0 else ("recurrent", j)
 
 
 class ExitKV:

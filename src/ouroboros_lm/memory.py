@@ -63,16 +63,17 @@ def trainable_parameter_count(config, hidden_size: int) -> int:
     H, r, steps, n = hidden_size, config.rank, config.max_depth, 0
     if config.heal_layers:
         return 0  # a heal model builds nothing step-aware (its LoRA is counted by the caller)
+    k = config.block_layers
     if config.variant == "controller":
         ch, sd = config.controller_hidden, config.style_dim
         Hc = 2 * H if config.pooling == "mean_and_token" else H  # what the Controller reads
-        n += Hc + (Hc * ch + ch) + (ch * sd + sd) + steps * sd + (sd * len(TARGETS) * r + len(TARGETS) * r)
+        n += Hc + (Hc * ch + ch) + (ch * sd + sd) + steps * sd + (sd * k * len(TARGETS) * r + k * len(TARGETS) * r)
     elif config.variant == "static":
-        n += steps * len(TARGETS) * r
+        n += steps * k * len(TARGETS) * r
     if config.gate:
         n += 2 * H * H + H
     if config.step_norm:
-        n += steps * 2 * H
+        n += steps * 2 * k * H
     n += {"none": 0, "diagonal": H, "linear": H * H + H}[config.injection]
     if config.state_scale == "anchored":
         n += steps

@@ -100,12 +100,12 @@ class OuroborosModel(nn.Module):
                         "coda": [layer_window(l, base.config) for l in coda]}
         for p in self.parameters():
             p.requires_grad_(False)
-        w = get_projection(recurrent, "q").weight
+        w = get_projection(recurrent[0], "q").weight
         # The trainable parts are initialised from config.init_seed on the CPU, whatever the device, so
         # the same config gives the same initial model everywhere (and the global RNG is untouched).
         with torch.random.fork_rng(devices=[]), torch.device("meta" if w.is_meta else "cpu"):
             torch.manual_seed(config.init_seed)
-            self.recurrent = RecurrentBlock(recurrent, layer_window(recurrent, base.config), bases, config,
+            self.recurrent = RecurrentBlock(recurrent, [layer_window(l, base.config) for l in recurrent], bases, config,
                                             base.config.hidden_size, (policy or RecursionPolicy()).check(config.max_depth))
         self.recurrent.to(w.device)
         inject_lora(self)  # plain LoRA (PEFT) on the outer / recurrent layers, if configured
@@ -196,7 +196,7 @@ class OuroborosModel(nn.Module):
         each step's readout coda layers, for an exit rule that reads predictions (kl, entropy)."""
         plain = baseline or self.config.heal_layers
         return OuroborosCache.empty(len(self.prelude), len(self.coda), None if plain else self.resolve_depth(depth),
-                                    capacity, readout=readout and not plain)
+                                    capacity, readout=readout and not plain, block_layers=len(self.recurrent.layers))
 
     def embed(self, input_ids, attention_mask=None, cache: OuroborosCache | None = None):
         """(token embeddings h, the AttentionContext every layer shares, the pooling mask)."""
@@ -315,7 +315,7 @@ class OuroborosModel(nn.Module):
                 readout_steps, depth, lambda x: self.token_losses_of(self.run_layers("coda", x, ctx), labels), h,
                 self.recurrent.halter)
             if depth is None:
-                h = self.recurrent.plain(h, ctx, kv=steps[0].kv if steps is not None else None)
+                h = self.recurrent.plain(h, ctx, kv=steps[0].slots() if steps is not None else None)
             else:
                 h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps, exits=exits,
                                    observe=readout.observe if readout is not None else None, training=training)

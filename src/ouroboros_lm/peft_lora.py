@@ -28,7 +28,7 @@ def lora_target_pattern(layers: dict[str, list[int]], recurrent: bool = False) -
     projection modules of the given prelude / coda layers (and of the recurrent layer); None when
     there are none."""
     alts = [f"{part}\\.({'|'.join(map(str, idx))})" for part, idx in layers.items() if idx]
-    alts += ["recurrent\\.layer"] if recurrent else []
+    alts += ["recurrent\\.(layer|tail_layers\\.\\d+)"] if recurrent else []
     if not alts:
         return None
     return f"({'|'.join(alts)})\\.(self_attn|mlp)\\.({'|'.join(LORA_MODULES)})"
@@ -45,7 +45,8 @@ def inject_lora(model) -> None:
 
     # only the frozen layers go in (PEFT freezes everything else it is handed: the recurrent block's own parts stay out)
     holder = nn.ModuleDict({"prelude": model.prelude, "coda": model.coda,
-                            "recurrent": nn.ModuleDict({"layer": model.recurrent.layer})})
+                            "recurrent": nn.ModuleDict({"layer": model.recurrent.layer,
+                                                        "tail_layers": model.recurrent.tail_layers})})
     peft_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                              target_modules=pattern, bias="none")
     with torch.random.fork_rng(devices=[]):
@@ -66,7 +67,7 @@ def adapted_parameters(model) -> dict[str, nn.Parameter]:
 def lora_layers_of(model) -> list[nn.Module]:
     from peft.tuners.lora import LoraLayer
 
-    parts = (model.prelude, model.coda, model.recurrent.layer)
+    parts = (model.prelude, model.coda, model.recurrent.layer, model.recurrent.tail_layers)
     return [m for part in parts for m in part.modules() if isinstance(m, LoraLayer)]
 
 
@@ -93,7 +94,8 @@ def adaptation_parameter_count(config, layer: nn.Module, hidden_size: int) -> in
     if config.lora_rank:
         per_layer = sum(config.lora_rank * (lin.in_features + lin.out_features)
                         for lin in projection_linears(layer))
-        n += per_layer * (sum(len(v) for v in config.lora_layers().values()) + config.lora_on_recurrent_layer)
+        recurrent = config.block_layers if config.lora_on_recurrent_layer else 0
+        n += per_layer * (sum(len(v) for v in config.lora_layers().values()) + recurrent)
     return n
 
 

@@ -1,9 +1,11 @@
-"""The recurrent block: one frozen decoder layer applied N times, made step-aware.
+"""The recurrent block: one frozen decoder layer (or `block_layers` consecutive ones) applied N times,
+made step-aware.
 
 Each step s:
     d      = Controller(pool(h), s)   |  static vectors[s]  |  nothing
     x      = h + W_e e + b_e          (input injection of the prelude's output e; or x = h)
     h_new  = layer(x; norms = step_norms[s], projections + (alpha/r) B diag(d) A)
+             (a block of k layers: each in turn, with its own norms, bases and slice of d)
     h      = g * h_new + (1 - g) * h,   g = sigmoid(W_g [h_new; h] + b_g)   (or h = h_new)
     h      = h * exp(a_s) * rms(h_1) / rms(h)   (state_scale "anchored", steps s >= 2; h_1: step 1's output)
 
@@ -21,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import OuroborosConfig
+from .config import TARGETS, OuroborosConfig
 from .controller import Controller, PoolState, StaticModulation, pool
-from .exits import ExitKV, TokenExits
+from .exits import ExitKV, TokenExits, block_key
 from .families import step_norm_names
 from .halter import Halter
 from .layers import AttentionContext, KVSlot, decoder_layer
@@ -73,16 +75,17 @@ class RecurrenceGate(nn.Module):
 
 
 class StepNorms(nn.Module):
-    """A separate pair of RMSNorm weights (pre-attention, pre-MLP) for every step, each
-    initialised from the recurrent layer's own, so a fresh model normalises as the base does."""
+    """A separate pair of RMSNorm weights (pre-attention, pre-MLP) for every step and every layer of
+    the block, each initialised from its layer's own, so a fresh model normalises as the base does.
+    weight: [max_depth, 2 k, H] (layer j's pair at rows 2j, 2j + 1)."""
 
-    def __init__(self, input_norm: torch.Tensor, post_norm: torch.Tensor, max_depth: int):
+    def __init__(self, norms: list[torch.Tensor], max_depth: int):
         super().__init__()
-        w = torch.stack([input_norm.detach().float(), post_norm.detach().float()])  # [2, H]
+        w = torch.stack([n.detach().float() for n in norms])  # [2 k, H]
         self.weight = nn.Parameter(w.unsqueeze(0).repeat(max_depth, 1, 1))
 
-    def forward(self, step: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.weight[step].to(dtype)
+    def forward(self, step: int, dtype, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weight[step, 2 * layer : 2 * layer + 2].to(dtype)
         return w[0], w[1]
 
 
@@ -158,25 +161,33 @@ NO_TRAINING = StepTraining()
 
 
 class RecurrentBlock(nn.Module):
-    def __init__(self, layer: nn.Module, window: int | None, bases: SVDBases | None, config: OuroborosConfig,
-                 hidden_size: int, policy: RecursionPolicy | None = None):
+    """The recurrent layer (`layer`, with its SVD `bases`), or a block of `block_layers` consecutive
+    ones (`layer` first, then `tail_layers` with their `tail_bases`), and the trained parts that make
+    each step step-aware (`trainable_parts`)."""
+
+    def __init__(self, layers: list[nn.Module], windows: list[int | None], bases: list[SVDBases] | None,
+                 config: OuroborosConfig, hidden_size: int, policy: RecursionPolicy | None = None):
         super().__init__()
         self.config = config
         self.policy = policy or RecursionPolicy()
-        self.layer = layer.requires_grad_(False)  # the recurrent layer itself stays frozen
-        self.window = window
-        self.bases = bases
+        self.layer = layers[0].requires_grad_(False)  # the recurrent layer itself stays frozen
+        self.tail_layers = nn.ModuleList([l.requires_grad_(False) for l in layers[1:]])
+        self.windows = list(windows)
+        self.window = self.windows[0]
+        self.bases = bases[0] if bases else None
+        self.tail_bases = nn.ModuleList(bases[1:]) if bases else None
         self.controller = None
         self.static = None
+        k = len(layers)
         recursive = not config.heal_layers  # a heal model runs the layer once: nothing step-aware is built
         if recursive and config.variant == "controller":
             self.controller = Controller(hidden_size, config.controller_hidden, config.style_dim, config.rank,
-                                         config.max_depth, config.pooling)
+                                         config.max_depth, config.pooling, layers=k)
         elif recursive and config.variant == "static":
-            self.static = StaticModulation(config.rank, config.max_depth)
+            self.static = StaticModulation(config.rank, config.max_depth, layers=k)
         self.gate = RecurrenceGate(hidden_size, config.gate_bias) if config.gate and recursive else None
         self.step_norms = (
-            StepNorms(*(getattr(layer, n).weight for n in step_norm_names(layer)), config.max_depth)
+            StepNorms([getattr(l, n).weight for l in layers for n in step_norm_names(l)], config.max_depth)
             if config.step_norm and recursive
             else None
         )
@@ -185,6 +196,14 @@ class RecurrentBlock(nn.Module):
         self.state_scale = (StateScale(config.max_depth)
                             if config.state_scale == "anchored" and recursive else None)
         self.halter = Halter(hidden_size, config.max_depth) if config.halter and recursive else None
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The block's layers in the order each step runs them."""
+        return [self.layer, *self.tail_layers]
+
+    def block_bases(self) -> list[SVDBases | None]:
+        return [self.bases, *self.tail_bases] if self.bases is not None else [None] * len(self.layers)
 
     @property
     def kind(self) -> str:
@@ -204,18 +223,22 @@ class RecurrentBlock(nn.Module):
             return self.static(step)
         return None
 
-    def step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, kv: KVSlot | None = None,
+    def step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, kv=None,
              pool_state: PoolState | None = None, e: torch.Tensor | None = None,
              anchor: torch.Tensor | None = None) -> torch.Tensor:
-        """Step s (0-based) on state h; e: the prelude's output (read by the input injection); anchor:
-        the RMS of step 0's output per token (`anchor_of`; None at step 0 or without an anchored scale)."""
+        """Step s (0-based) on state h; kv: one cache slot per block layer (or None); e: the prelude's
+        output (read by the input injection); anchor: the RMS of step 0's output per token
+        (`anchor_of`; None at step 0 or without an anchored scale)."""
         p = self.policy.parameter_step(s)
         d = self.modulation(h, p, mask, pool_state)
-        project = self.bases.modulated(d) if d is not None else None
-        norms = self.step_norms(p, h.dtype) if self.step_norms is not None else None
         x = self.injection(h, e) if self.injection is not None else h
-        h_new = decoder_layer(self.layer, x, ctx, window=self.window, project=project, norm_weights=norms, kv=kv)
-        out = self.gate(h_new, h) if self.gate is not None else h_new
+        n = len(TARGETS)
+        for j, (layer, bases, window) in enumerate(zip(self.layers, self.block_bases(), self.windows)):
+            project = bases.modulated(d[..., j * n : (j + 1) * n, :]) if d is not None else None
+            norms = self.step_norms(p, h.dtype, j) if self.step_norms is not None else None
+            x = decoder_layer(layer, x, ctx, window=window, project=project, norm_weights=norms,
+                              kv=kv[j] if kv is not None else None)
+        out = self.gate(x, h) if self.gate is not None else x
         damping = self.policy.update_scale(s)
         out = out if damping == 1.0 else torch.lerp(h, out, damping)  # h + damping * (out - h)
         return self.state_scale(out, p, anchor) if anchor is not None else out
@@ -226,14 +249,16 @@ class RecurrentBlock(nn.Module):
             return anchor
         return StateScale.rms(h)
 
-    def plain(self, h: torch.Tensor, ctx: AttentionContext, kv: KVSlot | None = None) -> torch.Tensor:
-        """The recurrent layer applied once with nothing added (the pruned baseline)."""
-        return decoder_layer(self.layer, h, ctx, window=self.window, kv=kv)
+    def plain(self, h: torch.Tensor, ctx: AttentionContext, kv: list[KVSlot] | None = None) -> torch.Tensor:
+        """The recurrent block's layers applied once with nothing added (the pruned baseline)."""
+        for j, (layer, window) in enumerate(zip(self.layers, self.windows)):
+            h = decoder_layer(layer, h, ctx, window=window, kv=kv[j] if kv is not None else None)
+        return h
 
     def step_activation_bytes(self, h: torch.Tensor) -> int:
         """Estimated bytes one plain training step keeps for backward (what checkpointing frees)."""
         ctrl = 2 * self.config.controller_hidden + self.config.style_dim if self.controller is not None else 0
-        return step_activation_bytes(h, self.layer, ctrl)
+        return sum(step_activation_bytes(h, layer, ctrl if j == 0 else 0) for j, layer in enumerate(self.layers))
 
     def uses_checkpointing(self, h: torch.Tensor, depth: int, mode: str = "auto") -> bool:
         if not (self.training and torch.is_grad_enabled()) or mode == "never":
@@ -262,7 +287,7 @@ class RecurrentBlock(nn.Module):
                 if use_ckpt and s >= first_grad:
                     h = checkpoint(self.step, h, s, ctx, mask, None, None, e, anchor, use_reentrant=False)
                 else:
-                    h = self.step(h, s, ctx, mask, slot.kv if slot else None, slot.pool if slot else None, e, anchor)
+                    h = self.step(h, s, ctx, mask, slot.slots() if slot else None, slot.pool if slot else None, e, anchor)
                 anchor = self.anchor_of(h, s, anchor)
             if observe is not None:
                 observe(s, h)
@@ -280,6 +305,7 @@ class RecurrentBlock(nn.Module):
                 if self.controller is not None:
                     pool(h, self.config.pooling, mask, slot.pool)
             return h
-        kv = ExitKV(exits, slot.kv if slot is not None else None)
+        kv = [ExitKV(exits, k, block_key(j)) for j, k in
+              enumerate(slot.slots() if slot is not None else [None] * len(self.layers))]
         h_new = self.step(h, s, ctx, mask, kv, slot.pool if slot is not None else None, e, anchor)
         return exits.update(s, h, h_new, self.halter)

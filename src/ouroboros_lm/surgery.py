@@ -69,35 +69,38 @@ def split_layers(base: nn.Module, config: OuroborosConfig, compute_bases: bool =
 
     compute_bases=False allocates the bases without factoring anything (an adapter's saved
     bases are about to be loaded into them).
+    The recurrent block is `config.block_layers` consecutive layers; each has its own bases, from
+    the mean residual of the removed layers against it.
     A heal model (`config.heal_layers`) has no bases; its middle layers but the last run as the
     prelude's tail, the last in the recurrent layer's place (once, `OuroborosModel.forward`).
-    Returns (prelude layers, recurrent layer, coda layers, bases or None).
+    Returns (prelude layers, the recurrent block's layers, coda layers, one SVDBases per block layer
+    or None).
     """
     layers = base.model.layers
     L = len(layers)
     removed_idx = config.removed_layers(L)
     middle = [layers[i] for i in config.middle_layers(L)]
-    recurrent = middle[-1]  # a heal model's last middle layer takes the recurrent layer's place, run once
+    block = middle[-1:] if config.heal_layers else middle  # a heal model's last middle layer, run once
     bases = None
     if config.variant != "none" and not config.heal_layers:
         if not removed_idx:
             raise ValueError(
                 f"variant={config.variant!r} needs removed layers to build the SVD bases, but "
-                f"n_prelude={config.n_prelude} + n_coda={config.n_coda} + 1 = {L} keeps every layer; "
-                "drop some layers or use variant='none'"
+                f"n_prelude={config.n_prelude} + n_coda={config.n_coda} + block_layers={config.block_layers} = {L} "
+                "keeps every layer; drop some layers or use variant='none'"
             )
-        limit = min(min(get_projection(recurrent, t).weight.shape) for t in TARGETS)
+        limit = min(min(get_projection(layer, t).weight.shape) for layer in block for t in TARGETS)
         if config.rank > limit:
             raise ValueError(f"rank must be in [1, {limit}] (the smallest side of the recurrent layer's projections); got {config.rank}")
         removed = [layers[i] for i in removed_idx] if compute_bases else None
         with torch.no_grad():
-            bases = SVDBases.from_layers(recurrent, removed, config.rank, config.alpha)
-    prelude = [layers[i] for i in range(config.n_prelude)] + middle[:-1]  # a heal model's other middle layers
+            bases = [SVDBases.from_layers(layer, removed, config.rank, config.alpha) for layer in block]
+    prelude = [layers[i] for i in range(config.n_prelude)] + (middle[:-1] if config.heal_layers else [])
     coda = [layers[i] for i in range(L - config.n_coda, L)]
     # Free the removed layers: the base model keeps only what we use.
-    base.model.layers = nn.ModuleList(prelude + [recurrent] + coda)
+    base.model.layers = nn.ModuleList(prelude + block + coda)
     base.config.num_hidden_layers = len(base.model.layers)
-    return prelude, recurrent, coda, bases
+    return prelude, block, coda, bases
 
 
 def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:

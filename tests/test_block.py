@@ -1,0 +1,159 @@
+"""A recurrent block of several consecutive layers (`block_layers`): what each step runs, equal to
+Hugging Face's own layers repeated; its bases, causality, cached decoding, saving and export."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY, TINY_SPLIT, randomize_trainables, save_tiny_base, tiny_base, tiny_ouroboros
+from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model
+from ouroboros_lm.adapter import load_adapter, save_adapter
+from ouroboros_lm.config import TARGETS
+from ouroboros_lm.layers import decoder_layer, get_projection
+from ouroboros_lm.memory import trainable_parameter_count
+from ouroboros_lm.peft_lora import adaptation_parameter_count
+from test_core import hf_pruned
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BLOCK = dict(block_layers=2)  # the tiny base's layers 4 and 5; removed: 2 and 3
+BARE = dict(variant="none", gate=False, step_norm=False)  # the block's layers as the base has them
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # Gemma 3's local + global block: tests/test_families.py
+def test_bare_block_at_depth_n_is_hugging_faces_layers_repeated(arch, tokens):
+    """With nothing added, depth N runs prelude, (layer 4, layer 5) N times, coda: Hugging Face's own
+    model with exactly those layers in that order gives the same loss; the baseline runs the block once."""
+    model = tiny_ouroboros(arch, **BLOCK, **BARE)
+    assert model.config.middle_layers(TINY["num_hidden_layers"]) == [4, 5]
+    assert model.config.removed_layers(TINY["num_hidden_layers"]) == [2, 3]
+    with torch.no_grad():
+        for depth in (1, 3):
+            ref = hf_pruned(tiny_base(arch), [0, 1] + [4, 5] * depth + [6, 7])
+            hf = ref(tokens, labels=tokens, use_cache=False).loss.item()
+            assert abs(model(tokens, labels=tokens, depth=depth).loss.item() - hf) <= 1e-5, depth
+        ref = hf_pruned(tiny_base(arch), [0, 1, 4, 5, 6, 7])
+        hf = ref(tokens, labels=tokens, use_cache=False).loss.item()
+        assert abs(model(tokens, labels=tokens, baseline=True).loss.item() - hf) <= 1e-5
+    assert model.config.layer_passes(3) == 2 + 6 + 2 and model.config.layer_passes(None) == 6
+
+
+def test_each_block_layer_has_the_bases_of_its_own_residual():
+    """Layer j of the block: B_j A_j is the rank-r truncation of mean_i (W_i - W_j) over the removed
+    layers, computed here independently."""
+    base = tiny_base("llama")
+    layers = copy.deepcopy(base).model.layers
+    model = OuroborosModel.from_base(base, OuroborosConfig(**TINY_SPLIT, **BLOCK))
+    rec = model.recurrent
+    assert len(rec.layers) == 2 and rec.tail_bases is not None and len(rec.tail_bases) == 1
+    for bases, j in ((rec.bases, 4), (rec.tail_bases[0], 5)):
+        for target in ("q", "down"):
+            W = lambda i: get_projection(layers[i], target).weight  # noqa: E731
+            M = ((W(2) - W(j)) + (W(3) - W(j))).double() / 2
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            r = model.config.rank
+            torch.testing.assert_close(bases.B(target).double() @ bases.A(target).double(),
+                                       (U[:, :r] * S[:r]) @ Vh[:r], atol=1e-5, rtol=1e-4)
+
+
+def test_a_modulated_block_step_equals_the_step_written_out(tokens):
+    """Each step: the Controller's d (7 r-vectors per layer) from the state entering the step, then
+    layer 4 with its norms and bases and the first 7 vectors, layer 5 with its own and the next 7, then
+    the gate against the state: equal to the model's forward."""
+    model = tiny_ouroboros("llama", **BLOCK, injection="linear")
+    randomize_trainables(model, scale=0.3)
+    rec = model.recurrent
+    n = len(TARGETS)
+    assert rec.controller.head.out_features == 2 * n * model.config.rank
+    with torch.no_grad():
+        h, ctx, _ = model.embed(tokens)
+        e = model.run_layers("prelude", h, ctx)
+        h = e
+        for s in range(3):
+            d = rec.controller.from_hidden(h, s, "prefix_mean")
+            x = h + e @ rec.injection.proj.weight.T + rec.injection.proj.bias
+            w = rec.step_norms.weight[s]
+            x = decoder_layer(rec.layer, x, ctx, project=rec.bases.modulated(d[..., :n, :]), norm_weights=(w[0], w[1]))
+            x = decoder_layer(rec.tail_layers[0], x, ctx, project=rec.tail_bases[0].modulated(d[..., n:, :]),
+                              norm_weights=(w[2], w[3]))
+            h = rec.gate(x, h)
+        reference = model.head(model.run_layers("coda", h, ctx)).logits
+        torch.testing.assert_close(model(tokens, depth=3).logits, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(variant="static"), dict(state_scale="anchored", injection="linear")])
+def test_block_is_causal_and_cached_decoding_equals_recomputing(options, tokens):
+    model = tiny_ouroboros("llama", **BLOCK, **options)
+    randomize_trainables(model, scale=0.3)
+    t = 11
+    changed = tokens.clone()
+    changed[:, t:] = (changed[:, t:] + 1) % TINY["vocab_size"]
+    with torch.no_grad():
+        a, b = model(tokens, depth=3).logits, model(changed, depth=3).logits
+        assert (a[:, :t] - b[:, :t]).abs().max().item() <= 1e-6
+        for baseline in (False, True):
+            out = model.generate(tokens[:, :8], max_new_tokens=5, depth=3, baseline=baseline)
+            for i in range(8, out.shape[1]):  # every greedy token is the argmax of a full recomputation
+                logits = model(out[:, :i], depth=3, baseline=baseline).logits[:, -1]
+                assert torch.equal(logits.argmax(-1), out[:, i])
+
+
+def test_block_under_adaptive_exit_with_a_cache_equals_recomputing(tokens):
+    """Stopped positions lend their last keys/values to each layer of the block: decoding with a cache
+    under forced exit steps gives the logits of the whole forward under the same steps."""
+    model = tiny_ouroboros("llama", **BLOCK)
+    randomize_trainables(model, scale=0.3)
+    g = torch.Generator().manual_seed(3)
+    steps = torch.randint(1, 4, tokens.shape, generator=g)
+    with torch.no_grad():
+        full = model(tokens, depth=3, exit_steps=steps).logits
+        cache = model.new_cache(depth=3)
+        parts = [model(tokens[:, i:i + 6], depth=3, cache=cache, exit_steps=steps[:, i:i + 6]).logits
+                 for i in range(0, tokens.shape[1], 6)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(variant="static"), dict(lora_rank=2, recurrent_lora=True)])
+def test_block_trainable_count_from_settings_matches_the_model(options):
+    model = tiny_ouroboros("llama", **BLOCK, **options)
+    expected = trainable_parameter_count(model.config, TINY["hidden_size"]) + \
+        adaptation_parameter_count(model.config, tiny_base("llama").model.layers[0], TINY["hidden_size"])
+    assert expected == model.num_trainable_parameters() == model.trainable_parameter_breakdown()["total"]
+    if options.get("recurrent_lora"):  # PEFT LoRA on both block layers' projections
+        names = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}
+        assert any(n.startswith("recurrent.tail_layers.0.") for n in names)
+        assert any(n.startswith("recurrent.layer.") for n in names)
+
+
+def test_block_round_trips_and_exports(tmp_path, tokens):
+    from transformers import AutoModelForCausalLM
+
+    from ouroboros_lm.export import export_hf
+
+    base = save_tiny_base(tmp_path / "base")
+    cfg = OuroborosConfig(**TINY_SPLIT, **BLOCK, lora_rank=2, recurrent_lora=True)
+    model = OuroborosModel.from_base(load_base_model(base), cfg, base_name=base)
+    randomize_trainables(model, scale=0.3)
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(tmp_path / "adapter").eval()
+    assert torch.equal(loaded.recurrent.tail_bases[0].B_q, model.recurrent.tail_bases[0].B_q)
+    export_hf(tmp_path / "adapter", tmp_path / "hf", depth=3)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ours = model.eval()(tokens, depth=3).logits
+        assert torch.equal(loaded(tokens, depth=3).logits, ours)
+        torch.testing.assert_close(hf(tokens).logits, ours, atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="block_layers"):
+        load_adapter(tmp_path / "adapter", block_layers=1)
+
+
+def test_bad_block_settings_are_refused():
+    base = tiny_base("llama")
+    with pytest.raises(ValueError, match=r"recurrent_layer must lie between the prelude and the coda \(its block of 3"):
+        OuroborosModel.from_base(base, OuroborosConfig(**{**TINY_SPLIT, "recurrent_layer": 4, "block_layers": 3}))
+    with pytest.raises(ValueError, match="n_prelude \\+ n_coda \\+ block_layers must be <="):
+        OuroborosModel.from_base(base, OuroborosConfig(**{**TINY_SPLIT, "block_layers": 5}))
+    with pytest.raises(ValueError, match="block_layers must be 1"):
+        OuroborosConfig(**TINY_SPLIT, block_layers=2, heal_layers=1, lora_rank=2)
