@@ -11,21 +11,21 @@ def test_the_shipped_config_keeps_every_setting_the_demo_had():
     """demo.yaml + the library's dataclasses give what DemoConfig used to declare itself."""
     run = DemoRun.load()
     m, tc, ev = run.model, run.train, run.eval
-    assert (m.n_prelude, m.recurrent_layer, m.n_coda, m.rank, m.lora_rank, m.injection, m.init_seed) == (
-        7, 15, 7, 32, 2, "linear", 0)
-    assert run.policy == RecursionPolicy(default_depth=8, step_damping=0.5)
+    assert (m.n_prelude, m.recurrent_layer, m.block_layers, m.n_coda, m.variant, m.lora_rank, m.prelude_lora_layers,
+            m.recurrent_lora, m.injection, m.max_depth, m.init_seed) == (7, 15, 2, 7, "none", 7, 7, True, "linear", 8, 0)
+    assert run.policy == RecursionPolicy(default_depth=2, step_damping=0.5)
     assert (tc.steps, tc.batch_size, tc.lr, tc.warmup_steps, tc.time_budget, tc.depths, tc.depth_schedule,
-            tc.depth_mean, tc.param_steps, tc.backprop_steps, tc.distill_weight, tc.seed) == (
-        70, 4, 3e-3, 7, 240.0, (1, 32), "lognormal_poisson", 6.0, 8, 8, 0.0, 0)
+            tc.param_steps, tc.backprop_steps, tc.distill_weight, tc.seed) == (
+        70, 4, 3e-3, 7, 240.0, (2,), "uniform", 0, 0, 0.0, 0)
     assert (tc.log_every, tc.eval_every, tc.eval_blocks, tc.save_every, tc.checkpoint) == (10, 23, 8, 50, "never")
     assert (ev.depths, ev.blocks, ev.batch_size, ev.exit_thresholds, ev.top, ev.seed) == (
-        (1, 2, 4, 8, 16, 32), 16, 4, (0.08,), 16, 1)
-    assert run.data.seq_len == 256 and (run.halter.max_depth, run.halter.seed, run.halter.steps) == (16, 0, 60)
+        (1, 2, 4), 16, 4, (0.08,), 4, 1)
+    assert run.data.seq_len == 256 and (run.halter.max_depth, run.halter.seed, run.halter.steps) == (4, 0, 60)
     dc = run.demo
     assert dc == DemoConfig() and (dc.out, dc.base, dc.first_train_year, dc.last_train_year, dc.heal_rows,
                                    dc.heal_compute_layers, dc.heal_time_budget, dc.domain_depths, dc.domain_blocks,
                                    dc.halter_thresholds, dc.train_halter) == (
-        "runs/demo", "smollm2-135m", 1950, 2000, True, 4, 240.0, (4, 8), 8, (0.5,), False)
+        "runs/demo", "smollm2-135m", 1950, 2000, True, 4, 240.0, (2, 4), 8, (0.5,), False)
 
 
 def test_flags_override_the_config_file_and_a_file_replaces_the_shipped_one(tmp_path):
@@ -37,7 +37,7 @@ def test_flags_override_the_config_file_and_a_file_replaces_the_shipped_one(tmp_
     assert (run.train.steps, run.policy.step_damping, run.demo.heal_rows, run.eval.depths, run.demo.mix) == (
         5, 1.0, False, (1, 2), ("a", "b"))
     assert (run.model.init_seed, run.eval.seed, run.halter.seed) == (3, 4, 3)  # train.seed seeds them all
-    assert run.train.lr == 3e-3 and run.model.lora_rank == 2  # the rest as the file says
+    assert run.train.lr == 3e-3 and run.model.lora_rank == 7  # the rest as the file says
     mine = tmp_path / "mine.yaml"
     mine.write_text("train: {steps: 5}\ndemo: {heal_rows: false}\n")
     run = settings_from_flags(parse(["demo", "--config", str(mine), "--train.lr", "0.01"]))

@@ -60,11 +60,11 @@ class DemoConfig:
     halter_thresholds: tuple[float, ...] = setting((0.5,), "halter thresholds evaluated", above=0, high=1.0)
     domains: str | None = setting(None, "folder of evaluation-only domains, one subfolder each (default: the "
                                   "cache's domains/, `make domains`; skipped when absent)")
-    domain_depths: tuple[int, ...] = setting((4, 8), "depths evaluated on the extra domains", low=1, high=MAX_DEPTH)
+    domain_depths: tuple[int, ...] = setting((2, 4), "depths evaluated on the extra domains", low=1, high=MAX_DEPTH)
     domain_blocks: int = setting(8, "blocks evaluated per extra domain", low=1, high=4096)
     heal_compute_layers: int = setting(4, "the equal-compute heal model's middle layers (its compute per token "
-                                       "equals the recursion at this depth; 0 or 1: only the equal-weights heal "
-                                       "model)", low=0, high=16)
+                                       "equals the recursion's with as many middle layer passes: a block of two "
+                                       "at depth 2; 0 or 1: only the equal-weights heal model)", low=0, high=16)
     heal_rows: bool = setting(True, "also train the pruned stack healed with plain LoRA on every kept layer, at equal "
                               "weights (the same 15 layers) and at equal compute, with the same steps, and put them in "
                               "the table (--no-heal-rows: the recursion alone)")
