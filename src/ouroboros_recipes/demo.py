@@ -174,7 +174,9 @@ def sotu_files(corpus: Path, last_train_year: int, first_train_year: int = 1790)
 def demo_model(run: DemoRun, out: Path):
     base = load_base_model(run.demo.base)
     m, layers = run.model, base.config.num_hidden_layers
-    print(f"[1/4] converting {run.demo.base}: prelude {m.n_prelude}, recurrent layer {m.recurrent_layer}, coda "
+    block = (f"recurrent layer {m.recurrent_layer}" if m.block_layers == 1 else
+             f"recurrent block of layers {m.recurrent_layer}-{m.recurrent_layer + m.block_layers - 1}")
+    print(f"[1/4] converting {run.demo.base}: prelude {m.n_prelude}, {block}, coda "
           f"{m.n_coda} ({m.layer_passes(None)} of {layers} layers)")
     model = OuroborosModel.from_base(base, m, base_name=run.demo.base, policy=run.policy)
     save_adapter(model, out)
