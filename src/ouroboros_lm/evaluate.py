@@ -246,7 +246,8 @@ def describe_row(row: EvalRow, model, measured: bool = True) -> EvalRow:
     elif row.model == "baseline":
         row.layers = cfg.layer_passes(None) if measured else cfg.n_prelude + 1 + cfg.n_coda
     else:
-        row.layers = cfg.n_prelude + cfg.n_coda + (row.steps if row.steps is not None else cfg.heal_layers)
+        middle = row.steps * cfg.block_layers if row.steps is not None else cfg.heal_layers  # a block: k per step
+        row.layers = cfg.n_prelude + cfg.n_coda + middle
         row.trainable = model.trainable_parameter_breakdown()["total"]
     return row
 
