@@ -1,5 +1,6 @@
 """A recurrent block of several consecutive layers (`block_layers`): what each step runs, equal to
-Hugging Face's own layers repeated; its bases, causality, cached decoding, saving and export."""
+Hugging Face's own layers repeated; its bases, cached adaptive exit, saving and export (its causality
+and cached decoding: tests/test_outer.py)."""
 from __future__ import annotations
 
 import copy
@@ -83,21 +84,7 @@ def test_a_modulated_block_step_equals_the_step_written_out(tokens):
         torch.testing.assert_close(model(tokens, depth=3).logits, reference, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(variant="static"), dict(state_scale="anchored", injection="linear")])
-def test_block_is_causal_and_cached_decoding_equals_recomputing(options, tokens):
-    model = tiny_ouroboros("llama", **BLOCK, **options)
-    randomize_trainables(model, scale=0.3)
-    t = 11
-    changed = tokens.clone()
-    changed[:, t:] = (changed[:, t:] + 1) % TINY["vocab_size"]
-    with torch.no_grad():
-        a, b = model(tokens, depth=3).logits, model(changed, depth=3).logits
-        assert (a[:, :t] - b[:, :t]).abs().max().item() <= 1e-6
-        for baseline in (False, True):
-            out = model.generate(tokens[:, :8], max_new_tokens=5, depth=3, baseline=baseline)
-            for i in range(8, out.shape[1]):  # every greedy token is the argmax of a full recomputation
-                logits = model(out[:, :i], depth=3, baseline=baseline).logits[:, -1]
-                assert torch.equal(logits.argmax(-1), out[:, i])
+# causality and cached decoding of a block (and of its baseline): tests/test_outer.py's options test (BLOCKS)
 
 
 def test_block_under_adaptive_exit_with_a_cache_equals_recomputing(tokens):

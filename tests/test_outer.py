@@ -105,8 +105,13 @@ def test_outer_adaptation_round_trips_and_is_a_new_format(tmp_path, tokens):
         load_adapter(tmp_path / "a", base=tiny_base("llama"))
 
 
-@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), ANCHORED] + INJECTIONS)
+BLOCKS = [dict(block_layers=2), dict(block_layers=2, variant="static"), dict(block_layers=2, **ANCHORED)]
+
+
+@pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), ANCHORED] + INJECTIONS + BLOCKS)
 def test_options_stay_causal_and_cached_decoding_equals_recomputing(options, tokens):
+    """Causal, and greedy decoding with the cache gives the argmax of a full recomputation, through
+    the recursion and (a block of two layers: its own 16-layer stack) the pruned baseline."""
     model = tiny_ouroboros("llama", **options)
     randomize_trainables(model, scale=0.3)
     t = 11
@@ -115,10 +120,11 @@ def test_options_stay_causal_and_cached_decoding_equals_recomputing(options, tok
     with torch.no_grad():
         a, b = model(tokens, depth=3).logits, model(changed, depth=3).logits
         assert (a[:, :t] - b[:, :t]).abs().max().item() <= 1e-6
-        out = model.generate(tokens[:, :8], max_new_tokens=6, depth=3)
-        for i in range(8, out.shape[1]):  # every greedy token is the argmax of a full recomputation
-            logits = model(out[:, :i], depth=3).logits[:, -1]
-            assert torch.equal(logits.argmax(-1), out[:, i])
+        for baseline in (False, True) if "block_layers" in options else (False,):
+            out = model.generate(tokens[:, :8], max_new_tokens=6, depth=3, baseline=baseline)
+            for i in range(8, out.shape[1]):  # every greedy token is the argmax of a full recomputation
+                logits = model(out[:, :i], depth=3, baseline=baseline).logits[:, -1]
+                assert torch.equal(logits.argmax(-1), out[:, i])
 
 
 @pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), dict(lora_rank=3), ANCHORED] + INJECTIONS)
