@@ -23,14 +23,9 @@ from .layers import KVSlot
 class StepCache:
     """What one recurrence step (or the baseline's single application) keeps."""
 
-    kv: KVSlot  # the recurrent block's first layer
+    kv: list[KVSlot]  # one per layer of the recurrent block, in order
     pool: PoolState = field(default_factory=PoolState)
     readout: list[KVSlot] | None = None  # the coda layers of this step's readout (exit rules kl, entropy)
-    tail: list[KVSlot] = field(default_factory=list)  # the block's further layers (block_layers > 1)
-
-    def slots(self) -> list[KVSlot]:
-        """One slot per layer of the recurrent block, in order."""
-        return [self.kv] + self.tail
 
 
 @dataclass
@@ -51,8 +46,8 @@ class OuroborosCache:
         block_layers: the layers of the recurrent block (a slot for each, at every step)."""
         slot = lambda: KVSlot(capacity)  # noqa: E731
         n_steps = depth if depth is not None else 1
-        steps = [StepCache(slot(), readout=[slot() for _ in range(n_coda)] if readout else None,
-                           tail=[slot() for _ in range(block_layers - 1)]) for _ in range(n_steps)]
+        steps = [StepCache([slot() for _ in range(block_layers)], readout=[slot() for _ in range(n_coda)] if readout else None)
+                 for _ in range(n_steps)]
         return cls(depth, [slot() for _ in range(n_prelude)], steps, [slot() for _ in range(n_coda)])
 
     @property
@@ -85,7 +80,7 @@ class OuroborosCache:
     def reorder(self, index: torch.Tensor) -> None:
         """Keep (and repeat or permute) the batch rows `index` [B'] of everything cached: beam
         search reorders its beams this way, and `index` may repeat a row or drop one."""
-        slots = self.prelude + [k for s in self.steps for k in s.slots()] + [r for s in self.steps for r in s.readout or []] + self.coda
+        slots = self.prelude + [k for s in self.steps for k in s.kv] + [r for s in self.steps for r in s.readout or []] + self.coda
         for slot in slots:
             if slot.k is not None:
                 slot.k, slot.v = slot.k.index_select(0, index.to(slot.k.device)), slot.v.index_select(0, index.to(slot.v.device))

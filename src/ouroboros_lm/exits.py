@@ -161,7 +161,7 @@ class TokenExits:
     def skip(self, step_cache) -> None:
         """A step every position skips: its cache slots (the recurrent layer's and, when kept, its
         readout's coda layers') receive the positions' last keys and values."""
-        slots = [(block_key(j), slot) for j, slot in enumerate(step_cache.slots())] + \
+        slots = [(block_key(j), slot) for j, slot in enumerate(step_cache.kv)] + \
             [(("coda", i), slot) for i, slot in enumerate(step_cache.readout or [])]
         for key, slot in slots:
             slot.extend(*self.last[key])

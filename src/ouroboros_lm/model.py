@@ -315,7 +315,7 @@ class OuroborosModel(nn.Module):
                 readout_steps, depth, lambda x: self.token_losses_of(self.run_layers("coda", x, ctx), labels), h,
                 self.recurrent.halter)
             if depth is None:
-                h = self.recurrent.plain(h, ctx, kv=steps[0].slots() if steps is not None else None)
+                h = self.recurrent.plain(h, ctx, kv=steps[0].kv if steps is not None else None)
             else:
                 h = self.recurrent(h, ctx, depth, mask=pool_mask, cache=steps, exits=exits,
                                    observe=readout.observe if readout is not None else None, training=training)

@@ -287,7 +287,7 @@ class RecurrentBlock(nn.Module):
                 if use_ckpt and s >= first_grad:
                     h = checkpoint(self.step, h, s, ctx, mask, None, None, e, anchor, use_reentrant=False)
                 else:
-                    h = self.step(h, s, ctx, mask, slot.slots() if slot else None, slot.pool if slot else None, e, anchor)
+                    h = self.step(h, s, ctx, mask, slot.kv if slot else None, slot.pool if slot else None, e, anchor)
                 anchor = self.anchor_of(h, s, anchor)
             if observe is not None:
                 observe(s, h)
@@ -306,6 +306,6 @@ class RecurrentBlock(nn.Module):
                     pool(h, self.config.pooling, mask, slot.pool)
             return h
         kv = [ExitKV(exits, k, block_key(j)) for j, k in
-              enumerate(slot.slots() if slot is not None else [None] * len(self.layers))]
+              enumerate(slot.kv if slot is not None else [None] * len(self.layers))]
         h_new = self.step(h, s, ctx, mask, kv, slot.pool if slot is not None else None, e, anchor)
         return exits.update(s, h, h_new, self.halter)
