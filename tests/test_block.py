@@ -39,6 +39,10 @@ def test_bare_block_at_depth_n_is_hugging_faces_layers_repeated(arch, tokens):
         hf = ref(tokens, labels=tokens, use_cache=False).loss.item()
         assert abs(model(tokens, labels=tokens, baseline=True).loss.item() - hf) <= 1e-5
     assert model.config.layer_passes(3) == 2 + 6 + 2 and model.config.layer_passes(None) == 6
+    floor = OuroborosModel.from_base(tiny_base(arch), model.config.pruned_stack())  # every gap's floor: 4 once
+    with torch.no_grad():
+        hf = hf_pruned(tiny_base(arch), [0, 1, 4, 6, 7])(tokens, labels=tokens, use_cache=False).loss.item()
+        assert abs(floor(tokens, labels=tokens, baseline=True).loss.item() - hf) <= 1e-5
 
 
 def test_each_block_layer_has_the_bases_of_its_own_residual():

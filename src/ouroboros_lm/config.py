@@ -168,6 +168,12 @@ class OuroborosConfig:
     def kept_layers(self, num_layers: int) -> list[int]:
         return list(range(self.n_prelude)) + self.middle_layers(num_layers) + list(range(num_layers - self.n_coda, num_layers))
 
+    def pruned_stack(self) -> "OuroborosConfig":
+        """The floor every gap is measured from: the same split with the recurrent layer once and nothing
+        added (P + 1 + C layers, whatever block or heal model this config builds)."""
+        return OuroborosConfig(n_prelude=self.n_prelude, recurrent_layer=self.recurrent_layer, n_coda=self.n_coda,
+                               variant="none", gate=False, step_norm=False)
+
     def layer_passes(self, depth: int | None) -> int:
         """Decoder-layer applications per token: the pruned stack (depth None), the recursion at
         `depth`, or a heal model's stack."""

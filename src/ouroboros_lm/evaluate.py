@@ -246,8 +246,7 @@ def describe_row(row: EvalRow, model, measured: bool = True) -> EvalRow:
     elif row.model == "baseline":
         row.layers = cfg.layer_passes(None) if measured else cfg.n_prelude + 1 + cfg.n_coda
     else:
-        middle = row.steps * cfg.block_layers if row.steps is not None else cfg.heal_layers  # a block: k per step
-        row.layers = cfg.n_prelude + cfg.n_coda + middle
+        row.layers = cfg.layer_passes(row.steps)  # mean steps under adaptive exit; a heal model: its stack
         row.trainable = model.trainable_parameter_breakdown()["total"]
     return row
 

@@ -287,14 +287,6 @@ def demo_corpus(run: DemoRun):
     return corpus, tok
 
 
-def pruned_floor(run: DemoRun):
-    """The pruned stack the gap is measured from: prelude, the recurrent layer once, coda, nothing added."""
-    m = run.model
-    plain = OuroborosConfig(n_prelude=m.n_prelude, recurrent_layer=m.recurrent_layer, n_coda=m.n_coda, variant="none",
-                            gate=False, step_norm=False)
-    return OuroborosModel.from_base(load_base_model(run.demo.base), plain, base_name=run.demo.base)
-
-
 def demo_report(run: DemoRun, model, heals: list, corpus, tok, full, summary: dict):
     """Every row on the same blocks: full, pruned, the recursion at each depth and under adaptive exit,
     and each heal model (one row per split, under its name), on the addresses and the extra domains."""
@@ -304,7 +296,8 @@ def demo_report(run: DemoRun, model, heals: list, corpus, tok, full, summary: di
     every = {**splits, **extra}
     # every row's floor is the pruned stack P + 1 + C (the recurrent layer once), whatever the recursion
     # loops (a block of two has its own 16-layer stack): what sweeps and the heal rows share
-    floor = evaluate(pruned_floor(run), every, depths=(), full_model=full, batch_size=ev.batch_size, progress=False)
+    stack = OuroborosModel.from_base(load_base_model(dc.base), run.model.pruned_stack(), base_name=dc.base)
+    floor = evaluate(stack, every, depths=(), full_model=full, batch_size=ev.batch_size, progress=False)
     known = {split: {m: floor.row(split, m).loss for m in ("full", "baseline")} for split in every}
     report = evaluate(model, splits, depths=ev.depths, known={s: known[s] for s in splits}, batch_size=ev.batch_size,
                       exit_rules=exit_rules(run, model),

@@ -314,10 +314,7 @@ def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, 
                if split not in ref or ref.get("keys", {}).get(split) != keys[split]}
     if missing:  # a new sweep, splits added or changed since: only those are evaluated
         base = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
-        plain = runs[0].model_config(spec).replace(variant="none", lora_rank=0, prelude_lora_layers=0,
-                                                   recurrent_lora=False, heal_layers=0, injection="none",
-                                                   block_layers=1, state_scale="free")  # 7 + 1 + 7: every run's floor
-        model = OuroborosModel.from_base(base, plain)
+        model = OuroborosModel.from_base(base, runs[0].model_config(spec).pruned_stack())
         full = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
         rep = evaluate(model, missing, depths=(), full_model=full, batch_size=ev.batch_size, progress=progress,
                        runtime=runtime)
