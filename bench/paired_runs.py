@@ -17,6 +17,8 @@ import json
 import statistics
 import sys
 
+from ouroboros_lm.evaluate import gap_recovered
+
 SPLITS = ("heldout", "shakespeare", "debian", "email")
 
 
@@ -46,7 +48,7 @@ def column(losses: dict, depth: int) -> str:
 
 
 def gap(losses: dict, key: str) -> float:
-    return 100 * (losses["baseline"] - losses[key]) / (losses["baseline"] - losses["full"])
+    return gap_recovered(losses[key], losses["baseline"], losses["full"])
 
 
 def main() -> None:

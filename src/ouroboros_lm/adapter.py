@@ -25,6 +25,7 @@ import torch
 from .atomic import atomic_write_bytes, ensure_dir
 from .peft_lora import adapted_parameters
 from .config import OuroborosConfig
+from .layers import attention_kind
 from .loading import load_base_model
 from .model import OuroborosModel
 from .policy import POLICY_FIELDS, RecursionPolicy, legacy_policy
@@ -81,8 +82,7 @@ def recurrent_layer_record(model) -> dict:
     rec = model.recurrent
     out = {"index": model.config.recurrent_layer, "kind": rec.kind, "window": rec.window}
     if len(rec.layers) > 1:
-        out["block"] = [{"index": model.config.recurrent_layer + j,
-                         "kind": "sliding_attention" if w is not None else "full_attention", "window": w}
+        out["block"] = [{"index": model.config.recurrent_layer + j, "kind": attention_kind(w), "window": w}
                         for j, w in enumerate(rec.windows)]
     return out
 

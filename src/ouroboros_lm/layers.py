@@ -109,6 +109,12 @@ def build_context(
     return AttentionContext(cos, sin, mask, key_padding, qpos, S, {}, tables)
 
 
+def attention_kind(window: int | None) -> str:
+    """'sliding_attention' (a local layer: it attends to the last `window` keys) or 'full_attention'
+    (a global one): the layer_types names of Gemma 2/3."""
+    return "sliding_attention" if window is not None else "full_attention"
+
+
 def layer_window(layer: nn.Module, base_config) -> int | None:
     """Sliding-window size of this layer, or None for full attention."""
     attn = layer.self_attn

@@ -28,7 +28,7 @@ from .controller import Controller, PoolState, StaticModulation, pool
 from .exits import ExitKV, TokenExits, block_key
 from .families import step_norm_names
 from .halter import Halter
-from .layers import AttentionContext, KVSlot, decoder_layer
+from .layers import AttentionContext, KVSlot, attention_kind, decoder_layer
 from .svd_bases import SVDBases
 from .memory import activations_fit, step_activation_bytes
 from .ops import gate_mix
@@ -207,9 +207,8 @@ class RecurrentBlock(nn.Module):
 
     @property
     def kind(self) -> str:
-        """'sliding_attention' (a local layer: it attends to the last `window` keys) or 'full_attention'
-        (a global one), the layer_types names of Gemma 2/3, whose recurrent layer may be either."""
-        return "sliding_attention" if self.window is not None else "full_attention"
+        """The recurrent layer's `layers.attention_kind` (Gemma 2/3's may be local or global)."""
+        return attention_kind(self.window)
 
     def trainable_parts(self) -> dict[str, nn.Module]:
         parts = {"controller": self.controller, "static": self.static, "gate": self.gate, "step_norms": self.step_norms,
