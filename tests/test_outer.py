@@ -111,7 +111,7 @@ BLOCKS = [dict(block_layers=2), dict(block_layers=2, variant="static"), dict(blo
 @pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), ANCHORED] + INJECTIONS + BLOCKS)
 def test_options_stay_causal_and_cached_decoding_equals_recomputing(options, tokens):
     """Causal, and greedy decoding with the cache gives the argmax of a full recomputation, through
-    the recursion and (a block of two layers: its own 16-layer stack) the pruned baseline."""
+    the recursion and (with a block of two layers, whose first runs once there) the pruned baseline."""
     model = tiny_ouroboros("llama", **options)
     randomize_trainables(model, scale=0.3)
     t = 11

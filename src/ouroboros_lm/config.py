@@ -175,9 +175,9 @@ class OuroborosConfig:
                                variant="none", gate=False, step_norm=False)
 
     def layer_passes(self, depth: int | None) -> int:
-        """Decoder-layer applications per token: the pruned stack (depth None), the recursion at
-        `depth`, or a heal model's stack."""
-        middle = self.heal_layers or self.block_layers * (1 if depth is None else depth)
+        """Decoder-layer applications per token: the pruned stack (depth None: the recurrent layer
+        once, whatever the block), the recursion at `depth`, or a heal model's stack."""
+        middle = self.heal_layers or (1 if depth is None else self.block_layers * depth)
         return self.n_prelude + middle + self.n_coda
 
     # ------------------------------------------------------------------ (de)serialisation

@@ -238,8 +238,9 @@ def evaluate(model, splits: dict[str, torch.Tensor], depths=DEFAULT_EVAL_DEPTHS,
 
 def describe_row(row: EvalRow, model, measured: bool = True) -> EvalRow:
     """Fill in a row's layer passes per token and, for a trained model's row, its trained weights. A
-    baseline measured here is `model`'s own unadapted stack; one passed in as `known` is the pruned
-    stack of the split (prelude + the recurrent layer once + coda), what sweeps and the demo share."""
+    baseline passed in as `known` is the pruned stack of the split (prelude + the recurrent layer once +
+    coda), what sweeps and the demo share; one measured here is `model`'s own unadapted stack: the same
+    for a recursion (block or not), a heal model's middle layers for a heal model."""
     cfg = model.config
     if row.model == "full":
         row.layers = model.base_config.num_hidden_layers  # the full model's config, kept from before the surgery

@@ -249,10 +249,10 @@ class RecurrentBlock(nn.Module):
         return StateScale.rms(h)
 
     def plain(self, h: torch.Tensor, ctx: AttentionContext, kv: list[KVSlot] | None = None) -> torch.Tensor:
-        """The recurrent block's layers applied once with nothing added (the pruned baseline)."""
-        for j, (layer, window) in enumerate(zip(self.layers, self.windows)):
-            h = decoder_layer(layer, h, ctx, window=window, kv=kv[j] if kv is not None else None)
-        return h
+        """The recurrent layer applied once with nothing added: the pruned baseline, prelude + recurrent
+        layer + coda (`OuroborosConfig.pruned_stack`), the floor every gap is measured from, whatever
+        the block (a block's other layers are the recursion's, not the floor's)."""
+        return decoder_layer(self.layer, h, ctx, window=self.window, kv=kv[0] if kv is not None else None)
 
     def step_activation_bytes(self, h: torch.Tensor) -> int:
         """Estimated bytes one plain training step keeps for backward (what checkpointing frees)."""

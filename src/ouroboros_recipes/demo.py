@@ -177,7 +177,7 @@ def demo_model(run: DemoRun, out: Path):
     block = (f"recurrent layer {m.recurrent_layer}" if m.block_layers == 1 else
              f"recurrent block of layers {m.recurrent_layer}-{m.recurrent_layer + m.block_layers - 1}")
     print(f"[1/4] converting {run.demo.base}: prelude {m.n_prelude}, {block}, coda "
-          f"{m.n_coda} ({m.layer_passes(None)} of {layers} layers)")
+          f"{m.n_coda} ({len(m.kept_layers(layers))} of {layers} layers)")
     model = OuroborosModel.from_base(base, m, base_name=run.demo.base, policy=run.policy)
     save_adapter(model, out)
     print("      trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in model.trainable_parameter_breakdown().items()))
@@ -294,10 +294,9 @@ def demo_report(run: DemoRun, model, heals: list, corpus, tok, full, summary: di
     splits = corpus.eval_splits(ev.blocks, ev.seed)
     extra = domain_splits(run, tok, corpus.seq_len)
     every = {**splits, **extra}
-    # every row's floor is the pruned stack P + 1 + C (the recurrent layer once), whatever the recursion
-    # loops (a block of two has its own 16-layer stack): what sweeps and the heal rows share
-    stack = OuroborosModel.from_base(load_base_model(dc.base), run.model.pruned_stack(), base_name=dc.base)
-    floor = evaluate(stack, every, depths=(), full_model=full, batch_size=ev.batch_size, progress=False)
+    # every row's floor is the pruned stack P + 1 + C (the recurrent layer once, whatever the recursion
+    # loops: the model's own baseline), measured once for the recursion's and the heal models' rows
+    floor = evaluate(model, every, depths=(), full_model=full, batch_size=ev.batch_size, progress=False)
     known = {split: {m: floor.row(split, m).loss for m in ("full", "baseline")} for split in every}
     report = evaluate(model, splits, depths=ev.depths, known={s: known[s] for s in splits}, batch_size=ev.batch_size,
                       exit_rules=exit_rules(run, model),
