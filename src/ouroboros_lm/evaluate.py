@@ -245,7 +245,7 @@ def describe_row(row: EvalRow, model, measured: bool = True) -> EvalRow:
     if row.model == "full":
         row.layers = model.base_config.num_hidden_layers  # the full model's config, kept from before the surgery
     elif row.model == "baseline":
-        row.layers = cfg.layer_passes(None) if measured else cfg.n_prelude + 1 + cfg.n_coda
+        row.layers = (cfg if measured else cfg.pruned_stack()).layer_passes(None)
     else:
         row.layers = cfg.layer_passes(row.steps)  # mean steps under adaptive exit; a heal model: its stack
         row.trainable = model.trainable_parameter_breakdown()["total"]

@@ -196,7 +196,8 @@ class OuroborosModel(nn.Module):
         each step's readout coda layers, for an exit rule that reads predictions (kl, entropy)."""
         plain = baseline or self.config.heal_layers
         return OuroborosCache.empty(len(self.prelude), len(self.coda), None if plain else self.resolve_depth(depth),
-                                    capacity, readout=readout and not plain, block_layers=len(self.recurrent.layers))
+                                    capacity, readout=readout and not plain,
+                                    block_layers=1 if plain else len(self.recurrent.layers))  # plain: one layer once
 
     def embed(self, input_ids, attention_mask=None, cache: OuroborosCache | None = None):
         """(token embeddings h, the AttentionContext every layer shares, the pooling mask)."""
