@@ -54,6 +54,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def assert_same_in_float64(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    """Equal in float64 up to the float32 rounding Hugging Face's RMSNorm applies inside (it casts to float32):
+    a few units of float32's epsilon on the values' scale, whatever the CPU (a wrong layer moves logits by ~0.1)."""
+    assert ours.dtype == reference.dtype == torch.float64
+    tol = 32 * torch.finfo(torch.float32).eps * (1 + reference.abs().max().item())
+    torch.testing.assert_close(ours, reference, atol=tol, rtol=0)
+
+
 def tiny_base(arch: str = "llama", seed: int = 0):
     torch.manual_seed(seed)
     cfg = CONFIGS[arch]()

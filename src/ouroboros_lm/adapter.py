@@ -39,7 +39,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # Fields that change the shape or meaning of the saved weights; the rest may be overridden.
 STRUCTURAL = structural_fields(OuroborosConfig)
-SPLIT = ("n_prelude", "recurrent_layer", "n_coda")
+SPLIT = ("n_prelude", "recurrent_layer", "n_coda", "keep_layers")
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps")
 
@@ -226,8 +226,7 @@ def check_base(meta: dict, base, config: OuroborosConfig) -> dict[str, str]:
     saved = meta.get("kept_weights_fingerprints", {})
     if not isinstance(saved, dict) or set(saved) != set(fps):
         raise AdapterError(
-            f"the adapter's layer split (n_prelude={config.n_prelude}, recurrent_layer={config.recurrent_layer}, "
-            f"n_coda={config.n_coda}) does not match the layers its fingerprints were recorded for "
+            f"the adapter's layer split ({config.split_text()}) does not match the layers its fingerprints were recorded for "
             f"({', '.join(sorted(saved)) if isinstance(saved, dict) else saved!r}): the config was edited or is corrupt"
         )
     bad = [k for k in fps if saved.get(k) != fps[k]]

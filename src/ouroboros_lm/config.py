@@ -47,6 +47,12 @@ class OuroborosConfig:
                                 structural=True)
     n_coda: int = setting(8, "frozen layers kept after the recurrent block", low=0, high=MAX_LAYERS,
                           structural=True, sweep=False)
+    keep_layers: tuple[int, ...] | None = setting(
+        None, "the base layers kept, in order (e.g. `ouroboros plan`'s choice; default: the first n_prelude, the "
+        "block, the last n_coda): the prelude is the kept layers before the recurrent block, the coda those after it "
+        "(n_prelude and n_coda become their counts); the block (recurrent_layer on, block_layers of them) must be "
+        "kept. A heal model keeps exactly these layers (its recurrent_layer, if not kept, becomes the middle kept one)",
+        low=0, high=MAX_LAYERS - 1, structural=True, metavar="I,J,...")
     rank: int = setting(32, "rank r of the SVD LoRA bases", low=1, high=4096, structural=True)
     alpha: float = setting(16.0, "LoRA scale alpha (delta = alpha/r * B diag(d) A x)", above=0, high=1e4,
                            structural=True)
@@ -97,6 +103,8 @@ class OuroborosConfig:
         calls it again with the base model's layer count before touching any weight.
         """
         validate_fields(self)
+        if self.keep_layers is not None:
+            self._follow_keep_layers()
         if self.prelude_lora_layers > self.n_prelude:
             raise ValueError(f"prelude_lora_layers must be in [0, n_prelude={self.n_prelude}]; got {self.prelude_lora_layers}")
         if self.prelude_lora_layers and not self.lora_rank:
@@ -109,6 +117,11 @@ class OuroborosConfig:
         if num_layers is None:
             return
         L = num_layers
+        if self.keep_layers is not None:
+            if self.keep_layers[-1] >= L:
+                raise ValueError(f"keep_layers must name layers of the base model, in [0, {L - 1}] ({L} layers); "
+                                 f"got {self.keep_layers[-1]}")
+            return  # the split is the kept layers themselves: the checks below hold by construction
         if self.heal_layers > L - self.n_prelude - self.n_coda:
             raise ValueError(f"heal_layers must be in [0, {L - self.n_prelude - self.n_coda}] (the layers between the "
                              f"prelude and the coda of the base's {L}); got {self.heal_layers}")
@@ -125,6 +138,40 @@ class OuroborosConfig:
                 f"recurrent_layer must lie between the prelude and the coda{block}, in [{lo}, {hi}] "
                 f"(n_prelude={self.n_prelude}, n_coda={self.n_coda}, {L} layers); got {self.recurrent_layer}"
             )
+
+    def _follow_keep_layers(self) -> None:
+        """Check `keep_layers` (sorted, distinct; the block kept) and set the split's counts from it."""
+        keep = self.keep_layers
+        if any(b <= a for a, b in zip(keep, keep[1:])):
+            raise ValueError(f"keep_layers must be sorted and without duplicates; got {','.join(map(str, keep))}")
+        if self.heal_layers > 1:
+            raise ValueError("keep_layers names every kept layer: use heal_layers 1 with it (not "
+                             f"{self.heal_layers}), and list the heal model's middle layers in keep_layers")
+        if self.heal_layers and self.recurrent_layer not in keep:
+            self.recurrent_layer = keep[len(keep) // 2]  # a heal model runs every kept layer once: any kept one serves
+        block = list(range(self.recurrent_layer, self.recurrent_layer + self.block_layers))
+        if not set(block) <= set(keep):
+            what = f"the recurrent layer {block[0]}" if len(block) == 1 else f"the recurrent block {block[0]}-{block[-1]}"
+            raise ValueError(f"keep_layers must keep {what} (consecutive base layers, recurrent_layer on, block_layers "
+                             f"of them); got {','.join(map(str, keep))}")
+        self.n_prelude = sum(i < block[0] for i in keep)
+        self.n_coda = sum(i > block[-1] for i in keep)
+
+    def split_text(self) -> str:
+        """The layer split in words, for messages: the counts, or the kept layers when they are listed."""
+        if self.keep_layers is not None:
+            return f"keep_layers={','.join(map(str, self.keep_layers))}, recurrent_layer={self.recurrent_layer}"
+        return f"n_prelude={self.n_prelude}, recurrent_layer={self.recurrent_layer}, n_coda={self.n_coda}"
+
+    def prelude_layers(self, num_layers: int) -> list[int]:
+        """Base indices of the prelude's layers (a heal model's middle layers but the last come after them)."""
+        return list(self.keep_layers[:self.n_prelude]) if self.keep_layers else list(range(self.n_prelude))
+
+    def coda_layers(self, num_layers: int) -> list[int]:
+        """Base indices of the coda's layers."""
+        if self.keep_layers:
+            return list(self.keep_layers[len(self.keep_layers) - self.n_coda:])
+        return list(range(num_layers - self.n_coda, num_layers))
 
     def lora_layers(self) -> dict[str, list[int]]:
         """Indices (within the prelude and the coda) of the outer layers that get plain LoRA. A heal
@@ -162,17 +209,20 @@ class OuroborosConfig:
 
     def removed_layers(self, num_layers: int) -> list[int]:
         """Indices of the base layers dropped by the surgery (their residuals feed the SVD)."""
-        kept = set(self.middle_layers(num_layers))
-        return [i for i in range(self.n_prelude, num_layers - self.n_coda) if i not in kept]
+        kept = set(self.kept_layers(num_layers))
+        return [i for i in range(num_layers) if i not in kept]
 
     def kept_layers(self, num_layers: int) -> list[int]:
-        return list(range(self.n_prelude)) + self.middle_layers(num_layers) + list(range(num_layers - self.n_coda, num_layers))
+        return self.prelude_layers(num_layers) + self.middle_layers(num_layers) + self.coda_layers(num_layers)
 
     def pruned_stack(self) -> "OuroborosConfig":
         """The floor every gap is measured from: the same split with the recurrent layer once and nothing
         added (P + 1 + C layers, whatever block or heal model this config builds)."""
+        keep = None
+        if self.keep_layers is not None:
+            keep = tuple(i for i in self.keep_layers if not self.recurrent_layer < i < self.recurrent_layer + self.block_layers)
         return OuroborosConfig(n_prelude=self.n_prelude, recurrent_layer=self.recurrent_layer, n_coda=self.n_coda,
-                               variant="none", gate=False, step_norm=False)
+                               keep_layers=keep, variant="none", gate=False, step_norm=False)
 
     def layer_passes(self, depth: int | None) -> int:
         """Decoder-layer applications per token: the pruned stack (depth None: the recurrent layer

@@ -88,8 +88,7 @@ class OuroborosHFConfig(PretrainedConfig):
             raise ValueError(f"{where}: 'base' must hold the base model's configuration (model_type, num_hidden_layers)")
         want = {f"layer.{i}" for i in cfg.kept_layers(layers)} | {"embed_tokens", "norm", "lm_head"}
         if not isinstance(self.base_fingerprints, dict) or set(self.base_fingerprints) != want:
-            raise ValueError(f"{where}: the layer split (n_prelude={cfg.n_prelude}, recurrent_layer="
-                             f"{cfg.recurrent_layer}, n_coda={cfg.n_coda}) does not match the layers its fingerprints "
+            raise ValueError(f"{where}: the layer split ({cfg.split_text()}) does not match the layers its fingerprints "
                              "were recorded for: the config was edited or is corrupt")
         return cfg
 

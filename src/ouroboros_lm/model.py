@@ -342,6 +342,11 @@ class OuroborosModel(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        if c.keep_layers is not None:
+            kept = f"keep_layers={','.join(map(str, c.keep_layers))}, "
+            return (f"base={self.base_name!r}, {kept}" + ("heal, " if c.heal_layers else
+                    f"recurrent_layer={c.recurrent_layer}, block_layers={c.block_layers}, variant={c.variant}, ")
+                    + f"lora_rank={c.lora_rank}")
         if c.heal_layers:
             return (f"base={self.base_name!r}, heal: prelude={c.n_prelude}, middle={c.heal_layers}, coda={c.n_coda}, "
                     f"lora_rank={c.lora_rank}")

@@ -1,4 +1,5 @@
-"""Surgery on a pretrained decoder (the families of `families.FAMILIES`): keep prelude, recurrent layer and coda,
+"""Surgery on a pretrained decoder (the families of `families.FAMILIES`): keep prelude, recurrent layer and coda
+(the first and last layers, or any kept layers the config lists: `OuroborosConfig.keep_layers`),
 factor the removed layers into SVD bases, drop the rest; fingerprints of what is kept (so an
 adapter can tell whether a base model is the one it was made from)."""
 from __future__ import annotations
@@ -85,9 +86,8 @@ def split_layers(base: nn.Module, config: OuroborosConfig, compute_bases: bool =
     if config.variant != "none" and not config.heal_layers:
         if not removed_idx:
             raise ValueError(
-                f"variant={config.variant!r} needs removed layers to build the SVD bases, but "
-                f"n_prelude={config.n_prelude} + n_coda={config.n_coda} + block_layers={config.block_layers} = {L} "
-                "keeps every layer; drop some layers or use variant='none'"
+                f"variant={config.variant!r} needs removed layers to build the SVD bases, but the split keeps all "
+                f"{L} layers; drop some layers or use variant='none'"
             )
         limit = min(min(get_projection(layer, t).weight.shape) for layer in block for t in TARGETS)
         if config.rank > limit:
@@ -95,8 +95,8 @@ def split_layers(base: nn.Module, config: OuroborosConfig, compute_bases: bool =
         removed = [layers[i] for i in removed_idx] if compute_bases else None
         with torch.no_grad():
             bases = [SVDBases.from_layers(layer, removed, config.rank, config.alpha) for layer in block]
-    prelude = [layers[i] for i in range(config.n_prelude)] + (middle[:-1] if config.heal_layers else [])
-    coda = [layers[i] for i in range(L - config.n_coda, L)]
+    prelude = [layers[i] for i in config.prelude_layers(L)] + (middle[:-1] if config.heal_layers else [])
+    coda = [layers[i] for i in config.coda_layers(L)]
     # Free the removed layers: the base model keeps only what we use.
     base.model.layers = nn.ModuleList(prelude + block + coda)
     base.config.num_hidden_layers = len(base.model.layers)
