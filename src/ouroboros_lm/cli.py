@@ -26,6 +26,7 @@ from .generate import GenerateConfig
 from .halter_training import HalterConfig
 from .harness import HarnessConfig
 from .policy import RecursionPolicy
+from .plan import PlanConfig
 from .prepare import PrepareConfig
 from .settings import REQUIRED, add_flags, from_flags, setting
 from .train import TrainConfig
@@ -51,6 +52,8 @@ class ConvertArgs:
     base: str = setting(REQUIRED, "local HF folder, hub id, .gguf file, or alias (smollm2-135m)")
     out: str = setting(REQUIRED, "adapter folder to write (must not hold an adapter already)")
     overwrite: bool = setting(False, "replace an adapter already in --out")
+    plan: str | None = setting(None, "keep the layers an `ouroboros plan` file chose (and loop its block; a heal model "
+                               "keeps its layers) instead of the split's counts", metavar="PLAN.json")
 
 
 @dataclass
@@ -144,18 +147,51 @@ def cmd_convert(args) -> None:
     from .adapter import CONFIG_NAME, save_adapter
     from .loading import load_base_model
     from .model import OuroborosModel
+    from .plan import check_plan_base, compact, planned_config, read_plan
 
     ca, cfg = from_flags(ConvertArgs, args), from_flags(OuroborosConfig, args)  # validated before loading anything
     policy = from_flags(RecursionPolicy, args).check(cfg.max_depth)
     out = Path(ca.out)
     if (out / CONFIG_NAME).exists() and not ca.overwrite:
         raise ValueError(f"{out} already holds an adapter; pass --overwrite to replace it (nothing was changed)")
+    plan = None
+    if ca.plan is not None:
+        if cfg.keep_layers is not None:
+            raise ValueError("give --plan or --keep-layers, not both")
+        plan = read_plan(ca.plan)
     base_name = str(Path(ca.base).resolve()) if Path(ca.base).exists() else ca.base
-    model = OuroborosModel.from_base(load_base_model(ca.base), cfg, base_name=base_name, policy=policy)
+    base = load_base_model(ca.base)
+    if plan is not None:
+        check_plan_base(plan, base, ca.plan)
+        cfg = planned_config(plan, cfg)
+    model = OuroborosModel.from_base(base, cfg, base_name=base_name, policy=policy)
     save_adapter(model, out)
     parts = model.trainable_parameter_breakdown()
-    print(f"wrote untrained adapter to {out} ({len(model.prelude)}+1+{len(model.coda)} layers kept; trainable: "
+    kept = model.config.kept_layers(model.base_config.num_hidden_layers)
+    print(f"wrote untrained adapter to {out} ({len(model.prelude)}+{len(model.recurrent.layers)}+{len(model.coda)} "
+          f"layers kept: {compact(kept)}; trainable: "
           + ", ".join(f"{k} {v:,}" for k, v in parts.items()) + ")")
+
+
+def cmd_plan(args) -> None:
+    from .loading import load_base_model, load_tokenizer
+    from .plan import PlanConfig, check_request, make_plan, table, write_plan
+
+    pc = from_flags(PlanConfig, args)
+    out = Path(pc.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the plan file's path (e.g. {out / 'plan.json'})")
+    base = load_base_model(pc.base)
+    check_request(pc, len(base.model.layers))  # before any calibration text is read
+    base_name = str(Path(pc.base).resolve()) if Path(pc.base).exists() else pc.base
+    plan = make_plan(pc, base, load_tokenizer(pc.base), base_name)
+    write_plan(plan, out)
+    print(table(plan))
+    rec = plan["recursion"]
+    print(f"\nwrote {out}: keep {plan['keep_layers']} ({plan['rule']})"
+          + (f"; loop {rec['recurrent_layer']}" + (f"-{rec['recurrent_layer'] + rec['block_layers'] - 1}"
+                                                   if rec["block_layers"] > 1 else "") if rec else "")
+          + f". Build it: ouroboros convert --base {pc.base} --plan {out} --out ADAPTER [--heal-layers 1 --lora-rank R]")
 
 
 def cmd_prepare(args) -> None:
@@ -349,6 +385,8 @@ def cmd_harness(args) -> None:
 
 COMMANDS = {
     "convert": Command("convert a base model and write an untrained adapter", convert_flags, cmd_convert),
+    "plan": Command("choose from calibration text which layers to keep and which block to loop (forward passes only)",
+                    lambda p: add_flags(p, PlanConfig), cmd_plan),
     "prepare": Command("tokenize text once into token shards that train and eval read by memory map", prepare_flags,
                        cmd_prepare, "the complete shards are kept: the same command resumes after them"),
     "train": Command("train an adapter on text", train_flags, cmd_train,

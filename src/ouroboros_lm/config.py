@@ -40,7 +40,7 @@ class OuroborosConfig:
     n_prelude: int = setting(8, "frozen layers kept before the recurrent block", low=0, high=MAX_LAYERS,
                              structural=True, sweep=False)
     recurrent_layer: int = setting(18, "index of the base layer applied N times", low=0, high=MAX_LAYERS,
-                                   structural=True, sweep=False)
+                                   structural=True)
     block_layers: int = setting(1, "consecutive base layers, from recurrent_layer on, that form the recurrent block "
                                 "and run in order at every step (Huginn and retrofitted recurrence loop 2-4); each "
                                 "gets its own SVD bases, modulation and step norms", low=1, high=MAX_LAYERS,

@@ -24,7 +24,8 @@ Spec (YAML):
     seeds: [0, 1, 2]                                                 # every run once per seed (optional)
 
 defaults / grid / runs may set any OuroborosConfig, RecursionPolicy or TrainConfig field (`settings.sweep_keys`)
-but the layer split; `train:` holds TrainConfig fields shared by every run. With `seeds`, every
+but the split's counts; a run may keep other layers (`keep_layers`, `recurrent_layer`: e.g. `ouroboros plan`'s),
+and the spec's split stays the floor every run's gap is measured from (so splits compare on one scale); `train:` holds TrainConfig fields shared by every run. With `seeds`, every
 run is repeated per seed (its initialisation and data order; folder suffix `-seed<n>`), and the
 report gives mean and standard deviation over seeds. `data.train` items may be `NAME=SRC[:WEIGHT]`
 (sources mixed by weight, as `--data` takes them) or prepared folders. `data.domains` names extra held-out text

@@ -1,0 +1,337 @@
+"""`ouroboros plan`: which base layers to keep, and which consecutive block to loop, chosen from data.
+
+Forward passes only, on calibration blocks of the user's own text. Each rule proposes `keep` layers:
+  ends             the shorthand split: the first and last layers around the middle (P + block + C)
+  block_influence  the layers whose output differs most from their input, 1 - cos(x_in, x_out) (ShortGPT)
+  angular          drop the contiguous run whose input and output are closest in angle (Gromov et al. 2024)
+  greedy           remove, one at a time, the layer whose removal raises the calibration loss least
+                   (IteRABRe / ShortGPT-gen; each round tries the `shortlist` layers cheapest in the last one)
+and the untrained pruned stack's loss on *other* calibration blocks (not those the rules were measured on)
+decides. For the recursion, every run of `block_layers` consecutive base layers among the chosen ones (with a
+kept layer before and after) is tried repeated, untrained (depth 2: the block run twice in place); the one with
+the lowest loss is the block to loop. `plan.json` records the choice, every candidate with its loss and layer
+passes, the winning rule's ranking (any other size of the same rule, for nested rules) and the base it was
+measured on; `ouroboros convert --plan plan.json` builds the model from it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .atomic import read_json, write_json
+from .config import MAX_LAYERS, OuroborosConfig
+from .families import OWN_HEAD_TYPES, final_logits, scale_embeddings
+from .layers import build_context, decoder_layer, layer_window
+from .loss import causal_lm_loss, head_loss
+from .ops import rms_norm
+from .settings import REQUIRED, setting
+
+RULES = ("ends", "block_influence", "angular", "greedy")
+NESTED = ("block_influence", "greedy")  # rules whose choice for n layers contains their choice for fewer
+FORMAT = "ouroboros-plan/1"
+
+
+@dataclass
+class PlanConfig:
+    """What `ouroboros plan` measures (`ouroboros plan --help`)."""
+
+    base: str = setting(REQUIRED, "the base model: local HF folder, hub id, .gguf file, or alias (smollm2-135m)")
+    data: tuple[str, ...] = setting(REQUIRED, "calibration text (files, folders, globs, .jsonl, .parquet, "
+                                    "hf:<dataset id>): your training text", metavar="SRC")
+    keep: int = setting(REQUIRED, "layers to keep (the heal model's; the recursion's, its block included)", low=1,
+                        high=MAX_LAYERS)
+    out: str = setting("plan.json", "where to write the plan")
+    block_layers: int = setting(1, "consecutive base layers the recursion loops (its block)", low=1, high=MAX_LAYERS)
+    rules: tuple[str, ...] = setting(RULES, "rules that propose kept layers (the measured loss decides)", choices=RULES,
+                                     metavar="RULE")
+    blocks: int = setting(8, "calibration blocks the rules measure on (as many again, other ones, score them)",
+                          low=1, high=4096)
+    seq_len: int = setting(128, "tokens per calibration block", low=2, high=1 << 16)
+    shortlist: int = setting(8, "greedy: layers tried per round after the first (the cheapest in the previous "
+                             "round; 0: every layer)", low=0, high=MAX_LAYERS)
+    seed: int = setting(0, "seed of the calibration blocks' sample", low=0, high=2**63 - 1)
+    text_field: str = setting("text", "field holding the text in .jsonl / .parquet sources")
+
+
+class Stack:
+    """A base model's layers run in any order on fixed calibration blocks (no surgery): per-layer inputs,
+    the loss of any subset, and the loss of a subset started from a cached hidden state."""
+
+    def __init__(self, base, ids: torch.Tensor):
+        self.base, self.cfg = base, base.config
+        self.layers = base.model.layers
+        self.windows = [layer_window(layer, self.cfg) for layer in self.layers]
+        self.ids = ids.to(base.model.embed_tokens.weight.device)
+        h = scale_embeddings(base.model.embed_tokens(self.ids), self.cfg)
+        positions = torch.arange(ids.shape[1], device=h.device).unsqueeze(0)
+        self.ctx = build_context(base.model.rotary_emb, h, positions, None)
+        self.h0 = h
+
+    def run(self, order, h: torch.Tensor | None = None, keep_inputs: bool = False):
+        """The hidden state after `order` (base indices), from the embeddings or `h`; with keep_inputs, also
+        every layer's input (and, last, the output)."""
+        h = self.h0 if h is None else h
+        seen = []
+        for i in order:
+            if keep_inputs:
+                seen.append(h)
+            h = decoder_layer(self.layers[i], h, self.ctx, window=self.windows[i])
+        return (h, seen + [h]) if keep_inputs else h
+
+    def loss(self, h: torch.Tensor) -> float:
+        """Next-token loss of final hidden states h (the family's norm and head)."""
+        norm, head = self.base.model.norm, self.base.lm_head
+        if self.cfg.model_type in OWN_HEAD_TYPES:
+            return causal_lm_loss(final_logits(head(norm(h)), self.cfg), self.ids).item()
+        return head_loss(rms_norm(h, norm.weight, norm.variance_epsilon), head, self.ids).item()
+
+    def loss_of(self, order) -> float:
+        return self.loss(self.run(order))
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+
+
+def ends_rule(L: int, keep: int, block_layers: int) -> list[int]:
+    """The shorthand split (P + block + C with the block at the middle layer): what `--n-prelude` etc. build."""
+    middle = keep - block_layers
+    p, c = middle // 2 + middle % 2, middle // 2
+    r = min(max(L // 2, p), L - c - block_layers)
+    return list(range(p)) + list(range(r, r + block_layers)) + list(range(L - c, L))
+
+
+def block_influence(states: list[torch.Tensor]) -> list[float]:
+    """Per layer, 1 - cos(its input, its output), averaged over tokens (ShortGPT's Block Influence)."""
+    return [1 - mean_cosine(states[i], states[i + 1]) for i in range(len(states) - 1)]
+
+
+def angular_rule(states: list[torch.Tensor], keep: int) -> list[int]:
+    """Drop the contiguous n = L - keep layers whose input and output are closest in angle."""
+    L = len(states) - 1
+    n = L - keep
+    if n == 0:
+        return list(range(L))
+    dist = [math.acos(max(-1.0, min(1.0, mean_cosine(states[l], states[l + n])))) / math.pi for l in range(L - n + 1)]
+    start = min(range(len(dist)), key=dist.__getitem__)
+    return [i for i in range(L) if not start <= i < start + n]
+
+
+def greedy_rule(stack: Stack, keep: int, shortlist: int, progress) -> tuple[list[int], list[int]]:
+    """Remove one layer at a time, the one whose removal raises the loss least; (kept, removal order).
+    The hidden state before the candidate is the current stack's (computed once per round), so each try
+    runs only the layers after it."""
+    kept, removed = list(range(len(stack.layers))), []
+    cost: dict[int, float] = {}
+    while len(kept) > keep:
+        _, inputs = stack.run(kept, keep_inputs=True)
+        tries = sorted(kept, key=lambda i: cost.get(i, -math.inf))
+        if shortlist and cost:
+            tries = tries[:shortlist]
+        for i in tries:
+            j = kept.index(i)
+            cost[i] = stack.loss(stack.run(kept[j + 1:], inputs[j]))
+            progress.update(1)
+        best = min(tries, key=cost.__getitem__)
+        kept.remove(best)
+        removed.append(best)
+        cost.pop(best)
+    return kept, removed
+
+
+def block_candidates(kept: list[int], block_layers: int) -> list[int]:
+    """First layers of every run of block_layers consecutive base layers in `kept` with a kept layer before and after."""
+    pos = {layer: j for j, layer in enumerate(kept)}
+    out = []
+    for j, first in enumerate(kept):
+        run = range(first, first + block_layers)
+        if all(i in pos for i in run) and j > 0 and pos[run[-1]] < len(kept) - 1:
+            out.append(first)
+    return out
+
+
+def loop_order(kept: list[int], first: int, block_layers: int, depth: int) -> list[int]:
+    """`kept` with the block starting at `first` run `depth` times in place."""
+    block = list(range(first, first + block_layers))
+    return [i for i in kept if i < first] + block * depth + [i for i in kept if i > block[-1]]
+
+
+def calibration(pc: PlanConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks the rules measure on, other blocks that score them), both from the calibration text."""
+    from .data import domain_blocks
+
+    blocks = domain_blocks(list(pc.data), tokenizer, pc.seq_len, 2 * pc.blocks, pc.seed, pc.text_field)
+    if len(blocks) < 2:
+        raise ValueError(f"--data holds {len(blocks)} block(s) of {pc.seq_len} tokens: a plan needs at least 2 "
+                         "(one to measure the rules on, one to score them); give more text or a smaller --seq-len")
+    half = len(blocks) // 2
+    return blocks[:half], blocks[half:]
+
+
+def check_request(pc: PlanConfig, num_layers: int) -> None:
+    if pc.keep > num_layers:
+        raise ValueError(f"--keep must be in [1, {num_layers}] (the base's layers); got {pc.keep}")
+    if pc.block_layers + 2 > pc.keep:
+        raise ValueError(f"--keep {pc.keep} leaves no layer before and after a block of {pc.block_layers}: "
+                         f"keep at least {pc.block_layers + 2}")
+
+
+@torch.no_grad()
+def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = True) -> dict:
+    """Measure every rule on `base` and return the plan (what `plan.json` holds)."""
+    from tqdm.auto import tqdm
+
+    from .adapter import architecture_hash
+
+    L = len(base.model.layers)
+    check_request(pc, L)
+    base.eval()
+    search_ids, score_ids = calibration(pc, tokenizer)
+    search, score = Stack(base, search_ids), Stack(base, score_ids)
+    rounds = L - pc.keep
+    greedy_tries = 0 if "greedy" not in pc.rules or not rounds else (
+        L + sum(min(pc.shortlist or L, L - r) for r in range(1, rounds)))
+    bar = tqdm(total=2 + greedy_tries, desc="plan", unit="pass", disable=not progress)
+    _, states = search.run(range(L), keep_inputs=True)
+    full = score.loss_of(range(L))
+    bar.update(1)
+    influence = block_influence(states)
+    proposals, ranking = {}, {}
+    for rule in pc.rules:
+        if rule == "ends":
+            proposals[rule] = ends_rule(L, pc.keep, pc.block_layers)
+        elif rule == "block_influence":
+            ranking[rule] = sorted(range(L), key=lambda i: -influence[i])
+            proposals[rule] = sorted(ranking[rule][:pc.keep])
+        elif rule == "angular":
+            proposals[rule] = angular_rule(states, pc.keep)
+        else:
+            kept, removed = greedy_rule(search, pc.keep, pc.shortlist, bar)
+            ranking[rule] = kept + removed[::-1]
+            proposals[rule] = kept
+    candidates = [{"rule": rule, "keep_layers": layers, "loss": score.loss_of(layers), "layer_passes": len(layers)}
+                  for rule, layers in proposals.items()]
+    bar.update(1)
+    bar.close()
+    winner = min(candidates, key=lambda c: c["loss"])
+    kept = winner["keep_layers"]
+    blocks = [{"recurrent_layer": first, "block_layers": pc.block_layers,
+               "loss_depth2": score.loss_of(loop_order(kept, first, pc.block_layers, 2))}
+              for first in block_candidates(kept, pc.block_layers)]
+    plan = {"format": FORMAT, "base": base_name, "num_layers": L, "base_architecture_hash": architecture_hash(base.config),
+            "keep": pc.keep, "rule": winner["rule"], "keep_layers": kept, "loss": winner["loss"], "full_loss": full,
+            "ranking": ranking.get(winner["rule"]), "block_influence": influence, "candidates": candidates,
+            "blocks": blocks, "recursion": None,
+            "calibration": {"data": list(pc.data), "blocks": [len(search_ids), len(score_ids)], "seq_len": pc.seq_len,
+                            "seed": pc.seed}}
+    if blocks:
+        best = min(blocks, key=lambda b: b["loss_depth2"])
+        plan["recursion"] = {"keep_layers": kept, "recurrent_layer": best["recurrent_layer"],
+                             "block_layers": pc.block_layers}
+    return plan
+
+
+def table(plan: dict) -> str:
+    """The candidates and the loop's blocks, as Markdown."""
+    lines = [f"calibration loss of the untrained pruned stack (full model, {plan['num_layers']} layers: "
+             f"{plan['full_loss']:.4f})", "", "| rule | layers kept | layer passes | loss |", "|---|---|---|---|"]
+    for c in sorted(plan["candidates"], key=lambda c: c["loss"]):
+        mark = " **(chosen)**" if c["rule"] == plan["rule"] else ""
+        lines.append(f"| {c['rule']}{mark} | {compact(c['keep_layers'])} | {c['layer_passes']} | {c['loss']:.4f} |")
+    if plan["blocks"]:
+        lines += ["", f"the loop's block among them, repeated (depth 2, untrained; at depth 1: {plan['loss']:.4f})", "",
+                  "| block | layer passes | loss at depth 2 |", "|---|---|---|"]
+        rec = plan["recursion"]
+        for b in sorted(plan["blocks"], key=lambda b: b["loss_depth2"]):
+            mark = " **(chosen)**" if b["recurrent_layer"] == rec["recurrent_layer"] else ""
+            last = b["recurrent_layer"] + b["block_layers"] - 1
+            name = str(b["recurrent_layer"]) if last == b["recurrent_layer"] else f"{b['recurrent_layer']}-{last}"
+            lines.append(f"| {name}{mark} | {len(plan['keep_layers']) + b['block_layers']} | {b['loss_depth2']:.4f} |")
+    return "\n".join(lines)
+
+
+def compact(layers) -> str:
+    """0,1,8-11,19-24: runs of consecutive layers as ranges."""
+    out, start = [], None
+    layers = list(layers)
+    for j, i in enumerate(layers):
+        if start is None:
+            start = i
+        if j + 1 == len(layers) or layers[j + 1] != i + 1:
+            out.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(out)
+
+
+# ---------------------------------------------------------------------- reading a plan
+def read_plan(path: str | Path) -> dict:
+    """A plan file, checked (format, kept layers sorted and distinct, the loop's block among them) before any
+    model is loaded; ValueError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--plan {path}: no such file (write one with `ouroboros plan`)")
+    plan = read_json(path, "plan")
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise ValueError(f"--plan {path}: not a plan `ouroboros plan` wrote (format {FORMAT!r})")
+    n = plan.get("num_layers")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LAYERS:
+        raise ValueError(f"--plan {path}: num_layers must be an integer in [1, {MAX_LAYERS}]; got {n!r}")
+    try:
+        for layers in [plan.get("keep_layers")] + [c.get("keep_layers") for c in plan.get("candidates") or []]:
+            OuroborosConfig(keep_layers=layers, heal_layers=1, lora_rank=1).validate(n)
+        rec = plan.get("recursion")
+        if rec is not None:
+            OuroborosConfig(keep_layers=rec.get("keep_layers"), recurrent_layer=rec.get("recurrent_layer"),
+                            block_layers=rec.get("block_layers"), variant="none").validate(n)
+        ranking = plan.get("ranking")
+        if ranking is not None and sorted(ranking) != list(range(n)):
+            raise ValueError(f"ranking must order the {n} layers once each")
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"--plan {path}: {e}") from None
+    return plan
+
+
+def check_plan_base(plan: dict, base, where: str) -> None:
+    """Refuse a plan measured on another base (its layer count or architecture differs)."""
+    from .adapter import architecture_hash
+
+    L = len(base.model.layers)
+    if plan["num_layers"] != L or plan.get("base_architecture_hash") != architecture_hash(base.config):
+        raise ValueError(f"--plan {where} was made for another base ({plan.get('base')!r}, {plan['num_layers']} layers); "
+                         f"this one has {L} layers{'' if plan['num_layers'] != L else ' and another architecture'}: "
+                         "run `ouroboros plan` on it")
+
+
+def planned_config(plan: dict, config: OuroborosConfig, keep: int | None = None) -> OuroborosConfig:
+    """`config` on the plan's layers: a heal model keeps the plan's layers (or, with `keep`, that many from the
+    winning rule's ranking); the recursion keeps them and loops the plan's block."""
+    if config.heal_layers:
+        layers = plan["keep_layers"] if keep is None or keep == len(plan["keep_layers"]) else ranked(plan, keep)
+        return config.replace(keep_layers=tuple(layers), heal_layers=1)
+    rec = plan.get("recursion")
+    if rec is None:
+        raise ValueError(f"the plan's {len(plan['keep_layers'])} layers hold no block of {plan.get('keep')} to loop "
+                         "with a kept layer before and after: plan again with another --keep or --block-layers")
+    if config.block_layers != rec["block_layers"]:
+        raise ValueError(f"the plan loops a block of {rec['block_layers']} layer(s); the model asks for "
+                         f"block_layers {config.block_layers}: plan again with --block-layers {config.block_layers}")
+    return config.replace(keep_layers=tuple(rec["keep_layers"]), recurrent_layer=rec["recurrent_layer"])
+
+
+def ranked(plan: dict, keep: int) -> list[int]:
+    """The `keep` most important layers by the plan's rule (a nested rule's ranking)."""
+    # greedy's ranking orders only the layers it removed (the last removed first), after the kept ones
+    fewer = plan["rule"] == "greedy" and keep < len(plan["keep_layers"])
+    if plan.get("ranking") is None or fewer:
+        raise ValueError(f"the plan's rule ({plan['rule']}) gives no {'fewer' if fewer else 'other sizes'} than "
+                         f"{len(plan['keep_layers'])} layers: run `ouroboros plan --keep {keep}`")
+    if not 1 <= keep <= plan["num_layers"]:
+        raise ValueError(f"keep must be in [1, {plan['num_layers']}]; got {keep}")
+    return sorted(plan["ranking"][:keep])
+
+
+def write_plan(plan: dict, out: str | Path) -> Path:
+    return write_json(Path(out), plan)
