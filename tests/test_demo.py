@@ -90,18 +90,12 @@ def test_the_default_mix_is_whatever_make_domains_fetched(tmp_path, monkeypatch)
     assert mix_files(DemoConfig()) == ([str(tmp_path / "python-docs" / "tutorial.txt")], [tmp_path / "python-docs"])
 
 
-def test_demo_end_to_end_puts_the_heal_rows_beside_the_recursion(tmp_path, one_thread):
-    """`make demo`'s recipe on a tiny 30-layer random base: the recursion, and the pruned stack healed
-    with plain LoRA at equal weights (the same 15 layers) and at equal compute (7 + 4 + 7 layers), each
-    rank-matched to the recursion's trained weights and trained for the same steps, scored on the same
-    blocks of every split."""
-    import json
-
+def tiny_demo(tmp_path, **demo):
+    """`make demo`'s settings on a tiny 30-layer random base and a tiny corpus (a few steps)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from conftest import TINY, tiny_tokenizer, write_corpus
-    from ouroboros_recipes.demo import DemoRun, run_demo
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**{**TINY, "num_hidden_layers": 30, "max_position_embeddings": 512})
@@ -112,19 +106,40 @@ def test_demo_end_to_end_puts_the_heal_rows_beside_the_recursion(tmp_path, one_t
     sotu.mkdir()
     for i, doc in enumerate(sorted(text.iterdir())):
         (sotu / f"{1990 + 3 * i}_x.txt").write_text(doc.read_text())
-    run = DemoRun.load(changes={
+    return DemoRun.load(changes={
         "demo": dict(out=str(tmp_path / "demo"), base=str(tmp_path / "base"), corpus=str(sotu), first_train_year=1990,
-                     last_train_year=2006, mix=("none",), domains=str(tmp_path / "no-domains")),
+                     last_train_year=2006, mix=("none",), domains=str(tmp_path / "no-domains"), **demo),
         "data": dict(seq_len=32), "train": dict(steps=3, batch_size=2, warmup_steps=1),
         "eval": dict(depths=(1, 2), exit_thresholds=(0.5,), exit_max_depth=2, blocks=2)})
+
+
+def test_demo_end_to_end_puts_the_heal_rows_beside_the_recursion(tmp_path, one_thread):
+    """`make demo`'s recipe on a tiny 30-layer random base: the recursion, and the heal models (plain LoRA on every
+    kept layer) at equal stored weights (the recursion's own 16 layers, not looped) and at equal compute (7 + 4 + 7
+    layers), each rank-matched to the recursion's trained weights, at its LoRA scale, trained for the same steps,
+    scored on the same blocks of every split."""
+    import json
+
+    from ouroboros_recipes.demo import run_demo
+
+    run = tiny_demo(tmp_path)
     result = run_demo(run)
     rows = {r.model: r for r in result["report"].splits["heldout"]}
     ours = rows["ouroboros@2"].trainable
-    weights = next(r for name, r in rows.items() if name.startswith("heal: 15 layers"))
-    compute = next(r for name, r in rows.items() if name.startswith("heal: 18 layers"))
-    # the demo's block of two at depth 2: 7 + 2 x 2 + 7 passes; the floor every row's gap is measured from is
-    # the 15-layer pruned stack (the recurrent layer once), not the block's own 16-layer one
-    assert weights.layers == 15 and compute.layers == 18 and rows["ouroboros@2"].layers == 18
+    weights = next(r for name, r in rows.items() if name.startswith("heal, the same 16 layers"))
+    compute = next(r for name, r in rows.items() if name.startswith("heal, 18 layers"))
+    # the demo's block of two at depth 2: 7 + 2 x 2 + 7 passes; the heal model at equal stored weights keeps the
+    # recursion's own 16 layers, not looped; the floor every row's gap is measured from is the 15-layer pruned
+    # stack (the recurrent layer once), not the block's own 16-layer one
+    assert weights.layers == 16 and compute.layers == 18 and rows["ouroboros@2"].layers == 18
+    from ouroboros_lm.adapter import read_adapter
+
+    ours_cfg = read_adapter(tmp_path / "demo")[0]["ouroboros_config"]
+    same = read_adapter(tmp_path / "demo" / "heal-weights")[0]["ouroboros_config"]
+    assert same["keep_layers"] == [0, 1, 2, 3, 4, 5, 6, 15, 16, 23, 24, 25, 26, 27, 28, 29]
+    for folder in ("heal-weights", "heal-compute"):  # every LoRA at the recursion's scale alpha / r
+        heal_cfg = read_adapter(tmp_path / "demo" / folder)[0]["ouroboros_config"]
+        assert heal_cfg["lora_alpha"] / heal_cfg["lora_rank"] == pytest.approx(ours_cfg["lora_alpha"] / ours_cfg["lora_rank"])
     assert rows["baseline"].layers == 15 and rows["ouroboros@1"].layers == 16
     for heal in (weights, compute):  # within one rank step of the recursion's weights
         step = heal.trainable / int(heal.model.rsplit("r", 1)[1])
@@ -149,3 +164,43 @@ def test_the_demo_trains_on_its_genres_as_named_sources(tmp_path):
     assert [p.name for p in corpus.parts] == ["sotu", "moby-dick", "python_docs"]
     assert [p.weight for p in corpus.parts] == [float(p.blocks) for p in corpus.parts]  # by size, as before
     assert corpus.n_train_docs == 8 and corpus.n_heldout_docs == 1
+
+
+def test_demo_on_a_plan_keeps_its_layers_and_measures_gaps_from_the_fixed_floor(tmp_path, one_thread):
+    """With `demo.plan`, the recursion keeps the plan's layers and loops its block, the equal-weights heal model
+    keeps the same layers and the equal-compute one the plan's ranking's first 18; the floor stays the model
+    section's 7 + 1 + 7 pruned stack (so a better split cannot make a model look worse)."""
+    import torch
+
+    from conftest import tiny_tokenizer
+    from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model
+    from ouroboros_lm.adapter import read_adapter
+    from ouroboros_lm.plan import PlanConfig, make_plan, write_plan
+    from ouroboros_lm.evaluate import evaluate
+    from ouroboros_recipes.demo import demo_corpus, run_demo
+
+    run = tiny_demo(tmp_path)
+    pc = PlanConfig(base="tiny", data=(str(tmp_path / "text"),), keep=16, block_layers=2, blocks=2, seq_len=32,
+                    rules=("block_influence",))
+    plan = make_plan(pc, load_base_model(tmp_path / "base"), tiny_tokenizer(), "tiny", progress=False)
+    write_plan(plan, tmp_path / "plan.json")
+    run.demo.plan = str(tmp_path / "plan.json")
+    result = run_demo(run)
+    ours = read_adapter(tmp_path / "demo")[0]["ouroboros_config"]
+    assert ours["keep_layers"] == plan["keep_layers"] and ours["recurrent_layer"] == plan["recursion"]["recurrent_layer"]
+    assert read_adapter(tmp_path / "demo" / "heal-weights")[0]["ouroboros_config"]["keep_layers"] == plan["keep_layers"]
+    compute = read_adapter(tmp_path / "demo" / "heal-compute")[0]["ouroboros_config"]["keep_layers"]
+    assert compute == sorted(plan["ranking"][:18])
+    rows = {r.model: r for r in result["report"].splits["heldout"]}
+    corpus, _ = demo_corpus(run)  # the same blocks the demo scored
+    blocks = {"heldout": corpus.eval_splits(run.eval.blocks, run.eval.seed)["heldout"]}
+    fixed = OuroborosModel.from_base(load_base_model(tmp_path / "base"),
+                                     OuroborosConfig(n_prelude=7, recurrent_layer=15, n_coda=7, variant="none"))
+    planned = OuroborosModel.from_base(load_base_model(tmp_path / "base"),
+                                       OuroborosConfig(**{k: ours[k] for k in ("keep_layers", "recurrent_layer",
+                                                                               "block_layers")}, variant="none"))
+    with torch.no_grad():
+        want = evaluate(fixed, blocks, depths=(), progress=False).row("heldout", "baseline").loss
+        other = evaluate(planned, blocks, depths=(), progress=False).row("heldout", "baseline").loss
+    assert rows["baseline"].layers == 15 and rows["baseline"].loss == pytest.approx(want, abs=1e-6)
+    assert abs(other - want) > 1e-3  # the planned stack's own floor is another one

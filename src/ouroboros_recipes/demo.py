@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ouroboros_lm.peft_lora import matching_lora_rank
+from ouroboros_lm.plan import check_plan_base, compact, planned_config, ranked, read_plan
 from ouroboros_lm.adapter import save_adapter
 from ouroboros_lm.atomic import ensure_dir, remove_tree, write_json, write_marker
 from ouroboros_lm.config import MAX_DEPTH, OuroborosConfig
@@ -40,6 +41,7 @@ from .sweep_plots import plot_exit_steps
 from .yaml_file import load_yaml
 
 SHIPPED = Path(__file__).with_name("demo.yaml")
+SHIPPED_PLAN = Path(__file__).with_name("demo_plan.json")  # `ouroboros plan` on the demo's training text
 
 
 @dataclass
@@ -65,9 +67,14 @@ class DemoConfig:
     heal_compute_layers: int = setting(4, "the equal-compute heal model's middle layers (its compute per token "
                                        "equals the recursion's with as many middle layer passes: a block of two "
                                        "at depth 2; 0 or 1: only the equal-weights heal model)", low=0, high=16)
-    heal_rows: bool = setting(True, "also train the pruned stack healed with plain LoRA on every kept layer, at equal "
-                              "weights (the same 15 layers) and at equal compute, with the same steps, and put them in "
-                              "the table (--no-heal-rows: the recursion alone)")
+    heal_rows: bool = setting(True, "also train the recursion's own kept layers healed with plain LoRA and not looped "
+                              "(equal stored weights) and as many distinct layers as its layer passes (equal compute), "
+                              "every LoRA at the recursion's scale alpha/r, with the same steps, and put them in the "
+                              "table (--no-heal-rows: the recursion alone)")
+    plan: str | None = setting(None, "an `ouroboros plan` file: the recursion keeps its layers and loops its block, "
+                               "the equal-compute heal model keeps its ranking's first layers; every gap is still "
+                               "measured from the model section's P + 1 + C pruned stack ('shipped': the plan "
+                               "beside demo.yaml, made from the demo's training text)", metavar="PLAN.json")
     heal_time_budget: float = setting(240.0, "seconds of training at most for each heal model", above=0, high=1e7)
 
 
@@ -171,41 +178,70 @@ def sotu_files(corpus: Path, last_train_year: int, first_train_year: int = 1790)
     return train, held
 
 
-def demo_model(run: DemoRun, out: Path):
+def demo_plan(run: DemoRun) -> dict | None:
+    """The plan the demo builds on (`demo.plan`), read and checked before anything is loaded; None without one."""
+    if run.demo.plan is None:
+        return None
+    return read_plan(SHIPPED_PLAN if run.demo.plan == "shipped" else run.demo.plan)
+
+
+def demo_model(run: DemoRun, out: Path, plan: dict | None):
+    """The recursion (on the plan's layers, if any), saved untrained into `out`."""
     base = load_base_model(run.demo.base)
-    m, layers = run.model, base.config.num_hidden_layers
+    layers = base.config.num_hidden_layers
+    if plan is not None:
+        check_plan_base(plan, base, run.demo.plan)
+    m = planned_config(plan, run.model) if plan is not None else run.model
     block = (f"recurrent layer {m.recurrent_layer}" if m.block_layers == 1 else
              f"recurrent block of layers {m.recurrent_layer}-{m.recurrent_layer + m.block_layers - 1}")
-    print(f"[1/4] converting {run.demo.base}: prelude {m.n_prelude}, {block}, coda "
-          f"{m.n_coda} ({len(m.kept_layers(layers))} of {layers} layers)")
+    print(f"[1/4] converting {run.demo.base}: prelude {m.n_prelude}, {block}, coda {m.n_coda} (layers "
+          f"{compact(m.kept_layers(layers))}: {len(m.kept_layers(layers))} of {layers}"
+          + (f", as the plan chose ({plan['rule']})" if plan is not None else "") + ")")
     model = OuroborosModel.from_base(base, m, base_name=run.demo.base, policy=run.policy)
     save_adapter(model, out)
     print("      trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in model.trainable_parameter_breakdown().items()))
     return model
 
 
-def heal_arms(dc: DemoConfig) -> list[tuple[str, int]]:
-    """(folder, middle layers) of the heal models trained beside the recursion: the same layers as the
-    pruned stack (equal weights), and P + N + C distinct layers (equal compute to depth N)."""
+def heal_arms(run: DemoRun, recursion: OuroborosConfig, num_layers: int, plan: dict | None) -> list[tuple[str, str, OuroborosConfig]]:
+    """(folder, row name, config but its rank) of the heal models trained beside the recursion: the recursion's
+    own kept layers, not looped (equal stored weights), and as many distinct layers as the recursion's layer
+    passes with `heal_compute_layers` middle passes (equal compute: P + N + C of the split, or the plan's first
+    layers by its ranking)."""
+    dc = run.demo
     if not dc.heal_rows:
         return []
-    return [("heal-weights", 1)] + ([("heal-compute", dc.heal_compute_layers)] if dc.heal_compute_layers > 1 else [])
+    same = tuple(recursion.kept_layers(num_layers))
+    arms = [("heal-weights", f"heal, the same {len(same)} layers", same)]
+    if dc.heal_compute_layers > 1:
+        n = len(same) - recursion.block_layers + dc.heal_compute_layers
+        if plan is not None:
+            layers = tuple(ranked(plan, n))
+        else:
+            m = run.model
+            layers = tuple(OuroborosConfig(n_prelude=m.n_prelude, recurrent_layer=m.recurrent_layer, n_coda=m.n_coda,
+                                           heal_layers=dc.heal_compute_layers, lora_rank=1).kept_layers(num_layers))
+        if layers != same:
+            arms.append(("heal-compute", f"heal, {n} layers", layers))
+    return [(folder, name, OuroborosConfig(keep_layers=layers, heal_layers=1, lora_rank=1,
+                                           init_seed=recursion.init_seed)) for folder, name, layers in arms]
 
 
-def train_heal(run: DemoRun, folder: str, middle: int, budget: int, steps: int, corpus, out: Path, teacher):
-    """The pruned stack with plain LoRA on every kept layer (`middle` middle layers), its rank matched
-    to `budget` trained weights, trained like the recursion (same data order, lr, schedule) for `steps`.
-    Returns (the model, its row name, the training summary)."""
-    base, m = load_base_model(run.demo.base), run.model
-    probe = OuroborosConfig(n_prelude=m.n_prelude, recurrent_layer=m.recurrent_layer, n_coda=m.n_coda,
-                            heal_layers=middle, lora_rank=1, init_seed=m.init_seed)
+def train_heal(run: DemoRun, recursion: OuroborosConfig, folder: str, label: str, probe: OuroborosConfig, budget: int,
+               steps: int, corpus, out: Path, teacher):
+    """A heal model (`probe`: plain LoRA on every kept layer) at the rank whose trained weights come closest to
+    `budget`, its LoRA at the recursion's scale alpha/r, trained like the recursion (same data order, lr,
+    schedule) for `steps`. Returns (the model, its row name, the training summary)."""
+    base = load_base_model(run.demo.base)
     rank = matching_lora_rank(probe, base.model.layers[0], base.config.hidden_size, budget)
-    model = OuroborosModel.from_base(base, probe.replace(lora_rank=rank), base_name=run.demo.base)
+    scale = recursion.lora_alpha / recursion.lora_rank if recursion.lora_rank else probe.lora_alpha / rank
+    model = OuroborosModel.from_base(base, probe.replace(lora_rank=rank, lora_alpha=scale * rank),
+                                     base_name=run.demo.base)
     save_adapter(model, out / folder)
     # the recursion's schedule step for step (it may have stopped early on its time budget: so does this one)
     tc = dataclasses.replace(run.train, stop_after=steps, time_budget=run.demo.heal_time_budget, depths=(1,),
                              depth_schedule="uniform", param_steps=0, backprop_steps=0)
-    name = f"heal: {model.config.layer_passes(None)} layers, LoRA r{rank}"
+    name = f"{label}, LoRA r{rank}"
     print(f"      {name} ({model.num_trainable_parameters():,} trained weights), {steps} steps")
     return model, name, train(model, corpus, out / folder, tc, teacher=teacher)
 
@@ -294,9 +330,13 @@ def demo_report(run: DemoRun, model, heals: list, corpus, tok, full, summary: di
     splits = corpus.eval_splits(ev.blocks, ev.seed)
     extra = domain_splits(run, tok, corpus.seq_len)
     every = {**splits, **extra}
-    # every row's floor is the pruned stack P + 1 + C (the recurrent layer once, whatever the recursion
-    # loops: the model's own baseline), measured once for the recursion's and the heal models' rows
-    floor = evaluate(model, every, depths=(), full_model=full, batch_size=ev.batch_size, progress=False)
+    # every row's floor is the model section's pruned stack P + 1 + C (the recurrent layer once, whatever the
+    # recursion loops or a plan keeps), measured once for the recursion's and the heal models' rows
+    stack = run.model.pruned_stack()
+    L = model.base_config.num_hidden_layers
+    floor_model = model if model.config.pruned_stack().kept_layers(L) == stack.kept_layers(L) else \
+        OuroborosModel.from_base(load_base_model(dc.base), stack, base_name=dc.base)
+    floor = evaluate(floor_model, every, depths=(), full_model=full, batch_size=ev.batch_size, progress=False)
     known = {split: {m: floor.row(split, m).loss for m in ("full", "baseline")} for split in every}
     report = evaluate(model, splits, depths=ev.depths, known={s: known[s] for s in splits}, batch_size=ev.batch_size,
                       exit_rules=exit_rules(run, model),
@@ -318,7 +358,7 @@ def demo_report(run: DemoRun, model, heals: list, corpus, tok, full, summary: di
     return report
 
 
-def train_models(run: DemoRun, model, out: Path, corpus, full) -> tuple[list, dict]:
+def train_models(run: DemoRun, model, out: Path, corpus, full, plan: dict | None) -> tuple[list, dict]:
     """The recursion (and its halter), then the heal models beside it: (heals, the training summary)."""
     tc = run.train
     teacher = full if tc.distill_weight > 0 else None
@@ -329,22 +369,24 @@ def train_models(run: DemoRun, model, out: Path, corpus, full) -> tuple[list, di
     if run.demo.train_halter:
         print(f"      training a halter for {run.halter.steps} steps (everything else frozen)")
         summary["halter"] = train_halter(model, corpus, out, run.halter)
-    heals = [train_heal(run, folder, n, model.num_trainable_parameters(), summary["steps_done"], corpus, out, teacher)
-             for folder, n in heal_arms(run.demo)]
+    arms = heal_arms(run, model.config, model.base_config.num_hidden_layers, plan)
+    heals = [train_heal(run, model.config, folder, label, probe, model.num_trainable_parameters(),
+                        summary["steps_done"], corpus, out, teacher) for folder, label, probe in arms]
     return heals, summary
 
 
 def run_demo(run: DemoRun) -> dict:
     t0 = time.time()
     torch.manual_seed(run.train.seed)
+    plan = demo_plan(run)  # checked before the folder is touched
     out = Path(run.demo.out)
     if out.exists() and any(out.iterdir()):  # an earlier demo's folder, and nothing else, is replaced
         remove_tree(out, "demo", patterns=DEMO_OUTPUTS)
     write_marker(ensure_dir(out), "demo")
-    model = demo_model(run, out)
+    model = demo_model(run, out, plan)
     corpus, tok = demo_corpus(run)
     full = load_base_model(run.demo.base)  # the reference rows, and the teacher when distilling
-    heals, summary = train_models(run, model, out, corpus, full)
+    heals, summary = train_models(run, model, out, corpus, full, plan)
     print(f"[4/4] evaluating full model, pruned baseline, Ouroboros at depths {run.eval.depths} and adaptive exit"
           + (", and the heal models" if heals else ""))
     report = demo_report(run, model, heals, corpus, tok, full, summary)
