@@ -19,7 +19,7 @@ def test_the_shipped_config_keeps_every_setting_the_demo_had():
         70, 4, 3e-3, 7, 240.0, (2,), "uniform", 0, 0, 0.0, 0)
     assert (tc.log_every, tc.eval_every, tc.eval_blocks, tc.save_every, tc.checkpoint) == (10, 23, 8, 50, "never")
     assert (ev.depths, ev.blocks, ev.batch_size, ev.exit_thresholds, ev.top, ev.seed) == (
-        (1, 2, 4), 16, 4, (0.08,), 4, 1)
+        (1, 2, 4), 16, 4, None, 4, 1)
     assert run.data.seq_len == 256 and (run.halter.max_depth, run.halter.seed, run.halter.steps) == (4, 0, 60)
     dc = run.demo
     assert dc == DemoConfig() and (dc.out, dc.base, dc.first_train_year, dc.last_train_year, dc.heal_rows,

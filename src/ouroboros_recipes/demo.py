@@ -32,12 +32,11 @@ from ouroboros_lm.halter_training import HalterConfig, train_halter
 from ouroboros_lm.loading import cache_dir, load_base_model, load_tokenizer
 from ouroboros_lm.model import OuroborosModel
 from ouroboros_lm.policy import RecursionPolicy
-from ouroboros_lm.plots import plot_depth_curve
 from ouroboros_lm.runtime import choose_runtime
 from ouroboros_lm.settings import add_flags, from_dict, overrides, setting, to_dict
 from ouroboros_lm.train import TrainConfig, train
 
-from .sweep_plots import plot_exit_steps
+from .sweep_plots import plot_exit_steps, plot_frontier
 from .yaml_file import load_yaml
 
 SHIPPED = Path(__file__).with_name("demo.yaml")
@@ -375,6 +374,12 @@ def train_models(run: DemoRun, model, out: Path, corpus, full, plan: dict | None
     return heals, summary
 
 
+def dc_title(run: DemoRun, model) -> str:
+    """The frontier's title: the base and the layers the recursion keeps."""
+    L = model.base_config.num_hidden_layers
+    return f"{Path(run.demo.base).name}, the recursion on layers {compact(model.config.kept_layers(L))}"
+
+
 def run_demo(run: DemoRun) -> dict:
     t0 = time.time()
     torch.manual_seed(run.train.seed)
@@ -387,18 +392,24 @@ def run_demo(run: DemoRun) -> dict:
     corpus, tok = demo_corpus(run)
     full = load_base_model(run.demo.base)  # the reference rows, and the teacher when distilling
     heals, summary = train_models(run, model, out, corpus, full, plan)
-    print(f"[4/4] evaluating full model, pruned baseline, Ouroboros at depths {run.eval.depths} and adaptive exit"
-          + (", and the heal models" if heals else ""))
+    rules = exit_rules(run, model)
+    print(f"[4/4] evaluating full model, pruned baseline, Ouroboros at depths {run.eval.depths}"
+          + (" and adaptive exit" if rules else "") + (", and the heal models" if heals else ""))
     report = demo_report(run, model, heals, corpus, tok, full, summary)
     print()
     print(report.table())
     report.write(out)
-    plot_depth_curve(report, out / "depth_curve.png")
-    rules = exit_rules(run, model)
-    if rules:
+    L = model.base_config.num_hidden_layers
+    stored = {"ouroboros": len(model.config.kept_layers(L)), "full": L,
+              "baseline": run.model.pruned_stack().layer_passes(None)}
+    plot_frontier(report, stored, out / "frontier.png",
+                  f"{dc_title(run, model)}: gap recovered against layer passes per token")
+    pictures = ["frontier.png"]
+    early = [r for r in report.splits["heldout"] if r.steps is not None and r.depth and r.steps < r.depth - 1e-9]
+    if rules and early:  # where the rule stops a held-out token early, where a passage's tokens stop
         exit_passage(model, tok, corpus, *rules[0], out)
+        pictures.append("exit_steps.png")
     summary["heal"] = {name: s for _, name, s in heals}
     write_json(out / "demo_summary.json", {**summary, "total_wall_s": time.time() - t0, "settings": run.to_dict()})
-    print(f"\nwrote {out}/eval.md, eval.json, depth_curve.png{', exit_steps.png' if rules else ''}, metrics.jsonl; "
-          f"total {time.time() - t0:.0f}s")
+    print(f"\nwrote {out}/eval.md, eval.json, {', '.join(pictures)}, metrics.jsonl; total {time.time() - t0:.0f}s")
     return {"report": report, "train": summary}

@@ -167,3 +167,53 @@ def plot_compute(sweep_dir: Path, results: list[dict], plt) -> None:
     fig.tight_layout()
     save_figure(fig, sweep_dir / "compute.png", 120)
     plt.close(fig)
+
+
+def plot_frontier(report, stored: dict[str, int], path: Path, title: str = "") -> Path:
+    """The quality-compute frontier: gap recovered against decoder-layer passes per token for every model of a
+    report (full, pruned stack, heal models, the recursion at each depth joined by a line), one panel per split,
+    each point labelled with the pretrained layers it stores (`stored`: row name -> layers; the recursion's rows
+    share one entry under "ouroboros"). Where a loop sits left of or above the heal models, looping pays."""
+    from ouroboros_lm.evaluate import gap_recovered
+
+    plt = pyplot()
+    splits = list(report.splits)
+    cols = min(3, len(splits))
+    rows = (len(splits) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.9 * rows), squeeze=False)
+    for ax, split in zip(axes.flat, splits):
+        base, full = report.row(split, "baseline"), report.row(split, "full")
+        if base is None or full is None:
+            ax.set_visible(False)
+            continue
+
+        def gap(r):
+            return gap_recovered(r.loss, base.loss, full.loss)
+
+        loop = sorted((r for r in report.splits[split] if r.steps is not None and r.model.split("@")[-1].isdigit()),
+                      key=lambda r: r.layers)
+        if loop:
+            ax.plot([r.layers for r in loop], [gap(r) for r in loop], "o-", color="C3", lw=1.4, ms=5,
+                    label=f"the recursion ({stored.get('ouroboros', '?')} stored layers)")
+            for r in loop:
+                ax.annotate(f"depth {r.depth}", (r.layers, gap(r)), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7, color="C3")
+        for i, r in enumerate(r for r in report.splits[split] if r.model.startswith("heal")):
+            ax.plot([r.layers], [gap(r)], "s", color=f"C{i}", ms=7, label=f"{r.model.split(', LoRA')[0]}")
+        for r, marker in ((base, "v"), (full, "^")):
+            ax.plot([r.layers], [0.0 if r is base else 100.0], marker, color="0.35", ms=7)
+            ax.annotate(f"{'pruned' if r is base else 'full'} ({stored.get(r.model, int(r.layers))})",
+                        (r.layers, 0.0 if r is base else 100.0), textcoords="offset points", xytext=(5, 2), fontsize=7)
+        ax.set_title(split)
+        ax.set_xlabel("decoder-layer passes per token")
+        ax.set_ylabel("gap recovered (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(splits):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(title or "Quality against compute: every model of the table", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    save_figure(fig, path, 120)
+    plt.close(fig)
+    return path
