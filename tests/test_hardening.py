@@ -138,7 +138,7 @@ def test_cli_errors_exit_2_with_one_line(cli_setup, args, needle):
 def test_every_flag_documents_its_default():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    assert set(sub.choices) == {"convert", "prepare", "train", "train-halter", "eval", "eval-exits", "generate", "export", "harness",
+    assert set(sub.choices) == {"convert", "plan", "prepare", "train", "train-halter", "eval", "eval-exits", "generate", "export", "harness",
                                 "sweep", "report", "demo"}
     for name, p in sub.choices.items():
         for action in p._actions:

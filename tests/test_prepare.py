@@ -238,7 +238,7 @@ def edit_manifest(folder, fn):
     (lambda p: edit_manifest(p, lambda m: m["splits"]["train"]["shards"][0].update(max_token=9)),
      "train-00000.bin does not match its checksum and token range"),
     (lambda p: edit_manifest(p, lambda m: m["splits"]["train"]["shards"][0].pop("sha256")), "is not a manifest of"),
-    (lambda p: (p / MANIFEST).write_text('{"format": '), "manifest.json is not valid JSON"),
+    (lambda p: (p / MANIFEST).write_text('{"format": '), "manifest.json: this manifest is not valid JSON"),
 ])
 def test_a_prepared_folder_that_does_not_match_is_refused_in_one_line(prepared_run, capsys, spoil, names):
     tmp_path = prepared_run

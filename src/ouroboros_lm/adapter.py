@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_bytes, ensure_dir
+from .atomic import atomic_write_bytes, ensure_dir, read_json
 from .peft_lora import adapted_parameters
 from .config import OuroborosConfig
 from .layers import attention_kind
@@ -141,9 +141,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
         if not p.is_file():
             raise AdapterError(f"{p} is missing: {directory} is not a complete adapter (run `ouroboros convert` first)")
     try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise AdapterError(f"{cfg_path} is corrupt (not valid JSON: {str(e)[:120]})") from None
+        meta = read_json(cfg_path, "adapter config")
+    except ValueError as e:
+        raise AdapterError(f"{e}: the adapter is corrupt") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version not in READABLE_VERSIONS:
         raise AdapterError(

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 MARKER = ".ouroboros-lm.json"  # {"kind": ..., "files": [...]}: a folder we wrote, and every file in it
@@ -114,13 +115,42 @@ atomic_write_bytes = write_bytes
 atomic_write_text = write_text
 
 
-def read_json(path: str | os.PathLike, what: str = "file"):
-    """JSON from `path`, or a ValueError naming the file (torn, not UTF-8, absurdly nested)."""
+MAX_JSON_BYTES = 8 << 20  # a settings or state file of ours is kilobytes; parsing costs ~30x its size in memory
+
+
+def read_bounded(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of `path`, a regular file (never a FIFO, a device or through a link) of at most `limit`
+    bytes; a ValueError naming the file and the limit otherwise, before anything large is read. The one way a
+    file found in a folder is read before it is parsed: a folder cannot ask for more memory than it should."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read this {what} ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: this {what} is not a regular file; refusing to read it")
+        if st.st_size > limit:
+            raise ValueError(f"{path}: this {what} is {st.st_size:,} bytes, more than the {limit:,} it can be; "
+                             "refusing to parse it (edited or corrupt?)")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew while we read it
+        raise ValueError(f"{path}: this {what} is more than the {limit:,} bytes it can be; refusing to parse it")
+    return data
+
+
+def parse_json(data: bytes | str, where: str, what: str = "file"):
+    """JSON from bytes read off a file, or a ValueError naming it (torn, not UTF-8, absurdly nested)."""
+    try:
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ValueError(f"{path}: this {what} is not valid JSON ({str(e)[:120]})") from None
+        raise ValueError(f"{where}: this {what} is not valid JSON ({str(e)[:120]})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSON_BYTES):
+    """JSON from `path` (`read_bounded`: a regular file of at most `limit` bytes), or a ValueError naming the file."""
+    return parse_json(read_bounded(path, what, limit), str(path), what)
 
 
 # ---------------------------------------------------------------------- folders
@@ -197,8 +227,8 @@ def check_removable(folder: Path, kind: str, expected: set[str] | None = None, p
         meta = None
         if marker.is_file() and not marker.is_symlink():
             try:
-                meta = json.loads(marker.read_text())
-            except (ValueError, RecursionError):
+                meta = read_json(marker, "marker")
+            except ValueError:
                 meta = None
         if not isinstance(meta, dict) or meta.get("kind") != kind or not isinstance(meta.get("files"), list):
             raise ValueError(f"{folder} was not written by `ouroboros {kind}` (no {MARKER} of ours); "

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import signal
+import stat
 from pathlib import Path
 
 import torch
@@ -132,14 +133,36 @@ def append_metrics(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+MAX_METRIC_LINE = 1 << 20  # one line per logged step: a few hundred bytes
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metric records, streamed (a regular file only: never a FIFO or through a link). A torn last
+    line (a killed process) ends them; a line that is not a JSON object, too long or absurdly nested is refused
+    with the file and line named."""
     path = Path(run_dir) / METRICS
+    if not path.is_file() or path.is_symlink():
+        return []
     out = []
-    for line in path.read_text().splitlines() if path.is_file() and not path.is_symlink() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line from a killed process
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file; refusing to read it")
+        for n, line in enumerate(iter(lambda: f.readline(MAX_METRIC_LINE + 1), b""), 1):
+            if len(line) > MAX_METRIC_LINE:
+                raise ValueError(f"{path}: line {n} is longer than {MAX_METRIC_LINE:,} bytes: the file is not ours "
+                                 "or is corrupt")
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if not line.endswith(b"\n"):
+                    break  # a torn last line from a killed process
+                raise ValueError(f"{path}: line {n} is not valid JSON: the file is corrupt") from None
+            except RecursionError:
+                raise ValueError(f"{path}: line {n} is nested too deeply: the file is corrupt") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {n} is not a JSON object: the file is corrupt")
+            out.append(record)
     return out
 
 

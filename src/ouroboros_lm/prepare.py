@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text, fsync_dir, fsync_file
+from .atomic import atomic_write_text, fsync_dir, fsync_file, read_json
 from .reading import DataError, expand_sources, iter_documents
 from .settings import setting, validate_fields
 from .shards import (FORMAT, data_cache, HELDOUT_NAMES, INDEX_DTYPE, MANIFEST, SPLITS, VERSION, read_manifest, token_dtype,
@@ -353,7 +353,7 @@ def already_prepared(out: Path, plan: dict, overwrite: bool) -> dict | None:
 def resumable_state(out: Path, plan: dict, dtype: np.dtype) -> dict | None:
     """An interrupted run's state when it was preparing this plan and its shards are all there."""
     try:
-        state = json.loads((out / STATE).read_text())
+        state = read_json(out / STATE, "preparation state")
         shards = [s for split in SPLITS for s in state["splits"][split]["shards"]]
         sizes = {ext: [(out / f"{s['name']}.{ext}").stat().st_size for s in shards] for ext in ("bin", "idx")}
         if state["key"] == plan_key(plan) and sizes == {

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, read_json
 from .loading import cache_dir
 from .reading import DataError
 
@@ -64,14 +64,16 @@ def shard_ok(s) -> bool:
             and isinstance(s.get("sha256"), dict) and all(isinstance(s["sha256"].get(k), str) for k in ("bin", "idx")))
 
 
+MANIFEST_BYTES = 256 << 20  # shards and held-out document names of a corpus of many millions of documents
+
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         raise DataError(f"{folder} is not a prepared folder (no {MANIFEST}; make one with `ouroboros prepare`)")
-    try:
-        m = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); prepare the folder again") from None
+    try:  # a manifest lists shards and held-out documents: larger than a settings file, still bounded
+        m = read_json(path, "manifest", limit=MANIFEST_BYTES)
+    except ValueError as e:
+        raise DataError(f"{e}; prepare the folder again") from None
     try:
         ok = (m["format"] == FORMAT and m["version"] == VERSION and m["dtype"] in ("<u2", "<u4")
               and isinstance(m["tokenizer"]["sha256"], str) and isinstance(m["eos"], int)
