@@ -305,6 +305,39 @@ def test_a_demo_folder_is_replaced_only_if_it_holds_nothing_but_demo_output(tmp_
     with pytest.raises(ValueError, match=r"holds files we did not write \(thesis.tex\)"):
         check_removable(out, "demo", patterns=DEMO_OUTPUTS)
     (out / "thesis.tex").unlink()
+    for mine in ("figures/plot.png", "checkpoints/notes.txt", "heal-weights/numbers.csv", ".draft.tmp",
+                 "checkpoints/step_000010/notes.md"):  # a user's files in a demo's folders are never its outputs
+        (out / mine).parent.mkdir(parents=True, exist_ok=True)
+        (out / mine).write_text("mine")
+        with pytest.raises(ValueError, match="holds files we did not write"):
+            check_removable(out, "demo", patterns=DEMO_OUTPUTS)
+        (out / mine).unlink()
     monkeypatch.chdir(out)
     with pytest.raises(ValueError, match="working folder"):
         check_removable(Path("."), "demo", patterns=DEMO_OUTPUTS)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"demo": {"mix": ("no-such-folder",)}}, "no such folder"),
+    ({"demo": {"corpus": "no-such-corpus"}}, "State of the Union corpus not found"),
+    ({"eval": {"depths": (1, 64)}}, "--depths must be an integer in"),
+])
+def test_a_demo_with_a_bad_argument_touches_nothing(tmp_path, monkeypatch, change, match):
+    """Every argument is checked before an earlier demo's folder is replaced: nothing is deleted."""
+    from ouroboros_lm.atomic import write_marker
+    from ouroboros_recipes.demo import DemoRun, run_demo
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "eval.md").write_text("an earlier demo's table")
+    write_marker(out, "demo")
+    corpus = tmp_path / "sotu"
+    corpus.mkdir()
+    for year in (1999, 2005):
+        (corpus / f"{year}_x.txt").write_text("text")
+    demo = {"out": str(out), "corpus": str(corpus), "mix": ("none",), **change.get("demo", {})}
+    run = DemoRun.load(changes={"demo": demo, **{k: v for k, v in change.items() if k != "demo"}})
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        run_demo(run)
+    assert (out / "eval.md").read_text() == "an earlier demo's table"

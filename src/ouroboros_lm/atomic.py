@@ -217,8 +217,9 @@ def refuse_working_folder(folder: Path) -> None:
 def check_removable(folder: Path, kind: str, expected: set[str] | None = None, patterns: tuple[str, ...] = ()) -> None:
     """Raise ValueError unless deleting `folder` loses only what we wrote there: not a link, not the
     working folder or an ancestor of it, and holding only `expected` files (default: those its
-    MARKER of `kind` lists, and those matching `patterns`, for a folder whose files are not known in
-    advance, such as a demo's)."""
+    MARKER of `kind` lists, and those whose relative path `patterns` match whole: regular expressions, for a
+    folder whose files are not known in advance, such as a demo's; write them exactly, `[^/]` not `.`, so that
+    a user's file beside ours, or in a folder of ours, never matches)."""
     if folder.is_symlink():
         raise ValueError(f"{folder} is a symbolic link; refusing to replace it (nothing was changed)")
     refuse_working_folder(folder)
@@ -234,7 +235,7 @@ def check_removable(folder: Path, kind: str, expected: set[str] | None = None, p
             raise ValueError(f"{folder} was not written by `ouroboros {kind}` (no {MARKER} of ours); "
                              "refusing to delete it: choose another folder (nothing was changed)")
         expected = {str(f) for f in meta["files"]} | {MARKER}
-    foreign = sorted(f for f in files_in(folder) - expected if not any(fnmatch.fnmatchcase(f, p) for p in patterns))
+    foreign = sorted(f for f in files_in(folder) - expected if not any(re.fullmatch(p, f) for p in patterns))
     if foreign:
         raise ValueError(f"{folder} holds files we did not write ({', '.join(foreign[:3])}"
                          f"{' ...' if len(foreign) > 3 else ''}); refusing to delete it (nothing was changed)")

@@ -264,8 +264,19 @@ def exit_passage(model, tok, corpus, rule: ExitRule, depth: int, out: Path, n: i
 
 
 # What a demo folder holds (besides our marker): `--out` is replaced only if it holds nothing else.
-DEMO_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", ".lock", "eval.json", "eval.md",
-                "*.png", "demo_summary.json", "checkpoints/*", "tracking/*", ".*.tmp*", "heal-*/*")
+def ours(names: str) -> str:
+    """A regular expression for files of these names (`a|b`) and their temporaries (`.a.tmp<pid>`), in one folder."""
+    return rf"(?:{names}|\.(?:{names})\.tmp\d+)"
+
+
+RUN_FILES = r"adapter_config\.json|adapter_model\.safetensors|metrics\.jsonl|\.lock"
+CHECKPOINT = (r"checkpoints/(?:step_\d{6}|\.step_\d{6}\.tmp\d+)/"
+              + ours(r"adapter_config\.json|adapter_model\.safetensors|optimizer\.pt|scheduler\.pt|trainer_state\.json"))
+# Every file a demo writes, as whole-path regular expressions (`atomic.check_removable`): what a finished or
+# interrupted earlier demo left, and nothing a user put beside it or inside its folders.
+DEMO_OUTPUTS = (ours(RUN_FILES + r"|eval\.json|eval\.md|demo_summary\.json|(?:frontier|exit_steps|depth_curve)\.png"),
+                CHECKPOINT, r"tracking/.+\.tfevents\.[^/]+",
+                rf"heal-(?:weights|compute)/{ours(RUN_FILES)}", rf"heal-(?:weights|compute)/{CHECKPOINT}")
 DEFAULT_MIX = ("moby-dick", "python-docs")  # folders of the cache, `make domains`
 
 
@@ -374,6 +385,18 @@ def train_models(run: DemoRun, model, out: Path, corpus, full, plan: dict | None
     return heals, summary
 
 
+def preflight(run: DemoRun) -> dict | None:
+    """Check what the demo will read and run before its folder is replaced: the corpus, the mixed folders, the
+    depths it evaluates (within the model's max_depth) and the plan (returned, read)."""
+    dc = run.demo
+    sotu_files(Path(dc.corpus) if dc.corpus else cache_dir() / "sotu", dc.last_train_year, dc.first_train_year)
+    mix_files(dc)
+    run.eval.check(run.model)
+    for d in dc.domain_depths:
+        run.model.check_depth(d, "--demo.domain-depths")
+    return demo_plan(run)
+
+
 def dc_title(run: DemoRun, model) -> str:
     """The frontier's title: the base and the layers the recursion keeps."""
     L = model.base_config.num_hidden_layers
@@ -383,7 +406,7 @@ def dc_title(run: DemoRun, model) -> str:
 def run_demo(run: DemoRun) -> dict:
     t0 = time.time()
     torch.manual_seed(run.train.seed)
-    plan = demo_plan(run)  # checked before the folder is touched
+    plan = preflight(run)  # every argument checked before the folder is touched
     out = Path(run.demo.out)
     if out.exists() and any(out.iterdir()):  # an earlier demo's folder, and nothing else, is replaced
         remove_tree(out, "demo", patterns=DEMO_OUTPUTS)
