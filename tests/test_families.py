@@ -113,6 +113,22 @@ def test_gemma3_block_of_a_local_and_a_global_layer_runs_each_with_its_own_windo
                                                 {"index": 5, "kind": "full_attention", "window": None}]
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2", "smollm3"])
+def test_any_kept_layers_keep_each_layers_own_kind(arch):
+    """keep_layers 0, 2, 3, 5, 7 (Gemma 3: local, local, global, global, global; SmolLM3: layer 7 without rotary):
+    the pruned stack and the heal model equal HF's model on exactly those layers, and a block of 2-3 (a local and a
+    global layer) looped twice equals HF's 0, 2, 3, 2, 3, 5, 7."""
+    assert_baseline_equals_hf(arch, keep_layers=(0, 2, 3, 5, 7), recurrent_layer=3)
+    assert_baseline_equals_hf(arch, keep_layers=(0, 2, 3, 5, 7), heal_layers=1, lora_rank=2)
+    model = assert_baseline_equals_hf(arch, keep_layers=(0, 2, 3, 5, 7), recurrent_layer=2, block_layers=2,
+                                      variant="none", gate=False, step_norm=False)
+    ids = tokens()
+    with torch.no_grad():
+        ref = hf_truncated(family_base(arch), [0, 2, 3, 2, 3, 5, 7])
+        hf = ref(ids, labels=ids, use_cache=False).loss.item()
+        assert abs(hf - model(ids, labels=ids, depth=2).loss.item()) <= 1e-5
+
+
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_baseline_loss_equals_hugging_faces_truncated_model(arch):
     assert_baseline_equals_hf(arch)
