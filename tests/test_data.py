@@ -136,3 +136,21 @@ def test_reading_a_20_mb_single_line_file_takes_memory_bounded_by_what_is_read(t
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["tokens"] == (text.count(" ") + 2) // 64 * 64  # every word of it once, and EOS
     assert got["grew_mb"] < 20, got
+
+
+def test_the_held_out_split_does_not_depend_on_where_the_corpus_lives(tmp_path, monkeypatch):
+    """Documents are named relative to their source: the same corpus in another folder, or named by a relative
+    path, holds out the same documents (issue #35)."""
+    import shutil
+
+    from ouroboros_lm.reading import iter_documents
+
+    a = write_corpus(tmp_path / "one" / "corpus", n_docs=10)
+    b = tmp_path / "elsewhere" / "deeper" / "corpus"
+    shutil.copytree(a, b)
+    names = lambda src: [name for _, name, _ in iter_documents([src])]  # noqa: E731
+    assert names(str(a)) == names(str(b)) == [f"doc_{i:03d}.txt" for i in range(10)]
+    assert names(str(a / "doc_00*.txt")) == names(str(b / "doc_00*.txt"))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert names("deeper/corpus") == names(str(a))
+    assert names(str(a / "doc_003.txt")) == ["doc_003.txt"]

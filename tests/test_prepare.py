@@ -48,9 +48,9 @@ def test_shards_hold_the_documents_tokenized_whole_with_the_split_by_document(tm
     m = prepare([str(src)], tmp_path / "p", tok, PrepareConfig(heldout_fraction=0.25, seed=3, shard_tokens=700),
                 progress=False)
     files = sorted(src.glob("*.txt"))
-    held = held_names([str(f) for f in files], 0.25, 3)
-    assert (tmp_path / "p" / "heldout-documents.txt").read_text().split() == [str(f) for f in files if str(f) in held]
-    for split, keep in (("train", lambda f: str(f) not in held), ("heldout", lambda f: str(f) in held)):
+    held = held_names([f.name for f in files], 0.25, 3)  # documents are named relative to their source folder
+    assert (tmp_path / "p" / "heldout-documents.txt").read_text().split() == [f.name for f in files if f.name in held]
+    for split, keep in (("train", lambda f: f.name not in held), ("heldout", lambda f: f.name in held)):
         expected = tokens_of(tok, [f.read_text() for f in files if keep(f)])
         assert shard_tokens(tmp_path / "p", split) == expected
         assert m["splits"][split]["tokens"] == len(expected)
@@ -124,10 +124,10 @@ def tiny_model(seed=0):
 def reference_corpus(tok, src, seq_len, fraction, seed):
     """The corpus built the way it was before prepared folders: every document in memory."""
     files = sorted(src.glob("*.txt"))
-    held = held_names([str(f) for f in files], fraction, seed)
+    held = held_names([f.name for f in files], fraction, seed)  # named relative to their source folder
 
     def blocks(keep):
-        ids = torch.tensor(tokens_of(tok, [f.read_text() for f in files if keep(str(f))]))
+        ids = torch.tensor(tokens_of(tok, [f.read_text() for f in files if keep(f.name)]))
         return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
 
     return Corpus(blocks(lambda f: f not in held), blocks(lambda f: f in held), len(files) - len(held), len(held), seq_len)

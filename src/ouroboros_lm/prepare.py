@@ -76,8 +76,8 @@ def make_plan(sources: list[str], heldout: list[str] | None, rule: str, pc: Prep
     if rule == "explicit":
         check_disjoint(sources, heldout)
     split = {"rule": rule}
-    if rule == "fraction":
-        split.update(fraction=pc.heldout_fraction, seed=pc.seed)
+    if rule == "fraction":  # names: documents named relative to their source (reading.document_name)
+        split.update(fraction=pc.heldout_fraction, seed=pc.seed, names="relative")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token_id to put between documents")
     return {"sources": list(sources), "heldout_sources": list(heldout or []), "split": split,

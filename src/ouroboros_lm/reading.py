@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import glob
+import itertools
 import json
 import os
 from pathlib import Path
@@ -118,7 +119,7 @@ def text_file_pieces(path: Path) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------- documents
-def jsonl_documents(path: Path, text_field: str) -> Iterator[tuple[str, Iterator[str]]]:
+def jsonl_documents(path: Path, text_field: str, name: str | None = None) -> Iterator[tuple[str, Iterator[str]]]:
     """One document per line with a non-empty string `text_field` (a line at a time)."""
     offset, found, blank = 0, False, True
     with open(path, "rb") as f:
@@ -141,12 +142,12 @@ def jsonl_documents(path: Path, text_field: str) -> Iterator[tuple[str, Iterator
                 raise DataError(f"{path}:{i} has no string field {text_field!r}")
             if obj[text_field].strip():
                 found = True
-                yield f"{path}:{i}", pieces_of(obj[text_field])
+                yield f"{name or path}:{i}", pieces_of(obj[text_field])
     if not found:
         raise DataError(f"{path} is empty" if blank else f"{path} has no non-empty {text_field!r} values")
 
 
-def parquet_documents(path: Path, text_field: str) -> Iterator[tuple[str, Iterator[str]]]:
+def parquet_documents(path: Path, text_field: str, name: str | None = None) -> Iterator[tuple[str, Iterator[str]]]:
     """One document per row with a non-empty `text_field`, read in batches of rows."""
     try:
         import pyarrow as pa
@@ -168,7 +169,7 @@ def parquet_documents(path: Path, text_field: str) -> Iterator[tuple[str, Iterat
         for text in batch.column(0).to_pylist():
             if text and text.strip():
                 found = True
-                yield f"{path}:{row}", pieces_of(text)
+                yield f"{name or path}:{row}", pieces_of(text)
             row += 1
     if not found:
         raise DataError(f"{path} has no non-empty {text_field!r} values")
@@ -189,14 +190,33 @@ def hf_documents(spec: str, text_field: str) -> Iterator[tuple[str, Iterator[str
             yield f"{name}:{i}", pieces_of(text)
 
 
-def file_documents(path: Path, text_field: str) -> Iterator[tuple[str, Iterator[str]]]:
+def file_documents(path: Path, text_field: str, name: str | None = None) -> Iterator[tuple[str, Iterator[str]]]:
+    """(document name, its pieces) of one file: the file itself, or each line / row of a .jsonl / .parquet.
+    `name` names the file in documents' names (default: its path)."""
     suffix = path.suffix.lower()
+    name = name or str(path)
     if suffix == ".parquet":
-        yield from parquet_documents(path, text_field)
+        yield from parquet_documents(path, text_field, name)
     elif suffix == ".jsonl":
-        yield from jsonl_documents(path, text_field)
+        yield from jsonl_documents(path, text_field, name)
     else:
-        yield str(path), text_file_pieces(path)
+        yield name, text_file_pieces(path)
+
+
+def document_name(path: Path, source: str) -> str:
+    """A file's name as a document, relative to the source that named it (a file: its own name; a folder: its
+    path inside it; a glob: its path below the glob's first wildcard-free folders), so that the same corpus
+    copied elsewhere, or named by a relative instead of an absolute path, holds out the same documents."""
+    src = Path(source).expanduser()
+    if src.is_file():
+        return path.name
+    if src.is_dir():
+        return path.relative_to(src).as_posix()
+    root = Path(*[part for part in itertools.takewhile(lambda p: not any(c in p for c in "*?["), src.parts)])
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
 
 
 def iter_documents(sources: list[str], text_field: str = "text") -> Iterator[tuple[int, str, Iterator[str]]]:
@@ -209,7 +229,7 @@ def iter_documents(sources: list[str], text_field: str = "text") -> Iterator[tup
         if src.startswith("hf:"):
             continue
         for path in expand_sources([src]):
-            for name, pieces in file_documents(path, text_field):
+            for name, pieces in file_documents(path, text_field, document_name(path, src)):
                 yield i, name, pieces
     for i, src in enumerate(sources):
         if src.startswith("hf:"):
