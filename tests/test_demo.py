@@ -108,7 +108,8 @@ def tiny_demo(tmp_path, **demo):
         (sotu / f"{1990 + 3 * i}_x.txt").write_text(doc.read_text())
     return DemoRun.load(changes={
         "demo": dict(out=str(tmp_path / "demo"), base=str(tmp_path / "base"), corpus=str(sotu), first_train_year=1990,
-                     last_train_year=2006, mix=("none",), domains=str(tmp_path / "no-domains"), **demo),
+                     last_train_year=2006, mix=("none",), domains=str(tmp_path / "no-domains"),
+                     **{"plan": "none", **demo}),
         "data": dict(seq_len=32), "train": dict(steps=3, batch_size=2, warmup_steps=1),
         "eval": dict(depths=(1, 2), exit_thresholds=(0.5,), exit_max_depth=2, blocks=2)})
 
@@ -204,3 +205,19 @@ def test_demo_on_a_plan_keeps_its_layers_and_measures_gaps_from_the_fixed_floor(
         other = evaluate(planned, blocks, depths=(), progress=False).row("heldout", "baseline").loss
     assert rows["baseline"].layers == 15 and rows["baseline"].loss == pytest.approx(want, abs=1e-6)
     assert abs(other - want) > 1e-3  # the planned stack's own floor is another one
+
+
+def test_the_shipped_plan_is_a_valid_plan_for_smollm2():
+    """demo_plan.json: `ouroboros plan` on the demo's training text, for SmolLM2-135M's 30 layers, recording its
+    command; the demo builds the recursion on its layers and block."""
+    from ouroboros_lm import OuroborosConfig
+    from ouroboros_lm.plan import planned_config, ranked, read_plan
+    from ouroboros_recipes.demo import SHIPPED_PLAN
+
+    plan = read_plan(SHIPPED_PLAN)
+    assert plan["base"] == "smollm2-135m" and plan["num_layers"] == 30 and plan["keep"] == 16
+    assert "ouroboros plan" in plan["calibration"]["command"]
+    run = DemoRun.load()
+    cfg = planned_config(plan, run.model)
+    assert cfg.kept_layers(30) == plan["keep_layers"] and cfg.block_layers == 2 == plan["recursion"]["block_layers"]
+    assert len(ranked(plan, 18)) == 18 and set(plan["keep_layers"]) < set(ranked(plan, 18))

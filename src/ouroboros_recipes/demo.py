@@ -70,10 +70,10 @@ class DemoConfig:
                               "(equal stored weights) and as many distinct layers as its layer passes (equal compute), "
                               "every LoRA at the recursion's scale alpha/r, with the same steps, and put them in the "
                               "table (--no-heal-rows: the recursion alone)")
-    plan: str | None = setting(None, "an `ouroboros plan` file: the recursion keeps its layers and loops its block, "
-                               "the equal-compute heal model keeps its ranking's first layers; every gap is still "
-                               "measured from the model section's P + 1 + C pruned stack ('shipped': the plan "
-                               "beside demo.yaml, made from the demo's training text)", metavar="PLAN.json")
+    plan: str = setting("shipped", "an `ouroboros plan` file: the recursion keeps its layers and loops its block, "
+                        "the equal-compute heal model keeps its ranking's first layers; every gap is still measured "
+                        "from the model section's P + 1 + C pruned stack ('shipped': demo_plan.json beside demo.yaml, "
+                        "planned on the demo's training text; 'none': the model section's split)", metavar="PLAN.json")
     heal_time_budget: float = setting(240.0, "seconds of training at most for each heal model", above=0, high=1e7)
 
 
@@ -179,7 +179,7 @@ def sotu_files(corpus: Path, last_train_year: int, first_train_year: int = 1790)
 
 def demo_plan(run: DemoRun) -> dict | None:
     """The plan the demo builds on (`demo.plan`), read and checked before anything is loaded; None without one."""
-    if run.demo.plan is None:
+    if run.demo.plan == "none":
         return None
     return read_plan(SHIPPED_PLAN if run.demo.plan == "shipped" else run.demo.plan)
 
