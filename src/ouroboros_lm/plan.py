@@ -307,7 +307,8 @@ def check_plan_base(plan: dict, base, where: str) -> None:
 
 def planned_config(plan: dict, config: OuroborosConfig, keep: int | None = None) -> OuroborosConfig:
     """`config` on the plan's layers: a heal model keeps the plan's layers (or, with `keep`, that many from the
-    winning rule's ranking); the recursion keeps them and loops the plan's block."""
+    winning rule's ranking); the recursion keeps them and loops the plan's block (its recurrent_layer and
+    block_layers replace the config's)."""
     if config.heal_layers:
         layers = plan["keep_layers"] if keep is None or keep == len(plan["keep_layers"]) else ranked(plan, keep)
         return config.replace(keep_layers=tuple(layers), heal_layers=1)
@@ -315,10 +316,9 @@ def planned_config(plan: dict, config: OuroborosConfig, keep: int | None = None)
     if rec is None:
         raise ValueError(f"the plan's {len(plan['keep_layers'])} layers hold no block of {plan.get('keep')} to loop "
                          "with a kept layer before and after: plan again with another --keep or --block-layers")
-    if config.block_layers != rec["block_layers"]:
-        raise ValueError(f"the plan loops a block of {rec['block_layers']} layer(s); the model asks for "
-                         f"block_layers {config.block_layers}: plan again with --block-layers {config.block_layers}")
-    return config.replace(keep_layers=tuple(rec["keep_layers"]), recurrent_layer=rec["recurrent_layer"])
+    # the plan's block replaces the config's recurrent_layer and block_layers
+    return config.replace(keep_layers=tuple(rec["keep_layers"]), recurrent_layer=rec["recurrent_layer"],
+                          block_layers=rec["block_layers"])
 
 
 def ranked(plan: dict, keep: int) -> list[int]:
