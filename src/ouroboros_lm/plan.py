@@ -215,12 +215,16 @@ def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = 
     candidates = [{"rule": rule, "keep_layers": layers, "loss": score.loss_of(layers), "layer_passes": len(layers)}
                   for rule, layers in proposals.items()]
     bar.update(1)
-    bar.close()
     winner = min(candidates, key=lambda c: c["loss"])
     kept = winner["keep_layers"]
-    blocks = [{"recurrent_layer": first, "block_layers": pc.block_layers,
-               "loss_depth2": score.loss_of(loop_order(kept, first, pc.block_layers, 2))}
-              for first in block_candidates(kept, pc.block_layers)]
+    firsts = block_candidates(kept, pc.block_layers)
+    bar.total += len(firsts)
+    blocks = []
+    for first in firsts:  # the loop's block: each candidate repeated in place, untrained
+        blocks.append({"recurrent_layer": first, "block_layers": pc.block_layers,
+                       "loss_depth2": score.loss_of(loop_order(kept, first, pc.block_layers, 2))})
+        bar.update(1)
+    bar.close()
     plan = {"format": FORMAT, "base": base_name, "num_layers": L, "base_architecture_hash": architecture_hash(base.config),
             "keep": pc.keep, "rule": winner["rule"], "keep_layers": kept, "loss": winner["loss"], "full_loss": full,
             "ranking": ranking.get(winner["rule"]), "block_influence": influence, "candidates": candidates,
