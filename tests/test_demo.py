@@ -220,4 +220,6 @@ def test_the_shipped_plan_is_a_valid_plan_for_smollm2():
     run = DemoRun.load()
     cfg = planned_config(plan, run.model)
     assert cfg.kept_layers(30) == plan["keep_layers"] and cfg.block_layers == 2 == plan["recursion"]["block_layers"]
+    # LoRA on every kept layer, as in the shorthand split: the planned prelude has 8 layers, all adapted
+    assert cfg.n_prelude == 8 and cfg.prelude_lora_layers == 8 and run.model.prelude_lora_layers == run.model.n_prelude
     assert len(ranked(plan, 18)) == 18 and set(plan["keep_layers"]) < set(ranked(plan, 18))

@@ -320,9 +320,13 @@ def planned_config(plan: dict, config: OuroborosConfig, keep: int | None = None)
     if rec is None:
         raise ValueError(f"the plan's {len(plan['keep_layers'])} layers hold no block of {plan.get('keep')} to loop "
                          "with a kept layer before and after: plan again with another --keep or --block-layers")
-    # the plan's block replaces the config's recurrent_layer and block_layers
+    # the plan's block replaces the config's recurrent_layer and block_layers; LoRA on the whole prelude stays on
+    # the whole (planned) prelude, and a tail of it stays at most the prelude
+    prelude = sum(i < rec["recurrent_layer"] for i in rec["keep_layers"])
+    tail = prelude if config.lora_rank and config.prelude_lora_layers == config.n_prelude else \
+        min(config.prelude_lora_layers, prelude)
     return config.replace(keep_layers=tuple(rec["keep_layers"]), recurrent_layer=rec["recurrent_layer"],
-                          block_layers=rec["block_layers"])
+                          block_layers=rec["block_layers"], prelude_lora_layers=tail)
 
 
 def ranked(plan: dict, keep: int) -> list[int]:
