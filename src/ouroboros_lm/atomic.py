@@ -13,7 +13,6 @@ A write that fails (a full disk) raises OSError naming the file, after removing 
 """
 from __future__ import annotations
 
-import fnmatch
 import io
 import json
 import os

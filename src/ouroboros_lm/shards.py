@@ -17,7 +17,6 @@ then again whenever the file's size, times or inode change (stamps under the dat
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
