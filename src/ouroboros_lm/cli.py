@@ -66,6 +66,13 @@ class PrepareArgs:
     heldout: tuple[str, ...] | None = setting(None, "held-out sources (default: a deterministic split of SRC by "
                                               "document)", metavar="SRC")
     overwrite: bool = setting(False, "replace a folder prepared from other sources or settings")
+    teacher: str | None = setting(None, "also run this model once over every training block and store its top-K "
+                                  "next-token predictions beside the tokens, for `train --distill-weight` (the "
+                                  "student's base: an alias, folder, hub id or .gguf; an adapter folder: its base)")
+    teacher_top_k: int = setting(32, "predictions stored per token (the rest of the teacher's mass is one bucket)",
+                                 low=1, high=1 << 20)
+    seq_len: int | None = setting(None, "the blocks the teacher sees, as training will cut them (default: 2048 on "
+                                  "GPU, 256 on CPU; train with the same --seq-len)", low=2, high=1 << 20)
 
 
 @dataclass
@@ -196,17 +203,41 @@ def cmd_plan(args) -> None:
 
 def cmd_prepare(args) -> None:
     from .adapter import CONFIG_NAME, read_adapter
-    from .loading import load_tokenizer
+    from .loading import load_base_model, load_tokenizer
     from .prepare import prepare
+    from .reading import DataError
+    from .shards import tokenizer_identity
 
     pa, pc = from_flags(PrepareArgs, args), from_flags(PrepareConfig, args)
-    base = read_adapter(pa.base)[0]["base_model"] if (Path(pa.base) / CONFIG_NAME).is_file() else pa.base
+    of_base = lambda name: read_adapter(name)[0]["base_model"] if (Path(name) / CONFIG_NAME).is_file() else name  # noqa: E731
+    base, teacher = of_base(pa.base), of_base(pa.teacher) if pa.teacher else None
+    tokenizer = load_tokenizer(base)
+    if teacher is not None and tokenizer_identity(load_tokenizer(teacher)) != tokenizer_identity(tokenizer):
+        raise DataError(f"--teacher {pa.teacher}: its tokenizer is not --base {pa.base}'s; the teacher must share "
+                        "the student's vocabulary (nothing was written)")
+    if teacher is not None and pa.teacher_top_k >= len(tokenizer):
+        raise DataError(f"--teacher-top-k must be below the vocabulary ({len(tokenizer)}); got {pa.teacher_top_k}")
     heldout = list(pa.heldout) if pa.heldout else None
-    m = prepare(list(pa.sources), pa.out, load_tokenizer(base), pc, heldout=heldout, overwrite=pa.overwrite)
+    m = prepare(list(pa.sources), pa.out, tokenizer, pc, heldout=heldout, overwrite=pa.overwrite)
     train, held = m["splits"]["train"], m["splits"]["heldout"]
     print(f"wrote {pa.out}: train {train['documents']} docs, {train['tokens']:,} tokens in {len(train['shards'])} "
           f"shard(s); held-out {held['documents']} docs, {held['tokens']:,} tokens; {m['dtype'][1:]} tokens of "
           f"{m['tokenizer']['name'] or 'the tokenizer'} (vocab {m['vocab_size']}). Train with --data {pa.out}")
+    if teacher is not None:
+        from .runtime import choose_runtime
+        from .shards import Prepared
+        from .targets import teacher_pass
+
+        runtime = choose_runtime()
+        seq_len = pa.seq_len or runtime.default_seq_len
+        model = load_base_model(teacher, dtype=runtime.dtype, device=runtime.device)
+        with runtime.autocast():
+            tset = teacher_pass(Prepared(pa.out, tokenizer), model, teacher, seq_len, pa.teacher_top_k)
+        size = sum((tset.folder / f"{c['name']}.{e}").stat().st_size for c in tset.manifest["chunks"]
+                   for e in ("blocks", "ids", "lp"))
+        print(f"stored {teacher}'s top-{pa.teacher_top_k} predictions for {tset.n_blocks} blocks of {seq_len} tokens in "
+              f"{tset.folder} ({size / max(1, tset.n_blocks * seq_len):.0f} bytes a token). Train with --data "
+              f"{pa.out} --seq-len {seq_len} --distill-weight W --distill-top-k {pa.teacher_top_k}")
 
 
 def cmd_train(args) -> None:
@@ -221,7 +252,7 @@ def cmd_train(args) -> None:
     corpus = data.corpus(load_tokenizer(meta["base_model"]), runtime.default_seq_len)
     print(corpus.describe())
     model = load_adapter(ta.adapter, dtype=runtime.dtype)
-    teacher = load_base_model(meta["base_model"], dtype=runtime.dtype) if tc.distill_weight > 0 else None
+    teacher = lambda: load_base_model(meta["base_model"], dtype=runtime.dtype)  # noqa: E731 - loaded only if needed
     summary = Trainer(model, corpus, ta.adapter, tc, resume=ta.resume, teacher=teacher).run()
     print(json.dumps(summary, indent=2))
 

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .prepare import PrepareConfig, cache_folder, check_disjoint, prepare
@@ -117,12 +118,20 @@ class Corpus:
     n_heldout_docs: int
     seq_len: int
     parts: tuple[Part, ...] = ()
+    train_folders: tuple[Prepared, ...] = ()  # the prepared folders `train` joins, in order
+    targets: object | None = None  # `targets.CorpusTargets`: the teacher's stored predictions (distillation)
 
     def sampler(self, seed: int) -> BlockSampler | MixtureSampler:
         """The stateless sampler of training blocks: a shuffle of them all, or a mixture by weight."""
         if len(self.parts) <= 1:
             return BlockSampler(self.train.shape[0], seed)
         return MixtureSampler([p.blocks for p in self.parts], [p.weight for p in self.parts], seed)
+
+    def blocks_drawn(self, seed: int, batches: range, batch_size: int, processes: int = 1) -> np.ndarray:
+        """Every training block the batches numbered `batches` draw (all processes), sorted, once each."""
+        sampler = self.sampler(seed)
+        drawn = [sampler.batch(i, batch_size, rank, processes).numpy() for i in batches for rank in range(processes)]
+        return np.unique(np.concatenate(drawn)) if drawn else np.zeros(0, dtype=np.int64)
 
     def sampling_key(self) -> dict:
         """What the batches drawn depend on besides the seed (a resumed run must match it)."""
@@ -202,7 +211,7 @@ def build_corpus(
     return Corpus(joined(folders, "train", seq_len, "the training split"),
                   joined(held, "heldout", seq_len, "the held-out split"),
                   sum(f.documents("train") for f in folders), sum(f.documents("heldout") for f in held), seq_len,
-                  tuple(parts))
+                  tuple(parts), tuple(folders))
 
 
 def domain_blocks(sources: list[str], tokenizer, seq_len: int, n_blocks: int, seed: int,

@@ -14,7 +14,9 @@ the LM head costs the same two matmuls as the plain form. Under autocast every p
 the same precision as the plain form's (the chunk's logits are the lm_head's own output, upcast).
 
 `distill_loss` is the KL to a teacher's next-token distribution (distillation from the full model),
-chunked the same way.
+chunked the same way. `stored_distill_loss` is the same objective against the teacher's top-K predictions
+stored beside the token shards (`targets.py`): no teacher runs, and the cross-entropy and the KL come
+from one pass over the logits, so the head costs what the plain loss's does.
 
 The two chunked autograd functions live in `ops.py` (`ops.chunked_head_loss`, `ops.chunked_kl`),
 each beside its full-logits reference; `ops.reference()` switches them (and the other fused ops) off.
@@ -34,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .ops import IGNORE, chunked_head_loss, chunked_kl, chunked_token_losses, kl_sum
+from .ops import (IGNORE, chunked_head_loss, chunked_kl, chunked_token_losses, chunked_topk_distill, kl_sum,
+                  topk_distill)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -101,6 +104,33 @@ class Teacher:
     weight: float = 1.0
     ce_weight: float = 1.0
     lm_head: nn.Linear | None = None  # when `logits` is this plain linear head (the fused path below)
+
+
+@dataclass
+class StoredTeacher:
+    """Distillation targets for one batch read from disk: the teacher's top-K next-token ids [B, T, K] and
+    their log-probabilities with, last, the log of its remaining mass [B, T, K + 1] (`targets.py`), and
+    the weights of `ce_weight * next-token CE + weight * KL(teacher || student)`, the KL over the K + 1
+    buckets (`ops.topk_kl_terms`)."""
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+    weight: float = 1.0
+    ce_weight: float = 1.0
+
+
+def stored_distill_loss(hidden: torch.Tensor, lm_head: nn.Linear | None, labels: torch.Tensor, st: StoredTeacher,
+                        chunk: int, logits: torch.Tensor | None = None):
+    """(loss, CE, KL) against stored targets, over the positions the next-token loss scores: from the
+    normed hidden states through a plain frozen `lm_head` chunk by chunk (`ops.chunked_topk_distill`),
+    or from full `logits` (heads that scale or soft-cap them)."""
+    targets = shift_labels(labels.to(hidden.device)).reshape(-1)
+    ids = st.ids.to(hidden.device).reshape(targets.shape[0], -1)
+    logp = st.logp.to(hidden.device).reshape(targets.shape[0], -1)
+    if logits is not None:
+        return topk_distill(logits.flatten(0, -2), targets, ids, logp, st.ce_weight, st.weight)
+    return chunked_topk_distill(hidden.flatten(0, -2), lm_head.weight, lm_head.bias, targets, ids, logp,
+                                st.ce_weight, st.weight, chunk)
 
 
 def kl_chunk(h, t, valid, student_logits, teacher_logits) -> torch.Tensor:

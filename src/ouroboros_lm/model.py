@@ -19,8 +19,8 @@ from .exits import ExitKV, ExitRule, TokenExits
 from .families import OWN_HEAD_TYPES, final_logits, scale_embeddings
 from .generate import generate as generate_tokens
 from .layers import AttentionContext, KVSlot, build_context, decoder_layer, get_projection, layer_window
-from .loss import (Teacher, causal_lm_loss, default_chunk, distill_loss, head_loss, head_token_losses,
-                   lazy_logits, token_losses)
+from .loss import (StoredTeacher, Teacher, causal_lm_loss, default_chunk, distill_loss, head_loss, head_token_losses,
+                   lazy_logits, stored_distill_loss, token_losses)
 from .memory import check_trainable_size
 from .ops import rms_norm
 from .policy import RecursionPolicy
@@ -225,13 +225,23 @@ class OuroborosModel(nn.Module):
         """The LM head on final-normed hidden states (with the family's logit scaling / soft-cap)."""
         return final_logits(self.lm_head(normed), self.base_config)
 
-    def head(self, h: torch.Tensor, labels: torch.Tensor | None = None, teacher: Teacher | None = None) -> OuroborosOutput:
+    def head(self, h: torch.Tensor, labels: torch.Tensor | None = None,
+             teacher: Teacher | StoredTeacher | None = None) -> OuroborosOutput:
         """Final norm and LM head. Llama heads (Phi-3 and SmolLM3 too): the loss from chunks of the vocabulary
         (never the whole float32 logits, `loss.head_loss`), the logits computed only when read (`loss.lazy_logits`).
         Families with another norm or scaled / soft-capped logits (Gemma 2/3, OLMo 2, Granite): their own norm
         and the plain loss.
-        With a `teacher`, the loss also has its KL term (`loss.distill_loss`, chunked too)."""
-        if self.base_config.model_type in OWN_HEAD_TYPES:
+        With a `teacher`, the loss also has its KL term (`loss.distill_loss`, chunked too); with stored
+        targets (`loss.StoredTeacher`) both terms come from one pass (`loss.stored_distill_loss`)."""
+        own_head = self.base_config.model_type in OWN_HEAD_TYPES
+        if isinstance(teacher, StoredTeacher) and labels is not None:  # CE and KL from one pass over the logits
+            h = self.norm(h) if own_head else rms_norm(h, self.norm.weight, self.norm.variance_epsilon)
+            logits = self.logits_of(h) if own_head else None
+            loss, ce, kl = stored_distill_loss(h, self.lm_head, labels, teacher, default_chunk(self.vocab_size), logits)
+            out = OuroborosOutput(loss, logits if own_head else lazy_logits(h, self.lm_head))
+            out.ce_loss, out.kl_loss = ce, kl
+            return out
+        if own_head:
             h = self.norm(h)
             logits = self.logits_of(h)
             out = OuroborosOutput(causal_lm_loss(logits, labels) if labels is not None else None, logits)
@@ -240,7 +250,7 @@ class OuroborosModel(nn.Module):
             out = OuroborosOutput(head_loss(h, self.lm_head, labels) if labels is not None else None,
                                   lazy_logits(h, self.lm_head))
         if teacher is not None and labels is not None:
-            plain_head = None if self.base_config.model_type in OWN_HEAD_TYPES else self.lm_head
+            plain_head = None if own_head else self.lm_head
             kl = distill_loss(h, self.logits_of, teacher, labels, default_chunk(self.vocab_size), lm_head=plain_head)
             out.ce_loss, out.kl_loss = out.loss.detach(), kl.detach()
             out.loss = teacher.ce_weight * out.loss + teacher.weight * kl
@@ -281,7 +291,7 @@ class OuroborosModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None, depth: int | None = None, *,
                 cache: OuroborosCache | None = None, baseline: bool = False, exit_rule: ExitRule | None = None,
                 exit_steps: torch.Tensor | None = None, readout_steps=None,
-                teacher: Teacher | None = None, training: StepTraining = NO_TRAINING) -> OuroborosOutput:
+                teacher: Teacher | StoredTeacher | None = None, training: StepTraining = NO_TRAINING) -> OuroborosOutput:
         """Logits (and the loss, given HF-aligned `labels`) of `input_ids` [B, T].
 
         depth: recurrence steps (default `policy.default_depth`); the maximum under adaptive exit.
@@ -296,8 +306,8 @@ class OuroborosModel(nn.Module):
             after each of them (coda + head on that step's state, with gradients when enabled), and for a
             model with a halter, step_halts [K, B, T] its stop probabilities there. Only those steps pay
             for a readout (`readout.py`).
-        teacher: distillation targets (`loss.Teacher`, e.g. from the full model): with labels, the loss
-            is `ce_weight * CE + weight * KL(teacher || ours)` (its terms in `ce_loss` / `kl_loss`).
+        teacher: distillation targets (`loss.Teacher` from the full model, or `loss.StoredTeacher`, its
+            top-K predictions read from disk): with labels, the loss is `ce_weight * CE + weight * KL(teacher || ours)` (its terms in `ce_loss` / `kl_loss`).
         training: how the recursion's steps are differentiated while training (`StepTraining`:
             activation checkpointing, truncated backprop); the trainer passes its settings here.
         """

@@ -1,7 +1,7 @@
 """The hand-written autograd functions, each beside the plain computation it stands for, and the one
 switch that turns them all off.
 
-Six operations of the model's maths have a *fused* form, a `torch.autograd.Function` whose backward
+Eight operations of the model's maths have a *fused* form, a `torch.autograd.Function` whose backward
 pass is written by hand so that the forward keeps less for it (`docs/performance.md`, section 4), and
 a *reference* form: the same maths in plain torch ops, differentiated by autograd. The two give the
 same values and the same gradients (to rounding; `tests/test_ops.py`):
@@ -15,8 +15,9 @@ same values and the same gradients (to rounding; `tests/test_ops.py`):
 | `chunked_head_loss(hidden, weight, bias, targets, chunk)` | `_ChunkedHeadLoss` | d loss / d hidden / the float32 log-softmax of all the logits |
 | `chunked_token_losses(hidden, weight, bias, targets, chunk)` | `_ChunkedTokenLosses` | each token's d loss / d hidden / the float32 log-softmax of all the logits |
 | `chunked_kl(hidden, weight, bias, teacher, t_weight, t_bias, valid, chunk)` | `_ChunkedKL` | d KL / d hidden / both heads' float32 log-softmaxes |
+| `chunked_topk_distill(hidden, weight, bias, targets, t_ids, t_logp, ce_weight, kl_weight, chunk)` | `_ChunkedTopKDistill` | d (CE + KL to stored top-K) / d hidden / the float32 log-softmax of all the logits |
 
-The two losses in their fused form also work through the tokens a chunk at a time (never the whole
+The losses in their fused form also work through the tokens a chunk at a time (never the whole
 [tokens, vocab] float32 logits) and turn each chunk straight into its gradient, so no logits are
 recomputed in the backward pass. Their reference form is the full-logits loss.
 
@@ -25,7 +26,7 @@ their chunking saves memory in evaluation too), and for the losses only while th
 frozen (their fused forms give the head no gradient). Otherwise the reference form runs, whatever
 the switch says.
 
-The switch (one for all seven; by name for some of them):
+The switch (one for all eight; by name for some of them):
 
     OUROBOROS_FUSED=0              environment, read once on import: every op starts in reference form
                                    (1 / 0, true / false, on / off, yes / no; anything else is an error)
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 
 IGNORE = -100  # a target that is not scored (Hugging Face's convention, F.cross_entropy's default)
 FUSED_OPS = ("rms_norm", "swiglu", "gate_mix", "prefix_mean_rms_norm", "chunked_head_loss", "chunked_token_losses",
-             "chunked_kl")
+             "chunked_kl", "chunked_topk_distill")
 ENV_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 
 
@@ -81,7 +82,7 @@ def is_fused(name: str) -> bool:
 
 
 def use_fused(flag: bool, *names: str) -> frozenset[str]:
-    """Fused (True) or reference (False) forms for the named ops (all seven without names) from now on.
+    """Fused (True) or reference (False) forms for the named ops (all of them without names) from now on.
     Returns the set of ops in reference form before the call."""
     before = frozenset(_REFERENCE)
     chosen = op_names(names)
@@ -291,7 +292,7 @@ def prefix_mean_rms_norm(h: torch.Tensor, m: torch.Tensor | None, weight: torch.
     return prefix_mean_rms_norm_reference(h, m, weight, eps)
 
 
-# ---- the two chunked losses ------------------------------------------------------------------
+# ---- the chunked losses ---------------------------------------------------------------------
 
 class _SavedGradient(torch.autograd.Function):
     """A loss whose forward also computes its gradient with respect to its first input (the hidden
@@ -439,3 +440,104 @@ def chunked_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if is_fused("chunked_kl") and not grad_needed(weight, bias):
         return _ChunkedKL.apply(hidden, weight, bias, teacher, t_weight, t_bias, valid, chunk, grad_needed(hidden))
     return chunked_kl_reference(hidden, weight, bias, teacher, t_weight, t_bias, valid)
+
+
+# ---- the loss against stored top-K teacher targets -------------------------------------------------
+
+def topk_kl_terms(ls: torch.Tensor, ls_tail: torch.Tensor, t_ids: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    """Each token's KL(teacher || student) over K + 1 buckets: the teacher's top-K tokens and the rest.
+
+    ls: the student's float32 log-softmax [N, V]; ls_tail [N]: the log of its mass outside t_ids;
+    t_ids [N, K]: the teacher's top-K token ids; t_logp [N, K + 1]: their log-probabilities and, last,
+    the log of the teacher's remaining mass. A bucket the teacher gives no mass adds nothing."""
+    lp = t_logp.float()
+    ls_k = torch.cat([ls.gather(-1, t_ids), ls_tail.unsqueeze(-1)], dim=-1)
+    p = lp.exp()
+    return torch.where(p > 0, p * (lp - ls_k), 0.0).sum(-1)
+
+
+def tail_log_mass(logits: torch.Tensor, lse: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
+    """log of the softmax mass outside `t_ids` [N, K], from float32 logits [N, V] and their logsumexp:
+    exact where 1 - sum(top-K) would cancel."""
+    return torch.logsumexp(logits.scatter(-1, t_ids, float("-inf")), dim=-1) - lse
+
+
+def topk_distill(logits, targets, t_ids, t_logp, ce_weight, kl_weight):
+    """(ce_weight * CE + kl_weight * KL, CE, KL): the means over targets != IGNORE ([N]) of the next-token
+    cross-entropy of `logits` [N, V] and of `topk_kl_terms`, in float32 (autograd differentiates them)."""
+    logits = logits.float()
+    valid = targets != IGNORE
+    n = valid.sum().clamp(min=1)
+    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum") / n
+    lse = torch.logsumexp(logits, dim=-1)
+    kl = torch.where(valid, topk_kl_terms(logits - lse.unsqueeze(-1), tail_log_mass(logits, lse, t_ids), t_ids,
+                                          t_logp), 0.0).sum() / n
+    return ce_weight * ce + kl_weight * kl, ce.detach(), kl.detach()
+
+
+def chunked_topk_distill_reference(hidden, weight, bias, targets, t_ids, t_logp, ce_weight, kl_weight):
+    """`topk_distill` of the full logits hidden @ W^T + b."""
+    return topk_distill(F.linear(hidden, weight, bias), targets, t_ids, t_logp, ce_weight, kl_weight)
+
+
+class _ChunkedTopKDistill(torch.autograd.Function):
+    """(ce_weight * CE + kl_weight * KL, CE, KL) chunk by chunk, the KL against stored top-K targets
+    (`topk_kl_terms`); with `need_grad` the forward also forms d loss / d hidden and saves only that.
+
+    Per token, with q the student's softmax, p the teacher's stored top-K probabilities (set S),
+    p_tail its remaining mass and q_tail the student's mass outside S, the KL's gradient with
+    respect to the logits is q_j * (sum(p) + p_tail) - p_j on S and q_j * (sum(p) + p_tail - p_tail
+    / q_tail) off it: the teacher's distribution with its tail spread as the student spreads its own.
+    One head product forward and one for the gradient, as the plain next-token loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, t_ids, t_logp, ce_weight, kl_weight, chunk, need_grad):
+        valid = targets != IGNORE
+        n = valid.sum().clamp(min=1)
+        ce_sum = hidden.new_zeros((), dtype=torch.float32)
+        kl_sum_ = hidden.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(hidden) if need_grad else None
+        k = t_ids.shape[-1]
+        for i in range(0, hidden.shape[0], chunk):
+            part = slice(i, i + chunk)
+            v, t, ids, lp = valid[part], targets[part].clamp(min=0), t_ids[part], t_logp[part].float()
+            logits = F.linear(hidden[part], weight, bias)  # under autocast, in its dtype (as the plain loss)
+            lf = logits.float()
+            lse = torch.logsumexp(lf, dim=-1)
+            ls_tail = tail_log_mass(lf, lse, ids)
+            ls = lf.sub_(lse.unsqueeze(-1))  # log-softmax, in place of the upcast logits
+            ce_sum = ce_sum + torch.where(v, -ls.gather(-1, t.unsqueeze(-1)).squeeze(-1), 0.0).sum()
+            kl_sum_ = kl_sum_ + torch.where(v, topk_kl_terms(ls, ls_tail, ids, lp), 0.0).sum()
+            if need_grad:
+                p = lp.exp()
+                p_top, p_tail = p[:, :k], p[:, k]
+                mass = p.sum(-1)
+                r = torch.where(p_tail > 0, p_tail * torch.exp(-ls_tail), 0.0)  # p_tail / q_tail
+                q = ls.exp_()  # softmax, in place
+                q_top = q.gather(-1, ids)
+                g = q * (kl_weight * (mass - r) + ce_weight).unsqueeze(-1)
+                g.scatter_add_(-1, ids, kl_weight * (r.unsqueeze(-1) * q_top - p_top))
+                g.scatter_add_(-1, t.unsqueeze(-1), torch.full_like(q_top[:, :1], -ce_weight))
+                g.mul_(v.unsqueeze(-1) / n)
+                grad[part] = (g.to(logits.dtype) @ weight.to(logits.dtype)).to(hidden.dtype)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ce, kl = ce_sum / n, kl_sum_ / n
+        ctx.mark_non_differentiable(ce, kl)
+        return ce_weight * ce + kl_weight * kl, ce, kl
+
+    @staticmethod
+    def backward(ctx, go, _ce, _kl):
+        (grad,) = ctx.saved_tensors
+        return ((grad.float() * go).to(grad.dtype),) + (None,) * 9
+
+
+def chunked_topk_distill(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         t_ids: torch.Tensor, t_logp: torch.Tensor, ce_weight: float, kl_weight: float, chunk: int):
+    """(ce_weight * CE + kl_weight * KL, CE, KL), the means over targets != IGNORE ([N]) of the next-token
+    cross-entropy of hidden @ weight^T + bias ([N, H]) and of its KL from the stored top-K teacher targets
+    (t_ids [N, K], t_logp [N, K + 1]; `topk_kl_terms`). `_ChunkedTopKDistill` unless the head needs a gradient."""
+    if is_fused("chunked_topk_distill") and not grad_needed(weight, bias):
+        return _ChunkedTopKDistill.apply(hidden, weight, bias, targets, t_ids, t_logp, float(ce_weight),
+                                         float(kl_weight), chunk, grad_needed(hidden))
+    return chunked_topk_distill_reference(hidden, weight, bias, targets, t_ids, t_logp, ce_weight, kl_weight)

@@ -40,6 +40,7 @@ STATE = ".prepare-state.json"
 LOCK = ".prepare.lock"
 OURS = re.compile(r"^\.?(manifest\.json|prepare-state\.json|prepare\.lock|heldout-documents\.txt"
                   r"|(train|heldout)-\d{5}\.(bin|idx))(\.partial|\.tmp\d+)?$")
+TEACHER_SET = re.compile(r"^teacher-[0-9a-f]{16}$")  # stored teacher predictions (targets.py)
 BATCH_CHARS = 1 << 20  # text per work unit sent to a tokenizer process
 AUTO_WORKER_CHARS = 4 << 20  # with workers=0, one process per this much text (up to the cores)
 RULES = ("fraction", "explicit", "none", "all")
@@ -324,7 +325,8 @@ def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a folder (nothing was changed)")
     if out.is_dir():
-        foreign = sorted(f.name for f in out.iterdir() if not OURS.match(f.name) or f.is_symlink())
+        foreign = sorted(f.name for f in out.iterdir() if f.is_symlink() or not (
+            OURS.match(f.name) or TEACHER_SET.match(f.name) and f.is_dir()))
         if foreign:
             raise DataError(f"--out {out} holds files `ouroboros prepare` did not write (e.g. {foreign[0]}); "
                             "choose a new or empty folder (nothing was changed)")

@@ -121,8 +121,12 @@ def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 def kept_fingerprints(base: nn.Module, config: OuroborosConfig) -> dict[str, str]:
     """Fingerprints of what an Ouroboros model keeps from `base` (before surgery): each kept
     layer under its index in the base, the embeddings, the final norm and the head."""
-    layers = base.model.layers
-    out = {f"layer.{i}": tensor_fingerprint(dict(layers[i].named_parameters())) for i in config.kept_layers(len(layers))}
+    return part_fingerprints(base, config.kept_layers(len(base.model.layers)))
+
+
+def part_fingerprints(base: nn.Module, layers) -> dict[str, str]:
+    """Fingerprints of layers `layers` of `base` (under their index), its embeddings, final norm and head."""
+    out = {f"layer.{i}": tensor_fingerprint(dict(base.model.layers[i].named_parameters())) for i in layers}
     out["embed_tokens"] = tensor_fingerprint({"w": base.model.embed_tokens.weight})
     out["norm"] = tensor_fingerprint(dict(base.model.norm.named_parameters()))
     out["lm_head"] = tensor_fingerprint({"w": base.lm_head.weight})

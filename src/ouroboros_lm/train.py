@@ -33,6 +33,7 @@ from .teacher import check_teacher, teacher_targets
 
 BIG = 10**9
 TRACKERS = ("none", "tensorboard", "wandb")
+DISTILL_SOURCES = ("stored", "online")
 TRACKING_DIR = "tracking"  # trackers' local files (TensorBoard events) under the run folder
 
 
@@ -77,8 +78,15 @@ class TrainConfig:
                                       "loss) over the read-out steps and the final one, so no step may make the "
                                       "prediction worse (LoopUS; 0: off)", low=0.0, high=1e3, structural=True)
     distill_weight: float = setting(0.0, "weight of KL(full model || ours) on the next-token distributions in the "
-                                    "loss: distillation from the full base model, loaded as the teacher (0: off)",
-                                    low=0.0, high=1e3, structural=True)
+                                    "loss: distillation from the full base model (0: off)", low=0.0, high=1e3,
+                                    structural=True)
+    distill_source: str = setting("stored", "where the teacher's predictions come from: stored (its top-K, computed "
+                                  "once for the blocks the run draws and kept beside the prepared tokens, reused by "
+                                  "every later run; no teacher in memory while training) or online (the full model "
+                                  "runs beside ours at every step; the exact KL)", choices=DISTILL_SOURCES,
+                                  structural=True)
+    distill_top_k: int = setting(32, "stored teacher predictions per token (the rest of its mass is one bucket)",
+                                 low=1, high=1 << 20, structural=True)
     ce_weight: float = setting(1.0, "weight of the next-token cross-entropy in the loss (0 with distill_weight: "
                                "the teacher's distribution alone)", low=0.0, high=1e3, structural=True)
     seed: int = setting(0, "seed of the data order and the depth draws", low=0, high=2**63 - 1, structural=True)
@@ -140,13 +148,15 @@ class Trainer:
     the final adapter is written to `run_dir`.
 
     on_batch(step, micro, block_indices), if given, is called for every micro-batch.
-    teacher: the full base model (a Hugging Face causal LM), needed when `tc.distill_weight` > 0."""
+    teacher: the full base model (a Hugging Face causal LM), or a function loading it (called only when
+    needed), for `tc.distill_weight` > 0: online, or to compute the stored targets the data lacks."""
 
     def __init__(self, model, corpus: Corpus, run_dir: str | Path, tc: TrainConfig, resume: bool = False,
                  accelerator=None, on_batch=None, teacher=None):
         tc.validate()
         self.model, self.corpus, self.run_dir, self.tc = model, corpus, Path(run_dir), tc
         self.teacher = teacher if tc.distill_weight > 0 else None
+        self.targets = None  # `targets.CorpusTargets` under distill_source "stored"
         self.resuming, self.accelerator, self.on_batch = resume, accelerator, on_batch
         self.start, self.prior_elapsed, self.heldout_baseline = 0, 0.0, None
         self.last = {"loss": None, "baseline_loss": None, "heldout_loss": None}
@@ -169,10 +179,14 @@ class Trainer:
             if conflicts:
                 raise ValueError("--resume with settings that differ from the run's: " + "; ".join(conflicts)
                                  + " (pass the original values; nothing was changed)")
-        if tc.distill_weight > 0:
+        if tc.distill_weight > 0 and tc.distill_source == "online":
             if self.teacher is None:
                 raise ValueError("distill_weight > 0 needs the full model as the teacher (Trainer(..., teacher=base))")
-            check_teacher(self.teacher, self.model.vocab_size)
+            if not callable(self.teacher) or isinstance(self.teacher, torch.nn.Module):
+                check_teacher(self.teacher, self.model.vocab_size)
+        if tc.distill_weight > 0 and tc.distill_source == "stored" and tc.distill_top_k >= self.model.vocab_size:
+            raise ValueError(f"distill_top_k must be below the vocabulary ({self.model.vocab_size}); "
+                             f"got {tc.distill_top_k}")
         for what, blocks in (("training tokens", self.corpus.train), ("held-out tokens", self.corpus.heldout)):
             check_token_range(blocks, self.model.vocab_size, what)  # once, here, not in every forward
 
@@ -192,8 +206,8 @@ class Trainer:
         tc, acc = self.tc, self.accelerator
         self.device = acc.device
         self.model.to(self.device)
-        if self.teacher is not None:
-            self.teacher.to(self.device).eval().requires_grad_(False)
+        if self.teacher is not None and tc.distill_source == "online":
+            self.teacher = self.load_teacher()
         self.step_training = StepTraining(tc.checkpoint, tc.backprop_steps)
         # the policy training sets: steps past the deepest trained one reuse its parameters (never
         # ones that saw no gradient)
@@ -212,6 +226,37 @@ class Trainer:
         self.model.train()
         self.sampler = self.corpus.sampler(tc.seed)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * acc.num_processes * self.corpus.seq_len
+        if tc.distill_weight > 0 and tc.distill_source == "stored":
+            self.stored_targets()
+
+    def load_teacher(self):
+        """The teacher on this device, frozen (loaded now when given as a function)."""
+        if self.teacher is None:
+            raise ValueError("the stored teacher targets lack blocks this run draws, and no teacher was given to "
+                             "compute them (Trainer(..., teacher=base))")
+        teacher = self.teacher if isinstance(self.teacher, torch.nn.Module) or not callable(self.teacher) \
+            else self.teacher()
+        check_teacher(teacher, self.model.vocab_size)
+        return teacher.to(self.device).eval().requires_grad_(False)
+
+    def stored_targets(self) -> None:
+        """The teacher's top-K predictions for every block this run will draw, from beside the prepared
+        tokens; the ones missing are computed first (the teacher loaded for that only, then let go)."""
+        from .targets import corpus_targets
+
+        tc, acc = self.tc, self.accelerator
+        if not self.corpus.train_folders:
+            raise ValueError("distill_source stored needs a corpus built from prepared folders or text sources "
+                             "(data.build_corpus); pass --distill-source online for blocks given as tensors")
+        end = (tc.stop_after or tc.steps) * tc.grad_accum
+        blocks = self.corpus.blocks_drawn(tc.seed, range(self.start * tc.grad_accum, end), tc.batch_size,
+                                          acc.num_processes)
+        self.targets = corpus_targets(self.corpus, self.corpus.seq_len, tc.distill_top_k, self.model.base_fingerprints,
+                                      self.model.vocab_size, blocks, self.load_teacher, self.model.base_name or "",
+                                      progress=tc.progress and acc.is_main_process)
+        self.teacher = None  # not held while training
+        if acc.is_main_process and tc.progress:
+            print(self.targets.describe())
 
     def resume(self) -> None:
         """Weights, optimizer, scheduler and the step count from the latest complete checkpoint."""
@@ -255,13 +300,14 @@ class Trainer:
         self.accelerator.trackers.clear()
 
     # ------------------------------------------------------------------ one step
-    def forward_backward(self, ids: torch.Tensor, step: int, depth: int, sync: bool) -> torch.Tensor:
-        acc = self.accelerator
+    def forward_backward(self, ids: torch.Tensor, step: int, depth: int, sync: bool, idx=None) -> torch.Tensor:
+        acc, tc = self.accelerator, self.tc
         ctx = acc.no_sync(self.ddp_model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
         try:
             with ctx, acc.autocast():
-                teacher = None if self.teacher is None else teacher_targets(self.teacher, ids, self.tc.distill_weight,
-                                                                             self.tc.ce_weight)
+                teacher = (self.targets.teacher(idx, tc.distill_weight, tc.ce_weight) if self.targets is not None
+                           else teacher_targets(self.teacher, ids, tc.distill_weight, tc.ce_weight)
+                           if self.teacher is not None else None)
                 readout = readout_steps(self.tc, step, depth)
                 out = self.ddp_model(ids, labels=ids, depth=depth, teacher=teacher, training=self.step_training,
                                      readout_steps=readout or None)
@@ -288,7 +334,7 @@ class Trainer:
             if self.on_batch is not None:
                 self.on_batch(step, micro, idx)
             ids = self.corpus.train[idx].to(self.device)
-            step_loss += self.forward_backward(ids, step, depth, sync=micro == tc.grad_accum - 1) / tc.grad_accum
+            step_loss += self.forward_backward(ids, step, depth, sync=micro == tc.grad_accum - 1, idx=idx) / tc.grad_accum
             if log and micro == 0:
                 with torch.no_grad(), acc.autocast():
                     baseline = self.model(ids, labels=ids, baseline=True).loss.detach()
@@ -307,7 +353,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         base = acc.reduce(baseline, "mean").item() if baseline is not None else None
         rec = {"loss": loss, "baseline_loss": base, "depth": depth, "grad_norm": gnorm}
-        if self.teacher is not None:  # loss is the objective; its KL term on its own
+        if tc.distill_weight > 0:  # loss is the objective; its KL term on its own
             rec["kl"] = acc.reduce(self.kl_sum, "mean").item()
         return rec
 

@@ -338,9 +338,8 @@ def run_one(spec: SweepSpec, run: Run, rdir: Path, corpus, splits: dict, referen
         model = OuroborosModel.from_base(load_base_model(spec.base, dtype=runtime.dtype), cfg, base_name=spec.base,
                                          policy=run.policy())
         save_adapter(model, rdir)
-    teacher = load_base_model(spec.base, dtype=runtime.dtype) if tc.distill_weight > 0 else None
-    summary = train(model, corpus, rdir, tc, resume=resume, teacher=teacher)
-    del teacher
+    # the teacher is loaded only if needed: online, or for stored targets the data cache lacks (paid once a sweep)
+    summary = train(model, corpus, rdir, tc, resume=resume, teacher=lambda: load_base_model(spec.base, dtype=runtime.dtype))
     rep, spread = evaluate_run(model, splits, reference, ev, progress, runtime)
     mod = capture_modulation(model, corpus.heldout[: ev.modulation_inputs], max(tc.depths))
     if mod is not None:
