@@ -35,6 +35,7 @@ included, is validated before anything is loaded.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
 import os
@@ -210,6 +211,7 @@ class SweepSpec:
         return {name: self.expand_paths(v) for name, v in self.data.get("domains", {}).items()}
 
 
+MAX_NAME = 230  # characters of a configuration's folder name (with "-seed<N>" it stays under 255 bytes)
 NAMED = ("variant", "gate", "pooling", "rank", "depths", "lr", "step_norm")
 
 
@@ -237,7 +239,11 @@ class Run:
         if s.get("step_norm", True) is False:
             parts.append("nonorm")
         parts += [f"{k}{v}" for k, v in sorted(s.items()) if k not in NAMED]
-        return "-".join(str(p) for p in parts).replace("/", "_").replace("\\", "_").replace(" ", "")
+        name = "-".join(str(p) for p in parts).replace("/", "_").replace("\\", "_").replace(" ", "")
+        if len(name) <= MAX_NAME:
+            return name
+        # a folder name may hold 255 bytes: a long one keeps its start and ends in a hash of all of it
+        return f"{name[:MAX_NAME - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
 
     def split_settings(self) -> tuple[dict, dict, dict]:
         """The run's settings as (architecture, policy, training) dicts."""
