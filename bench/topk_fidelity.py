@@ -77,7 +77,7 @@ def main() -> None:
     near = t_logits + 0.5 * torch.randn_like(t_logits)
     bytes_ids = 2 if teacher.config.vocab_size <= 1 << 16 else 4
     print(f"SmolLM2-135M teacher, {ids.shape[0]} held-out blocks x {args.seq_len} tokens "
-          f"({os.path.basename(held[2])}...); float16 log-probabilities")
+          f"({os.path.basename(held[2])}...)")
     for name, logits in (("pruned stack, untrained", p_logits), ("teacher + N(0, 0.5) on its logits", near)):
         print(f"\nstudent: {name}")
         print("| K | storage | bytes/token | teacher mass in top-K | KL seen / exact KL | gradient cosine to exact |")
