@@ -154,6 +154,9 @@ class TargetSet:
                 raise DataError(f"{self.folder}: no stored teacher predictions for block {b} (run the teacher pass "
                                 "for the blocks this run draws)")
             ids[j], lp[j] = self.chunks[c][0][self.row_of[b]], self.chunks[c][1][self.row_of[b]]
+        if ids.size and ids.max() >= self.manifest["vocab_size"]:
+            raise DataError(f"{self.folder}: a stored token id ({ids.max()}) is past the vocabulary "
+                            f"({self.manifest['vocab_size']}); delete the folder and run the teacher pass again")
         return ids, lp
 
 
