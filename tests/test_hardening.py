@@ -197,3 +197,66 @@ def test_every_valid_configuration_runs_and_every_invalid_one_is_refused(kw):
     with torch.no_grad():
         out = model(ids, labels=ids)  # at default_depth
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------- issue #35: planted files, damaged checkpoints, edits
+from ouroboros_lm.cli import main  # noqa: E402
+
+QUICK = ["--seq-len", "32", "--steps", "2", "--batch-size", "2", "--save-every", "1", "--eval-every", "2",
+         "--eval-blocks", "2", "--warmup-steps", "1", "--log-every", "1", "--depths", "1,2"]
+
+
+@pytest.fixture(scope="module")
+def made35(tmp_path_factory):
+    """A tiny base, its text, and a converted adapter (by the CLI, in this process)."""
+    root = tmp_path_factory.mktemp("issue35")
+    base = save_tiny_base(root / "base")
+    data = write_corpus(root / "text", n_docs=12)
+    assert main(["convert", "--base", base, "--out", str(root / "ad"), *SPLIT]) == 0
+    return root, base, data
+
+
+def adapter35(made35, tmp_path, name="ad"):
+    assert main(["convert", "--base", made35[1], "--out", str(tmp_path / name), *SPLIT]) == 0
+    return tmp_path / name
+
+
+def one_line(capsys, needle: str) -> str:
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("ouroboros")]
+    assert len(err) == 1 and needle in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", ".lock"])
+@pytest.mark.parametrize("kind", ["hard link", "fifo"])
+def test_a_hard_link_or_fifo_planted_as_a_run_file_is_refused_before_any_step(made35, tmp_path, capsys, name, kind):
+    ad = adapter35(made35, tmp_path)
+    victim = tmp_path / "victim.txt"
+    if kind == "hard link":
+        victim.write_text("precious\n")
+        os.link(victim, ad / name)
+    else:
+        os.mkfifo(ad / name)  # opening it for writing would hang
+    assert main(["train", "--adapter", str(ad), "--data", str(made35[2]), *QUICK]) == 2
+    one_line(capsys, f"{name} has 2 hard links" if kind == "hard link" else f"{name} is not a regular file")
+    assert not (ad / "checkpoints").exists()
+    if kind == "hard link":
+        assert victim.read_text() == "precious\n"
+
+
+def test_a_fifo_swapped_in_after_the_check_does_not_hang_the_open(tmp_path, monkeypatch):
+    from ouroboros_lm import atomic
+
+    os.mkfifo(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(atomic, "check_own_file", lambda path, what="file": None)  # the race: checked, then swapped
+    with pytest.raises((ValueError, OSError), match="metrics.jsonl"):
+        atomic.open_own_file(tmp_path / "metrics.jsonl", os.O_RDWR | os.O_APPEND | os.O_CREAT, "metrics file")
+
+
+def test_a_fifo_named_like_a_prepare_file_is_refused_not_opened(tmp_path, capsys):
+    src = write_corpus(tmp_path / "text", n_docs=6)
+    out = tmp_path / "prep"
+    out.mkdir()
+    os.mkfifo(out / ".prepare-state.json")
+    assert main(["prepare", str(src), "--out", str(out), "--base", save_tiny_base(tmp_path / "base")]) == 2
+    one_line(capsys, ".prepare-state.json is not a regular file")

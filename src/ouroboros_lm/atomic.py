@@ -46,6 +46,50 @@ def refuse_link(path: Path) -> None:
         raise OSError(40, f"{path} is a symbolic link; refusing to write through it (nothing was written there)")
 
 
+def refuse_shared(path: Path, st: os.stat_result, what: str) -> None:
+    """Refuse `path` (whose stat is `st`) as a file we write in place unless it is a regular file of its own."""
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file (a FIFO, device or folder); refusing to use it as the {what} "
+                         "(remove it; nothing was written there)")
+    if st.st_nlink > 1:
+        raise ValueError(f"{path} has {st.st_nlink} hard links (another name shares its contents); refusing to write "
+                         f"into it as the {what} (remove it or replace it with a copy; nothing was written there)")
+
+
+def check_own_file(path: str | os.PathLike, what: str = "file") -> None:
+    """Refuse, before a file is appended to or locked in place (metrics.jsonl, a lock file), anything at `path`
+    but a regular file of its own: a link, a FIFO (opening it would hang), a device, a folder, or a file hard-linked
+    elsewhere (writing into it would change that other name's contents). Nothing there: fine (it is created)."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        refuse_link(path)
+    refuse_shared(path, st, what)
+
+
+def open_own_file(path: str | os.PathLike, flags: int, what: str = "file") -> int:
+    """os.open of a file we write in place, by `check_own_file`'s rule, checked again on the open file (opened
+    O_NONBLOCK, so a FIFO swapped in between cannot make the open hang; blocking again once checked)."""
+    path = Path(path)
+    check_own_file(path, what)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)
+    except OSError as e:
+        if os.path.islink(path):
+            raise OSError(e.errno, f"{path} is a symbolic link; refusing to write through it") from None
+        raise OSError(e.errno, f"{path}: cannot open the {what} ({e.strerror or e})") from None
+    try:
+        refuse_shared(path, os.fstat(fd), what)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def ensure_dir(path: str | os.PathLike, under: str | os.PathLike | None = None) -> Path:
     """Create folder `path` (and its parents) and return it, refusing if it, or any folder between
     `under` (default: `path` itself) and it, is a symbolic link or not a folder."""

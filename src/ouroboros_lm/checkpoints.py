@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from .adapter import save_adapter
-from .atomic import (clean_temporaries, ensure_dir, read_json, refuse_link, remove_tree, replace_dir, temp_dir,
-                     temp_path, write_text, write_with)
+from .atomic import (check_own_file, clean_temporaries, ensure_dir, open_own_file, read_json, refuse_link,
+                     remove_tree, replace_dir, temp_dir, temp_path, write_text, write_with)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 STATE = "trainer_state.json"
+LOCK = ".lock"
 TMP_PREFIX = ".tmp-step_"  # temporaries of earlier releases
 CHECKPOINT_FILES = {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", STATE}
 
@@ -41,9 +42,12 @@ def fault_point(name: str, step: int) -> None:
 
 
 def refuse_planted_links(run_dir: Path, *names: str) -> None:
-    """Before a run starts: none of the paths it writes below the run folder may be a symbolic link."""
-    for name in (CHECKPOINTS, METRICS, ".lock", *names):
+    """Before a run starts: none of the paths it writes below the run folder may be a symbolic link, and the
+    files it writes in place (metrics.jsonl, .lock) must be regular files of their own (no FIFO, no hard link)."""
+    for name in (CHECKPOINTS, METRICS, LOCK, *names):
         refuse_link(Path(run_dir) / name)
+    check_own_file(Path(run_dir) / METRICS, "metrics file")
+    check_own_file(Path(run_dir) / LOCK, "run's lock file")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -116,19 +120,8 @@ def read_state(checkpoint: Path) -> dict:
     return state
 
 
-def open_no_follow(path: Path, flags: int):
-    """os.open that refuses a symbolic link where a file is expected (an adapter folder from
-    someone else must never make us write outside it)."""
-    try:
-        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        if os.path.islink(path):
-            raise OSError(e.errno, f"{path} is a symbolic link; refusing to write through it") from None
-        raise
-
-
 def append_metrics(run_dir: Path, record: dict) -> None:
-    fd = open_no_follow(Path(run_dir) / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    fd = open_own_file(Path(run_dir) / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "metrics file")
     with os.fdopen(fd, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -179,7 +172,7 @@ def run_lock(run_dir: Path):
     """An exclusive lock on a run folder for the whole run. The kernel releases it when the
     process exits, however it exits, so a dead run never leaves a stale lock behind."""
     ensure_dir(run_dir)
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = open_own_file(Path(run_dir) / LOCK, os.O_RDWR | os.O_CREAT, "run's lock file")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
