@@ -260,3 +260,22 @@ def test_a_fifo_named_like_a_prepare_file_is_refused_not_opened(tmp_path, capsys
     os.mkfifo(out / ".prepare-state.json")
     assert main(["prepare", str(src), "--out", str(out), "--base", save_tiny_base(tmp_path / "base")]) == 2
     one_line(capsys, ".prepare-state.json is not a regular file")
+
+
+@pytest.mark.parametrize("edit, field", [
+    ({"recurrent_layer": 40}, "recurrent_layer"), ({"block_layers": 99}, "block_layers"),
+    ({"n_coda": 40}, "n_coda"), ({"keep_layers": [0, 1, 4, 6, 7, 40]}, "keep_layers"),
+])
+def test_an_adapter_whose_split_reaches_past_the_base_is_refused_in_one_line(made35, tmp_path, capsys, edit, field):
+    import json
+
+    ad = adapter35(made35, tmp_path)
+    path = ad / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    meta["ouroboros_config"].update(edit)
+    path.write_text(json.dumps(meta))
+    assert main(["generate", "--adapter", str(ad), "--prompt", "ba", "--max-new-tokens", "2"]) == 2
+    line = one_line(capsys, "adapter_config.json: its ouroboros_config does not fit the base's 8 layers")
+    assert field in line
+    assert main(["export", "--adapter", str(ad), "--out", str(tmp_path / "hf")]) == 2
+    one_line(capsys, "does not fit the base's 8 layers")

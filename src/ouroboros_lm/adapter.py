@@ -251,6 +251,12 @@ def load_adapter(directory, base=None, dtype=torch.float32, device=None, **overr
         base = meta["base_model"]
     if isinstance(base, (str, os.PathLike)):
         base = load_base_model(base, dtype=dtype, device=device)
+    layers = base.config.num_hidden_layers
+    try:  # the split against the base's layers, before any of them is indexed
+        config.validate(layers)
+    except ValueError as e:
+        raise AdapterError(f"{Path(directory) / CONFIG_NAME}: its ouroboros_config does not fit the base's {layers} "
+                           f"layers: {e} (the config was edited or is corrupt)") from None
     check_base(meta, base, config)
     model = OuroborosModel.from_base(base, config, compute_bases=False, base_name=meta.get("base_model"), policy=policy)
     expected = adapter_state_dict(model)
