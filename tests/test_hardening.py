@@ -279,3 +279,58 @@ def test_an_adapter_whose_split_reaches_past_the_base_is_refused_in_one_line(mad
     assert field in line
     assert main(["export", "--adapter", str(ad), "--out", str(tmp_path / "hf")]) == 2
     one_line(capsys, "does not fit the base's 8 layers")
+
+
+def trained35(made35, tmp_path, *extra):
+    ad = adapter35(made35, tmp_path)
+    assert main(["train", "--adapter", str(ad), "--data", str(made35[2]), *QUICK, *extra]) == 0
+    return ad
+
+
+def test_convert_overwrite_refuses_a_trained_folder_and_resume_refuses_another_models_checkpoint(made35, tmp_path,
+                                                                                                  capsys):
+    import shutil
+
+    ad = trained35(made35, tmp_path)
+    other = [*SPLIT[:SPLIT.index("--rank")], "--rank", "2", *SPLIT[SPLIT.index("--rank") + 2:]]
+    assert main(["convert", "--base", made35[1], "--out", str(ad), *other, "--overwrite"]) == 2
+    one_line(capsys, "checkpoints holds a training run's checkpoints")
+    # a checkpoint of another architecture (the folder converted again by hand, or copied in): one line, no step
+    fresh = adapter35(made35, tmp_path, "rank2")
+    assert main(["convert", "--base", made35[1], "--out", str(fresh), *other, "--overwrite"]) == 0
+    shutil.copytree(ad / "checkpoints", fresh / "checkpoints")
+    shutil.copy(ad / "metrics.jsonl", fresh / "metrics.jsonl")
+    before = (fresh / "metrics.jsonl").read_text()
+    assert main(["train", "--adapter", str(fresh), "--data", str(made35[2]), *QUICK, "--resume"]) == 2
+    one_line(capsys, "step_000002 was saved by a different model than the adapter in")
+    assert [p.name for p in list_checkpoints(fresh)] == ["step_000001", "step_000002"]
+    assert (fresh / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]), "optimizer.pt cannot be read"),
+    (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt cannot be read"),
+    (lambda c: torch.save({"state": {}, "param_groups": []}, c / "optimizer.pt"), "optimizer.pt is not the optimizer"),
+    (lambda c: torch.save({"last_epoch": "x"}, c / "scheduler.pt"), "scheduler.pt is not a learning-rate schedule"),
+    (lambda c: (c / "scheduler.pt").write_bytes(os.urandom(64)), "scheduler.pt cannot be read"),
+    (lambda c: (c.parent.parent / "metrics.jsonl").write_text('{"step": 1}\n[1]\n'), "line 2 is not a JSON object"),
+    (lambda c: (c.parent.parent / "metrics.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n"),
+     "line 1 is nested too deeply"),
+    (lambda c: (c / "trainer_state.json").write_text('{"step": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+     "trainer_state.json: this trainer state is not valid JSON"),
+])
+def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_the_file(made35, tmp_path, capsys, damage, needle):
+    ad = trained35(made35, tmp_path)
+    damage(ad / "checkpoints" / "step_000002")
+    assert main(["train", "--adapter", str(ad), "--data", str(made35[2]), *QUICK, "--resume"]) == 2
+    one_line(capsys, needle)
+    assert [p.name for p in list_checkpoints(ad)] == ["step_000001", "step_000002"]
+
+
+def test_resume_still_continues_a_sound_checkpoint(made35, tmp_path, monkeypatch):
+    ad = adapter35(made35, tmp_path)
+    monkeypatch.setenv("OUROBOROS_FAULT", "enospc:save:2")  # stops after the step-1 checkpoint
+    assert main(["train", "--adapter", str(ad), "--data", str(made35[2]), *QUICK]) == 2
+    monkeypatch.delenv("OUROBOROS_FAULT")
+    assert main(["train", "--adapter", str(ad), "--data", str(made35[2]), *QUICK, "--resume"]) == 0
+    assert [m["step"] for m in read_metrics(ad) if "loss" in m] == [1, 2]

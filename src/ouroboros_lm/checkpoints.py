@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import signal
 import stat
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import save_adapter
+from .adapter import STRUCTURAL, adapter_state_dict, architecture_hash, read_adapter, save_adapter
 from .atomic import (check_own_file, clean_temporaries, ensure_dir, open_own_file, read_json, refuse_link,
                      remove_tree, replace_dir, temp_dir, temp_path, write_text, write_with)
 
@@ -118,6 +119,73 @@ def read_state(checkpoint: Path) -> dict:
     if not isinstance(state.get("train_config", {}), dict):
         raise ValueError(f"{path}: 'train_config' must be a mapping")
     return state
+
+
+def load_torch_state(path: Path, checkpoint: Path):
+    """optimizer.pt / scheduler.pt (tensors and plain values only: weights_only), or a ValueError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, garbage, not a torch file: all mean a damaged checkpoint
+        raise ValueError(f"{path} cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}): "
+                         f"the checkpoint is damaged; remove {checkpoint} to resume from the one before it") from None
+
+
+def architecture_differences(meta: dict, model) -> list[str]:
+    """What of the checkpoint's model (its adapter_config.json `meta`) differs from `model`'s: the structural
+    settings, the base, the kept layers' fingerprints."""
+    saved = meta["ouroboros_config"]
+    now = model.config.to_dict()
+    out = [f"{k}: checkpoint {saved.get(k)!r}, adapter {now[k]!r}" for k in STRUCTURAL if saved.get(k) != now[k]]
+    if meta.get("base_architecture_hash") != architecture_hash(model.base_config):
+        out.append("the base model's architecture")
+    elif meta.get("kept_weights_fingerprints") != model.base_fingerprints:
+        out.append("the base model's weights")
+    return out
+
+
+def load_resumable(checkpoint: Path, model) -> dict:
+    """Everything `--resume` loads from `checkpoint`, read and checked against `model` before any of it is used:
+    the same architecture, base and tensor shapes, an optimizer state of the model's trainable parameters'
+    shapes, a scheduler state at the checkpoint's step. A ValueError naming the file otherwise."""
+    checkpoint = Path(checkpoint)
+    state = read_state(checkpoint)
+    meta, tensors = read_adapter(checkpoint)
+    try:
+        from .config import OuroborosConfig
+
+        meta = {**meta, "ouroboros_config": OuroborosConfig.from_dict(meta["ouroboros_config"]).to_dict()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{checkpoint / 'adapter_config.json'} holds an invalid ouroboros_config: {e}") from None
+    diffs = architecture_differences(meta, model)
+    expected = adapter_state_dict(model)
+    if not diffs and (set(tensors) != set(expected)
+                      or any(tuple(tensors[k].shape) != tuple(t.shape) for k, t in expected.items())):
+        diffs.append("the saved tensors' names or shapes")
+    if diffs:
+        raise ValueError(f"--resume: {checkpoint} was saved by a different model than the adapter in "
+                         f"{checkpoint.parent.parent} (" + "; ".join(diffs[:4]) + "); the adapter was converted "
+                         f"again since? Remove {checkpoint.parent} to start over, or train in a new folder "
+                         "(nothing was changed)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = load_torch_state(checkpoint / "optimizer.pt", checkpoint)
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    moments = optimizer.get("state") if isinstance(optimizer, dict) else None
+    ids = [i for g in groups or [] if isinstance(g, dict) for i in g.get("params", [])]
+    if (not isinstance(groups, list) or not isinstance(moments, dict) or ids != list(range(len(params)))
+            or any(not isinstance(v, dict) or k not in ids or any(
+                isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != tuple(params[k].shape)
+                for t in v.values()) for k, v in moments.items())):
+        raise ValueError(f"{checkpoint / 'optimizer.pt'} is not the optimizer state of this model's "
+                         f"{len(params)} trainable tensors: the checkpoint is damaged; remove {checkpoint} to resume "
+                         "from the one before it")
+    scheduler = load_torch_state(checkpoint / "scheduler.pt", checkpoint)
+    last = scheduler.get("last_epoch") if isinstance(scheduler, dict) else None
+    lrs = scheduler.get("base_lrs") if isinstance(scheduler, dict) else None
+    if (last != state["step"] or isinstance(last, bool) or not isinstance(lrs, list)
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in lrs)):
+        raise ValueError(f"{checkpoint / 'scheduler.pt'} is not a learning-rate schedule at step {state['step']}: "
+                         f"the checkpoint is damaged; remove {checkpoint} to resume from the one before it")
+    return {"state": state, "tensors": tensors, "optimizer": optimizer, "scheduler": scheduler}
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:

@@ -154,6 +154,11 @@ def cmd_convert(args) -> None:
     out = Path(ca.out)
     if (out / CONFIG_NAME).exists() and not ca.overwrite:
         raise ValueError(f"{out} already holds an adapter; pass --overwrite to replace it (nothing was changed)")
+    from .checkpoints import CHECKPOINTS, list_checkpoints
+
+    if list_checkpoints(out):  # --resume would continue that run on the new adapter: refused there too
+        raise ValueError(f"{out / CHECKPOINTS} holds a training run's checkpoints, which --overwrite would not replace; "
+                         "convert into a new folder, or remove that folder first (nothing was changed)")
     plan = None
     if ca.plan is not None:
         if cfg.keep_layers is not None:

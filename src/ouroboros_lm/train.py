@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import copy_into, read_adapter, save_adapter
+from .adapter import copy_into, save_adapter
 from .atomic import ensure_dir
-from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, read_state, refuse_planted_links,
-                          remove_partial_checkpoints, run_lock, save_checkpoint, truncate_metrics)
+from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, load_resumable, read_metrics,
+                          refuse_planted_links, remove_partial_checkpoints, run_lock, save_checkpoint, truncate_metrics)
 from .config import MAX_DEPTH
 from .data import Corpus
 from .evaluate import mean_loss
@@ -165,7 +165,9 @@ class Trainer:
             raise ValueError(f"{self.run_dir} already has checkpoints (latest {existing[-1].name}); pass --resume to "
                              "continue that run, or convert into a new folder to start over (nothing was changed)")
         if self.resuming:
-            conflicts = resume_conflicts(read_state(existing[-1]), tc, self.corpus.seq_len, self.corpus.sampling_key())
+            self.resumed = load_resumable(existing[-1], self.model)  # all of it checked before any work
+            read_metrics(self.run_dir)  # a damaged metrics file is named now, not after the model is set up
+            conflicts = resume_conflicts(self.resumed["state"], tc, self.corpus.seq_len, self.corpus.sampling_key())
             if conflicts:
                 raise ValueError("--resume with settings that differ from the run's: " + "; ".join(conflicts)
                                  + " (pass the original values; nothing was changed)")
@@ -215,11 +217,11 @@ class Trainer:
 
     def resume(self) -> None:
         """Weights, optimizer, scheduler and the step count from the latest complete checkpoint."""
-        ckpt = list_checkpoints(self.run_dir)[-1]
-        copy_into(self.model, read_adapter(ckpt)[1], trainable_only=True)
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True))
-        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        state = read_state(ckpt)
+        saved = self.resumed  # read and checked against the model by `check`
+        copy_into(self.model, saved["tensors"], trainable_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])  # moved to the parameters' device
+        self.scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
         self.start, self.prior_elapsed = state["step"], state.get("elapsed_s", 0.0)
         if self.accelerator.is_main_process:
             truncate_metrics(self.run_dir, self.start)
