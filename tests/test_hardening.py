@@ -334,3 +334,27 @@ def test_resume_still_continues_a_sound_checkpoint(made35, tmp_path, monkeypatch
     monkeypatch.delenv("OUROBOROS_FAULT")
     assert main(["train", "--adapter", str(ad), "--data", str(made35[2]), *QUICK, "--resume"]) == 0
     assert [m["step"] for m in read_metrics(ad) if "loss" in m] == [1, 2]
+
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 123 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_the_cpu_allocators_out_of_memory_is_recognised_in_training_and_in_other_commands(made35, tmp_path,
+                                                                                           monkeypatch, capsys):
+    corpus = build_corpus([str(made35[2])], tiny_tokenizer(), 32, heldout_fraction=0.2)
+    model = OuroborosModel.from_base(tiny_base("llama"), OuroborosConfig(**TINY_SPLIT))
+    save_adapter(model, tmp_path / "run")
+
+    def boom(*a, **k):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(model, "forward", boom)
+    with pytest.raises(TrainingError, match="out of memory on cpu for a micro-batch of 2 x 32 tokens"):
+        train(model, corpus, tmp_path / "run", TrainConfig(steps=2, batch_size=2, progress=False))
+    import ouroboros_lm.evaluate
+
+    monkeypatch.setattr(ouroboros_lm.evaluate, "evaluate", boom)
+    assert main(["eval", "--adapter", str(made35[0] / "ad"), "--data", str(made35[2]), "--seq-len", "32",
+                 "--blocks", "2", "--depths", "1", "--out", str(tmp_path / "e")]) == 1
+    one_line(capsys, "out of memory ([enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator")

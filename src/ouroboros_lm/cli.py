@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import TrainingError
+    from .train import TrainingError, is_out_of_memory
 
     args = build_parser().parse_args(argv)
     command = all_commands()[args.command]
@@ -435,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingError as e:
         print(f"ouroboros {args.command}: {e}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # out of memory outside a training step (eval, generate, export...)
+        if not is_out_of_memory(e):
+            raise
+        print(f"ouroboros {args.command}: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'MemoryError'}); "
+              "lower --batch-size or --blocks, or use a machine with more memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"ouroboros {args.command}: interrupted; {command.interrupted}", file=sys.stderr)

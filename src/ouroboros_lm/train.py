@@ -122,8 +122,11 @@ def out_of_memory_message(tc: TrainConfig, seq_len: int, depth: int, device, err
     )
 
 
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")  # CUDA's, then the CPU allocator's
+
+
 def is_out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or any(m in str(e).lower() for m in OUT_OF_MEMORY)
 
 
 def resume_conflicts(saved: dict, tc: TrainConfig, seq_len: int, data: dict | None = None) -> list[str]:
