@@ -358,3 +358,35 @@ def test_the_cpu_allocators_out_of_memory_is_recognised_in_training_and_in_other
     assert main(["eval", "--adapter", str(made35[0] / "ad"), "--data", str(made35[2]), "--seq-len", "32",
                  "--blocks", "2", "--depths", "1", "--out", str(tmp_path / "e")]) == 1
     one_line(capsys, "out of memory ([enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_eval_scores_from_chunks_of_the_vocabulary_and_equals_the_full_logits_loss(arch, monkeypatch):
+    from conftest import assert_same_in_float64, randomize_trainables, tiny_ouroboros
+    from ouroboros_lm.evaluate import evaluate
+    from ouroboros_lm.loss import causal_lm_loss, scored_tokens
+    from ouroboros_lm.model import OuroborosOutput
+
+    model, full = tiny_ouroboros(arch), tiny_base(arch)
+    randomize_trainables(model)
+    blocks = torch.randint(0, TINY["vocab_size"], (5, 24), generator=torch.Generator().manual_seed(7))
+
+    def old(forward):  # what eval computed before: the [batch, seq, vocab] float32 logits, summed, batch by batch
+        with torch.no_grad():
+            total = sum(causal_lm_loss(forward(blocks[i:i + 2]), blocks[i:i + 2], reduction="sum").double()
+                        for i in range(0, 5, 2))
+        return (total / scored_tokens(blocks)).reshape(1)
+
+    expected = {"full": old(lambda x: full(x, use_cache=False).logits),
+                "baseline": old(lambda x: model(x, baseline=True).logits),
+                "ouroboros@1": old(lambda x: model(x, depth=1).logits),
+                "ouroboros@3": old(lambda x: model(x, depth=3).logits)}
+
+    def no_logits(*a, **k):
+        raise AssertionError("eval built the full logits")
+
+    monkeypatch.setattr(OuroborosOutput, "logits", property(no_logits))
+    monkeypatch.setattr(full, "forward", no_logits)
+    report = evaluate(model, {"heldout": blocks}, depths=(1, 3), full_model=full, batch_size=2, progress=False)
+    for row in report.splits["heldout"]:
+        assert_same_in_float64(torch.tensor([row.loss], dtype=torch.float64), expected[row.model])

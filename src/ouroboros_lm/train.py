@@ -22,7 +22,7 @@ from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, load_re
                           refuse_planted_links, remove_partial_checkpoints, run_lock, save_checkpoint, truncate_metrics)
 from .config import MAX_DEPTH
 from .data import Corpus
-from .evaluate import mean_loss
+from .evaluate import mean_loss, model_loss
 from .loss import step_objective
 from .model import check_token_range
 from .recurrence import CHECKPOINTING, StepTraining
@@ -324,9 +324,9 @@ class Trainer:
         self.model.eval()
         with self.accelerator.autocast():
             if self.heldout_baseline is None:
-                self.heldout_baseline = mean_loss(lambda x: self.model(x, baseline=True).logits, heldout,
+                self.heldout_baseline = mean_loss(model_loss(self.model, baseline=True), heldout,
                                                   self.tc.batch_size, self.device)
-            held = mean_loss(lambda x: self.model(x, depth=depth).logits, heldout, self.tc.batch_size, self.device)
+            held = mean_loss(model_loss(self.model, depth=depth), heldout, self.tc.batch_size, self.device)
         self.model.train()
         self.last["heldout_loss"] = held
         return {"step": step, "heldout_loss": held, "heldout_baseline_loss": self.heldout_baseline,
