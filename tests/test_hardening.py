@@ -390,3 +390,14 @@ def test_eval_scores_from_chunks_of_the_vocabulary_and_equals_the_full_logits_lo
     report = evaluate(model, {"heldout": blocks}, depths=(1, 3), full_model=full, batch_size=2, progress=False)
     for row in report.splits["heldout"]:
         assert_same_in_float64(torch.tensor([row.loss], dtype=torch.float64), expected[row.model])
+
+
+def test_mixture_weights_whose_sum_overflows_are_refused_before_any_data_is_read(made35, capsys):
+    from ouroboros_lm.data import DataError, group_items
+
+    with pytest.raises(DataError, match=r"the weights add up to more than a float can hold \(1e\+308 \+ 1e\+308\)"):
+        group_items(["a=/no/such/a:1e308", "b=/no/such/b:1e308"])
+    data = made35[2]
+    assert main(["train", "--adapter", str(made35[0] / "ad"), "--data", f"a={data}:1e308", f"b={data}:1e308",
+                 *QUICK]) == 2
+    one_line(capsys, "the weights add up to more than a float can hold")
