@@ -401,3 +401,17 @@ def test_mixture_weights_whose_sum_overflows_are_refused_before_any_data_is_read
     assert main(["train", "--adapter", str(made35[0] / "ad"), "--data", f"a={data}:1e308", f"b={data}:1e308",
                  *QUICK]) == 2
     one_line(capsys, "the weights add up to more than a float can hold")
+
+
+def test_a_fresh_run_after_one_that_saved_no_checkpoint_starts_a_new_metrics_file(made35, tmp_path, monkeypatch,
+                                                                                   capsys):
+    ad = adapter35(made35, tmp_path)
+    monkeypatch.setenv("OUROBOROS_FAULT", "enospc:save:1")  # the first run stops before its first checkpoint
+    assert main(["train", "--adapter", str(ad), "--data", str(made35[2]), *QUICK]) == 2
+    monkeypatch.delenv("OUROBOROS_FAULT")
+    first = (ad / "metrics.jsonl").read_text()
+    assert [m["step"] for m in read_metrics(ad)] == [1] and not list_checkpoints(ad)
+    assert main(["train", "--adapter", str(ad), "--data", str(made35[2]), *QUICK]) == 0
+    assert "was moved to" in capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(ad) if "loss" in m] == [1, 2]  # not 1, 1, 2
+    assert (ad / "metrics.jsonl.1.old").read_text() == first  # kept, not lost

@@ -194,6 +194,20 @@ def append_metrics(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def set_aside_metrics(run_dir: Path) -> Path | None:
+    """A fresh run starts a new metrics.jsonl: the one an earlier run left (killed before its first checkpoint)
+    is renamed metrics.jsonl.<n>.old, the first n free, never appended to or deleted. The caller holds the lock."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while os.path.lexists(Path(run_dir) / f"{METRICS}.{n}.old"):
+        n += 1
+    old = Path(run_dir) / f"{METRICS}.{n}.old"
+    os.rename(path, old)
+    return old
+
+
 MAX_METRIC_LINE = 1 << 20  # one line per logged step: a few hundred bytes
 
 

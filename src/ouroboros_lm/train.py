@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .adapter import copy_into, save_adapter
 from .atomic import ensure_dir
 from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, load_resumable, read_metrics,
-                          refuse_planted_links, remove_partial_checkpoints, run_lock, save_checkpoint, truncate_metrics)
+                          refuse_planted_links, remove_partial_checkpoints, run_lock, save_checkpoint,
+                          set_aside_metrics, truncate_metrics)
 from .config import MAX_DEPTH
 from .data import Corpus
 from .evaluate import mean_loss, model_loss
@@ -209,6 +210,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))
         if acc.is_main_process:
             remove_partial_checkpoints(self.run_dir)
+            if not self.resuming and (old := set_aside_metrics(self.run_dir)) is not None:
+                print(f"{self.run_dir / 'metrics.jsonl'} of an earlier run that saved no checkpoint was moved to {old}")
         if self.resuming:
             self.resume()
         self.start_tracking()
