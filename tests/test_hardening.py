@@ -415,3 +415,22 @@ def test_a_fresh_run_after_one_that_saved_no_checkpoint_starts_a_new_metrics_fil
     assert "was moved to" in capsys.readouterr().out
     assert [m["step"] for m in read_metrics(ad) if "loss" in m] == [1, 2]  # not 1, 1, 2
     assert (ad / "metrics.jsonl.1.old").read_text() == first  # kept, not lost
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda f: os.truncate(f, 20 << 30), "its header accounts for"),  # sparse: 20 GB of holes after the tensors
+    (lambda f: os.truncate(f, os.path.getsize(f) - 1), "its header accounts for"),
+    (lambda f: (os.truncate(f, 0), os.truncate(f, 20 << 30)), "not a safetensors file"),  # all holes
+    (lambda f: open(f, "r+b").write((10**12).to_bytes(8, "little")), "not a safetensors file"),
+])
+def test_a_weights_file_whose_header_does_not_account_for_its_size_is_refused_unread(tmp_path, change, needle,
+                                                                                      monkeypatch):
+    from pathlib import Path
+
+    from ouroboros_lm.adapter import AdapterError, read_adapter
+
+    save_adapter(OuroborosModel.from_base(tiny_base("llama"), OuroborosConfig(**TINY_SPLIT)), tmp_path / "ad")
+    change(tmp_path / "ad" / "adapter_model.safetensors")
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} was read whole"))
+    with pytest.raises(AdapterError, match=f"adapter_model.safetensors is corrupt or truncated: .*{needle}"):
+        read_adapter(tmp_path / "ad")
