@@ -434,3 +434,31 @@ def test_a_weights_file_whose_header_does_not_account_for_its_size_is_refused_un
     monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} was read whole"))
     with pytest.raises(AdapterError, match=f"adapter_model.safetensors is corrupt or truncated: .*{needle}"):
         read_adapter(tmp_path / "ad")
+
+
+@pytest.mark.parametrize("new_documents", [True, False])
+def test_a_source_that_grows_while_it_is_prepared_is_refused_naming_it(tmp_path, monkeypatch, new_documents):
+    import json
+
+    from ouroboros_lm import prepare as prep
+    from ouroboros_lm.data import DataError
+
+    if new_documents:  # a .jsonl gains lines: more documents than the survey counted
+        src = tmp_path / "docs.jsonl"
+        src.write_text("".join(json.dumps({"text": f"ba ko ri {i} " * 20}) + "\n" for i in range(8)))
+        grow = "".join(json.dumps({"text": "tu me sa lo"}) + "\n" for _ in range(3))
+    else:  # a text file (one document) grows: as many documents, other text
+        src = write_corpus(tmp_path / "text", n_docs=8) / "doc_003.txt"
+        grow = "more text at the end\n"
+    survey = prep.survey
+
+    def survey_then_grow(plan):  # another process appends while we read
+        sv = survey(plan)
+        with open(src, "a") as f:
+            f.write(grow)
+        return sv
+
+    monkeypatch.setattr(prep, "survey", survey_then_grow)
+    with pytest.raises(DataError, match=f"{src.name} changed while `ouroboros prepare` read it"):
+        prep.prepare([str(src if new_documents else src.parent)], tmp_path / "p", tiny_tokenizer(), progress=False)
+    assert not (tmp_path / "p" / "manifest.json").exists()

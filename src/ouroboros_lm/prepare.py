@@ -86,6 +86,16 @@ def make_plan(sources: list[str], heldout: list[str] | None, rule: str, pc: Prep
             "files": fingerprint(list(sources) + list(heldout or []))}
 
 
+def check_unchanged(plan: dict) -> None:
+    """Refuse when a source file changed since the plan recorded it (still being written while we read it)."""
+    was = {f[0]: f[1:] for _, files in plan["files"] for f in files}
+    now = {f[0]: f[1:] for _, files in fingerprint(plan["sources"] + plan["heldout_sources"]) for f in files}
+    changed = sorted(f for f in was.keys() | now.keys() if was.get(f) != now.get(f))
+    if changed:
+        raise DataError(f"{changed[0]} changed while `ouroboros prepare` read it (still being written?); prepare "
+                        "again once it is complete (no manifest was written)")
+
+
 def check_disjoint(sources: list[str], heldout: list[str]) -> None:
     train_files = {p.resolve() for p in expand_sources(sources)}
     both = sorted(str(p) for p in expand_sources(heldout) if p.resolve() in train_files)
@@ -262,6 +272,9 @@ def documents_to_write(plan: dict, sv: Survey, writers: dict, names) -> Iterator
     written yet; the held-out documents' names go to `names` (all of them, written or not)."""
     seen = {split: 0 for split in SPLITS}
     for k, (i, name, pieces) in enumerate(iter_documents(plan["sources"] + plan["heldout_sources"], plan["text_field"])):
+        if k >= len(sv.held):  # more documents than the survey counted: a source grew
+            check_unchanged(plan)
+            raise DataError("the sources hold more documents than when they were first read; prepare again")
         split = "heldout" if sv.held[k] else "train"
         if split == "heldout":
             names.write(name.replace("\n", " ") + "\n")
@@ -417,6 +430,7 @@ def prepare(sources: list[str], out: str | Path, tokenizer, pc: PrepareConfig | 
         writers = resume_or_clean(out, plan, dtype, pc.shard_tokens)
         workers = pc.workers or min(os.cpu_count() or 1, max(1, sv.chars // AUTO_WORKER_CHARS))
         write_shards(out, plan, sv, writers, tokenizer.backend_tokenizer.to_str(), workers, progress)
+        check_unchanged(plan)  # the manifest describes the files as they were read
         manifest = manifest_of(plan, sv, writers, dtype)
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         (out / STATE).unlink(missing_ok=True)
