@@ -462,3 +462,16 @@ def test_a_source_that_grows_while_it_is_prepared_is_refused_naming_it(tmp_path,
     with pytest.raises(DataError, match=f"{src.name} changed while `ouroboros prepare` read it"):
         prep.prepare([str(src if new_documents else src.parent)], tmp_path / "p", tiny_tokenizer(), progress=False)
     assert not (tmp_path / "p" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("body", [
+    b"GGUF" + (3).to_bytes(4, "little") + (1).to_bytes(8, "little") + (5).to_bytes(8, "little")
+    + (10**6).to_bytes(8, "little") + b"abc",  # a key 1,000,000 bytes long in a 35-byte file
+    b"GGUF" + (3).to_bytes(4, "little"),  # cut short in the header
+])
+def test_a_gguf_with_a_lying_header_is_one_line_naming_it(tmp_path, monkeypatch, capsys, body):
+    monkeypatch.setenv("OUROBOROS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "lying.gguf").write_bytes(body)
+    assert main(["convert", "--base", str(tmp_path / "lying.gguf"), "--out", str(tmp_path / "ad")]) == 2
+    one_line(capsys, "lying.gguf is not a GGUF file we can read")
+    assert not (tmp_path / "ad").exists()
