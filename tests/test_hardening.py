@@ -475,3 +475,33 @@ def test_a_gguf_with_a_lying_header_is_one_line_naming_it(tmp_path, monkeypatch,
     assert main(["convert", "--base", str(tmp_path / "lying.gguf"), "--out", str(tmp_path / "ad")]) == 2
     one_line(capsys, "lying.gguf is not a GGUF file we can read")
     assert not (tmp_path / "ad").exists()
+
+
+def move_heldout_shard_to_train(m):
+    m["splits"]["train"]["shards"].append(m["splits"]["heldout"]["shards"].pop())
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["splits"]["train"].update(documents=-5), "train documents -5 is not the sum of its shards'"),
+    (lambda m: m["splits"]["heldout"].update(tokens=10**9), "heldout tokens 1000000000 is not the sum"),
+    (move_heldout_shard_to_train, "shard heldout-00000 is listed under train"),
+    (lambda m: m["splits"]["train"]["shards"].append(dict(m["splits"]["train"]["shards"][0])), "a shard is listed twice"),
+    (lambda m: m.update(eos=True), "eos must be a token id; got True"),
+])
+def test_a_manifest_whose_totals_do_not_add_up_is_refused_naming_it(tmp_path, edit, needle):
+    import json
+
+    from ouroboros_lm.data import DataError
+    from ouroboros_lm.prepare import prepare
+    from ouroboros_lm.shards import Prepared
+
+    prepare([str(write_corpus(tmp_path / "text", n_docs=8))], tmp_path / "p", tiny_tokenizer(), progress=False)
+    path = tmp_path / "p" / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    with pytest.raises(DataError, match=f"manifest.json: {needle}"):
+        Prepared(tmp_path / "p")
+    path.write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")  # and absurdly nested: one line too
+    with pytest.raises(DataError, match="manifest.json: this manifest is not valid JSON"):
+        Prepared(tmp_path / "p")
