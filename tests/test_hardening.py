@@ -505,3 +505,10 @@ def test_a_manifest_whose_totals_do_not_add_up_is_refused_naming_it(tmp_path, ed
     path.write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")  # and absurdly nested: one line too
     with pytest.raises(DataError, match="manifest.json: this manifest is not valid JSON"):
         Prepared(tmp_path / "p")
+
+
+def test_prepare_workers_are_bounded(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # a usage error: argparse's one line
+        main(["prepare", str(tmp_path), "--out", str(tmp_path / "p"), "--base", "b", "--workers", "4096"])
+    assert stop.value.code == 2
+    one_line(capsys, "argument --workers: workers must be in [0, 256]; got 4096")

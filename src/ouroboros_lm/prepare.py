@@ -53,7 +53,7 @@ class PrepareConfig:
                                       above=0, high=0.99)
     seed: int = setting(0, "seed of the by-document held-out split", low=0, high=2**63 - 1)
     text_field: str = setting("text", "field holding the text in .jsonl/.parquet/datasets")
-    workers: int = setting(0, "tokenizer processes (0: one per CPU core, fewer for small corpora)", low=0, high=4096)
+    workers: int = setting(0, "tokenizer processes (0: one per CPU core, fewer for small corpora)", low=0, high=256)
     shard_tokens: int = setting(1 << 26, "tokens per shard (it closes at the first document end past this)",
                                 low=1, high=1 << 40)
 
