@@ -512,3 +512,32 @@ def test_prepare_workers_are_bounded(tmp_path, capsys):
         main(["prepare", str(tmp_path), "--out", str(tmp_path / "p"), "--base", "b", "--workers", "4096"])
     assert stop.value.code == 2
     one_line(capsys, "argument --workers: workers must be in [0, 256]; got 4096")
+
+
+def test_a_cache_variable_naming_a_file_is_one_line_naming_the_variable(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("OUROBOROS_CACHE", str(tmp_path / "afile"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert main(["convert", "--base", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "ad")]) == 2
+    one_line(capsys, f"OUROBOROS_CACHE={tmp_path / 'afile'} is not a folder")
+
+
+def test_true_is_not_a_number_where_a_file_records_one(made35, tmp_path, capsys):
+    import json
+
+    from ouroboros_lm.adapter import AdapterError, read_adapter
+
+    ad = adapter35(made35, tmp_path)
+    meta = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**meta, "format_version": True}))
+    with pytest.raises(AdapterError, match="has format_version True; this ouroboros-lm reads versions 1, 2"):
+        read_adapter(ad)
+    from ouroboros_lm.data import DataError
+    from ouroboros_lm.prepare import prepare
+    from ouroboros_lm.shards import Prepared
+
+    prepare([str(made35[2])], tmp_path / "p", tiny_tokenizer(), progress=False)
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps({**m, "version": True}))
+    with pytest.raises(DataError, match="manifest.json is not a manifest of `ouroboros prepare`"):
+        Prepared(tmp_path / "p")

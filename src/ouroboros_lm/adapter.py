@@ -182,7 +182,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     except ValueError as e:
         raise AdapterError(f"{e}: the adapter is corrupt") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version not in READABLE_VERSIONS:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:  # true == 1 in Python, not in JSON
         raise AdapterError(
             f"{cfg_path} has format_version {version!r}; this ouroboros-lm reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))} (incompatible format version: a newer release wrote it?)"

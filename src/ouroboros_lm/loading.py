@@ -33,8 +33,13 @@ ALIASES = {
 
 def cache_dir() -> Path:
     """$OUROBOROS_CACHE, or ~/.cache/ouroboros-lm when it is unset or empty (an empty value must
-    not mean the current folder)."""
-    return Path(os.environ.get("OUROBOROS_CACHE") or Path.home() / ".cache" / "ouroboros-lm")
+    not mean the current folder); a ValueError naming the variable when it names something that is not a folder."""
+    value = os.environ.get("OUROBOROS_CACHE")
+    path = Path(value or Path.home() / ".cache" / "ouroboros-lm")
+    if os.path.lexists(path) and not path.is_dir():
+        what = f"OUROBOROS_CACHE={value}" if value else f"the cache folder {path}"
+        raise ValueError(f"{what} is not a folder; point OUROBOROS_CACHE at a folder (or leave it unset)")
+    return path
 
 
 def alias_gguf(alias: str) -> Path:

@@ -75,7 +75,7 @@ def read_manifest(folder: Path) -> dict:
     except ValueError as e:
         raise DataError(f"{e}; prepare the folder again") from None
     try:
-        ok = (m["format"] == FORMAT and m["version"] == VERSION and m["dtype"] in ("<u2", "<u4")
+        ok = (m["format"] == FORMAT and m["version"] == VERSION and not isinstance(m["version"], bool) and m["dtype"] in ("<u2", "<u4")
               and isinstance(m["tokenizer"]["sha256"], str) and isinstance(m["eos"], int)
               and all(shard_ok(s) for split in SPLITS for s in m["splits"][split]["shards"])
               and all(isinstance(m["splits"][split]["documents"], int) for split in SPLITS))
