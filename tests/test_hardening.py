@@ -541,3 +541,25 @@ def test_true_is_not_a_number_where_a_file_records_one(made35, tmp_path, capsys)
     (tmp_path / "p" / "manifest.json").write_text(json.dumps({**m, "version": True}))
     with pytest.raises(DataError, match="manifest.json is not a manifest of `ouroboros prepare`"):
         Prepared(tmp_path / "p")
+
+
+def test_only_temporaries_that_can_be_ours_are_cleaned(tmp_path):
+    from ouroboros_lm.atomic import clean_temporaries
+
+    dead = 4194305  # above Linux's largest pid: never a running process
+    ours_dir, ours_file = tmp_path / f".hf.tmp{dead}", tmp_path / f".hf.old.tmp{dead}"
+    ours_dir.mkdir()
+    (ours_dir / "config.json").write_text("{}")
+    ours_file.write_text("partial")
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "keep.txt").write_text("precious\n")
+    linked = tmp_path / f".hf.tmp{dead + 1}"  # a folder holding a link: not one we made
+    linked.mkdir()
+    (linked / "keep").symlink_to(tmp_path / "victim")
+    shared = tmp_path / f".hf.tmp{dead + 2}"  # a file hard-linked elsewhere
+    os.link(tmp_path / "victim" / "keep.txt", shared)
+    fifo = tmp_path / f".hf.tmp{dead + 3}"
+    os.mkfifo(fifo)
+    assert sorted(clean_temporaries(tmp_path, "hf")) == sorted([ours_dir, ours_file])
+    assert linked.is_dir() and shared.is_file() and fifo.exists()
+    assert (tmp_path / "victim" / "keep.txt").read_text() == "precious\n"

@@ -207,15 +207,37 @@ def alive(pid: int) -> bool:
     return True
 
 
+def made_by_us(path: Path) -> bool:
+    """Whether `path` can be a temporary of ours: owned by this user and either a regular file of its own or a
+    folder of plain files and folders (we never make links, FIFOs or devices there, nor hard-link files)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if st.st_uid != os.getuid():
+        return False
+    if stat.S_ISREG(st.st_mode):
+        return st.st_nlink == 1
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    try:
+        files_in(path)  # refuses a link or anything but files and folders inside
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def clean_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Remove the temporaries (`.<name>.tmp<pid>`, files or folders) a process that is no longer
-    running left in `folder` (only those of `name`, if given)."""
+    running left in `folder` (only those of `name`, if given), and only those that can be ours
+    (`made_by_us`): a name and a dead pid alone are not enough."""
     folder = Path(folder)
     gone = []
     for p in folder.iterdir() if folder.is_dir() and not folder.is_symlink() else []:
         m = TEMP.match(p.name)
-        if m and (name is None or m["name"] in (name, name + ".old")) and (int(m["pid"]) == os.getpid() or not alive(int(m["pid"]))):
-            if p.is_dir() and not p.is_symlink():
+        if m and (name is None or m["name"] in (name, name + ".old")) and (int(m["pid"]) == os.getpid() or not alive(int(m["pid"]))) \
+                and made_by_us(p):
+            if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
