@@ -338,13 +338,13 @@ def check_out(out: Path) -> None:
         raise DataError(f"--out {out} is a file, not a folder (nothing was changed)")
     if out.is_dir():
         foreign = sorted(f.name for f in out.iterdir() if not OURS.match(f.name) or f.is_symlink())
-        odd = sorted(f.name for f in out.iterdir() if f.name not in foreign and not f.is_file())
-        if odd:  # a FIFO named like our state or lock file would hang the open
-            raise DataError(f"--out {out}: {odd[0]} is not a regular file (a FIFO, device or folder); remove it "
-                            "(nothing was changed)")
         if foreign:
             raise DataError(f"--out {out} holds files `ouroboros prepare` did not write (e.g. {foreign[0]}); "
                             "choose a new or empty folder (nothing was changed)")
+        odd = sorted(f.name for f in out.iterdir() if OURS.match(f.name) and not f.is_symlink() and not f.is_file())
+        if odd:  # a FIFO named like our state or lock file would hang the open
+            raise DataError(f"--out {out}: {odd[0]} is not a regular file (a FIFO, device or folder); remove it "
+                            "(nothing was changed)")
 
 
 def remove_ours(out: Path, keep: tuple[str, ...] = (LOCK,)) -> None:
