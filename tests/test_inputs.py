@@ -190,10 +190,17 @@ HEAD = "name: x\nbase: b\nsplit: {}\ndata: {train: [a]}\n"
     ("eval: {colour: 1}\nruns: [{}]\n", "unknown eval setting(s): colour"),
     ("eval: {full: false}\nruns: [{}]\n", "eval.full is not a sweep setting"),
     ("runs: [{}]\nseed: 1.5\n", "seed must be an integer"),
-], ids=["modulation_inputs", "exit_thresholds", "depths", "unknown", "command-line-only", "seed"])
+    ("grid: {lr: [0.001, 0.0010000001]}\n", "two runs would share the folder runs/controller-gate-prefix_mean-r32-"
+     "d4_8_16-lr0.001: lr 0.001 and 0.0010000001 format alike"),
+], ids=["modulation_inputs", "exit_thresholds", "depths", "unknown", "command-line-only", "seed", "run-names"])
 def test_every_spec_key_is_validated_before_anything_runs(tmp_path, body, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         SweepSpec.load(spec_file(tmp_path, HEAD + body))
+
+
+def test_the_same_run_listed_twice_is_one_run(tmp_path):
+    spec = SweepSpec.load(spec_file(tmp_path, HEAD + "grid: {lr: [0.001, 0.002]}\nruns: [{lr: 0.001}]\n"))
+    assert [r.name.split("-")[-1] for r in spec.expand()] == ["lr0.001", "lr0.002"]
 
 
 def test_a_fractional_seq_len_is_refused_not_truncated(tmp_path):

@@ -70,7 +70,7 @@ def sotu_slice(n: int = 6):
 def test_real_training_lowers_the_loss_and_the_adapter_reloads_exactly(smollm2, tmp_path):
     from ouroboros_lm.data import build_corpus
     from ouroboros_lm.checkpoints import read_metrics
-    from ouroboros_lm.evaluate import mean_loss
+    from ouroboros_lm.evaluate import mean_loss, model_loss
     from ouroboros_lm.train import TrainConfig, train
 
     base, tok = smollm2
@@ -83,8 +83,8 @@ def test_real_training_lowers_the_loss_and_the_adapter_reloads_exactly(smollm2, 
 
     def losses(m):
         m.eval()
-        return (mean_loss(lambda x: m(x, depth=2).logits, probe, 4, m.device),
-                mean_loss(lambda x: m(x, depth=2).logits, held, 4, m.device))
+        return (mean_loss(model_loss(m, depth=2), probe, 4, m.device),
+                mean_loss(model_loss(m, depth=2), held, 4, m.device))
 
     train_before, held_before = losses(model)
     run = tmp_path / "run"

@@ -18,15 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_bytes, ensure_dir, read_json
+from .atomic import atomic_write_bytes, ensure_dir, parse_json, read_json
 from .peft_lora import adapted_parameters
 from .config import OuroborosConfig
 from .layers import attention_kind
 from .loading import load_base_model
+from .memory import free_bytes
 from .model import OuroborosModel
 from .policy import POLICY_FIELDS, RecursionPolicy, legacy_policy
 from .settings import structural_fields
@@ -131,6 +133,41 @@ def copy_into(model, tensors: dict[str, torch.Tensor], trainable_only: bool = Fa
                 targets[k].copy_(t.to(targets[k].dtype))
 
 
+MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def read_weights(path: Path) -> bytes:
+    """The bytes of a safetensors file, read only once its header accounts for its size exactly (the 8-byte
+    length, the JSON header, then the tensors' data_offsets up to the last byte) and it fits the free memory: a
+    truncated, padded or sparse file is refused without reading it whole. AdapterError naming the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read the adapter's weights ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterError(f"{path} is not a regular file; refusing to read it")
+        size = st.st_size
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 2 <= n <= min(MAX_HEADER, size - 8):
+            raise AdapterError(f"{path} is corrupt or truncated: not a safetensors file ({size:,} bytes)")
+        try:
+            header = parse_json(f.read(n), str(path), "safetensors header")
+            spans = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
+            end = max((int(b) for _, b in spans), default=0)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise AdapterError(f"{path} is corrupt or truncated: its header is unreadable ({str(e)[:120]})") from None
+        if 8 + n + end != size:
+            raise AdapterError(f"{path} is corrupt or truncated: its header accounts for {8 + n + end:,} bytes, the "
+                               f"file holds {size:,}")
+        free = free_bytes(torch.device("cpu"))
+        if free is not None and size > free:
+            raise AdapterError(f"{path} is {size:,} bytes, more than the {free:,} of free memory it would be read into")
+        f.seek(0)
+        return f.read(size)
+
+
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors), fully validated against each other; raises AdapterError."""
     directory = Path(directory)
@@ -145,7 +182,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     except ValueError as e:
         raise AdapterError(f"{e}: the adapter is corrupt") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version not in READABLE_VERSIONS:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:  # true == 1 in Python, not in JSON
         raise AdapterError(
             f"{cfg_path} has format_version {version!r}; this ouroboros-lm reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))} (incompatible format version: a newer release wrote it?)"
@@ -154,7 +191,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
                       ("kept_weights_fingerprints", dict), ("base_architecture_hash", str)):
         if not isinstance(meta.get(key), kind):
             raise AdapterError(f"{cfg_path} is incomplete: {key!r} is missing or not a {kind.__name__}")
-    blob = w_path.read_bytes()
+    blob = read_weights(w_path)
     if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
         raise AdapterError(f"{w_path} is corrupt or truncated: its sha256 does not match {CONFIG_NAME}")
     try:
@@ -251,6 +288,12 @@ def load_adapter(directory, base=None, dtype=torch.float32, device=None, **overr
         base = meta["base_model"]
     if isinstance(base, (str, os.PathLike)):
         base = load_base_model(base, dtype=dtype, device=device)
+    layers = base.config.num_hidden_layers
+    try:  # the split against the base's layers, before any of them is indexed
+        config.validate(layers)
+    except ValueError as e:
+        raise AdapterError(f"{Path(directory) / CONFIG_NAME}: its ouroboros_config does not fit the base's {layers} "
+                           f"layers: {e} (the config was edited or is corrupt)") from None
     check_base(meta, base, config)
     model = OuroborosModel.from_base(base, config, compute_bases=False, base_name=meta.get("base_model"), policy=policy)
     expected = adapter_state_dict(model)

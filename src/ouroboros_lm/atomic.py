@@ -46,6 +46,50 @@ def refuse_link(path: Path) -> None:
         raise OSError(40, f"{path} is a symbolic link; refusing to write through it (nothing was written there)")
 
 
+def refuse_shared(path: Path, st: os.stat_result, what: str) -> None:
+    """Refuse `path` (whose stat is `st`) as a file we write in place unless it is a regular file of its own."""
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file (a FIFO, device or folder); refusing to use it as the {what} "
+                         "(remove it; nothing was written there)")
+    if st.st_nlink > 1:
+        raise ValueError(f"{path} has {st.st_nlink} hard links (another name shares its contents); refusing to write "
+                         f"into it as the {what} (remove it or replace it with a copy; nothing was written there)")
+
+
+def check_own_file(path: str | os.PathLike, what: str = "file") -> None:
+    """Refuse, before a file is appended to or locked in place (metrics.jsonl, a lock file), anything at `path`
+    but a regular file of its own: a link, a FIFO (opening it would hang), a device, a folder, or a file hard-linked
+    elsewhere (writing into it would change that other name's contents). Nothing there: fine (it is created)."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        refuse_link(path)
+    refuse_shared(path, st, what)
+
+
+def open_own_file(path: str | os.PathLike, flags: int, what: str = "file") -> int:
+    """os.open of a file we write in place, by `check_own_file`'s rule, checked again on the open file (opened
+    O_NONBLOCK, so a FIFO swapped in between cannot make the open hang; blocking again once checked)."""
+    path = Path(path)
+    check_own_file(path, what)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)
+    except OSError as e:
+        if os.path.islink(path):
+            raise OSError(e.errno, f"{path} is a symbolic link; refusing to write through it") from None
+        raise OSError(e.errno, f"{path}: cannot open the {what} ({e.strerror or e})") from None
+    try:
+        refuse_shared(path, os.fstat(fd), what)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def ensure_dir(path: str | os.PathLike, under: str | os.PathLike | None = None) -> Path:
     """Create folder `path` (and its parents) and return it, refusing if it, or any folder between
     `under` (default: `path` itself) and it, is a symbolic link or not a folder."""
@@ -163,15 +207,37 @@ def alive(pid: int) -> bool:
     return True
 
 
+def made_by_us(path: Path) -> bool:
+    """Whether `path` can be a temporary of ours: owned by this user and either a regular file of its own or a
+    folder of plain files and folders (we never make links, FIFOs or devices there, nor hard-link files)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if st.st_uid != os.getuid():
+        return False
+    if stat.S_ISREG(st.st_mode):
+        return st.st_nlink == 1
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    try:
+        files_in(path)  # refuses a link or anything but files and folders inside
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def clean_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Remove the temporaries (`.<name>.tmp<pid>`, files or folders) a process that is no longer
-    running left in `folder` (only those of `name`, if given)."""
+    running left in `folder` (only those of `name`, if given), and only those that can be ours
+    (`made_by_us`): a name and a dead pid alone are not enough."""
     folder = Path(folder)
     gone = []
     for p in folder.iterdir() if folder.is_dir() and not folder.is_symlink() else []:
         m = TEMP.match(p.name)
-        if m and (name is None or m["name"] in (name, name + ".old")) and (int(m["pid"]) == os.getpid() or not alive(int(m["pid"]))):
-            if p.is_dir() and not p.is_symlink():
+        if m and (name is None or m["name"] in (name, name + ".old")) and (int(m["pid"]) == os.getpid() or not alive(int(m["pid"]))) \
+                and made_by_us(p):
+            if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import signal
 import stat
@@ -18,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .adapter import save_adapter
-from .atomic import (clean_temporaries, ensure_dir, read_json, refuse_link, remove_tree, replace_dir, temp_dir,
-                     temp_path, write_text, write_with)
+from .adapter import STRUCTURAL, adapter_state_dict, architecture_hash, read_adapter, save_adapter
+from .atomic import (check_own_file, clean_temporaries, ensure_dir, open_own_file, read_json, refuse_link,
+                     remove_tree, replace_dir, temp_dir, temp_path, write_text, write_with)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 STATE = "trainer_state.json"
+LOCK = ".lock"
 TMP_PREFIX = ".tmp-step_"  # temporaries of earlier releases
 CHECKPOINT_FILES = {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", STATE}
 
@@ -41,9 +43,12 @@ def fault_point(name: str, step: int) -> None:
 
 
 def refuse_planted_links(run_dir: Path, *names: str) -> None:
-    """Before a run starts: none of the paths it writes below the run folder may be a symbolic link."""
-    for name in (CHECKPOINTS, METRICS, ".lock", *names):
+    """Before a run starts: none of the paths it writes below the run folder may be a symbolic link, and the
+    files it writes in place (metrics.jsonl, .lock) must be regular files of their own (no FIFO, no hard link)."""
+    for name in (CHECKPOINTS, METRICS, LOCK, *names):
         refuse_link(Path(run_dir) / name)
+    check_own_file(Path(run_dir) / METRICS, "metrics file")
+    check_own_file(Path(run_dir) / LOCK, "run's lock file")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -116,21 +121,91 @@ def read_state(checkpoint: Path) -> dict:
     return state
 
 
-def open_no_follow(path: Path, flags: int):
-    """os.open that refuses a symbolic link where a file is expected (an adapter folder from
-    someone else must never make us write outside it)."""
+def load_torch_state(path: Path, checkpoint: Path):
+    """optimizer.pt / scheduler.pt (tensors and plain values only: weights_only), or a ValueError naming the file."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        if os.path.islink(path):
-            raise OSError(e.errno, f"{path} is a symbolic link; refusing to write through it") from None
-        raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, garbage, not a torch file: all mean a damaged checkpoint
+        raise ValueError(f"{path} cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}): "
+                         f"the checkpoint is damaged; remove {checkpoint} to resume from the one before it") from None
+
+
+def architecture_differences(meta: dict, model) -> list[str]:
+    """What of the checkpoint's model (its adapter_config.json `meta`) differs from `model`'s: the structural
+    settings, the base, the kept layers' fingerprints."""
+    saved = meta["ouroboros_config"]
+    now = model.config.to_dict()
+    out = [f"{k}: checkpoint {saved.get(k)!r}, adapter {now[k]!r}" for k in STRUCTURAL if saved.get(k) != now[k]]
+    if meta.get("base_architecture_hash") != architecture_hash(model.base_config):
+        out.append("the base model's architecture")
+    elif meta.get("kept_weights_fingerprints") != model.base_fingerprints:
+        out.append("the base model's weights")
+    return out
+
+
+def load_resumable(checkpoint: Path, model) -> dict:
+    """Everything `--resume` loads from `checkpoint`, read and checked against `model` before any of it is used:
+    the same architecture, base and tensor shapes, an optimizer state of the model's trainable parameters'
+    shapes, a scheduler state at the checkpoint's step. A ValueError naming the file otherwise."""
+    checkpoint = Path(checkpoint)
+    state = read_state(checkpoint)
+    meta, tensors = read_adapter(checkpoint)
+    try:
+        from .config import OuroborosConfig
+
+        meta = {**meta, "ouroboros_config": OuroborosConfig.from_dict(meta["ouroboros_config"]).to_dict()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{checkpoint / 'adapter_config.json'} holds an invalid ouroboros_config: {e}") from None
+    diffs = architecture_differences(meta, model)
+    expected = adapter_state_dict(model)
+    if not diffs and (set(tensors) != set(expected)
+                      or any(tuple(tensors[k].shape) != tuple(t.shape) for k, t in expected.items())):
+        diffs.append("the saved tensors' names or shapes")
+    if diffs:
+        raise ValueError(f"--resume: {checkpoint} was saved by a different model than the adapter in "
+                         f"{checkpoint.parent.parent} (" + "; ".join(diffs[:4]) + "); the adapter was converted "
+                         f"again since? Remove {checkpoint.parent} to start over, or train in a new folder "
+                         "(nothing was changed)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = load_torch_state(checkpoint / "optimizer.pt", checkpoint)
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    moments = optimizer.get("state") if isinstance(optimizer, dict) else None
+    ids = [i for g in groups or [] if isinstance(g, dict) for i in g.get("params", [])]
+    if (not isinstance(groups, list) or not isinstance(moments, dict) or ids != list(range(len(params)))
+            or any(not isinstance(v, dict) or k not in ids or any(
+                isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != tuple(params[k].shape)
+                for t in v.values()) for k, v in moments.items())):
+        raise ValueError(f"{checkpoint / 'optimizer.pt'} is not the optimizer state of this model's "
+                         f"{len(params)} trainable tensors: the checkpoint is damaged; remove {checkpoint} to resume "
+                         "from the one before it")
+    scheduler = load_torch_state(checkpoint / "scheduler.pt", checkpoint)
+    last = scheduler.get("last_epoch") if isinstance(scheduler, dict) else None
+    lrs = scheduler.get("base_lrs") if isinstance(scheduler, dict) else None
+    if (last != state["step"] or isinstance(last, bool) or not isinstance(lrs, list)
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in lrs)):
+        raise ValueError(f"{checkpoint / 'scheduler.pt'} is not a learning-rate schedule at step {state['step']}: "
+                         f"the checkpoint is damaged; remove {checkpoint} to resume from the one before it")
+    return {"state": state, "tensors": tensors, "optimizer": optimizer, "scheduler": scheduler}
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    fd = open_no_follow(Path(run_dir) / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    fd = open_own_file(Path(run_dir) / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "metrics file")
     with os.fdopen(fd, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def set_aside_metrics(run_dir: Path) -> Path | None:
+    """A fresh run starts a new metrics.jsonl: the one an earlier run left (killed before its first checkpoint)
+    is renamed metrics.jsonl.<n>.old, the first n free, never appended to or deleted. The caller holds the lock."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while os.path.lexists(Path(run_dir) / f"{METRICS}.{n}.old"):
+        n += 1
+    old = Path(run_dir) / f"{METRICS}.{n}.old"
+    os.rename(path, old)
+    return old
 
 
 MAX_METRIC_LINE = 1 << 20  # one line per logged step: a few hundred bytes
@@ -179,7 +254,7 @@ def run_lock(run_dir: Path):
     """An exclusive lock on a run folder for the whole run. The kernel releases it when the
     process exits, however it exits, so a dead run never leaves a stale lock behind."""
     ensure_dir(run_dir)
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = open_own_file(Path(run_dir) / LOCK, os.O_RDWR | os.O_CREAT, "run's lock file")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

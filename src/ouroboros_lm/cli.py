@@ -161,6 +161,11 @@ def cmd_convert(args) -> None:
     out = Path(ca.out)
     if (out / CONFIG_NAME).exists() and not ca.overwrite:
         raise ValueError(f"{out} already holds an adapter; pass --overwrite to replace it (nothing was changed)")
+    from .checkpoints import CHECKPOINTS, list_checkpoints
+
+    if list_checkpoints(out):  # --resume would continue that run on the new adapter: refused there too
+        raise ValueError(f"{out / CHECKPOINTS} holds a training run's checkpoints, which --overwrite would not replace; "
+                         "convert into a new folder, or remove that folder first (nothing was changed)")
     plan = None
     if ca.plan is not None:
         if cfg.keep_layers is not None:
@@ -450,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import TrainingError
+    from .train import TrainingError, is_out_of_memory
 
     args = build_parser().parse_args(argv)
     command = all_commands()[args.command]
@@ -461,6 +466,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingError as e:
         print(f"ouroboros {args.command}: {e}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # out of memory outside a training step (eval, generate, export...)
+        if not is_out_of_memory(e):
+            raise
+        print(f"ouroboros {args.command}: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'MemoryError'}); "
+              "lower --batch-size or --blocks, or use a machine with more memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"ouroboros {args.command}: interrupted; {command.interrupted}", file=sys.stderr)

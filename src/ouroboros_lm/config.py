@@ -122,15 +122,15 @@ class OuroborosConfig:
                 raise ValueError(f"keep_layers must name layers of the base model, in [0, {L - 1}] ({L} layers); "
                                  f"got {self.keep_layers[-1]}")
             return  # the split is the kept layers themselves: the checks below hold by construction
-        if self.heal_layers > L - self.n_prelude - self.n_coda:
-            raise ValueError(f"heal_layers must be in [0, {L - self.n_prelude - self.n_coda}] (the layers between the "
-                             f"prelude and the coda of the base's {L}); got {self.heal_layers}")
         k = self.block_layers
         if self.n_prelude + self.n_coda + k > L:
             raise ValueError(
                 f"n_prelude + n_coda + block_layers must be <= the base model's {L} layers; "
                 f"got {self.n_prelude} + {self.n_coda} + {k} = {self.n_prelude + self.n_coda + k}"
             )
+        if self.heal_layers > L - self.n_prelude - self.n_coda:
+            raise ValueError(f"heal_layers must be in [0, {L - self.n_prelude - self.n_coda}] (the layers between the "
+                             f"prelude and the coda of the base's {L}); got {self.heal_layers}")
         lo, hi = self.n_prelude, L - self.n_coda - k
         if not lo <= self.recurrent_layer <= hi:
             block = "" if k == 1 else f" (its block of {k} layers ending before the coda)"

@@ -95,6 +95,9 @@ def group_items(items: list[str]) -> list[Group]:
     if len(unweighted) not in (0, len(groups)):
         raise DataError(f"--data: give every source a weight (NAME=SRC:WEIGHT) or none (mixed by size); "
                         f"{unweighted[0]} has none")
+    if not unweighted and not math.isfinite(sum(g.weight for g in groups.values())):
+        raise DataError("--data: the weights add up to more than a float can hold ("
+                        + " + ".join(f"{g.weight:g}" for g in groups.values()) + "); give them on a smaller scale")
     return list(groups.values())
 
 

@@ -18,7 +18,8 @@ from .atomic import atomic_write_text, ensure_dir
 from .config import MAX_DEPTH
 from .exits import ExitRule
 from .generate import check_exit_rule
-from .loss import causal_lm_loss, scored_tokens
+from .families import OWN_HEAD_TYPES
+from .loss import causal_lm_loss, head_token_losses, scored_tokens
 from .settings import setting, validate_fields
 
 DEFAULT_EVAL_DEPTHS = (1, 4, 8, 16)
@@ -79,15 +80,40 @@ def reduction_vs_baseline(loss: float, baseline: float) -> float:
 
 
 @torch.no_grad()
-def mean_loss(forward, blocks: torch.Tensor, batch_size: int, device, desc: str | None = None, progress: bool = True) -> float:
-    """Token-weighted mean next-token loss of `forward(input_ids) -> logits` over blocks."""
+def mean_loss(loss_sum, blocks: torch.Tensor, batch_size: int, device, desc: str | None = None,
+              progress: bool = True) -> float:
+    """Token-weighted mean next-token loss over blocks; `loss_sum(input_ids)` is the sum of a batch's next-token
+    losses (`model_loss`, `hf_loss`: from chunks of the vocabulary, never the [batch, seq, vocab] float32 logits)."""
     total, count = 0.0, 0
     batches = range(0, blocks.shape[0], batch_size)
     for i in tqdm(batches, desc=desc, leave=False, disable=not progress or desc is None):
         ids = blocks[i : i + batch_size].to(device)
-        total += causal_lm_loss(forward(ids), ids, reduction="sum").item()
+        total += float(loss_sum(ids))
         count += scored_tokens(ids)
     return total / count
+
+
+def model_loss(model, **run):
+    """`loss_sum` of an OuroborosModel run so (depth, baseline, exit_rule): its loss, chunked over the vocabulary
+    (`model.head`), times the positions it scores."""
+    return lambda ids: model(ids, labels=ids, **run).loss.double() * scored_tokens(ids)
+
+
+def hf_loss(full_model):
+    """`loss_sum` of a Hugging Face causal LM: its final hidden states through its LM head chunk by chunk
+    (`loss.head_token_losses`); the plain form for heads that scale or soft-cap their logits."""
+    device = next(full_model.parameters()).device
+    head = getattr(full_model, "lm_head", None)
+    plain = full_model.config.model_type not in OWN_HEAD_TYPES and head is not None and hasattr(full_model, "model")
+
+    def loss_sum(ids):
+        ids = ids.to(device)
+        if not plain:
+            return causal_lm_loss(full_model(ids, use_cache=False).logits, ids, reduction="sum")
+        hidden = full_model.model(ids, use_cache=False).last_hidden_state
+        return head_token_losses(hidden, head, ids).double().sum()
+
+    return loss_sum
 
 
 @dataclass
@@ -184,16 +210,16 @@ def exit_name(rule: ExitRule, max_depth: int) -> str:
 
 
 def ouroboros_job(model, depth: int, rule: ExitRule | None = None):
-    """(forward for mean_loss, its list of (steps summed, positions) per batch)."""
+    """(loss_sum for mean_loss, its list of (steps summed, positions) per batch)."""
     seen: list[tuple[float, int]] = []
 
-    def forward(ids):
-        out = model(ids, depth=depth, exit_rule=rule)
+    def loss_sum(ids):
+        out = model(ids, labels=ids, depth=depth, exit_rule=rule)
         steps = out.steps if out.steps is not None else torch.full(ids.shape, depth)
         seen.append((float(steps.float().sum()), steps.numel()))
-        return out.logits
+        return out.loss.double() * scored_tokens(ids)
 
-    return forward, seen
+    return loss_sum, seen
 
 
 def evaluate(model, splits: dict[str, torch.Tensor], depths=DEFAULT_EVAL_DEPTHS, full_model=None,
@@ -211,13 +237,12 @@ def evaluate(model, splits: dict[str, torch.Tensor], depths=DEFAULT_EVAL_DEPTHS,
     report = EvalReport(meta=dict(meta or {}))
     jobs = []
     if full_model is not None:
-        full_device = next(full_model.parameters()).device
-        jobs.append(("full", None, lambda ids: full_model(ids.to(full_device), use_cache=False).logits))
+        jobs.append(("full", None, hf_loss(full_model)))
         report.meta.setdefault("full_layers", full_model.config.num_hidden_layers)
     if not known:
-        jobs.append(("baseline", None, lambda ids: model(ids, baseline=True).logits))
+        jobs.append(("baseline", None, model_loss(model, baseline=True)))
     if model.config.heal_layers:  # no recursion: the healed stack is one row, whatever the depths
-        jobs.append(("heal", None, lambda ids: model(ids).logits))
+        jobs.append(("heal", None, model_loss(model)))
     else:
         jobs += [(f"ouroboros@{d}", d, (d, None)) for d in depths]
         jobs += [(exit_name(rule, d), d, (d, rule)) for rule, d in exit_rules]
@@ -253,7 +278,7 @@ def describe_row(row: EvalRow, model, measured: bool = True) -> EvalRow:
 
 
 def run_row(model, name: str, depth, job, blocks, batch_size: int, runtime) -> EvalRow:
-    if callable(job):  # a reference row (a forward giving logits): no recursion, no steps
+    if callable(job):  # a reference row (a loss_sum): no recursion, no steps
         forward, seen = job, None
     else:
         forward, seen = ouroboros_job(model, *job)

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import importlib.util
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -32,8 +33,13 @@ ALIASES = {
 
 def cache_dir() -> Path:
     """$OUROBOROS_CACHE, or ~/.cache/ouroboros-lm when it is unset or empty (an empty value must
-    not mean the current folder)."""
-    return Path(os.environ.get("OUROBOROS_CACHE") or Path.home() / ".cache" / "ouroboros-lm")
+    not mean the current folder); a ValueError naming the variable when it names something that is not a folder."""
+    value = os.environ.get("OUROBOROS_CACHE")
+    path = Path(value or Path.home() / ".cache" / "ouroboros-lm")
+    if os.path.lexists(path) and not path.is_dir():
+        what = f"OUROBOROS_CACHE={value}" if value else f"the cache folder {path}"
+        raise ValueError(f"{what} is not a folder; point OUROBOROS_CACHE at a folder (or leave it unset)")
+    return path
 
 
 def alias_gguf(alias: str) -> Path:
@@ -81,8 +87,13 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     folder, fname = str(gguf.parent), gguf.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    except (struct.error, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, OverflowError) as e:
+        # a header that lies about its counts or types: the readers index past the file
+        raise ValueError(f"{gguf} is not a GGUF file we can read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'})") from None
     config = copy.deepcopy(quantized.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -54,7 +54,7 @@ class PrepareConfig:
                                       above=0, high=0.99)
     seed: int = setting(0, "seed of the by-document held-out split", low=0, high=2**63 - 1)
     text_field: str = setting("text", "field holding the text in .jsonl/.parquet/datasets")
-    workers: int = setting(0, "tokenizer processes (0: one per CPU core, fewer for small corpora)", low=0, high=4096)
+    workers: int = setting(0, "tokenizer processes (0: one per CPU core, fewer for small corpora)", low=0, high=256)
     shard_tokens: int = setting(1 << 26, "tokens per shard (it closes at the first document end past this)",
                                 low=1, high=1 << 40)
 
@@ -85,6 +85,16 @@ def make_plan(sources: list[str], heldout: list[str] | None, rule: str, pc: Prep
             "text_field": pc.text_field, "shard_tokens": pc.shard_tokens, "tokenizer": tokenizer_identity(tokenizer),
             "vocab_size": len(tokenizer), "eos": tokenizer.eos_token_id,
             "files": fingerprint(list(sources) + list(heldout or []))}
+
+
+def check_unchanged(plan: dict) -> None:
+    """Refuse when a source file changed since the plan recorded it (still being written while we read it)."""
+    was = {f[0]: f[1:] for _, files in plan["files"] for f in files}
+    now = {f[0]: f[1:] for _, files in fingerprint(plan["sources"] + plan["heldout_sources"]) for f in files}
+    changed = sorted(f for f in was.keys() | now.keys() if was.get(f) != now.get(f))
+    if changed:
+        raise DataError(f"{changed[0]} changed while `ouroboros prepare` read it (still being written?); prepare "
+                        "again once it is complete (no manifest was written)")
 
 
 def check_disjoint(sources: list[str], heldout: list[str]) -> None:
@@ -263,6 +273,9 @@ def documents_to_write(plan: dict, sv: Survey, writers: dict, names) -> Iterator
     written yet; the held-out documents' names go to `names` (all of them, written or not)."""
     seen = {split: 0 for split in SPLITS}
     for k, (i, name, pieces) in enumerate(iter_documents(plan["sources"] + plan["heldout_sources"], plan["text_field"])):
+        if k >= len(sv.held):  # more documents than the survey counted: a source grew
+            check_unchanged(plan)
+            raise DataError("the sources hold more documents than when they were first read; prepare again")
         split = "heldout" if sv.held[k] else "train"
         if split == "heldout":
             names.write(name.replace("\n", " ") + "\n")
@@ -330,6 +343,10 @@ def check_out(out: Path) -> None:
         if foreign:
             raise DataError(f"--out {out} holds files `ouroboros prepare` did not write (e.g. {foreign[0]}); "
                             "choose a new or empty folder (nothing was changed)")
+        odd = sorted(f.name for f in out.iterdir() if OURS.match(f.name) and not f.is_symlink() and not f.is_file())
+        if odd:  # a FIFO named like our state or lock file would hang the open
+            raise DataError(f"--out {out}: {odd[0]} is not a regular file (a FIFO, device or folder); remove it "
+                            "(nothing was changed)")
 
 
 def remove_ours(out: Path, keep: tuple[str, ...] = (LOCK,)) -> None:
@@ -415,6 +432,7 @@ def prepare(sources: list[str], out: str | Path, tokenizer, pc: PrepareConfig | 
         writers = resume_or_clean(out, plan, dtype, pc.shard_tokens)
         workers = pc.workers or min(os.cpu_count() or 1, max(1, sv.chars // AUTO_WORKER_CHARS))
         write_shards(out, plan, sv, writers, tokenizer.backend_tokenizer.to_str(), workers, progress)
+        check_unchanged(plan)  # the manifest describes the files as they were read
         manifest = manifest_of(plan, sv, writers, dtype)
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         (out / STATE).unlink(missing_ok=True)

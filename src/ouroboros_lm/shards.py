@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ def read_manifest(folder: Path) -> dict:
     except ValueError as e:
         raise DataError(f"{e}; prepare the folder again") from None
     try:
-        ok = (m["format"] == FORMAT and m["version"] == VERSION and m["dtype"] in ("<u2", "<u4")
+        ok = (m["format"] == FORMAT and m["version"] == VERSION and not isinstance(m["version"], bool) and m["dtype"] in ("<u2", "<u4")
               and isinstance(m["tokenizer"]["sha256"], str) and isinstance(m["eos"], int)
               and all(shard_ok(s) for split in SPLITS for s in m["splits"][split]["shards"])
               and all(isinstance(m["splits"][split]["documents"], int) for split in SPLITS))
@@ -83,7 +84,32 @@ def read_manifest(folder: Path) -> dict:
     if not ok:
         raise DataError(f"{path} is not a manifest of `ouroboros prepare` (format {FORMAT} v{VERSION}); "
                         "prepare the folder again")
+    problem = manifest_inconsistency(m)
+    if problem:
+        raise DataError(f"{path}: {problem} (edited or corrupt); prepare the folder again")
     return m
+
+
+def manifest_inconsistency(m: dict) -> str | None:
+    """What in a well-typed manifest does not add up: a split's totals against its shards, a shard under the
+    other split's name or listed twice, an inverted token range, a bool where a number belongs."""
+    names = [s["name"] for split in SPLITS for s in m["splits"][split]["shards"]]
+    if len(set(names)) != len(names):
+        return "a shard is listed twice"
+    if isinstance(m["eos"], bool) or m["eos"] < 0:
+        return f"eos must be a token id; got {m['eos']!r}"
+    for split in SPLITS:
+        info, shards = m["splits"][split], m["splits"][split]["shards"]
+        for s in shards:
+            if not re.fullmatch(rf"{split}-\d{{5}}", s["name"]):
+                return f"shard {s['name']} is listed under {split}"
+            if s["tokens"] and s["min_token"] > s["max_token"]:
+                return f"shard {s['name']} has min_token {s['min_token']} > max_token {s['max_token']}"
+        for key in ("documents", "tokens"):
+            total = info.get(key, sum(s[key] for s in shards))
+            if isinstance(total, bool) or not isinstance(total, int) or total != sum(s[key] for s in shards):
+                return f"{split} {key} {total!r} is not the sum of its shards' ({sum(s[key] for s in shards)})"
+    return None
 
 
 def check_tokenizer(manifest: dict, folder: Path, tokenizer) -> None:

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import copy_into, read_adapter, save_adapter
+from .adapter import copy_into, save_adapter
 from .atomic import ensure_dir
-from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, read_state, refuse_planted_links,
-                          remove_partial_checkpoints, run_lock, save_checkpoint, truncate_metrics)
+from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, load_resumable, read_metrics,
+                          refuse_planted_links, remove_partial_checkpoints, run_lock, save_checkpoint,
+                          set_aside_metrics, truncate_metrics)
 from .config import MAX_DEPTH
 from .data import Corpus
-from .evaluate import mean_loss
+from .evaluate import mean_loss, model_loss
 from .loss import step_objective
 from .model import check_token_range
 from .recurrence import CHECKPOINTING, StepTraining
@@ -130,8 +131,11 @@ def out_of_memory_message(tc: TrainConfig, seq_len: int, depth: int, device, err
     )
 
 
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")  # CUDA's, then the CPU allocator's
+
+
 def is_out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or any(m in str(e).lower() for m in OUT_OF_MEMORY)
 
 
 def resume_conflicts(saved: dict, tc: TrainConfig, seq_len: int, data: dict | None = None) -> list[str]:
@@ -175,7 +179,9 @@ class Trainer:
             raise ValueError(f"{self.run_dir} already has checkpoints (latest {existing[-1].name}); pass --resume to "
                              "continue that run, or convert into a new folder to start over (nothing was changed)")
         if self.resuming:
-            conflicts = resume_conflicts(read_state(existing[-1]), tc, self.corpus.seq_len, self.corpus.sampling_key())
+            self.resumed = load_resumable(existing[-1], self.model)  # all of it checked before any work
+            read_metrics(self.run_dir)  # a damaged metrics file is named now, not after the model is set up
+            conflicts = resume_conflicts(self.resumed["state"], tc, self.corpus.seq_len, self.corpus.sampling_key())
             if conflicts:
                 raise ValueError("--resume with settings that differ from the run's: " + "; ".join(conflicts)
                                  + " (pass the original values; nothing was changed)")
@@ -218,6 +224,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))
         if acc.is_main_process:
             remove_partial_checkpoints(self.run_dir)
+            if not self.resuming and (old := set_aside_metrics(self.run_dir)) is not None:
+                print(f"{self.run_dir / 'metrics.jsonl'} of an earlier run that saved no checkpoint was moved to {old}")
         if self.resuming:
             self.resume()
         self.start_tracking()
@@ -260,11 +268,11 @@ class Trainer:
 
     def resume(self) -> None:
         """Weights, optimizer, scheduler and the step count from the latest complete checkpoint."""
-        ckpt = list_checkpoints(self.run_dir)[-1]
-        copy_into(self.model, read_adapter(ckpt)[1], trainable_only=True)
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True))
-        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        state = read_state(ckpt)
+        saved = self.resumed  # read and checked against the model by `check`
+        copy_into(self.model, saved["tensors"], trainable_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])  # moved to the parameters' device
+        self.scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
         self.start, self.prior_elapsed = state["step"], state.get("elapsed_s", 0.0)
         if self.accelerator.is_main_process:
             truncate_metrics(self.run_dir, self.start)
@@ -365,9 +373,9 @@ class Trainer:
         self.model.eval()
         with self.accelerator.autocast():
             if self.heldout_baseline is None:
-                self.heldout_baseline = mean_loss(lambda x: self.model(x, baseline=True).logits, heldout,
+                self.heldout_baseline = mean_loss(model_loss(self.model, baseline=True), heldout,
                                                   self.tc.batch_size, self.device)
-            held = mean_loss(lambda x: self.model(x, depth=depth).logits, heldout, self.tc.batch_size, self.device)
+            held = mean_loss(model_loss(self.model, depth=depth), heldout, self.tc.batch_size, self.device)
         self.model.train()
         self.last["heldout_loss"] = held
         return {"step": step, "heldout_loss": held, "heldout_baseline_loss": self.heldout_baseline,

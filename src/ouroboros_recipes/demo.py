@@ -269,7 +269,7 @@ def ours(names: str) -> str:
     return rf"(?:{names}|\.(?:{names})\.tmp\d+)"
 
 
-RUN_FILES = r"adapter_config\.json|adapter_model\.safetensors|metrics\.jsonl|\.lock"
+RUN_FILES = r"adapter_config\.json|adapter_model\.safetensors|metrics\.jsonl(?:\.\d+\.old)?|\.lock"
 CHECKPOINT = (r"checkpoints/(?:step_\d{6}|\.step_\d{6}\.tmp\d+)/"
               + ours(r"adapter_config\.json|adapter_model\.safetensors|optimizer\.pt|scheduler\.pt|trainer_state\.json"))
 # Every file a demo writes, as whole-path regular expressions (`atomic.check_removable`): what a finished or

@@ -80,8 +80,9 @@ def check_result(path: Path, r, keys: dict = RESULT_KEYS) -> dict:
             raise ValueError(f"{path}: {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
     for split, losses in r["losses"].items():
         ref = r["reference"].get(split)
-        if not isinstance(losses, dict) or not all(isinstance(v, (int, float)) for v in losses.values()) or \
-                not isinstance(ref, dict) or not all(isinstance(ref.get(m), (int, float)) for m in ("full", "baseline")):
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if not isinstance(losses, dict) or not all(number(v) for v in losses.values()) or \
+                not isinstance(ref, dict) or not all(number(ref.get(m)) for m in ("full", "baseline")):
             raise ValueError(f"{path}: the losses or reference of split {split!r} are missing or not numbers")
     if keys is RESULT_KEYS and ("heldout" not in r["losses"] or "train" not in r["losses"]):
         raise ValueError(f"{path}: 'losses' lacks the train or heldout split")

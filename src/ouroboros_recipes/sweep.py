@@ -186,13 +186,19 @@ class SweepSpec:
     def expand(self) -> list["Run"]:
         keys = list(self.grid)
         combos = [dict(zip(keys, vals)) for vals in itertools.product(*(self.grid[k] for k in keys))] if keys else []
-        seen, out = set(), []
+        seen, out = {}, []
         for seed in self.seeds or [None]:  # seed outermost: a sweep cut short has every configuration once
             for overrides in combos + [dict(r) for r in self.runs]:
                 run = Run({**self.defaults, **overrides}, seed)
-                if run.name not in seen:
-                    seen.add(run.name)
+                twin = seen.setdefault(run.name, run)
+                if twin is run:
                     out.append(run)
+                elif twin.settings != run.settings:  # the same run twice is one run; two runs, one folder: refused
+                    diff = sorted(k for k in twin.settings.keys() | run.settings.keys()
+                                  if twin.settings.get(k) != run.settings.get(k))
+                    raise ValueError(f"two runs would share the folder runs/{run.name}: "
+                                     + ", ".join(f"{k} {twin.settings.get(k)!r} and {run.settings.get(k)!r}"
+                                                 for k in diff) + " format alike; give values that differ visibly")
         if not out:
             raise ValueError("the sweep has no runs: give a grid or a runs list")
         return out
