@@ -155,7 +155,7 @@ def test_model_loss_with_the_full_model_as_teacher(tokens):
     assert abs(self_kl.item()) < 1e-5
 
 
-def test_training_with_distillation_logs_the_kl_and_lowers_it(tmp_path):
+def test_training_with_distillation_logs_the_kl_and_lowers_it(tmp_path, capsys):
     """Distilling alone (ce_weight 0): the trainer needs the teacher, logs the KL beside the next-token
     loss, and follows the KL's gradient (a small step along it lowers the KL to the full model)."""
     base = save_tiny_base(tmp_path / "base")
@@ -173,7 +173,10 @@ def test_training_with_distillation_logs_the_kl_and_lowers_it(tmp_path):
                      save_every=12, progress=False, depths=(1,), distill_weight=1.0, ce_weight=0.0)
     with pytest.raises(ValueError, match="needs the full model as the teacher"):
         train(model, corpus, tmp_path / "run0", tc)
+    capsys.readouterr()
     train(model, corpus, tmp_path / "run", tc, teacher=teacher)
+    said = capsys.readouterr().out
+    assert "step 12: held-out loss" in said and "at depth" not in said  # a heal model has no depth
     # the gradient the trainer follows is the KL's: a small step along it lowers the KL on a batch
     before = kl_to_teacher()
     model.train()(held, labels=held, teacher=teacher_targets(teacher, held, 1.0, ce_weight=0.0)).loss.backward()

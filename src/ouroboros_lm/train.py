@@ -240,8 +240,8 @@ class Trainer:
     def load_teacher(self):
         """The teacher on this device, frozen (loaded now when given as a function)."""
         if self.teacher is None:
-            raise ValueError("the stored teacher targets lack blocks this run draws, and no teacher was given to "
-                             "compute them (Trainer(..., teacher=base))")
+            raise ValueError("distill_weight > 0 needs the full model as the teacher: the stored teacher targets lack "
+                             "blocks this run draws (Trainer(..., teacher=base))")
         teacher = self.teacher if isinstance(self.teacher, torch.nn.Module) or not callable(self.teacher) \
             else self.teacher()
         check_teacher(teacher, self.model.vocab_size)
@@ -414,7 +414,8 @@ class Trainer:
         rec = self.evaluate(step)
         append_metrics(self.run_dir, rec)
         self.track(rec)
-        bar.write(f"step {step}: held-out loss {rec['heldout_loss']:.4f} at depth {rec['eval_depth']} "
+        where = "" if self.model.config.heal_layers else f" at depth {rec['eval_depth']}"  # a heal model has none
+        bar.write(f"step {step}: held-out loss {rec['heldout_loss']:.4f}{where} "
                   f"(pruned baseline {rec['heldout_baseline_loss']:.4f})")
 
     def run(self) -> dict:
