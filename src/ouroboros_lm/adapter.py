@@ -18,12 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_bytes, ensure_dir, parse_json, read_json
+from .atomic import atomic_write_bytes, ensure_dir, open_regular, parse_json, read_json
 from .peft_lora import adapted_parameters
 from .config import OuroborosConfig
 from .layers import attention_kind
@@ -141,14 +140,11 @@ def read_weights(path: Path) -> bytes:
     length, the JSON header, then the tensors' data_offsets up to the last byte) and it fits the free memory: a
     truncated, padded or sparse file is refused without reading it whole. AdapterError naming the file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as e:
-        raise AdapterError(f"{path}: cannot read the adapter's weights ({e.strerror or e})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise AdapterError(f"{path} is not a regular file; refusing to read it")
-        size = st.st_size
+        f = open_regular(path, "adapter's weights")
+    except ValueError as e:
+        raise AdapterError(str(e)) from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
         n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
         if not 2 <= n <= min(MAX_HEADER, size - 8):
             raise AdapterError(f"{path} is corrupt or truncated: not a safetensors file ({size:,} bytes)")

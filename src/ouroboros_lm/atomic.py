@@ -161,19 +161,27 @@ atomic_write_text = write_text
 MAX_JSON_BYTES = 8 << 20  # a settings or state file of ours is kilobytes; parsing costs ~30x its size in memory
 
 
+def open_regular(path: Path, what: str = "file"):
+    """`path` opened for reading in binary, only if it is a regular file (never a FIFO, which would block, a
+    device, or through a link); a ValueError naming the file otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read this {what} ({e.strerror or e})") from None
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise ValueError(f"{path}: this {what} is not a regular file; refusing to read it")
+    return f
+
+
 def read_bounded(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSON_BYTES) -> bytes:
     """The bytes of `path`, a regular file (never a FIFO, a device or through a link) of at most `limit`
     bytes; a ValueError naming the file and the limit otherwise, before anything large is read. The one way a
     file found in a folder is read before it is parsed: a folder cannot ask for more memory than it should."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read this {what} ({e.strerror or e})") from None
-    with os.fdopen(fd, "rb") as f:
+    with open_regular(path, what) as f:
         st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path}: this {what} is not a regular file; refusing to read it")
         if st.st_size > limit:
             raise ValueError(f"{path}: this {what} is {st.st_size:,} bytes, more than the {limit:,} it can be; "
                              "refusing to parse it (edited or corrupt?)")
