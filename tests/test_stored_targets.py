@@ -124,7 +124,7 @@ def test_a_stopped_teacher_pass_keeps_its_chunks_and_the_next_one_computes_the_r
     assert len(json.loads((folder / "targets.json").read_text())["chunks"]) == 1  # the finished chunk only
     monkeypatch.setattr(targets, "teacher_predictions", real)
     resumed = targets.teacher_pass(prep, tiny_base(), "tiny", 16, 4, blocks=np.arange(12), progress=False)
-    assert not any(f.name.endswith(".partial") for f in folder.iterdir())
+    assert not any(f.name.endswith(".partial") or ".tmp" in f.name for f in folder.iterdir())
     clean = targets.teacher_pass(Prepared(tmp_path / "p"), tiny_base(), "tiny", 16, 4, progress=False,
                                  blocks=np.arange(12))
     a, b = resumed.read(np.arange(12)), clean.read(np.arange(12))

@@ -321,9 +321,9 @@ def save_state(folder: Path, plan: dict, writers: dict) -> None:
 
 # ---------------------------------------------------------------------- the folder
 @contextlib.contextmanager
-def folder_lock(folder: Path):
-    """One preparation of a folder at a time (other ranks or runs wait for it)."""
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+def folder_lock(folder: Path, name: str = LOCK):
+    """One preparation of a folder at a time (other ranks or runs wait for it); `name`: the lock file's."""
+    fd = os.open(folder / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

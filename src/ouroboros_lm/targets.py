@@ -20,11 +20,8 @@ the token shards' checksums, so targets are never paired with other tokens.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -34,10 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text, ensure_dir, fsync_dir, read_json
+from .atomic import atomic_write_bytes, atomic_write_text, ensure_dir, read_json
 from .families import final_logits
 from .loss import StoredTeacher, default_chunk
 from .ops import tail_log_mass
+from .prepare import folder_lock
 from .reading import DataError
 from .shards import Blocks, Prepared, verify_file
 from .surgery import part_fingerprints
@@ -49,7 +47,7 @@ LOGP_DTYPE = np.dtype("<f2")
 BLOCK_DTYPE = np.dtype("<i8")
 SET_NAME = re.compile(r"^teacher-[0-9a-f]{16}$")
 CHUNK_NAME = re.compile(r"^chunk-\d{5}$")
-OURS = re.compile(r"^(targets\.json|\.lock|\.?chunk-\d{5}\.(blocks|ids|lp)(\.partial)?|\.targets\.json\.tmp\d+)$")
+OURS = re.compile(r"^(targets\.json|\.lock|chunk-\d{5}\.(blocks|ids|lp)|\.(chunk-\d{5}\.(blocks|ids|lp)|targets\.json)\.tmp\d+)$")
 CHUNK_TOKENS = 1 << 18  # tokens per chunk written (a stopped pass loses at most one)
 
 
@@ -173,17 +171,6 @@ def find_sets(prep: Prepared, seq_len: int, top_k: int, fingerprints: dict, voca
     return None
 
 
-@contextlib.contextmanager
-def set_lock(folder: Path):
-    """One teacher pass into a set at a time (other processes wait, then find the chunks written)."""
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def clean_set(folder: Path, keep: set[str]) -> None:
     """Remove the files of chunks not listed (a pass stopped while writing them); never anything not ours."""
     for f in folder.iterdir():
@@ -195,14 +182,8 @@ def write_chunk(folder: Path, name: str, blocks: np.ndarray, ids: np.ndarray, lp
     sha = {}
     for ext, arr in (("blocks", blocks.astype(BLOCK_DTYPE)), ("ids", ids), ("lp", lp)):
         data = np.ascontiguousarray(arr).tobytes()
-        tmp = folder / f".{name}.{ext}.partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / f"{name}.{ext}")
+        atomic_write_bytes(folder / f"{name}.{ext}", data, under=folder)
         sha[ext] = hashlib.sha256(data).hexdigest()
-    fsync_dir(folder)
     return {"name": name, "blocks": int(blocks.size), "sha256": sha}
 
 
@@ -220,7 +201,7 @@ def teacher_pass(prep: Prepared, teacher, teacher_name: str, seq_len: int, top_k
                         f"the teacher's {vocab}")
     fps = fingerprints or teacher_fingerprints(teacher)
     folder = ensure_dir(prep.folder / f"teacher-{set_key(fps, seq_len, top_k)}", under=prep.folder)
-    with set_lock(folder):
+    with folder_lock(folder, ".lock"):  # one pass into a set at a time; others wait, then find its chunks
         if (folder / MANIFEST).is_file():
             manifest = read_set_manifest(folder / MANIFEST)
             if manifest["token_shards"] != token_shards(prep):  # the folder was prepared again: start over

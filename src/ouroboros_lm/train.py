@@ -138,6 +138,11 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or any(m in str(e).lower() for m in OUT_OF_MEMORY)
 
 
+def is_loader(teacher) -> bool:
+    """A teacher given as a function that loads it (a model is callable too, but is not one)."""
+    return callable(teacher) and not isinstance(teacher, torch.nn.Module)
+
+
 def resume_conflicts(saved: dict, tc: TrainConfig, seq_len: int, data: dict | None = None) -> list[str]:
     """The settings that define the run and differ from the checkpoint's, as 'name: saved X, asked Y'
     (`data`: what the batches are drawn from, `Corpus.sampling_key`)."""
@@ -188,11 +193,15 @@ class Trainer:
         if tc.distill_weight > 0 and tc.distill_source == "online":
             if self.teacher is None:
                 raise ValueError("distill_weight > 0 needs the full model as the teacher (Trainer(..., teacher=base))")
-            if not callable(self.teacher) or isinstance(self.teacher, torch.nn.Module):
+            if not is_loader(self.teacher):
                 check_teacher(self.teacher, self.model.vocab_size)
-        if tc.distill_weight > 0 and tc.distill_source == "stored" and tc.distill_top_k >= self.model.vocab_size:
-            raise ValueError(f"distill_top_k must be below the vocabulary ({self.model.vocab_size}); "
-                             f"got {tc.distill_top_k}")
+        if tc.distill_weight > 0 and tc.distill_source == "stored":
+            if tc.distill_top_k >= self.model.vocab_size:
+                raise ValueError(f"distill_top_k must be below the vocabulary ({self.model.vocab_size}); "
+                                 f"got {tc.distill_top_k}")
+            if not self.corpus.train_folders:
+                raise ValueError("distill_source stored needs a corpus built from prepared folders or text sources "
+                                 "(data.build_corpus); pass --distill-source online for blocks given as tensors")
         for what, blocks in (("training tokens", self.corpus.train), ("held-out tokens", self.corpus.heldout)):
             check_token_range(blocks, self.model.vocab_size, what)  # once, here, not in every forward
 
@@ -242,8 +251,7 @@ class Trainer:
         if self.teacher is None:
             raise ValueError("distill_weight > 0 needs the full model as the teacher: the stored teacher targets lack "
                              "blocks this run draws (Trainer(..., teacher=base))")
-        teacher = self.teacher if isinstance(self.teacher, torch.nn.Module) or not callable(self.teacher) \
-            else self.teacher()
+        teacher = self.teacher() if is_loader(self.teacher) else self.teacher
         check_teacher(teacher, self.model.vocab_size)
         return teacher.to(self.device).eval().requires_grad_(False)
 
@@ -253,9 +261,6 @@ class Trainer:
         from .targets import corpus_targets
 
         tc, acc = self.tc, self.accelerator
-        if not self.corpus.train_folders:
-            raise ValueError("distill_source stored needs a corpus built from prepared folders or text sources "
-                             "(data.build_corpus); pass --distill-source online for blocks given as tensors")
         end = (tc.stop_after or tc.steps) * tc.grad_accum
         blocks = self.corpus.blocks_drawn(tc.seed, range(self.start * tc.grad_accum, end), tc.batch_size,
                                           acc.num_processes)
