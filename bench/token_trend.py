@@ -2,8 +2,9 @@
 
 One constant-learning-rate run per configuration and seed of a sweep spec (its `train.steps` is the 1x budget),
 trained to the largest multiple and evaluated at each multiple of the budget on every split of the spec (held-out
-and the extra domains) at each run's own default depth; then, per multiple and split, every configuration's gap
-recovered minus the first configuration's (the control), paired by seed. Resumable: a finished point is read back
+and the extra domains) at every depth of the spec's `eval.depths` and the run's default depth; then, per multiple
+and split, every configuration's gap recovered at its best depth (chosen by the training split's loss, never by
+held-out text) minus the first configuration's (the control), paired by seed. Resumable: a finished point is read back
 from trend.json, an interrupted run resumes from its last checkpoint.
 
     python bench/token_trend.py configs/token-trend.yaml --out runs/token-trend --multiples 1,2,4,8
@@ -65,11 +66,29 @@ def main(argv=None) -> None:
             print(f"{run.name}: training to {m}x ({unit * m} steps)")
             train(model, corpus, rdir, dataclasses.replace(tc, stop_after=unit * m), resume=bool(list_checkpoints(rdir)))
             known = {s: {k: reference[s][k] for k in ("full", "baseline")} for s in splits}
-            rep = evaluate(model, splits, depths=(model.policy.default_depth,), batch_size=ev.batch_size, known=known)
-            row = "heal" if model.config.heal_layers else f"ouroboros@{model.policy.default_depth}"
-            points[str(m)] = {s: rep.row(s, row).loss for s in splits}
+            points[str(m)] = measure(model, splits, ev, known)
             write_json(trend_path, trend)
     summarize(trend, reference, list(splits), multiples, out)
+
+
+def measure(model, splits, ev, known) -> dict:
+    """{depth: {split: loss}} at every depth the loop is read at (the spec's eval depths and its default depth);
+    the heal model has one row, filed under depth 1."""
+    if model.config.heal_layers:
+        rep = evaluate(model, splits, depths=(1,), batch_size=ev.batch_size, known=known)
+        return {"1": {s: rep.row(s, "heal").loss for s in splits}}
+    depths = sorted(set(ev.depths) | {model.policy.default_depth})
+    rep = evaluate(model, splits, depths=depths, batch_size=ev.batch_size, known=known)
+    return {str(d): {s: rep.row(s, f"ouroboros@{d}").loss for s in splits} for d in depths}
+
+
+def best_depth(point: dict) -> tuple[str, dict]:
+    """The depth whose loss on the training split is lowest (chosen without looking at held-out text), and its
+    losses. A point written before depths were recorded ({split: loss}) is its own single depth."""
+    if "train" in point and not isinstance(point["train"], dict):
+        return "default", point
+    d = min(point, key=lambda k: point[k]["train"])
+    return d, point[d]
 
 
 def summarize(trend: dict, reference: dict, splits: list[str], multiples: list[int], out: Path) -> None:
@@ -82,12 +101,14 @@ def summarize(trend: dict, reference: dict, splits: list[str], multiples: list[i
     table = {}  # (config, multiple, split) -> [per-seed difference from the control]
     for r in trend.values():
         ctl = next((c for c in trend.values() if c["config"] == control and c["seed"] == r["seed"]), None)
-        for m, losses in r["points"].items():
+        for m, point in r["points"].items():
+            depth, losses = best_depth(point)
+            table.setdefault((r["config"], int(m), "depth"), []).append(depth)
             for s, loss in losses.items():
                 table.setdefault((r["config"], int(m), s, "gap"), []).append(gap(loss, s))
                 if ctl is not None and m in ctl["points"] and r["config"] != control:
                     table.setdefault((r["config"], int(m), s, "diff"), []).append(
-                        gap(loss, s) - gap(ctl["points"][m][s], s))
+                        gap(loss, s) - gap(best_depth(ctl["points"][m])[1][s], s))
 
     def cell(values):
         if not values:
@@ -96,10 +117,13 @@ def summarize(trend: dict, reference: dict, splits: list[str], multiples: list[i
         return f"{statistics.mean(values):+.1f}{sd}" + (f" (n={len(values)})" if len(values) > 1 else "")
 
     lines = [f"Gap recovered (%) at each multiple of the budget; control: `{control}`", ""]
-    lines += ["| configuration | tokens | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
+    lines += ["| configuration | tokens | depth (by train loss, per seed) | " + " | ".join(splits) + " |",
+              "|---|---|---|" + "---|" * len(splits)]
     for c in configs:
         for m in multiples:
-            lines.append(f"| {c} | {m}x | " + " | ".join(cell(table.get((c, m, s, "gap"), [])) for s in splits) + " |")
+            depth = ",".join(table.get((c, m, "depth"), []))
+            lines.append(f"| {c} | {m}x | {depth} | "
+                         + " | ".join(cell(table.get((c, m, s, "gap"), [])) for s in splits) + " |")
     lines += ["", "Minus the control, paired by seed (mean ± std over seeds)", "",
               "| configuration | tokens | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
     for c in configs[1:]:
@@ -111,12 +135,14 @@ def summarize(trend: dict, reference: dict, splits: list[str], multiples: list[i
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for c in configs[1:]:
         for i, s in enumerate(splits):
-            pts = [(m, statistics.mean(v)) for m in multiples if (v := table.get((c, m, s, "diff")))]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=s)
+            pts = [(m, statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+                   for m in multiples if (v := table.get((c, m, s, "diff")))]
+            ax.errorbar([p[0] * (1.03 ** i) for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                        fmt="o-", capsize=3, color=f"C{i}", label=s)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training tokens (multiples of the demo-scale budget)")
-    ax.set_ylabel("gap recovered: loop minus same-layers heal (points)")
+    ax.set_ylabel("loop (best depth) minus same-layers heal\n(points of gap, mean ± sd over seeds)")
     ax.set_title("Does looping pay more with more tokens?")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -106,7 +106,8 @@ def test_block_under_adaptive_exit_with_a_cache_equals_recomputing(tokens):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(variant="static"), dict(lora_rank=2, recurrent_lora=True)])
+@pytest.mark.parametrize("options", [dict(), dict(variant="static"), dict(lora_rank=2, recurrent_lora=True),
+                                     dict(lora_rank=2, recurrent_lora=True, recurrent_lora_steps=3)])
 def test_block_trainable_count_from_settings_matches_the_model(options):
     model = tiny_ouroboros("llama", **BLOCK, **options)
     expected = trainable_parameter_count(model.config, TINY["hidden_size"]) + \

@@ -105,7 +105,8 @@ def test_outer_adaptation_round_trips_and_is_a_new_format(tmp_path, tokens):
         load_adapter(tmp_path / "a", base=tiny_base("llama"))
 
 
-BLOCKS = [dict(block_layers=2), dict(block_layers=2, variant="static"), dict(block_layers=2, **ANCHORED)]
+BLOCKS = [dict(block_layers=2), dict(block_layers=2, variant="static"), dict(block_layers=2, **ANCHORED),
+          dict(block_layers=2, variant="none", lora_rank=2, recurrent_lora=True, recurrent_lora_steps=2)]
 
 
 @pytest.mark.parametrize("options", [OUTER, dict(pooling="mean_and_token"), ANCHORED] + INJECTIONS + BLOCKS)

@@ -106,7 +106,7 @@ def test_override_flags_leave_only_what_was_given_and_show_the_file_s_values():
 def test_the_adapter_fixes_exactly_the_structural_fields():
     assert set(STRUCTURAL) == {"n_prelude", "recurrent_layer", "n_coda", "rank", "alpha", "variant", "gate",
                                "step_norm", "pooling", "style_dim", "controller_hidden", "max_depth", "halter",
-                               "lora_rank", "lora_alpha", "prelude_lora_layers", "recurrent_lora",
+                               "lora_rank", "lora_alpha", "prelude_lora_layers", "recurrent_lora", "recurrent_lora_steps",
                                "heal_layers", "injection", "state_scale", "block_layers", "keep_layers"}
 
 

@@ -83,6 +83,12 @@ class OuroborosConfig:
     recurrent_lora: bool = setting(False, "plain LoRA (PEFT, rank lora_rank) on the recurrent layer's seven "
                                    "projections too, one set shared by every step (beside the step's modulation)",
                                    structural=True)
+    recurrent_lora_steps: int = setting(1, "how many sets of the recurrent block's plain LoRA (recurrent_lora) "
+                                        "there are: step s (past the trained depths, the last trained step) uses "
+                                        "set min(s, n - 1), each zero at init; the training depth gives every step its "
+                                        "own low-rank update of the shared frozen block (the relaxation of Relaxed "
+                                        "Recursive Transformers); 1: one set shared by every step",
+                                        low=1, high=MAX_DEPTH, structural=True)
     heal_layers: int = setting(0, "build the heal model instead of the recursion: the pruned stack run once, with "
                                "heal_layers distinct middle layers (1: the recurrent layer alone, the same weights as "
                                "the recursion; N: N base layers evenly spaced over the removed ones, the compute of "
@@ -114,6 +120,13 @@ class OuroborosConfig:
         for name in ("recurrent_lora", "heal_layers"):
             if getattr(self, name) and not self.lora_rank:
                 raise ValueError(f"{name} needs lora_rank > 0 (the rank of the plain LoRA it adds)")
+        if self.recurrent_lora_steps > 1 and not (self.recurrent_lora and not self.heal_layers):
+            raise ValueError("recurrent_lora_steps > 1 gives each recurrence step its own set of the recurrent block's "
+                             "plain LoRA: it needs recurrent_lora (and a recursion, not heal_layers); got "
+                             f"recurrent_lora={self.recurrent_lora}, heal_layers={self.heal_layers}")
+        if self.recurrent_lora_steps > self.max_depth:
+            raise ValueError(f"recurrent_lora_steps must be in [1, max_depth={self.max_depth}] (one set per step at "
+                             f"most); got {self.recurrent_lora_steps}")
         if num_layers is None:
             return
         L = num_layers

@@ -1,5 +1,7 @@
 """Plain LoRA (PEFT) on the frozen layers around the recursion: the coda (and the prelude's
-tail, and the recurrent layer itself, one set shared by every step).
+tail, and the recurrent layer itself: one set shared by every step, or, with `recurrent_lora_steps`,
+one set per step, PEFT adapters "default", "step1", ... of the same modules, each step's chosen by
+the block through a projection hook, `step_adapter_projection`).
 A heal model (`heal_layers`) puts plain LoRA on every layer it keeps.
 
 The recurrent block's low-rank paths are our own (SVD bases, modulated per step); the outer
@@ -14,11 +16,12 @@ float32 (PEFT casts its input to them and the result back to the layer's dtype).
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
 
-from .projections import MODULE_NAMES, projection_linears
+from .projections import MODULE_NAMES, ProjectionSlice, projection_linears
 
 LORA_MODULES = MODULE_NAMES  # q_proj, ..., down_proj, and Phi-3's fused qkv_proj, gate_up_proj
 
@@ -35,8 +38,8 @@ def lora_target_pattern(layers: dict[str, list[int]], recurrent: bool = False) -
 
 
 def inject_lora(model) -> None:
-    """Wrap the targeted projections of the prelude / coda layers (and of the recurrent layer, shared
-    by every step) with PEFT LoRA (float32 weights)."""
+    """Wrap the targeted projections of the prelude / coda layers (and of the recurrent layer: one set shared
+    by every step, or `recurrent_lora_steps` sets) with PEFT LoRA (float32 weights)."""
     config = model.config
     pattern = lora_target_pattern(config.lora_layers(), config.lora_on_recurrent_layer)
     if pattern is None:
@@ -47,15 +50,65 @@ def inject_lora(model) -> None:
     holder = nn.ModuleDict({"prelude": model.prelude, "coda": model.coda,
                             "recurrent": nn.ModuleDict({"layer": model.recurrent.layer,
                                                         "tail_layers": model.recurrent.tail_layers})})
-    peft_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                             target_modules=pattern, bias="none")
+    def lora_config(target_modules: str) -> LoraConfig:
+        return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                          target_modules=target_modules, bias="none")
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed + 1)  # LoRA's A draws, reproducible and apart from the global RNG
-        inject_adapter_in_model(peft_config, holder)
+        inject_adapter_in_model(lora_config(pattern), holder)
+        # the other steps' sets: more adapters on the block's modules alone (PEFT makes the adapter it adds the active
+        # one of every LoRA layer it is handed); "default" is made active again (the block picks each step's set itself)
+        block = nn.ModuleDict({"recurrent": holder["recurrent"]})
+        for i in range(1, config.recurrent_lora_steps):
+            torch.manual_seed(config.init_seed + 1 + i)
+            with warnings.catch_warnings():  # "multiple adapters in the model": what is meant here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(lora_config(lora_target_pattern({}, recurrent=True)), block,
+                                        adapter_name=step_adapter(i))
+        if config.recurrent_lora_steps > 1:
+            from peft.tuners.lora import LoraLayer
+
+            for m in block.modules():
+                if isinstance(m, LoraLayer):
+                    m.set_adapter(step_adapter(0))
     for name, p in holder.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
             p.requires_grad_(True)
+
+
+def step_adapter(i: int) -> str:
+    """The PEFT adapter name of the recurrent block's i-th plain-LoRA set (set 0 is PEFT's "default": the one set
+    when every step shares it)."""
+    return "default" if i == 0 else f"step{i}"
+
+
+def plain_lora_delta(wrapped: nn.Module, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor | float:
+    """What a PEFT LoRA layer adds to its frozen projection: scaling * B A x summed over its active adapters, or
+    `adapter`'s alone, as PEFT's own forward computes it (0 when its adapters are switched off). For a slice of a
+    fused module (Phi-3, `projections.ProjectionSlice`): its rows of the fused module's update."""
+    if isinstance(wrapped, ProjectionSlice):
+        delta = plain_lora_delta(wrapped.linear, x, adapter)
+        return delta if isinstance(delta, float) else wrapped.rows(delta)
+    if wrapped.disable_adapters or wrapped.merged:
+        return 0.0
+    out = 0.0
+    for name in wrapped.active_adapters if adapter is None else [adapter]:
+        if name in wrapped.lora_A:
+            A = wrapped.lora_A[name]
+            out = out + wrapped.lora_B[name](A(x.to(A.weight.dtype))) * wrapped.scaling[name]
+    return out
+
+
+def step_adapter_projection(adapter: str):
+    """A projection hook (`layers.ProjectFn`) for a recurrence step with its own plain-LoRA set: each frozen
+    projection plus that set's update alone."""
+    def project(target: str, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        base = getattr(linear, "base_layer", linear)
+        out = base(x)
+        return out if base is linear else out + plain_lora_delta(linear, x, adapter).to(out.dtype)
+    return project
 
 
 def adapted_parameters(model) -> dict[str, nn.Parameter]:
@@ -94,7 +147,7 @@ def adaptation_parameter_count(config, layer: nn.Module, hidden_size: int) -> in
     if config.lora_rank:
         per_layer = sum(config.lora_rank * (lin.in_features + lin.out_features)
                         for lin in projection_linears(layer))
-        recurrent = config.block_layers if config.lora_on_recurrent_layer else 0
+        recurrent = config.block_layers * config.recurrent_lora_steps if config.lora_on_recurrent_layer else 0
         n += per_layer * (sum(len(v) for v in config.lora_layers().values()) + recurrent)
     return n
 

@@ -5,7 +5,8 @@ Each step s:
     d      = Controller(pool(h), s)   |  static vectors[s]  |  nothing
     x      = h + W_e e + b_e          (input injection of the prelude's output e; or x = h)
     h_new  = layer(x; norms = step_norms[s], projections + (alpha/r) B diag(d) A)
-             (a block of k layers: each in turn, with its own norms, bases and slice of d)
+             (a block of k layers: each in turn, with its own norms, bases and slice of d;
+              with recurrent_lora, plus the plain LoRA set of step s: one shared, or one per step)
     h      = g * h_new + (1 - g) * h,   g = sigmoid(W_g [h_new; h] + b_g)   (or h = h_new)
     h      = h * exp(a_s) * rms(h_1) / rms(h)   (state_scale "anchored", steps s >= 2; h_1: step 1's output)
 
@@ -32,6 +33,7 @@ from .layers import AttentionContext, KVSlot, attention_kind, decoder_layer
 from .svd_bases import SVDBases
 from .memory import activations_fit, step_activation_bytes
 from .ops import gate_mix
+from .peft_lora import step_adapter, step_adapter_projection
 from .policy import RecursionPolicy
 
 
@@ -222,6 +224,12 @@ class RecurrentBlock(nn.Module):
             return self.static(step)
         return None
 
+    def lora_set(self, p: int) -> str | None:
+        """The plain-LoRA set (PEFT adapter name) the block's layers use at parameter step p when each step has its
+        own (`recurrent_lora_steps` > 1); None when one set (or none) serves every step."""
+        steps = self.config.recurrent_lora_steps
+        return step_adapter(min(p, steps - 1)) if steps > 1 and self.config.lora_on_recurrent_layer else None
+
     def step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, kv=None,
              pool_state: PoolState | None = None, e: torch.Tensor | None = None,
              anchor: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,10 +238,14 @@ class RecurrentBlock(nn.Module):
         (`anchor_of`; None at step 0 or without an anchored scale)."""
         p = self.policy.parameter_step(s)
         d = self.modulation(h, p, mask, pool_state)
+        adapter = self.lora_set(p)
         x = self.injection(h, e) if self.injection is not None else h
         n = len(TARGETS)
         for j, (layer, bases, window) in enumerate(zip(self.layers, self.block_bases(), self.windows)):
-            project = bases.modulated(d[..., j * n : (j + 1) * n, :]) if d is not None else None
+            if d is not None:
+                project = bases.modulated(d[..., j * n : (j + 1) * n, :], adapter)
+            else:
+                project = step_adapter_projection(adapter) if adapter is not None else None
             norms = self.step_norms(p, h.dtype, j) if self.step_norms is not None else None
             x = decoder_layer(layer, x, ctx, window=window, project=project, norm_weights=norms,
                               kv=kv[j] if kv is not None else None)

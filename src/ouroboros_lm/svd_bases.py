@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import TARGETS
 from .layers import get_projection
-from .projections import ProjectionSlice
+from .peft_lora import plain_lora_delta
 
 # Targets that read the same input, in TARGETS order.
 GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
@@ -110,9 +110,10 @@ class SVDBases(nn.Module):
         """The cached [W | (alpha/r) B] matrices built so far (frozen, derived weights)."""
         return [w for _, w in self._fused.values()]
 
-    def modulated(self, d: torch.Tensor) -> "ModulatedProjections":
-        """A projection hook for `layers.decoder_layer`, for modulation d [..., 7, r] (TARGETS order)."""
-        return ModulatedProjections(self, d)
+    def modulated(self, d: torch.Tensor, adapter: str | None = None) -> "ModulatedProjections":
+        """A projection hook for `layers.decoder_layer`, for modulation d [..., 7, r] (TARGETS order); adapter:
+        which set of the layer's plain LoRA is added (`peft_lora.step_adapter`; None: PEFT's active ones)."""
+        return ModulatedProjections(self, d, adapter)
 
 
 class ModulatedProjections:
@@ -126,9 +127,10 @@ class ModulatedProjections:
     d has shape [7, r] (static: same for every token) or [B, T, 7, r] (Controller).
     """
 
-    def __init__(self, bases: SVDBases, d: torch.Tensor):
+    def __init__(self, bases: SVDBases, d: torch.Tensor, adapter: str | None = None):
         self.bases = bases
         self.d = d
+        self.adapter = adapter  # the recurrent block's plain-LoRA set this step uses (None: PEFT's active ones)
         self._group_x: dict[str, torch.Tensor] = {}
         self._group_u: dict[str, torch.Tensor] = {}
 
@@ -146,21 +148,4 @@ class ModulatedProjections:
         u = self._group_u[lead][..., i * r : (i + 1) * r]
         base = getattr(linear, "base_layer", linear)  # under plain LoRA (PEFT), the frozen layer it wraps
         out = F.linear(torch.cat([x, u], dim=-1), b.fused_weight(target, base), base.bias)
-        return out if base is linear else out + plain_lora_delta(linear, x).to(out.dtype)
-
-
-def plain_lora_delta(wrapped: nn.Module, x: torch.Tensor) -> torch.Tensor | float:
-    """What a PEFT LoRA layer adds to its frozen projection: sum over its active adapters of
-    scaling * B A x (0 when its adapters are switched off), as PEFT's own forward computes it. For a
-    slice of a fused module (Phi-3, `projections.ProjectionSlice`): its rows of the fused module's update."""
-    if isinstance(wrapped, ProjectionSlice):
-        delta = plain_lora_delta(wrapped.linear, x)
-        return delta if isinstance(delta, float) else wrapped.rows(delta)
-    if wrapped.disable_adapters or wrapped.merged:
-        return 0.0
-    out = 0.0
-    for name in wrapped.active_adapters:
-        if name in wrapped.lora_A:
-            A = wrapped.lora_A[name]
-            out = out + wrapped.lora_B[name](A(x.to(A.weight.dtype))) * wrapped.scaling[name]
-    return out
+        return out if base is linear else out + plain_lora_delta(linear, x, self.adapter).to(out.dtype)
