@@ -31,7 +31,7 @@ def test_fused_low_rank_paths_equal_unfused(variant, tokens, monkeypatch):
     with torch.no_grad():
         fused = model(tokens, depth=3).logits
         bases = model.recurrent.bases
-        monkeypatch.setattr(bases, "modulated", lambda d: UnfusedProjections(bases, d))
+        monkeypatch.setattr(bases, "modulated", lambda d, adapter=None: UnfusedProjections(bases, d))
         unfused = model(tokens, depth=3).logits
     torch.testing.assert_close(fused, unfused, atol=1e-10, rtol=1e-10)
     assert (fused - model.forward_baseline(tokens).logits).abs().max() > 1e-3  # the deltas matter
@@ -93,7 +93,7 @@ def test_folded_weights_follow_changes_to_the_bases_and_the_layer(tokens, monkey
         bases.B_up.mul_(3.0)  # in place, as load_adapter's copy_ is
         model.recurrent.layer.self_attn.o_proj.weight.add_(0.01)
         folded = model(tokens, depth=2).logits
-        monkeypatch.setattr(bases, "modulated", lambda d: UnfusedProjections(bases, d))
+        monkeypatch.setattr(bases, "modulated", lambda d, adapter=None: UnfusedProjections(bases, d))
         reference = model(tokens, depth=2).logits
     torch.testing.assert_close(folded, reference, atol=1e-10, rtol=1e-10)
 
