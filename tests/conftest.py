@@ -118,6 +118,31 @@ def save_tiny_base(path, arch: str = "llama", seed: int = 0):
     return str(path)
 
 
+def round_trip_and_export(tmp_path, tokens, depth: int = 3, **overrides):
+    """A tiny model (OuroborosConfig `overrides`, random trained parts) on a saved tiny base, saved as an adapter, loaded
+    back and exported: the loaded model's logits equal the original's exactly, the exported folder's (through
+    transformers) to float32 tolerance. Returns (model, loaded, adapter folder)."""
+    from transformers import AutoModelForCausalLM
+
+    from ouroboros_lm import load_base_model
+    from ouroboros_lm.adapter import load_adapter, save_adapter
+    from ouroboros_lm.export import export_hf
+
+    base = save_tiny_base(tmp_path / "base")
+    model = OuroborosModel.from_base(load_base_model(base), OuroborosConfig(**{**TINY_SPLIT, **overrides}),
+                                     base_name=base)
+    randomize_trainables(model, scale=0.3)
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(tmp_path / "adapter").eval()
+    export_hf(tmp_path / "adapter", tmp_path / "hf", depth=depth)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ours = model.eval()(tokens, depth=depth).logits
+        assert torch.equal(loaded(tokens, depth=depth).logits, ours)
+        torch.testing.assert_close(hf(tokens).logits, ours, atol=1e-5, rtol=1e-5)
+    return model, loaded, tmp_path / "adapter"
+
+
 def write_corpus(folder, n_docs: int = 12, seed: int = 0, words: int = 120):
     """Plain-text documents of pseudo-words, one file each."""
     import random

@@ -220,24 +220,10 @@ def test_anchored_state_scale_holds_each_step_at_step_one_rms_times_its_factor(t
 
 def test_anchored_state_scale_round_trips_and_exports(tmp_path, tokens):
     """Its factors are saved, loaded and exported with the rest of the recurrent block."""
-    from transformers import AutoModelForCausalLM
+    from conftest import round_trip_and_export
 
-    from conftest import save_tiny_base
-    from ouroboros_lm import load_base_model
-    from ouroboros_lm.export import export_hf
-
-    base = save_tiny_base(tmp_path / "base")
-    model = OuroborosModel.from_base(load_base_model(base), OuroborosConfig(**TINY_SPLIT, **ANCHORED), base_name=base)
-    randomize_trainables(model, scale=0.3)
-    save_adapter(model, tmp_path / "adapter")
-    loaded = load_adapter(tmp_path / "adapter").eval()
+    model, loaded, _ = round_trip_and_export(tmp_path, tokens, **ANCHORED)
     assert torch.equal(loaded.recurrent.state_scale.log_scale, model.recurrent.state_scale.log_scale)
-    export_hf(tmp_path / "adapter", tmp_path / "hf", depth=3)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    with torch.no_grad():
-        ours = model.eval()(tokens, depth=3).logits
-        torch.testing.assert_close(loaded(tokens, depth=3).logits, ours, atol=0, rtol=0)
-        torch.testing.assert_close(hf(tokens).logits, ours, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="state_scale must be one of free, anchored"):
         OuroborosConfig(**{**TINY_SPLIT, "state_scale": "clipped"})
 

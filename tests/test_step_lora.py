@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from conftest import TINY_SPLIT, randomize_trainables, save_tiny_base, tiny_ouroboros
-from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model
-from ouroboros_lm.adapter import load_adapter, save_adapter
+from conftest import TINY_SPLIT, randomize_trainables, round_trip_and_export, tiny_ouroboros
+from ouroboros_lm import OuroborosConfig
+from ouroboros_lm.adapter import load_adapter
 from ouroboros_lm.peft_lora import step_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,23 +80,9 @@ def test_fresh_sets_start_as_the_shared_loop_and_each_step_trains_its_own(tokens
 
 
 def test_step_sets_round_trip_and_export(tmp_path, tokens):
-    from transformers import AutoModelForCausalLM
-
-    from ouroboros_lm.export import export_hf
-
-    base = save_tiny_base(tmp_path / "base")
-    model = OuroborosModel.from_base(load_base_model(base), OuroborosConfig(**TINY_SPLIT, **STEPS), base_name=base)
-    randomize_trainables(model, scale=0.3)
-    save_adapter(model, tmp_path / "adapter")
-    loaded = load_adapter(tmp_path / "adapter").eval()
-    export_hf(tmp_path / "adapter", tmp_path / "hf", depth=3)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    with torch.no_grad():
-        ours = model.eval()(tokens, depth=3).logits
-        assert torch.equal(loaded(tokens, depth=3).logits, ours)
-        torch.testing.assert_close(hf(tokens).logits, ours, atol=1e-5, rtol=1e-5)
+    model, _, adapter = round_trip_and_export(tmp_path, tokens, **STEPS)
     with pytest.raises(Exception, match="recurrent_lora_steps"):
-        load_adapter(tmp_path / "adapter", recurrent_lora_steps=2)
+        load_adapter(adapter, recurrent_lora_steps=2)
 
 
 def test_step_sets_without_a_recurrent_lora_are_refused():
