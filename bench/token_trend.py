@@ -109,6 +109,12 @@ def summarize(trend: dict, reference: dict, splits: list[str], multiples: list[i
                 if ctl is not None and m in ctl["points"] and r["config"] != control:
                     table.setdefault((r["config"], int(m), s, "diff"), []).append(
                         gap(loss, s) - gap(best_depth(ctl["points"][m])[1][s], s))
+            if ctl is not None and m in ctl["points"] and r["config"] != control and depth != "default":
+                base = best_depth(ctl["points"][m])[1]
+                for d, at_d in point.items():  # and at every depth it was read at
+                    for s, loss in at_d.items():
+                        table.setdefault((r["config"], int(m), s, f"diff@{d}"), []).append(
+                            gap(loss, s) - gap(base[s], s))
 
     def cell(values):
         if not values:
@@ -129,6 +135,16 @@ def summarize(trend: dict, reference: dict, splits: list[str], multiples: list[i
     for c in configs[1:]:
         for m in multiples:
             lines.append(f"| {c} | {m}x | " + " | ".join(cell(table.get((c, m, s, "diff"), [])) for s in splits) + " |")
+    depths = sorted({k[3][5:] for k in table if len(k) == 4 and k[3].startswith("diff@")}, key=int)
+    if depths:
+        lines += ["", "Minus the control at each depth the configuration was read at (paired by seed)", "",
+                  "| configuration | tokens | depth | " + " | ".join(splits) + " |", "|---|---|---|" + "---|" * len(splits)]
+        for c in configs[1:]:
+            for m in multiples:
+                for d in depths:
+                    if any((c, m, s, f"diff@{d}") in table for s in splits):
+                        lines.append(f"| {c} | {m}x | {d} | " + " | ".join(
+                            cell(table.get((c, m, s, f"diff@{d}"), [])) for s in splits) + " |")
     write_text(out / "trend.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     plt = pyplot()
