@@ -104,13 +104,13 @@ def summarize(trend: dict, reference: dict, splits: list[str], multiples: list[i
         for m, point in r["points"].items():
             depth, losses = best_depth(point)
             table.setdefault((r["config"], int(m), "depth"), []).append(depth)
+            paired = ctl is not None and m in ctl["points"] and r["config"] != control
+            base = best_depth(ctl["points"][m])[1] if paired else None  # the control at its own best depth
             for s, loss in losses.items():
                 table.setdefault((r["config"], int(m), s, "gap"), []).append(gap(loss, s))
-                if ctl is not None and m in ctl["points"] and r["config"] != control:
-                    table.setdefault((r["config"], int(m), s, "diff"), []).append(
-                        gap(loss, s) - gap(best_depth(ctl["points"][m])[1][s], s))
-            if ctl is not None and m in ctl["points"] and r["config"] != control and depth != "default":
-                base = best_depth(ctl["points"][m])[1]
+                if paired:
+                    table.setdefault((r["config"], int(m), s, "diff"), []).append(gap(loss, s) - gap(base[s], s))
+            if paired and depth != "default":
                 for d, at_d in point.items():  # and at every depth it was read at
                     for s, loss in at_d.items():
                         table.setdefault((r["config"], int(m), s, f"diff@{d}"), []).append(

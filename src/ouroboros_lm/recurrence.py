@@ -227,8 +227,8 @@ class RecurrentBlock(nn.Module):
     def lora_set(self, p: int) -> str | None:
         """The plain-LoRA set (PEFT adapter name) the block's layers use at parameter step p when each step has its
         own (`recurrent_lora_steps` > 1); None when one set (or none) serves every step."""
-        steps = self.config.recurrent_lora_steps
-        return step_adapter(min(p, steps - 1)) if steps > 1 and self.config.lora_on_recurrent_layer else None
+        steps = self.config.recurrent_lora_steps  # > 1 only with recurrent_lora on a recursion (OuroborosConfig)
+        return step_adapter(min(p, steps - 1)) if steps > 1 else None
 
     def step(self, h: torch.Tensor, s: int, ctx: AttentionContext, mask, kv=None,
              pool_state: PoolState | None = None, e: torch.Tensor | None = None,
