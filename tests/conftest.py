@@ -154,3 +154,39 @@ def write_corpus(folder, n_docs: int = 12, seed: int = 0, words: int = 120):
         text = " ".join("".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(words)) + ".\n"
         (folder / f"doc_{i:03d}.txt").write_text(text)
     return folder
+
+
+# ---------------------------------------------------------------- a Python without ouroboros-lm
+def clean_python() -> str:
+    """A virtual environment with torch and transformers (the versions this one has) and WITHOUT ouroboros-lm, built
+    once into the cache (`$OUROBOROS_CACHE/clean-venv-...`): what proves an exported folder needs nothing of ours.
+    Returns its interpreter."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    from ouroboros_lm.loading import cache_dir
+
+    torch_version = torch.__version__.split("+")[0]
+    venv = cache_dir() / f"clean-venv-torch{torch_version}-transformers{transformers.__version__}"
+    python = venv / "bin" / "python"
+    stamp = venv / ".complete"
+    if not stamp.is_file():
+        import shutil
+
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run(pip + [f"torch=={torch_version}"], check=True)  # the CPU build first (see the Makefile)
+        subprocess.run(pip + [f"transformers=={transformers.__version__}"], check=True)
+        stamp.write_text("ok\n")
+    found = subprocess.run([str(python), "-c", "import importlib.util as u; print(u.find_spec('ouroboros_lm') is None)"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert found == "True", f"{venv} can import ouroboros_lm: it would prove nothing"
+    return str(python)
+
+
+@pytest.fixture(scope="session")
+def clean_venv_python():
+    return clean_python()

@@ -390,12 +390,17 @@ def cmd_generate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import export_hf
+    from .export import export
 
     ec = from_flags(ExportConfig, args)
-    out = export_hf(ec.adapter, ec.out, depth=ec.depth, baseline=ec.baseline, overwrite=ec.overwrite)
-    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) after `import ouroboros_lm` "
-          "(elsewhere: trust_remote_code=True, which runs the folder's modeling_ouroboros.py)")
+    out = export(ec)
+    if ec.format == "ouroboros":
+        print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) after `import ouroboros_lm` "
+              "(elsewhere: trust_remote_code=True, which runs the folder's modeling_ouroboros.py)")
+        return
+    from .plain import describe_export
+
+    print(describe_export(out, ec))
 
 
 def cmd_harness(args) -> None:
@@ -433,7 +438,8 @@ COMMANDS = {
     "eval-exits": Command("exit rules against fixed depths at equal mean steps per token", exits_flags,
                           cmd_eval_exits),
     "generate": Command("generate text through the recursion (streams tokens)", generate_flags, cmd_generate),
-    "export": Command("write a Hugging Face model folder (transformers, pipeline, lm-eval)",
+    "export": Command("write the model for other programs: a Hugging Face folder of our type, the base family's own "
+                      "plain model (LoRA merged), or a llama.cpp GGUF",
                       lambda p: add_flags(p, ExportConfig), cmd_export,
                       "nothing was changed (the temporary folder was removed)"),
     "harness": Command("lm-evaluation-harness on our local tasks (perplexity, next sentence)",

@@ -1,6 +1,16 @@
-"""`ouroboros export`: an adapter as a Hugging Face model folder.
+"""`ouroboros export`: an adapter as a model other programs load, in one of three formats.
 
-The folder loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` in
+--format plain (heal models, the pruned baseline, and loops with nothing step-aware, unrolled): the
+base family's own model folder (`plain.py`): config.json of the base's model_type with the kept
+layers, the LoRA merged into the weights, HF's tensor names, the tokenizer and generation config,
+and no file of ours but the marker. Stock `AutoModelForCausalLM.from_pretrained(folder)` loads it
+without this package; vLLM, TGI and llama.cpp's converter read it.
+
+--format gguf: that plain folder through llama.cpp's own converter (`convert_hf_to_gguf.py`, from a
+llama.cpp source tree: `--llama-cpp DIR`, $LLAMA_CPP_DIR, or the cache's `llama.cpp/` that
+`make llama-cpp` extracts from the llama-cpp-python source package), one .gguf file.
+
+--format ouroboros (the default; every model): our own model type. The folder loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` in
 any process where the `ouroboros-lm` package is installed (the modeling file it holds only
 imports `ouroboros_lm.hf`), and with plain `from_pretrained(folder)` once `ouroboros_lm` is
 imported. It holds
@@ -38,10 +48,11 @@ from safetensors import SafetensorError
 
 from .atomic import (check_removable, clean_temporaries, refuse_working_folder, remove_tree, replace_dir, temp_dir, temp_path, write_bytes,
                      write_marker, write_text)
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter, saved_policy
 from .config import OuroborosConfig
 from .hf import OuroborosForCausalLM
-from .loading import load_tokenizer
+from .loading import cache_dir, load_tokenizer, resolve_source
+from .plain import DTYPES, check_plain, plain_state
 from .settings import REQUIRED, setting, validate_fields
 
 MODELING_FILE = "modeling_ouroboros.py"
@@ -51,6 +62,9 @@ transformers with trust_remote_code=True. The code lives in the installed `ourob
 this file only re-exports it. Install it with `pip install ouroboros-lm`."""
 from ouroboros_lm.hf import OuroborosForCausalLM, OuroborosHFConfig  # noqa: F401
 '''
+FORMATS = ("ouroboros", "plain", "gguf")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+CONVERTER = "convert_hf_to_gguf.py"
 AUTO_MAP = {"AutoConfig": "modeling_ouroboros.OuroborosHFConfig",
             "AutoModelForCausalLM": "modeling_ouroboros.OuroborosForCausalLM"}
 
@@ -64,7 +78,19 @@ class ExportConfig:
     depth: int | None = setting(None, "depth the exported model runs at (default: the adapter's default_depth; at "
                                 "most its max_depth)", low=1)
     baseline: bool = setting(False, "export the pruned stack's behaviour instead of the recursion")
-    overwrite: bool = setting(False, "replace a non-empty --out (only an earlier export of ours)")
+    overwrite: bool = setting(False, "replace a non-empty --out (only an earlier export of ours; a .gguf: only a GGUF "
+                              "file)")
+    format: str = setting("ouroboros", "ouroboros: our model type (every model; loads with this package or "
+                          "trust_remote_code); plain: the base family's own model, LoRA merged, kept layers only (heal "
+                          "models, --baseline, loops without gate, injection or modulation: unrolled), for stock "
+                          "transformers, vLLM, llama.cpp's converter; gguf: that plain model as one llama.cpp file "
+                          "(--out NAME.gguf)", choices=FORMATS)
+    dtype: str | None = setting(None, "plain / gguf: the dtype the merged weights are saved in (merged in float64; "
+                                "default: the base's)", choices=tuple(DTYPES))
+    outtype: str = setting("f16", "gguf: llama.cpp's tensor type (f32 keeps the weights exactly)", choices=OUTTYPES)
+    llama_cpp: str | None = setting(None, "gguf: a llama.cpp source tree holding convert_hf_to_gguf.py (default: "
+                                    "$LLAMA_CPP_DIR, then the cache's llama.cpp/, which `make llama-cpp` fills)",
+                                    metavar="DIR")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -87,18 +113,15 @@ def check_out(out: Path, adapter: Path, overwrite: bool) -> None:
         check_removable(out, "export")
 
 
-def write_folder(hf, tokenizer, adapter: Path, out: Path) -> Path:
-    """The export's files into a temporary folder beside `out`, renamed over it once complete. Any
-    failure while writing (a full disk, an interrupt) removes the temporary folder; `out` is then as it was."""
+def write_folder(write_files, out: Path) -> Path:
+    """`write_files(tmp)` into a temporary folder beside `out`, then the marker, renamed over `out` once
+    complete. Any failure while writing (a full disk, an interrupt) removes the temporary folder; `out` is
+    then as it was."""
     clean_temporaries(out.parent if out.parent.is_dir() else Path("."), out.name)  # earlier exports killed mid-way
     tmp = temp_path(out)
     try:
         tmp = temp_dir(out)
-        hf.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            write_bytes(tmp / ADAPTER_SUBFOLDER / name, (Path(adapter) / name).read_bytes(), under=tmp)
-        write_text(tmp / MODELING_FILE, MODELING_SOURCE)
+        write_files(tmp)
         write_marker(tmp, "export")
         return replace_dir(tmp, out, "export")
     except (OSError, RuntimeError, SafetensorError) as e:  # safetensors and torch report a full disk in their own types
@@ -125,4 +148,147 @@ def export_hf(adapter: str | os.PathLike, out: str | os.PathLike, depth: int | N
     model = load_adapter(adapter, dtype=dtype)
     hf = OuroborosForCausalLM.from_ouroboros(model, depth=depth, baseline=baseline)
     hf.config.auto_map = dict(AUTO_MAP)
-    return write_folder(hf, load_tokenizer(meta["base_model"]), Path(adapter), out)
+    tokenizer = load_tokenizer(meta["base_model"])
+
+    def write_files(tmp: Path) -> None:
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            write_bytes(tmp / ADAPTER_SUBFOLDER / name, (Path(adapter) / name).read_bytes(), under=tmp)
+        write_text(tmp / MODELING_FILE, MODELING_SOURCE)
+
+    return write_folder(write_files, out)
+
+
+
+def check_plain_request(adapter: str | os.PathLike, depth: int | None, baseline: bool) -> None:
+    """Refuse, from the adapter's config alone (no weights loaded), a --format plain / gguf export that cannot be
+    the base's architecture (`plain.check_plain`), and --depth on a heal model (it runs its layers once)."""
+    meta, _ = read_adapter(adapter)
+    cfg = OuroborosConfig.from_dict(meta["ouroboros_config"])
+    if depth is not None:
+        if cfg.heal_layers:
+            raise ValueError("--depth: a heal model runs its layers once; it has no depth to export")
+        cfg.check_depth(depth, "--depth")
+    check_plain(cfg, saved_policy(meta), depth, baseline)
+
+
+def base_generation_config(base: str, config):
+    """The base model's generation config (its folder's, or its hub id's when online); from the model
+    config when it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(resolve_source(base))
+    except (OSError, ValueError):
+        return GenerationConfig.from_model_config(config)
+
+
+def export_plain(adapter: str | os.PathLike, out: str | os.PathLike, depth: int | None = None, baseline: bool = False,
+                 overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write `out`: the adapter's model as the base family's own Hugging Face model (`plain.py`), loadable with
+    stock `AutoModelForCausalLM.from_pretrained(out)` without this package. Refused before anything is
+    loaded for a model that is not plain (a loop with a gate, injection, modulation...)."""
+    out = Path(out)
+    check_out(out, Path(adapter), overwrite)
+    check_plain_request(adapter, depth, baseline)
+    meta, _ = read_adapter(adapter)
+    model = load_adapter(adapter)
+    config, state = plain_state(model, depth, baseline, dtype)
+    tokenizer = load_tokenizer(meta["base_model"])
+    generation = base_generation_config(meta["base_model"], config)
+    config.architectures = [type_name(config)]
+
+    def write_files(tmp: Path) -> None:
+        from huggingface_hub import save_torch_state_dict
+
+        config.save_pretrained(tmp)
+        save_torch_state_dict(state, tmp, metadata={"format": "pt"})
+        generation.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return write_folder(write_files, out)
+
+
+def type_name(config) -> str:
+    """The family's causal-LM class name (LlamaForCausalLM, ...), as transformers' auto mapping has it."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__
+
+
+def find_converter(llama_cpp: str | os.PathLike | None = None) -> Path:
+    """llama.cpp's `convert_hf_to_gguf.py`: in `llama_cpp`, else $LLAMA_CPP_DIR, else the cache's llama.cpp/
+    (`make llama-cpp`); a ValueError saying how to get it when none is found."""
+    tried = [Path(p) for p in (llama_cpp, os.environ.get("LLAMA_CPP_DIR")) if p] or [cache_dir() / "llama.cpp"]
+    for folder in tried:
+        if (Path(folder) / CONVERTER).is_file():
+            return Path(folder) / CONVERTER
+    where = "--llama-cpp" if llama_cpp else ("$LLAMA_CPP_DIR" if os.environ.get("LLAMA_CPP_DIR") else "the cache")
+    raise ValueError(f"--format gguf needs llama.cpp's {CONVERTER}, not found in {tried[0]} ({where}): run `make "
+                     "llama-cpp` (it extracts llama.cpp from the llama-cpp-python source package into the cache) or "
+                     "pass --llama-cpp DIR (a llama.cpp source tree)")
+
+
+def check_gguf_out(out: Path, overwrite: bool) -> None:
+    """A .gguf --out we may write: a new file, or with --overwrite an existing GGUF file (never a link, a
+    folder or another kind of file)."""
+    if out.suffix != ".gguf":
+        raise ValueError(f"--out {out}: --format gguf writes one file; name it NAME.gguf")
+    if out.is_symlink():
+        raise ValueError(f"--out {out} is a symbolic link; refusing to write through it (nothing was changed)")
+    if out.exists():
+        if not out.is_file():
+            raise ValueError(f"--out {out} exists and is not a file (nothing was changed)")
+        if not overwrite:
+            raise ValueError(f"{out} exists; pass --overwrite to replace it (nothing was changed)")
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError(f"{out} is not a GGUF file; refusing to replace it (nothing was changed)")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: its folder {out.parent} does not exist")
+
+
+def export_gguf(adapter: str | os.PathLike, out: str | os.PathLike, depth: int | None = None, baseline: bool = False,
+                overwrite: bool = False, outtype: str = "f16", llama_cpp: str | os.PathLike | None = None,
+                dtype: torch.dtype | None = None) -> Path:
+    """Write the GGUF file `out`: the plain export (`export_plain`) converted by llama.cpp's own
+    `convert_hf_to_gguf.py` (run in this interpreter) at `outtype`. The plain folder is a temporary one beside
+    `out`; `out` appears only once the converter has finished."""
+    import subprocess
+    import sys
+
+    if outtype not in OUTTYPES:
+        raise ValueError(f"--outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}")
+    out = Path(out)
+    converter = find_converter(llama_cpp)
+    check_gguf_out(out, overwrite)
+    check_plain_request(adapter, depth, baseline)
+    clean_temporaries(out.parent, out.name)
+    clean_temporaries(out.parent, out.name + ".plain")
+    folder, gguf = temp_path(out.with_name(out.name + ".plain")), temp_path(out)
+    try:
+        export_plain(adapter, folder, depth, baseline, dtype=dtype)
+        run = subprocess.run([sys.executable, str(converter), str(folder), "--outfile", str(gguf), "--outtype", outtype],
+                             capture_output=True, text=True)
+        if run.returncode != 0 or not gguf.is_file():
+            tail = [line for line in (run.stderr or run.stdout).splitlines() if line.strip()][-3:]
+            raise ValueError(f"llama.cpp's converter ({converter}) failed on the plain export: " + " | ".join(tail))
+        os.replace(gguf, out)
+        return out
+    finally:
+        for p in (folder, gguf):
+            if p.is_dir():
+                remove_tree(p, None, force=True)
+            elif p.exists():
+                p.unlink()
+
+
+def export(ec: ExportConfig) -> Path:
+    """`ouroboros export`: the format ExportConfig names."""
+    dtype = DTYPES[ec.dtype] if ec.dtype else None
+    if ec.format == "plain":
+        return export_plain(ec.adapter, ec.out, ec.depth, ec.baseline, ec.overwrite, dtype)
+    if ec.format == "gguf":
+        return export_gguf(ec.adapter, ec.out, ec.depth, ec.baseline, ec.overwrite, ec.outtype, ec.llama_cpp, dtype)
+    return export_hf(ec.adapter, ec.out, depth=ec.depth, baseline=ec.baseline, overwrite=ec.overwrite)
