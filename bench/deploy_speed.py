@@ -1,0 +1,119 @@
+"""The speed users buy: the full base and heal models exported `--format plain`, side by side in one run, in stock
+transformers and (where llama-cpp-python is installed, `make llama-cpp`) in llama.cpp on their GGUF files.
+
+    .venv/bin/python bench/deploy_speed.py --adapters runs/demo/heal-compute runs/demo/heal-weights --out runs/deploy
+
+Per model: batch-1 prompt and greedy decode tokens/s (median of interleaved rounds), peak resident memory of a fresh
+process running the same, bytes on disk; the decode speed-up over the full model against its ideal, the ratio of
+weights read per token (layers plus head). Writes OUT/deploy_speed.json and OUT/deploy_speed.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from ouroboros_lm.atomic import write_json, write_text
+from ouroboros_lm.export import export_gguf, export_plain, find_converter
+from ouroboros_lm.loading import cache_dir, load_tokenizer, resolve_source
+from ouroboros_lm.speed import (LlamaCppRunner, TransformersRunner, disk_bytes, measure, peak_memory,
+                                weights_per_token)
+
+
+def prompt_ids(tok, n: int) -> list[int]:
+    """n tokens of a held-out address (2001 on), or of a fixed sentence repeated when the addresses are absent."""
+    files = sorted((cache_dir() / "sotu").glob("20[0-2]*.txt"))
+    text = files[0].read_text() if files else "The state of our Union is strong, and our people are resilient. " * 64
+    ids = tok(text).input_ids[:n]
+    if len(ids) < n:
+        raise SystemExit(f"the prompt text has {len(ids)} tokens, fewer than --prompt-tokens {n}")
+    return ids
+
+
+def gguf_of_base(folder: str, out: Path, outtype: str) -> Path:
+    """The full base (already a plain folder) through llama.cpp's converter."""
+    import subprocess
+    import sys
+
+    path = out / f"full-{outtype}.gguf"
+    if not path.is_file():
+        subprocess.run([sys.executable, str(find_converter()), folder, "--outfile", str(path), "--outtype", outtype],
+                       check=True, capture_output=True)
+    return path
+
+
+def table(results: dict, full: str) -> str:
+    f = results[full]
+    lines = ["| model | runtime | layers | on disk | peak memory | prompt tok/s | decode tok/s | decode vs full | ideal | of ideal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        ref = results[f"{full}{r['suffix']}"] if r["suffix"] else f
+        ratio, ideal = r["decode"] / ref["decode"], ref["weights_per_token"] / r["weights_per_token"]
+        peak = f"{r['peak_rss'] / 2**20:.0f} MiB" if r.get("peak_rss") else ""
+        lines.append(f"| {r['name']} | {r['runtime']} | {r['layers']} | {r['disk'] / 2**20:.0f} MiB | {peak} | "
+                     f"{r['prompt']:.0f} | {r['decode']:.1f} | {ratio:.2f}x | {ideal:.2f}x | {100 * ratio / ideal:.0f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", nargs="+", required=True, help="heal-model adapters (or plain-exportable loops)")
+    ap.add_argument("--base", default="smollm2-135m", help="the full model they were cut from")
+    ap.add_argument("--out", default="runs/deploy", help="folder for the exports and the results")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--outtype", default="f32", help="llama.cpp tensor type of the GGUF files (f32, f16, q8_0)")
+    ap.add_argument("--no-peak", action="store_true", help="skip the peak-memory processes")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(args.base)
+    ids = prompt_ids(tok, args.prompt_tokens)
+    folders = {"full": resolve_source(args.base)}
+    for adapter in args.adapters:
+        name = Path(adapter).name
+        folders[name] = str(out / f"{name}-plain")
+        if not (Path(folders[name]) / "config.json").is_file():
+            export_plain(adapter, folders[name])
+    runners = {name: TransformersRunner(folder) for name, folder in folders.items()}
+    llama = importlib.util.find_spec("llama_cpp") is not None
+    ggufs = {}
+    if llama:
+        try:
+            find_converter()
+            ggufs = {"full": gguf_of_base(folders["full"], out, args.outtype)}
+            for adapter in args.adapters:
+                path = out / f"{Path(adapter).name}-{args.outtype}.gguf"
+                if not path.is_file():
+                    export_gguf(adapter, path, outtype=args.outtype)
+                ggufs[Path(adapter).name] = path
+            runners.update({f"{name} (gguf)": LlamaCppRunner(path) for name, path in ggufs.items()})
+        except ValueError as e:
+            print(f"llama.cpp skipped: {e}")
+    print(f"measuring {len(runners)} models, {args.rounds} interleaved rounds of a {len(ids)}-token prompt and "
+          f"{args.new_tokens} decoded tokens, {torch.get_num_threads()} threads")
+    speeds = measure(runners, ids, args.new_tokens, args.rounds)
+    results = {}
+    for name, s in speeds.items():
+        base_name = name.removesuffix(" (gguf)")
+        config = runners[base_name].config
+        path = ggufs[base_name] if name.endswith("(gguf)") else Path(folders[base_name])
+        results[name] = {"name": name, "runtime": s.runtime, "suffix": " (gguf)" if name.endswith("(gguf)") else "",
+                         "layers": config.num_hidden_layers, "disk": disk_bytes(path), "prompt": s.prompt,
+                         "decode": s.decode, "prompt_rounds": s.prompt_tps, "decode_rounds": s.decode_tps,
+                         "weights_per_token": weights_per_token(config)}
+        if not args.no_peak:
+            results[name]["peak_rss"] = peak_memory(s.runtime, path, ids, args.new_tokens)
+    md = table(results, "full")
+    print(md)
+    write_json(out / "deploy_speed.json", {"settings": vars(args), "threads": torch.get_num_threads(),
+                                           "results": results})
+    write_text(out / "deploy_speed.md", md + "\n")
+
+
+if __name__ == "__main__":
+    main()
