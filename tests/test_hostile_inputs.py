@@ -65,3 +65,75 @@ def test_resume_and_report_stream_metrics_in_the_memory_of_one_line(tmp_path):
     assert MAX_CURVE_POINTS // 2 <= len(pts) <= MAX_CURVE_POINTS and pts[0] == (0, 1.0)
     steps = [p[0] for p in pts]
     assert len({b - a for a, b in zip(steps, steps[1:])}) == 1
+
+
+def tiny_plan(base: str, keep_layers: list[int], ranking: list[int] | None, recurrent_layer: int | None,
+              num_layers: int = 8) -> dict:
+    """A plan as `ouroboros plan` writes it, for the tiny base saved at `base`, by hand (no calibration)."""
+    from transformers import AutoConfig
+
+    from ouroboros_lm.adapter import architecture_hash
+    from ouroboros_lm.plan import FORMAT
+
+    rec = None if recurrent_layer is None else {"keep_layers": keep_layers, "recurrent_layer": recurrent_layer,
+                                                "block_layers": 1}
+    return {"format": FORMAT, "base": base, "num_layers": num_layers,
+            "base_architecture_hash": architecture_hash(AutoConfig.from_pretrained(base)), "keep": len(keep_layers),
+            "rule": "block_influence", "keep_layers": keep_layers, "loss": 5.0, "full_loss": 4.0, "ranking": ranking,
+            "block_influence": [0.1] * num_layers, "candidates": [], "blocks": [], "recursion": rec}
+
+
+@pytest.fixture(scope="module")
+def demo_setup(tmp_path_factory):
+    """A tiny base, addresses of both sides of the demo's year split, and a settings file for 8 layers."""
+    from conftest import save_tiny_base
+
+    tmp = tmp_path_factory.mktemp("demo")
+    base = save_tiny_base(tmp / "base")
+    sotu = tmp / "sotu"
+    sotu.mkdir()
+    for name in ("1990_a.txt", "2010_b.txt"):
+        (sotu / name).write_text("ba ko ri tu me sa lo ni de fa. " * 40)
+    config = tmp / "demo.yaml"
+    config.write_text(f"demo: {{base: {base}, corpus: {sotu}, mix: none, plan: none, domains: {tmp / 'none'}}}\n"
+                      "model: {n_prelude: 2, recurrent_layer: 4, n_coda: 2, lora_rank: 2, variant: none, "
+                      "max_depth: 8}\ntrain: {steps: 2, batch_size: 1, depths: [2]}\n"
+                      "eval: {depths: [1, 2], blocks: 1, batch_size: 1}\ndata: {seq_len: 32}\n")
+    return tmp, base, config
+
+
+def earlier_demo(folder):
+    """The folder an earlier demo left: its marker and a result."""
+    from ouroboros_lm.atomic import write_marker
+
+    folder.mkdir(parents=True)
+    (folder / "eval.json").write_text("{}")
+    write_marker(folder, "demo")
+    return folder
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"train": {"depths": (9,)}}, r"--train.depths must be an integer in \[1, max_depth=8\]; got 9"),
+    ({"data": {"seq_len": 9000}}, r"--data.seq-len 9000 is longer than .*'s 256 positions"),
+    ({"train": {"distill_top_k": 97, "distill_weight": 0.5, "distill_source": "stored"}},
+     r"--train.distill-top-k must be below .*'s vocabulary \(97\); got 97"),
+    ({"demo": {"plan": "OTHER"}}, r"--plan .*other.json was made for another base \('elsewhere', 30 layers\)"),
+    ({"demo": {"plan": "PLAN", "heal_compute_layers": 5}},
+     r"--heal-compute-layers 5: the equal-compute heal model would keep 10 of .*'s 8 layers by --plan .*plan.json's "
+     r"ranking \(keep must be in \[1, 8\]; got 10\); lower --heal-compute-layers, or pass --no-heal-rows"),
+])
+def test_the_demo_checks_every_setting_and_its_plan_before_it_deletes_the_earlier_demo(demo_setup, tmp_path,
+                                                                                      changes, needle):
+    from ouroboros_recipes.demo import DemoRun, run_demo
+
+    _, base, config = demo_setup
+    good = tiny_plan(base, [0, 1, 3, 4, 6, 7], ranking=[0, 7, 1, 6, 4, 3, 2, 5], recurrent_layer=4)
+    (tmp_path / "plan.json").write_text(json.dumps(good))
+    (tmp_path / "other.json").write_text(json.dumps({**good, "base": "elsewhere", "num_layers": 30, "ranking": None}))
+    out = earlier_demo(tmp_path / "demo")
+    demo = {**changes.get("demo", {}), "out": str(out)}
+    demo["plan"] = {"PLAN": str(tmp_path / "plan.json"), "OTHER": str(tmp_path / "other.json")}.get(
+        demo.get("plan"), "none")
+    with pytest.raises(ValueError, match=needle):
+        run_demo(DemoRun.load(config, {**changes, "demo": demo}))
+    assert (out / "eval.json").read_text() == "{}"  # the earlier demo's results are all still there

@@ -299,11 +299,13 @@ def read_plan(path: str | Path) -> dict:
 
 
 def check_plan_base(plan: dict, base, where: str) -> None:
-    """Refuse a plan measured on another base (its layer count or architecture differs)."""
+    """Refuse a plan measured on another base (its layer count or architecture differs). `base`: the model, or
+    only its config (checked before any weight is loaded)."""
     from .adapter import architecture_hash
 
-    L = len(base.model.layers)
-    if plan["num_layers"] != L or plan.get("base_architecture_hash") != architecture_hash(base.config):
+    config = getattr(base, "config", base)
+    L = len(base.model.layers) if hasattr(base, "model") else config.num_hidden_layers
+    if plan["num_layers"] != L or plan.get("base_architecture_hash") != architecture_hash(config):
         raise ValueError(f"--plan {where} was made for another base ({plan.get('base')!r}, {plan['num_layers']} layers); "
                          f"this one has {L} layers{'' if plan['num_layers'] != L else ' and another architecture'}: "
                          "run `ouroboros plan` on it")

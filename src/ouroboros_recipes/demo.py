@@ -387,14 +387,53 @@ def train_models(run: DemoRun, model, out: Path, corpus, full, plan: dict | None
 
 def preflight(run: DemoRun) -> dict | None:
     """Check what the demo will read and run before its folder is replaced: the corpus, the mixed folders, the
-    depths it evaluates (within the model's max_depth) and the plan (returned, read)."""
-    dc = run.demo
+    depths it trains and evaluates (within the model's max_depth), the settings the base's config bounds (block
+    length, distillation's top-k), the plan (returned, read) against the base, and the heal models' layers."""
+    dc, tc = run.demo, run.train
     sotu_files(Path(dc.corpus) if dc.corpus else cache_dir() / "sotu", dc.last_train_year, dc.first_train_year)
     mix_files(dc)
     run.eval.check(run.model)
     for d in dc.domain_depths:
         run.model.check_depth(d, "--demo.domain-depths")
-    return demo_plan(run)
+    for d in tc.depths:
+        run.model.check_depth(d, "--train.depths")
+    plan = demo_plan(run)
+    config = base_config(dc.base)  # the base's config only: no weight is loaded yet
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if run.data.seq_len is not None and max_pos is not None and run.data.seq_len > max_pos:
+        raise ValueError(f"--data.seq-len {run.data.seq_len} is longer than {dc.base}'s {max_pos} positions "
+                         "(max_position_embeddings)")
+    if tc.distill_weight > 0 and tc.distill_source == "stored" and tc.distill_top_k >= config.vocab_size:
+        raise ValueError(f"--train.distill-top-k must be below {dc.base}'s vocabulary ({config.vocab_size}); "
+                         f"got {tc.distill_top_k}")
+    L = config.num_hidden_layers
+    where = "--plan " + ("shipped (demo_plan.json)" if dc.plan == "shipped" else dc.plan)
+    if plan is not None:
+        check_plan_base(plan, config, where[len("--plan "):])
+        try:
+            recursion = planned_config(plan, run.model)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    else:
+        recursion = run.model
+    recursion.validate(L)
+    try:
+        heal_arms(run, recursion, L, plan)
+    except ValueError as e:  # the equal-compute arm keeps more layers than the base has, or the plan has no ranking
+        n = len(recursion.kept_layers(L)) - recursion.block_layers + dc.heal_compute_layers
+        raise ValueError(f"--heal-compute-layers {dc.heal_compute_layers}: the equal-compute heal model would keep "
+                         f"{n} of {dc.base}'s {L} layers" + (f" by {where}'s ranking" if plan is not None else "")
+                         + f" ({e}); lower --heal-compute-layers, or pass --no-heal-rows") from None
+    return plan
+
+
+def base_config(base: str):
+    """The base model's config (a folder's config.json, or the alias's or GGUF's converted folder), no weights."""
+    from transformers import AutoConfig
+
+    from ouroboros_lm.loading import resolve_source
+
+    return AutoConfig.from_pretrained(resolve_source(base))
 
 
 def dc_title(run: DemoRun, model) -> str:
