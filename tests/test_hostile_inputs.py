@@ -137,3 +137,13 @@ def test_the_demo_checks_every_setting_and_its_plan_before_it_deletes_the_earlie
     with pytest.raises(ValueError, match=needle):
         run_demo(DemoRun.load(config, {**changes, "demo": demo}))
     assert (out / "eval.json").read_text() == "{}"  # the earlier demo's results are all still there
+
+
+# ---------------------------------------------------------------------- Medium
+def test_a_jsonl_line_nested_absurdly_deep_is_a_data_error_naming_the_line(tmp_path):
+    from ouroboros_lm.reading import iter_documents
+
+    (tmp_path / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 200_000 + "]" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"deep.jsonl:2 is nested too deeply to be a document"):
+        for _ in iter_documents([str(tmp_path / "deep.jsonl")]):
+            pass

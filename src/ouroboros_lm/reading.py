@@ -138,6 +138,8 @@ def jsonl_documents(path: Path, text_field: str, name: str | None = None) -> Ite
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i} is not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{i} is nested too deeply to be a document") from None
             if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
                 raise DataError(f"{path}:{i} has no string field {text_field!r}")
             if obj[text_field].strip():
