@@ -147,3 +147,62 @@ def test_a_jsonl_line_nested_absurdly_deep_is_a_data_error_naming_the_line(tmp_p
     with pytest.raises(DataError, match=r"deep.jsonl:2 is nested too deeply to be a document"):
         for _ in iter_documents([str(tmp_path / "deep.jsonl")]):
             pass
+
+
+@pytest.fixture
+def stored_set(tmp_path, monkeypatch):
+    """A tiny teacher's top-4 predictions for 24 blocks of 16 tokens, one block a chunk (24 chunks)."""
+    import numpy as np
+
+    from conftest import tiny_base
+    from ouroboros_lm import targets
+    from ouroboros_lm.prepare import prepare
+    from ouroboros_lm.shards import Prepared
+
+    prepare([str(write_corpus(tmp_path / "text", n_docs=12))], tmp_path / "p", tiny_tokenizer(), progress=False)
+    monkeypatch.setattr(targets, "CHUNK_TOKENS", 16)
+    targets.teacher_pass(Prepared(tmp_path / "p"), tiny_base(), "tiny", 16, 4, blocks=np.arange(24), progress=False)
+    return tmp_path / "p"
+
+
+def open_files() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_stored_targets_hold_no_file_open_per_chunk(stored_set):
+    import numpy as np
+
+    from ouroboros_lm.targets import find_sets
+    from ouroboros_lm.shards import Prepared
+
+    prep = Prepared(stored_set)
+    before = open_files()
+    tset = find_sets(prep, 16, 4, {}, 97)  # 24 chunks: two files each were held open, 600 of them hit ulimit -n 1024
+    assert len(tset.manifest["chunks"]) == 24 and open_files() <= before + 2
+    ids, lp = tset.read(np.arange(24))
+    assert ids.shape == (24, 16, 4) and np.isfinite(lp[..., :-1]).all() and open_files() <= before + 2
+
+
+def test_nan_stored_log_probabilities_are_refused_when_read_naming_the_chunk(stored_set):
+    import hashlib
+
+    import numpy as np
+
+    from ouroboros_lm.targets import find_sets
+    from ouroboros_lm.shards import Prepared
+
+    folder = next(stored_set.glob("teacher-*"))
+    lp = np.fromfile(folder / "chunk-00003.lp", dtype="<f2")
+    lp[5] = np.nan  # a chunk written wrong (its checksum matches: the pass stored what it computed)
+    (folder / "chunk-00003.lp").write_bytes(lp.tobytes())
+    m = json.loads((folder / "targets.json").read_text())
+    m["chunks"][3]["sha256"]["lp"] = hashlib.sha256(lp.tobytes()).hexdigest()
+    (folder / "targets.json").write_text(json.dumps(m))
+    tset = find_sets(Prepared(stored_set), 16, 4, {}, 97)
+    block = int(np.fromfile(folder / "chunk-00003.blocks", dtype="<i8")[0])
+    tset.read(np.array([block + 1 if block < 23 else 0]))  # the other chunks read as before
+    with pytest.raises(DataError, match=rf"chunk-00003.lp: the stored log-probabilities of block {block} are not a "
+                                        r"distribution \(NaN, positive, or not summing to 1\)"):
+        tset.read(np.array([0, block]))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_bytes, atomic_write_text, ensure_dir, read_json
+from .atomic import atomic_write_bytes, atomic_write_text, ensure_dir, open_regular, read_json
 from .families import final_logits
 from .loss import StoredTeacher, default_chunk
 from .ops import tail_log_mass
@@ -115,7 +116,7 @@ class TargetSet:
         self.seq_len, self.top_k = manifest["seq_len"], manifest["top_k"]
         self.n_blocks = len(Blocks(prep.arrays["train"], self.seq_len, (0, 0), f"{prep.folder}"))
         self.ids_dtype = np.dtype(manifest["ids_dtype"])
-        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self.chunks: list[Path] = []  # each chunk's files, without their suffix
         self.chunk_of = np.full(self.n_blocks, -1, dtype=np.int32)
         self.row_of = np.zeros(self.n_blocks, dtype=np.int64)
         if manifest["token_shards"] != token_shards(prep):
@@ -134,9 +135,8 @@ class TargetSet:
             raise DataError(f"{base.with_suffix('.blocks')} names blocks outside the folder's {self.n_blocks}")
         self.chunk_of[blocks] = len(self.chunks)
         self.row_of[blocks] = np.arange(blocks.size)
-        ids = np.memmap(base.with_suffix(".ids"), dtype=self.ids_dtype, mode="r", shape=(n, self.seq_len, self.top_k))
-        lp = np.memmap(base.with_suffix(".lp"), dtype=LOGP_DTYPE, mode="r", shape=(n, self.seq_len, self.top_k + 1))
-        self.chunks.append((ids, lp))
+        # the chunk's files are named, not held open: a set of thousands of chunks is read a chunk at a time
+        self.chunks.append(base)
 
     def missing(self, blocks: np.ndarray) -> np.ndarray:
         """The blocks of `blocks` (local numbers) this set has no predictions for, sorted, once each."""
@@ -146,16 +146,51 @@ class TargetSet:
     def read(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.empty((len(blocks), self.seq_len, self.top_k), dtype=np.int64)
         lp = np.empty((len(blocks), self.seq_len, self.top_k + 1), dtype=np.float32)
-        for j, b in enumerate(blocks.tolist()):
-            c = int(self.chunk_of[b])
-            if c < 0:
-                raise DataError(f"{self.folder}: no stored teacher predictions for block {b} (run the teacher pass "
-                                "for the blocks this run draws)")
-            ids[j], lp[j] = self.chunks[c][0][self.row_of[b]], self.chunks[c][1][self.row_of[b]]
+        blocks = np.asarray(blocks, dtype=np.int64)
+        chunk = self.chunk_of[blocks]
+        if (chunk < 0).any():
+            raise DataError(f"{self.folder}: no stored teacher predictions for block {int(blocks[chunk < 0][0])} (run "
+                            "the teacher pass for the blocks this run draws)")
+        for c in np.unique(chunk).tolist():  # each chunk's files opened once, and closed again
+            where = np.nonzero(chunk == c)[0]
+            rows, base = self.row_of[blocks[where]], self.chunks[c]
+            ids[where] = read_rows(base.with_suffix(".ids"), self.ids_dtype, (self.seq_len, self.top_k), rows)
+            lp[where] = read_rows(base.with_suffix(".lp"), LOGP_DTYPE, (self.seq_len, self.top_k + 1), rows)
+            check_log_probs(lp[where], base.with_suffix(".lp"), blocks[where])
         if ids.size and ids.max() >= self.manifest["vocab_size"]:
             raise DataError(f"{self.folder}: a stored token id ({ids.max()}) is past the vocabulary "
                             f"({self.manifest['vocab_size']}); delete the folder and run the teacher pass again")
         return ids, lp
+
+
+def read_rows(path: Path, dtype: np.dtype, shape: tuple[int, ...], rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (each of `shape`) of the array file `path` (a regular file, checked when its set was opened)."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    out = np.empty((len(rows), *shape), dtype=dtype)
+    try:
+        f = open_regular(path, "stored teacher predictions")
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    with f:
+        for j, r in enumerate(rows.tolist()):
+            data = os.pread(f.fileno(), size, r * size)
+            if len(data) != size:
+                raise DataError(f"{path}: shorter than its manifest says (changed since it was checked?); delete its "
+                                "folder and run the teacher pass again")
+            out[j] = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return out
+
+
+def check_log_probs(lp: np.ndarray, path: Path, blocks: np.ndarray) -> None:
+    """Refuse stored log-probabilities that are not a distribution: NaN, positive (a probability above 1), or K + 1
+    buckets whose probabilities do not sum to 1 (to float16's rounding); the file and block named."""
+    bad = np.isnan(lp).any(axis=(1, 2)) | (lp > 1e-2).any(axis=(1, 2))
+    total = np.exp(lp.astype(np.float64)).sum(axis=-1)
+    bad |= (np.abs(total - 1) > 0.05).any(axis=1)
+    if bad.any():
+        raise DataError(f"{path}: the stored log-probabilities of block {int(blocks[np.argmax(bad)])} are not a "
+                        "distribution (NaN, positive, or not summing to 1): the file is corrupt; delete its folder and "
+                        "run the teacher pass again")
 
 
 def find_sets(prep: Prepared, seq_len: int, top_k: int, fingerprints: dict, vocab_size: int) -> TargetSet | None:
