@@ -206,3 +206,111 @@ def test_nan_stored_log_probabilities_are_refused_when_read_naming_the_chunk(sto
     with pytest.raises(DataError, match=rf"chunk-00003.lp: the stored log-probabilities of block {block} are not a "
                                         r"distribution \(NaN, positive, or not summing to 1\)"):
         tset.read(np.array([0, block]))
+
+
+# ---------------------------------------------------------------------- plans
+@pytest.fixture(scope="module")
+def plan_setup(tmp_path_factory):
+    from conftest import save_tiny_base
+
+    tmp = tmp_path_factory.mktemp("plan")
+    return tmp, save_tiny_base(tmp / "base"), write_corpus(tmp / "text", n_docs=6, words=200)
+
+
+def no_calibration(monkeypatch):
+    """Make reading calibration text fail the test: a refusal must come before it."""
+    from ouroboros_lm import plan
+
+    def calibrated(*a, **k):
+        raise AssertionError("the calibration ran before the refusal")
+
+    monkeypatch.setattr(plan, "calibration", calibrated)
+
+
+def one_error_line(capsys, needle: str) -> str:
+    """The command's error: one line (after any progress bar a library drew), holding `needle`."""
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.startswith("ouroboros ")]
+    assert len(lines) == 1 and needle in lines[0] and err[-1] == lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize("out, flags, needle", [
+    ("config.json", [], "config.json already exists; pass --overwrite to replace it (nothing was written)"),
+    ("config.json", ["--overwrite"], "config.json is not a plan `ouroboros plan` wrote; refusing to replace it"),
+    ("afile/plan.json", [], "afile is not a folder (nothing was written)"),
+    ("new.json", ["--seq-len", "9000"], "--seq-len 9000 is longer than the base's 256 positions"),
+])
+def test_plan_refuses_an_out_it_must_not_write_and_a_seq_len_past_the_base_before_calibrating(
+        plan_setup, tmp_path, monkeypatch, capsys, out, flags, needle):
+    from ouroboros_lm.cli import main
+
+    _, base, text = plan_setup
+    (tmp_path / "config.json").write_text('{"an adapter": "config"}')
+    (tmp_path / "afile").write_text("a file")
+    no_calibration(monkeypatch)
+    assert main(["plan", "--base", base, "--data", str(text), "--keep", "5", "--out", str(tmp_path / out),
+                 *flags]) == 2
+    one_error_line(capsys, needle)
+    assert (tmp_path / "config.json").read_text() == '{"an adapter": "config"}' and not (tmp_path / "new.json").exists()
+
+
+def test_plan_overwrite_replaces_an_earlier_plan(plan_setup, tmp_path):
+    from ouroboros_lm.cli import main
+    from ouroboros_lm.plan import read_plan
+
+    _, base, text = plan_setup
+    args = ["plan", "--base", base, "--data", str(text), "--keep", "5", "--blocks", "1", "--seq-len", "32",
+            "--rules", "ends", "--out", str(tmp_path / "plan.json")]
+    assert main(args) == 0 and main(args) == 2
+    assert main(args + ["--overwrite"]) == 0 and read_plan(tmp_path / "plan.json")["rule"] == "ends"
+
+
+def planned(plan_setup, tmp_path, **changes):
+    """A sound plan for the tiny base, with `changes`, written to a file; its path."""
+    _, base, _ = plan_setup
+    plan = {**tiny_plan(base, [0, 1, 3, 4, 6, 7], ranking=[0, 7, 1, 6, 4, 3, 2, 5], recurrent_layer=4), **changes}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"candidates": 5}, "candidates must be a list of at most 64 objects (one a rule); got int"),
+    ({"candidates": [{"keep_layers": [0, 1]}] * 300_000}, "candidates must be a list of at most 64 objects"),
+    ({"ranking": [False, True, 2, 3, 4, 5, 6, 7]}, "ranking must order the 8 layers once each (integers)"),
+    ({"recursion": {"keep_layers": [0, 1, 2, 4, 6, 7], "recurrent_layer": 4, "block_layers": 1}},
+     "recursion.keep_layers must be the plan's keep_layers"),
+])
+def test_a_plan_that_does_not_hold_together_is_refused_quickly_in_one_line(plan_setup, tmp_path, changes, needle):
+    import time
+
+    from ouroboros_lm.plan import read_plan
+
+    path = planned(plan_setup, tmp_path, **changes)
+    t0 = time.time()
+    with pytest.raises(ValueError, match="--plan .*plan.json: " + needle.replace("(", r"\(").replace(")", r"\)")):
+        read_plan(path)
+    assert time.time() - t0 < 5
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("link", "plan.json: cannot read this plan"),
+    ("fifo", "plan.json: this plan is not a regular file"),
+    ("folder", "plan.json: this plan is not a regular file"),
+])
+def test_a_plan_that_is_a_link_fifo_or_folder_is_named_as_such_not_missing(tmp_path, kind, needle):
+    import os
+
+    from ouroboros_lm.plan import read_plan
+
+    path = tmp_path / "plan.json"
+    if kind == "link":
+        (tmp_path / "real.json").write_text("{}")
+        path.symlink_to(tmp_path / "real.json")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with pytest.raises(ValueError, match="--plan .*" + needle):
+        read_plan(path)

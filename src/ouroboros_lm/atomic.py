@@ -170,11 +170,10 @@ def open_regular(path: Path, what: str = "file"):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise ValueError(f"{path}: cannot read this {what} ({e.strerror or e})") from None
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-        f.close()
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # checked on the descriptor: a folder cannot be opened as a file
+        os.close(fd)
         raise ValueError(f"{path}: this {what} is not a regular file; refusing to read it")
-    return f
+    return os.fdopen(fd, "rb")
 
 
 def read_bounded(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSON_BYTES) -> bytes:

@@ -187,14 +187,13 @@ def cmd_convert(args) -> None:
 
 def cmd_plan(args) -> None:
     from .loading import load_base_model, load_tokenizer
-    from .plan import PlanConfig, check_request, make_plan, table, write_plan
+    from .plan import PlanConfig, check_out, check_request, make_plan, table, write_plan
 
     pc = from_flags(PlanConfig, args)
     out = Path(pc.out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give the plan file's path (e.g. {out / 'plan.json'})")
+    check_out(pc)  # before the base is loaded
     base = load_base_model(pc.base)
-    check_request(pc, len(base.model.layers))  # before any calibration text is read
+    check_request(pc, len(base.model.layers), getattr(base.config, "max_position_embeddings", None))  # before any text
     base_name = str(Path(pc.base).resolve()) if Path(pc.base).exists() else pc.base
     plan = make_plan(pc, base, load_tokenizer(pc.base), base_name)
     write_plan(plan, out)

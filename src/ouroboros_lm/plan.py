@@ -32,6 +32,7 @@ from .settings import REQUIRED, setting
 RULES = ("ends", "block_influence", "angular", "greedy")
 NESTED = ("block_influence", "greedy")  # rules whose choice for n layers contains their choice for fewer
 FORMAT = "ouroboros-plan/1"
+MAX_CANDIDATES = 64  # `ouroboros plan` writes one a rule; each is validated, so their number is bounded first
 
 
 @dataclass
@@ -44,6 +45,7 @@ class PlanConfig:
     keep: int = setting(REQUIRED, "layers to keep (the heal model's; the recursion's, its block included)", low=1,
                         high=MAX_LAYERS)
     out: str = setting("plan.json", "where to write the plan")
+    overwrite: bool = setting(False, "replace an existing --out plan (never a file that is not a plan)")
     block_layers: int = setting(1, "consecutive base layers the recursion loops (its block)", low=1, high=MAX_LAYERS)
     rules: tuple[str, ...] = setting(RULES, "rules that propose kept layers (the measured loss decides)", choices=RULES,
                                      metavar="RULE")
@@ -171,7 +173,35 @@ def calibration(pc: PlanConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks[:half], blocks[half:]
 
 
-def check_request(pc: PlanConfig, num_layers: int) -> None:
+def check_out(pc: PlanConfig) -> None:
+    """Refuse, before the base is loaded, an --out the plan cannot be written to or must not replace: a folder, a
+    path under a file, or an existing file without --overwrite (with it, only a plan of ours)."""
+    import os
+
+    out = Path(pc.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the plan file's path (e.g. {out / 'plan.json'})")
+    parent = next((p for p in out.parents if os.path.lexists(p)), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is not a folder (nothing was written)")
+    if os.path.lexists(out):
+        if not pc.overwrite:
+            raise ValueError(f"--out {out} already exists; pass --overwrite to replace it (nothing was written)")
+        try:
+            ours = read_json(out, "plan").get("format") == FORMAT
+        except (ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"--out {out} is not a plan `ouroboros plan` wrote; refusing to replace it even with "
+                             "--overwrite (nothing was written)")
+
+
+def check_request(pc: PlanConfig, num_layers: int, max_positions: int | None = None) -> None:
+    """Refuse, before any calibration text is read, what the base cannot do: --keep past its layers, no room for a
+    block, --seq-len past its positions (max_position_embeddings)."""
+    if max_positions is not None and pc.seq_len > max_positions:
+        raise ValueError(f"--seq-len {pc.seq_len} is longer than the base's {max_positions} positions "
+                         "(max_position_embeddings)")
     if pc.keep > num_layers:
         raise ValueError(f"--keep must be in [1, {num_layers}] (the base's layers); got {pc.keep}")
     if pc.block_layers + 2 > pc.keep:
@@ -187,7 +217,7 @@ def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = 
     from .adapter import architecture_hash
 
     L = len(base.model.layers)
-    check_request(pc, L)
+    check_request(pc, L, getattr(base.config, "max_position_embeddings", None))
     base.eval()
     search_ids, score_ids = calibration(pc, tokenizer)
     search, score = Stack(base, search_ids), Stack(base, score_ids)
@@ -274,25 +304,39 @@ def compact(layers) -> str:
 def read_plan(path: str | Path) -> dict:
     """A plan file, checked (format, kept layers sorted and distinct, the loop's block among them) before any
     model is loaded; ValueError naming the file otherwise."""
+    import os
+
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ValueError(f"--plan {path}: no such file (write one with `ouroboros plan`)")
-    plan = read_json(path, "plan")
+    try:
+        plan = read_json(path, "plan")  # a link, FIFO or folder is refused here, named as what it is
+    except ValueError as e:
+        raise ValueError(f"--plan {e}") from None
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         raise ValueError(f"--plan {path}: not a plan `ouroboros plan` wrote (format {FORMAT!r})")
     n = plan.get("num_layers")
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LAYERS:
         raise ValueError(f"--plan {path}: num_layers must be an integer in [1, {MAX_LAYERS}]; got {n!r}")
+    candidates = plan.get("candidates") or []
+    if not isinstance(candidates, list) or len(candidates) > MAX_CANDIDATES \
+            or not all(isinstance(c, dict) for c in candidates):
+        raise ValueError(f"--plan {path}: candidates must be a list of at most {MAX_CANDIDATES} objects (one a rule); "
+                         f"got {type(candidates).__name__} of {len(candidates) if isinstance(candidates, list) else 1}")
     try:
-        for layers in [plan.get("keep_layers")] + [c.get("keep_layers") for c in plan.get("candidates") or []]:
+        for layers in [plan.get("keep_layers")] + [c.get("keep_layers") for c in candidates]:
             OuroborosConfig(keep_layers=layers, heal_layers=1, lora_rank=1).validate(n)
         rec = plan.get("recursion")
         if rec is not None:
             OuroborosConfig(keep_layers=rec.get("keep_layers"), recurrent_layer=rec.get("recurrent_layer"),
                             block_layers=rec.get("block_layers"), variant="none").validate(n)
+            if list(rec["keep_layers"]) != list(plan["keep_layers"]):
+                raise ValueError("recursion.keep_layers must be the plan's keep_layers (the recursion and its heal "
+                                 "control keep the same layers)")
         ranking = plan.get("ranking")
-        if ranking is not None and sorted(ranking) != list(range(n)):
-            raise ValueError(f"ranking must order the {n} layers once each")
+        if ranking is not None and (not isinstance(ranking, list) or any(isinstance(i, bool) for i in ranking)
+                                    or sorted(ranking) != list(range(n))):
+            raise ValueError(f"ranking must order the {n} layers once each (integers)")
     except (AttributeError, TypeError, ValueError) as e:
         raise ValueError(f"--plan {path}: {e}") from None
     return plan
