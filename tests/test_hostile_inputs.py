@@ -314,3 +314,63 @@ def test_a_plan_that_is_a_link_fifo_or_folder_is_named_as_such_not_missing(tmp_p
         path.mkdir()
     with pytest.raises(ValueError, match="--plan .*" + needle):
         read_plan(path)
+
+
+# ---------------------------------------------------------------------- prepare --teacher
+@pytest.fixture(scope="module")
+def prepare_setup(tmp_path_factory):
+    from conftest import save_tiny_base
+
+    tmp = tmp_path_factory.mktemp("prepare")
+    return tmp, save_tiny_base(tmp / "base"), write_corpus(tmp / "text", n_docs=12)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--teacher", "BASE", "--seq-len", "257"], "--seq-len 257 is longer than --base BASE's 256 positions"),
+    (["--seq-len", "16"], "--seq-len is for the teacher pass: give --teacher too"),
+    (["--teacher-top-k", "8"], "--teacher-top-k is for the teacher pass: give --teacher too"),
+    (["--teacher", "BASE", "--teacher-top-k", "96", "--seq-len", "16"],
+     "--teacher-top-k 96: the teacher pass would hold about 0.1 GiB of predictions in memory, more than half the "
+     "0.1 GiB available; lower --teacher-top-k"),
+])
+def test_prepare_refuses_teacher_settings_it_cannot_use_before_reading_any_text(prepare_setup, tmp_path, monkeypatch,
+                                                                               capsys, flags, needle):
+    from ouroboros_lm import memory
+    from ouroboros_lm.cli import main
+
+    _, base, text = prepare_setup
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 100 << 20)
+    flags = [base if f == "BASE" else f for f in flags]
+    assert main(["prepare", str(text), "--out", str(tmp_path / "p"), "--base", base, *flags]) == 2
+    one_error_line(capsys, needle.replace("BASE", base))
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_teacher_pass_refuses_predictions_the_disk_cannot_hold_before_computing_any(prepare_setup, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import numpy as np
+
+    from conftest import tiny_base
+    from ouroboros_lm import targets
+    from ouroboros_lm.prepare import prepare
+    from ouroboros_lm.shards import Prepared
+
+    tmp, _, text = prepare_setup
+    prep = Prepared(prepare([str(text)], tmp / "disk", tiny_tokenizer(), progress=False) and tmp / "disk")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(1 << 30, 0, 1000))
+    monkeypatch.setattr(targets, "teacher_predictions", lambda *a: pytest.fail("the teacher ran"))
+    with pytest.raises(DataError, match=r"--teacher-top-k 8: the teacher's predictions for 64 tokens would take "
+                                        r"about 0.0 GiB \(34 bytes a token\), more than the 0.0 GiB free under"):
+        targets.teacher_pass(prep, tiny_base(), "tiny", 16, 8, blocks=np.arange(4), progress=False)
+
+
+def test_prepare_takes_the_students_own_base_as_its_teacher_by_any_path(prepare_setup, tmp_path, monkeypatch, capsys):
+    from ouroboros_lm.cli import main
+
+    tmp, base, text = prepare_setup
+    monkeypatch.chdir(tmp)  # --base by a relative path, --teacher by the absolute one: one tokenizer, two names
+    assert main(["prepare", str(text), "--out", str(tmp_path / "p"), "--base", "base", "--teacher", base,
+                 "--teacher-top-k", "4", "--seq-len", "16"]) == 0, capsys.readouterr().err
+    assert next((tmp_path / "p").glob("teacher-*/targets.json")).is_file()

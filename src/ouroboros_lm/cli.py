@@ -216,11 +216,27 @@ def cmd_prepare(args) -> None:
     of_base = lambda name: read_adapter(name)[0]["base_model"] if (Path(name) / CONFIG_NAME).is_file() else name  # noqa: E731
     base, teacher = of_base(pa.base), of_base(pa.teacher) if pa.teacher else None
     tokenizer = load_tokenizer(base)
-    if teacher is not None and tokenizer_identity(load_tokenizer(teacher)) != tokenizer_identity(tokenizer):
+    if teacher is None and (pa.seq_len is not None or pa.teacher_top_k != PrepareArgs.teacher_top_k):
+        raise DataError(f"--{'seq-len' if pa.seq_len is not None else 'teacher-top-k'} is for the teacher pass: "
+                        "give --teacher too, or leave it out (nothing was written)")
+    # the same tokenizer by its definition (sha256), whatever name or path it was loaded by
+    if teacher is not None and tokenizer_identity(load_tokenizer(teacher))["sha256"] != tokenizer_identity(tokenizer)["sha256"]:
         raise DataError(f"--teacher {pa.teacher}: its tokenizer is not --base {pa.base}'s; the teacher must share "
                         "the student's vocabulary (nothing was written)")
     if teacher is not None and pa.teacher_top_k >= len(tokenizer):
         raise DataError(f"--teacher-top-k must be below the vocabulary ({len(tokenizer)}); got {pa.teacher_top_k}")
+    if teacher is not None:  # before any text is read: the positions both models have, the pass's memory
+        from .loading import load_base_config
+        from .runtime import choose_runtime
+        from .targets import check_pass_fits
+
+        seq_len = pa.seq_len or choose_runtime().default_seq_len
+        for flag, name in (("--base", base), ("--teacher", teacher)):
+            max_pos = getattr(load_base_config(name), "max_position_embeddings", None)
+            if max_pos is not None and seq_len > max_pos:
+                raise DataError(f"--seq-len {seq_len} is longer than {flag} {name}'s {max_pos} positions "
+                                "(max_position_embeddings); training could not use these targets (nothing was written)")
+        check_pass_fits(pa.teacher_top_k, len(tokenizer), seq_len)
     heldout = list(pa.heldout) if pa.heldout else None
     m = prepare(list(pa.sources), pa.out, tokenizer, pc, heldout=heldout, overwrite=pa.overwrite)
     train, held = m["splits"]["train"], m["splits"]["heldout"]

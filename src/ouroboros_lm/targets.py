@@ -222,9 +222,40 @@ def write_chunk(folder: Path, name: str, blocks: np.ndarray, ids: np.ndarray, lp
     return {"name": name, "blocks": int(blocks.size), "sha256": sha}
 
 
+def pass_bytes(top_k: int, vocab: int, seq_len: int, batch_blocks: int | None = None) -> tuple[int, int]:
+    """(memory a teacher pass holds at most, beside the teacher; bytes it stores a token) at this K: a chunk's
+    ids and log-probabilities, and a batch's top-K in int64 and float32, twice (gathered, then joined)."""
+    per_token = top_k * (2 if vocab <= 1 << 16 else 4) + (top_k + 1) * LOGP_DTYPE.itemsize
+    chunk_tokens = max(1, CHUNK_TOKENS // seq_len) * seq_len
+    batch_tokens = (batch_blocks or max(1, 4096 // seq_len)) * seq_len
+    return chunk_tokens * per_token + 2 * batch_tokens * (top_k * 8 + (top_k + 1) * 4), per_token
+
+
+def check_pass_fits(top_k: int, vocab: int, seq_len: int, flag: str = "--teacher-top-k", tokens: int | None = None,
+                    folder: Path | None = None, batch_blocks: int | None = None) -> None:
+    """Refuse, before the teacher runs, a K whose pass would not fit the available memory (half of it) or, for
+    `tokens` stored under `folder`, its free disk space; the flag named."""
+    import shutil
+
+    from .memory import free_bytes
+
+    ram, per_token = pass_bytes(top_k, vocab, seq_len, batch_blocks)
+    free = free_bytes(torch.device("cpu"))
+    gib = lambda n: f"{n / (1 << 30):.1f} GiB"  # noqa: E731
+    if free is not None and ram > free // 2:
+        raise DataError(f"{flag} {top_k}: the teacher pass would hold about {gib(ram)} of predictions in memory, more "
+                        f"than half the {gib(free)} available; lower {flag}")
+    if tokens is not None and folder is not None:
+        disk, room = tokens * per_token, shutil.disk_usage(folder).free
+        if disk > room:
+            raise DataError(f"{flag} {top_k}: the teacher's predictions for {tokens:,} tokens would take about "
+                            f"{gib(disk)} ({per_token} bytes a token), more than the {gib(room)} free under {folder}; "
+                            f"lower {flag}")
+
+
 def teacher_pass(prep: Prepared, teacher, teacher_name: str, seq_len: int, top_k: int,
                  blocks: np.ndarray | None = None, batch_blocks: int | None = None, progress: bool | None = True,
-                 fingerprints: dict | None = None) -> TargetSet:
+                 fingerprints: dict | None = None, flag: str = "--teacher-top-k") -> TargetSet:
     """The set of `prep` for this teacher, seq_len and K, holding at least `blocks` (local block numbers of
     the training split; None: all): the ones it lacks are computed (the teacher, in eval mode, on its
     device) and appended a chunk at a time. Returns the set, opened and checked."""
@@ -252,6 +283,7 @@ def teacher_pass(prep: Prepared, teacher, teacher_name: str, seq_len: int, top_k
         todo = tset.missing(np.arange(tset.n_blocks) if blocks is None else blocks)
         if todo.size == 0:
             return tset
+        check_pass_fits(top_k, vocab, seq_len, flag, int(todo.size) * seq_len, folder, batch_blocks)
         source = Blocks(prep.arrays["train"], seq_len, (0, 0), str(prep.folder))
         per_chunk = max(1, CHUNK_TOKENS // seq_len)
         batch = batch_blocks or max(1, 4096 // seq_len)
@@ -332,6 +364,6 @@ def corpus_targets(corpus, seq_len: int, top_k: int, fingerprints: dict, vocab_s
         raise DataError(f"the teacher {teacher_name} is not the model the student was cut from ({wrong[0]} differs)")
     which, local = CorpusTargets([], offsets).locate(blocks)
     sets = [teacher_pass(f, teacher, teacher_name, seq_len, top_k, blocks=local[which == i], progress=progress,
-                         fingerprints=got)
+                         fingerprints=got, flag="--distill-top-k")
             for i, f in enumerate(corpus.train_folders)]
     return CorpusTargets(sets, offsets)

@@ -29,7 +29,7 @@ from ouroboros_lm.data import DataConfig, domain_blocks
 from ouroboros_lm.evaluate import EvalConfig, evaluate
 from ouroboros_lm.exits import ExitRule
 from ouroboros_lm.halter_training import HalterConfig, train_halter
-from ouroboros_lm.loading import cache_dir, load_base_model, load_tokenizer
+from ouroboros_lm.loading import cache_dir, load_base_config, load_base_model, load_tokenizer
 from ouroboros_lm.model import OuroborosModel
 from ouroboros_lm.policy import RecursionPolicy
 from ouroboros_lm.runtime import choose_runtime
@@ -398,7 +398,7 @@ def preflight(run: DemoRun) -> dict | None:
     for d in tc.depths:
         run.model.check_depth(d, "--train.depths")
     plan = demo_plan(run)
-    config = base_config(dc.base)  # the base's config only: no weight is loaded yet
+    config = load_base_config(dc.base)  # the base's config only: no weight is loaded yet
     max_pos = getattr(config, "max_position_embeddings", None)
     if run.data.seq_len is not None and max_pos is not None and run.data.seq_len > max_pos:
         raise ValueError(f"--data.seq-len {run.data.seq_len} is longer than {dc.base}'s {max_pos} positions "
@@ -425,15 +425,6 @@ def preflight(run: DemoRun) -> dict | None:
                          f"{n} of {dc.base}'s {L} layers" + (f" by {where}'s ranking" if plan is not None else "")
                          + f" ({e}); lower --heal-compute-layers, or pass --no-heal-rows") from None
     return plan
-
-
-def base_config(base: str):
-    """The base model's config (a folder's config.json, or the alias's or GGUF's converted folder), no weights."""
-    from transformers import AutoConfig
-
-    from ouroboros_lm.loading import resolve_source
-
-    return AutoConfig.from_pretrained(resolve_source(base))
 
 
 def dc_title(run: DemoRun, model) -> str:
