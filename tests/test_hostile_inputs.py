@@ -374,3 +374,27 @@ def test_prepare_takes_the_students_own_base_as_its_teacher_by_any_path(prepare_
     assert main(["prepare", str(text), "--out", str(tmp_path / "p"), "--base", "base", "--teacher", base,
                  "--teacher-top-k", "4", "--seq-len", "16"]) == 0, capsys.readouterr().err
     assert next((tmp_path / "p").glob("teacher-*/targets.json")).is_file()
+
+
+# ---------------------------------------------------------------------- exported folders
+def test_an_export_whose_config_claims_fewer_per_step_lora_sets_than_its_weights_hold_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import TINY_SPLIT, randomize_trainables, save_tiny_base
+    from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model
+    from ouroboros_lm.adapter import save_adapter
+    from ouroboros_lm.export import export_hf
+
+    base = save_tiny_base(tmp_path / "base")
+    cfg = OuroborosConfig(**{**TINY_SPLIT, "lora_rank": 2, "recurrent_lora": True, "recurrent_lora_steps": 2})
+    model = OuroborosModel.from_base(load_base_model(base), cfg, base_name=base)
+    randomize_trainables(model, scale=0.3)
+    save_adapter(model, tmp_path / "ad")
+    export_hf(tmp_path / "ad", tmp_path / "hf")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # as exported: loads
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["ouroboros"]["recurrent_lora_steps"] = 1  # the second step's set would be dropped, silently
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"hf/model.safetensors holds weights its config.json builds nothing for "
+                                         r"\(model\.recurrent.*\): the config was edited; refusing to load it"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
