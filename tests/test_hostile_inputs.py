@@ -398,3 +398,20 @@ def test_an_export_whose_config_claims_fewer_per_step_lora_sets_than_its_weights
     with pytest.raises(ValueError, match=r"hf/model.safetensors holds weights its config.json builds nothing for "
                                          r"\(model\.recurrent.*\): the config was edited; refusing to load it"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+
+
+def test_a_plan_measured_on_other_weights_of_the_same_architecture_is_refused(plan_setup, tmp_path, capsys):
+    from conftest import save_tiny_base
+    from ouroboros_lm.cli import main
+
+    tmp, base, text = plan_setup
+    sibling = save_tiny_base(tmp_path / "sibling", seed=1)  # the same architecture, other weights
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--base", base, "--data", str(text), "--keep", "5", "--blocks", "1", "--seq-len", "32",
+                 "--rules", "ends", "--out", str(plan)]) == 0
+    args = ["convert", "--plan", str(plan), "--heal-layers", "1", "--lora-rank", "2"]
+    capsys.readouterr()
+    assert main([*args, "--base", sibling, "--out", str(tmp_path / "ad")]) == 2
+    one_error_line(capsys, "plan.json was measured on other weights of this architecture")
+    assert not (tmp_path / "ad").exists()
+    assert main([*args, "--base", base, "--out", str(tmp_path / "ad")]) == 0  # its own base: built

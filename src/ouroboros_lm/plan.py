@@ -255,7 +255,10 @@ def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = 
                        "loss_depth2": score.loss_of(loop_order(kept, first, pc.block_layers, 2))})
         bar.update(1)
     bar.close()
+    from .surgery import part_fingerprints
+
     plan = {"format": FORMAT, "base": base_name, "num_layers": L, "base_architecture_hash": architecture_hash(base.config),
+            "base_fingerprints": part_fingerprints(base, range(L)),
             "keep": pc.keep, "rule": winner["rule"], "keep_layers": kept, "loss": winner["loss"], "full_loss": full,
             "ranking": ranking.get(winner["rule"]), "block_influence": influence, "candidates": candidates,
             "blocks": blocks, "recursion": None,
@@ -353,6 +356,16 @@ def check_plan_base(plan: dict, base, where: str) -> None:
         raise ValueError(f"--plan {where} was made for another base ({plan.get('base')!r}, {plan['num_layers']} layers); "
                          f"this one has {L} layers{'' if plan['num_layers'] != L else ' and another architecture'}: "
                          "run `ouroboros plan` on it")
+    recorded = plan.get("base_fingerprints")
+    if hasattr(base, "model") and isinstance(recorded, dict) and recorded:  # the weights (plans since #43 record them)
+        from .surgery import part_fingerprints
+
+        ours = part_fingerprints(base, range(L))
+        differ = [k for k in ours if recorded.get(k) != ours[k]]
+        if differ:
+            raise ValueError(f"--plan {where} was measured on other weights of this architecture ({plan.get('base')!r}: "
+                             f"{differ[0]}{f' and {len(differ) - 1} more' if len(differ) > 1 else ''} differ, a "
+                             "fine-tuned sibling?); its choice of layers need not hold here: run `ouroboros plan` on it")
 
 
 def planned_config(plan: dict, config: OuroborosConfig, keep: int | None = None) -> OuroborosConfig:
