@@ -415,3 +415,16 @@ def test_a_plan_measured_on_other_weights_of_the_same_architecture_is_refused(pl
     one_error_line(capsys, "plan.json was measured on other weights of this architecture")
     assert not (tmp_path / "ad").exists()
     assert main([*args, "--base", base, "--out", str(tmp_path / "ad")]) == 0  # its own base: built
+
+
+# ---------------------------------------------------------------------- Low
+@pytest.mark.parametrize("key", ["seq_len", "top_k", "vocab_size"])
+def test_true_where_a_targets_manifest_records_a_number_is_refused_naming_the_file(stored_set, key):
+    from ouroboros_lm.targets import read_set_manifest
+
+    path = next(stored_set.glob("teacher-*")) / "targets.json"
+    m = json.loads(path.read_text())
+    m[key] = True
+    path.write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"targets.json is not a manifest of stored teacher targets"):
+        read_set_manifest(path)

@@ -96,8 +96,9 @@ def chunk_ok(c) -> bool:
 def read_set_manifest(path: Path) -> dict:
     m = read_json(path, "teacher targets manifest")
     try:
-        ok = (m["format"] == FORMAT and m["version"] == VERSION and isinstance(m["seq_len"], int)
-              and isinstance(m["top_k"], int) and m["top_k"] >= 1 and isinstance(m["vocab_size"], int)
+        count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731 - true is no number
+        ok = (m["format"] == FORMAT and m["version"] == VERSION and count(m["seq_len"])
+              and count(m["top_k"]) and count(m["vocab_size"])
               and m["ids_dtype"] in ("<u2", "<u4") and isinstance(m["fingerprints"], dict)
               and isinstance(m["token_shards"], list) and all(chunk_ok(c) for c in m["chunks"]))
     except (KeyError, TypeError):
