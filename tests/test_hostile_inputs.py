@@ -428,3 +428,24 @@ def test_true_where_a_targets_manifest_records_a_number_is_refused_naming_the_fi
     path.write_text(json.dumps(m))
     with pytest.raises(DataError, match=r"targets.json is not a manifest of stored teacher targets"):
         read_set_manifest(path)
+
+
+@pytest.mark.parametrize("name, ours", [
+    ("tracking/ouroboros-lm/events.out.tfevents.1700000000.host.123.0", True),
+    ("tracking/ouroboros-lm/1700000000.5/events.out.tfevents.1700000000.host.123.1", True),
+    ("tracking/ouroboros-lm/1700000000.5/hparams.yml", True),
+    ("tracking/mine/events.out.tfevents.1600000000.laptop", False),  # a user's own TensorBoard run
+    ("tracking/ouroboros-lm/mine/deeper/events.out.tfevents.1", False),
+])
+def test_the_demo_deletes_only_the_tensorboard_files_its_runs_write(tmp_path, name, ours):
+    from ouroboros_lm.atomic import check_removable
+    from ouroboros_recipes.demo import DEMO_OUTPUTS
+
+    out = earlier_demo(tmp_path / "demo")
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text("events")
+    if ours:
+        check_removable(out, "demo", patterns=DEMO_OUTPUTS)
+    else:
+        with pytest.raises(ValueError, match="holds files we did not write"):
+            check_removable(out, "demo", patterns=DEMO_OUTPUTS)

@@ -272,10 +272,14 @@ def ours(names: str) -> str:
 RUN_FILES = r"adapter_config\.json|adapter_model\.safetensors|metrics\.jsonl(?:\.\d+\.old)?|\.lock"
 CHECKPOINT = (r"checkpoints/(?:step_\d{6}|\.step_\d{6}\.tmp\d+)/"
               + ours(r"adapter_config\.json|adapter_model\.safetensors|optimizer\.pt|scheduler\.pt|trainer_state\.json"))
+# TensorBoard's files, as accelerate's tracker writes them for a run (train.TRACKING_DIR, init_trackers("ouroboros-lm")):
+# its events, and each start's hparams in a folder named by the time; never a user's files elsewhere under tracking/
+EVENTS = r"events\.out\.tfevents\.[^/]+"
+TRACKER_FILES = rf"tracking/ouroboros-lm/(?:{EVENTS}|\d+(?:\.\d+)?/(?:{EVENTS}|hparams\.yml))"
 # Every file a demo writes, as whole-path regular expressions (`atomic.check_removable`): what a finished or
 # interrupted earlier demo left, and nothing a user put beside it or inside its folders.
 DEMO_OUTPUTS = (ours(RUN_FILES + r"|eval\.json|eval\.md|demo_summary\.json|(?:frontier|exit_steps|depth_curve)\.png"),
-                CHECKPOINT, r"tracking/.+\.tfevents\.[^/]+",
+                CHECKPOINT, TRACKER_FILES,
                 rf"heal-(?:weights|compute)/{ours(RUN_FILES)}", rf"heal-(?:weights|compute)/{CHECKPOINT}")
 DEFAULT_MIX = ("moby-dick", "python-docs")  # folders of the cache, `make domains`
 
