@@ -449,3 +449,20 @@ def test_the_demo_deletes_only_the_tensorboard_files_its_runs_write(tmp_path, na
     else:
         with pytest.raises(ValueError, match="holds files we did not write"):
             check_removable(out, "demo", patterns=DEMO_OUTPUTS)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--heal-layers", "4", "--lora-rank", "2"], "--heal-layers"),
+    (["--recurrent-layer", "3"], "--recurrent-layer"),
+    (["--n-prelude", "2", "--n-coda", "2"], "--n-prelude, --n-coda"),
+    (["--keep-layers", "0,1,4,6,7", "--heal-layers", "1", "--lora-rank", "2"], "--keep-layers"),
+])
+def test_convert_refuses_split_flags_its_plan_would_override(plan_setup, tmp_path, capsys, flags, named):
+    from ouroboros_lm.cli import main
+
+    _, base, _ = plan_setup
+    plan = planned(plan_setup, tmp_path)
+    assert main(["convert", "--base", base, "--plan", str(plan), "--out", str(tmp_path / "ad"), "--rank", "2",
+                 *flags]) == 2
+    one_error_line(capsys, f"give --plan or {named}, not both: the plan decides the layers kept and looped")
+    assert not (tmp_path / "ad").exists()

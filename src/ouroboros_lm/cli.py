@@ -154,7 +154,7 @@ def cmd_convert(args) -> None:
     from .adapter import CONFIG_NAME, save_adapter
     from .loading import load_base_model
     from .model import OuroborosModel
-    from .plan import check_plan_base, compact, planned_config, read_plan
+    from .plan import check_plan_base, check_plan_flags, compact, planned_config, read_plan
 
     ca, cfg = from_flags(ConvertArgs, args), from_flags(OuroborosConfig, args)  # validated before loading anything
     policy = from_flags(RecursionPolicy, args).check(cfg.max_depth)
@@ -168,8 +168,7 @@ def cmd_convert(args) -> None:
                          "convert into a new folder, or remove that folder first (nothing was changed)")
     plan = None
     if ca.plan is not None:
-        if cfg.keep_layers is not None:
-            raise ValueError("give --plan or --keep-layers, not both")
+        check_plan_flags(cfg)  # a split flag the plan would override silently
         plan = read_plan(ca.plan)
     base_name = str(Path(ca.base).resolve()) if Path(ca.base).exists() else ca.base
     base = load_base_model(ca.base)

@@ -368,6 +368,25 @@ def check_plan_base(plan: dict, base, where: str) -> None:
                              "fine-tuned sibling?); its choice of layers need not hold here: run `ouroboros plan` on it")
 
 
+PLANNED = ("keep_layers", "n_prelude", "recurrent_layer", "block_layers", "n_coda")  # what a plan decides
+
+
+def check_plan_flags(config: OuroborosConfig) -> None:
+    """Refuse, beside --plan, a split flag the plan would silently override (a value other than its default):
+    --keep-layers, --n-prelude, --recurrent-layer, --block-layers, --n-coda, or --heal-layers above 1 (a heal
+    model on a plan keeps its layers: --heal-layers 1)."""
+    default = OuroborosConfig()
+    # --keep-layers sets the split's counts itself: it alone is named then
+    given = ["keep_layers"] if config.keep_layers is not None else \
+        [f for f in PLANNED if getattr(config, f) != getattr(default, f)]
+    if config.heal_layers > 1:
+        given.append("heal_layers")
+    if given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise ValueError(f"give --plan or {flags}, not both: the plan decides the layers kept and looped "
+                         "(--heal-layers 1 builds the heal model on them)")
+
+
 def planned_config(plan: dict, config: OuroborosConfig, keep: int | None = None) -> OuroborosConfig:
     """`config` on the plan's layers: a heal model keeps the plan's layers (or, with `keep`, that many from the
     winning rule's ranking); the recursion keeps them and loops the plan's block (its recurrent_layer and
