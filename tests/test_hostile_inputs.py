@@ -466,3 +466,13 @@ def test_convert_refuses_split_flags_its_plan_would_override(plan_setup, tmp_pat
                  *flags]) == 2
     one_error_line(capsys, f"give --plan or {named}, not both: the plan decides the layers kept and looped")
     assert not (tmp_path / "ad").exists()
+
+
+def test_a_plan_without_a_block_to_loop_names_the_block_size_not_the_keep_count(plan_setup, tmp_path):
+    from ouroboros_lm import OuroborosConfig
+    from ouroboros_lm.plan import planned_config, read_plan
+
+    plan = read_plan(planned(plan_setup, tmp_path, recursion=None, keep=6, block_layers=5))
+    with pytest.raises(ValueError, match=r"the plan's 6 layers hold no block of 5 consecutive layers to loop .* "
+                                         r"\(it builds a heal model only: --heal-layers 1\)"):
+        planned_config(plan, OuroborosConfig(variant="none"))

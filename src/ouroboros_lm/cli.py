@@ -200,7 +200,8 @@ def cmd_plan(args) -> None:
     rec = plan["recursion"]
     print(f"\nwrote {out}: keep {plan['keep_layers']} ({plan['rule']})"
           + (f"; loop {rec['recurrent_layer']}" + (f"-{rec['recurrent_layer'] + rec['block_layers'] - 1}"
-                                                   if rec["block_layers"] > 1 else "") if rec else "")
+                                                   if rec["block_layers"] > 1 else "") if rec else
+             f"; no run of {pc.block_layers} consecutive layers among them to loop (a heal model only)")
           + f". Build it: ouroboros convert --base {pc.base} --plan {out} --out ADAPTER [--heal-layers 1 --lora-rank R]")
 
 

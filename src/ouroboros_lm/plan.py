@@ -259,7 +259,7 @@ def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = 
 
     plan = {"format": FORMAT, "base": base_name, "num_layers": L, "base_architecture_hash": architecture_hash(base.config),
             "base_fingerprints": part_fingerprints(base, range(L)),
-            "keep": pc.keep, "rule": winner["rule"], "keep_layers": kept, "loss": winner["loss"], "full_loss": full,
+            "keep": pc.keep, "block_layers": pc.block_layers, "rule": winner["rule"], "keep_layers": kept, "loss": winner["loss"], "full_loss": full,
             "ranking": ranking.get(winner["rule"]), "block_influence": influence, "candidates": candidates,
             "blocks": blocks, "recursion": None,
             "calibration": {"data": list(pc.data), "blocks": [len(search_ids), len(score_ids)], "seq_len": pc.seq_len,
@@ -396,8 +396,11 @@ def planned_config(plan: dict, config: OuroborosConfig, keep: int | None = None)
         return config.replace(keep_layers=tuple(layers), heal_layers=1)
     rec = plan.get("recursion")
     if rec is None:
-        raise ValueError(f"the plan's {len(plan['keep_layers'])} layers hold no block of {plan.get('keep')} to loop "
-                         "with a kept layer before and after: plan again with another --keep or --block-layers")
+        size = plan.get("block_layers")
+        raise ValueError(f"the plan's {len(plan['keep_layers'])} layers hold no block of "
+                         f"{size if isinstance(size, int) else '--block-layers'} consecutive layers to loop with a kept "
+                         "layer before and after (it builds a heal model only: --heal-layers 1): plan again with another "
+                         "--keep or --block-layers")
     # the plan's block replaces the config's recurrent_layer and block_layers; LoRA on the whole prelude stays on
     # the whole (planned) prelude, and a tail of it stays at most the prelude
     prelude = sum(i < rec["recurrent_layer"] for i in rec["keep_layers"])
