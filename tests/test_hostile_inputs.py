@@ -476,3 +476,15 @@ def test_a_plan_without_a_block_to_loop_names_the_block_size_not_the_keep_count(
     with pytest.raises(ValueError, match=r"the plan's 6 layers hold no block of 5 consecutive layers to loop .* "
                                          r"\(it builds a heal model only: --heal-layers 1\)"):
         planned_config(plan, OuroborosConfig(variant="none"))
+
+
+def test_convert_with_a_max_depth_below_the_default_depth_names_both_flags(plan_setup, tmp_path, capsys):
+    from ouroboros_lm.cli import main
+
+    _, base, _ = plan_setup
+    args = ["convert", "--base", base, "--out", str(tmp_path / "ad"), "--n-prelude", "2", "--recurrent-layer", "4",
+            "--n-coda", "2", "--rank", "2", "--max-depth", "4"]
+    assert main(args) == 2
+    one_error_line(capsys, "--default-depth 8 (its default) is past --max-depth 4: give a --default-depth in [1, 4] too")
+    assert not (tmp_path / "ad").exists()
+    assert main(args + ["--default-depth", "2"]) == 0

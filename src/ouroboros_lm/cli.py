@@ -157,7 +157,11 @@ def cmd_convert(args) -> None:
     from .plan import check_plan_base, check_plan_flags, compact, planned_config, read_plan
 
     ca, cfg = from_flags(ConvertArgs, args), from_flags(OuroborosConfig, args)  # validated before loading anything
-    policy = from_flags(RecursionPolicy, args).check(cfg.max_depth)
+    policy = from_flags(RecursionPolicy, args)
+    if not 1 <= policy.default_depth <= cfg.max_depth:  # e.g. --max-depth 4 alone, under the default depth 8
+        raise ValueError(f"--default-depth {policy.default_depth}{' (its default)' if policy.default_depth == RecursionPolicy.default_depth else ''} "
+                         f"is past --max-depth {cfg.max_depth}: give a --default-depth in [1, {cfg.max_depth}] too")
+    policy.check(cfg.max_depth)
     out = Path(ca.out)
     if (out / CONFIG_NAME).exists() and not ca.overwrite:
         raise ValueError(f"{out} already holds an adapter; pass --overwrite to replace it (nothing was changed)")
