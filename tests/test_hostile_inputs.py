@@ -488,3 +488,21 @@ def test_convert_with_a_max_depth_below_the_default_depth_names_both_flags(plan_
     one_error_line(capsys, "--default-depth 8 (its default) is past --max-depth 4: give a --default-depth in [1, 4] too")
     assert not (tmp_path / "ad").exists()
     assert main(args + ["--default-depth", "2"]) == 0
+
+
+@pytest.mark.parametrize("depths, needle", [
+    ("1,,2", "argument --depths: an empty value between commas in '1,,2'"),
+    ("1,1,1", "--depths lists depth 1 more than once (each depth is one row)"),
+])
+def test_eval_depths_with_a_gap_or_a_repeat_are_refused(plan_setup, tmp_path, capsys, depths, needle):
+    from ouroboros_lm.cli import main
+
+    _, base, text = plan_setup
+    assert main(["convert", "--base", base, "--out", str(tmp_path / "ad"), "--n-prelude", "2", "--recurrent-layer",
+                 "4", "--n-coda", "2", "--rank", "2", "--max-depth", "4", "--default-depth", "2"]) == 0
+    capsys.readouterr()
+    try:
+        code = main(["eval", "--adapter", str(tmp_path / "ad"), "--data", str(text), "--depths", depths])
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    assert code == 2 and needle in capsys.readouterr().err
