@@ -506,3 +506,17 @@ def test_eval_depths_with_a_gap_or_a_repeat_are_refused(plan_setup, tmp_path, ca
     except SystemExit as e:  # argparse's own refusal
         code = e.code
     assert code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_teacher_name_with_terminal_escapes_is_shown_escaped(stored_set):
+    from ouroboros_lm.reading import printable
+    from ouroboros_lm.shards import Prepared
+    from ouroboros_lm.targets import CorpusTargets, find_sets
+
+    path = next(stored_set.glob("teacher-*")) / "targets.json"
+    m = json.loads(path.read_text())
+    m["teacher"] = "\x1b[2J\x1b[31mevil\rname"
+    path.write_text(json.dumps(m))
+    shown = CorpusTargets([find_sets(Prepared(stored_set), 16, 4, {}, 97)], [0]).describe()
+    assert "\x1b" not in shown and "\r" not in shown and r"\x1b[2J\x1b[31mevil\rname" in shown
+    assert printable("plain name/é") == "plain name/é"

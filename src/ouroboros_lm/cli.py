@@ -213,7 +213,7 @@ def cmd_prepare(args) -> None:
     from .adapter import CONFIG_NAME, read_adapter
     from .loading import load_base_model, load_tokenizer
     from .prepare import prepare
-    from .reading import DataError
+    from .reading import DataError, printable
     from .shards import tokenizer_identity
 
     pa, pc = from_flags(PrepareArgs, args), from_flags(PrepareConfig, args)
@@ -259,7 +259,7 @@ def cmd_prepare(args) -> None:
             tset = teacher_pass(Prepared(pa.out, tokenizer), model, teacher, seq_len, pa.teacher_top_k)
         size = sum((tset.folder / f"{c['name']}.{e}").stat().st_size for c in tset.manifest["chunks"]
                    for e in ("blocks", "ids", "lp"))
-        print(f"stored {teacher}'s top-{pa.teacher_top_k} predictions for {tset.n_blocks} blocks of {seq_len} tokens in "
+        print(f"stored {printable(teacher)}'s top-{pa.teacher_top_k} predictions for {tset.n_blocks} blocks of {seq_len} tokens in "
               f"{tset.folder} ({size / max(1, tset.n_blocks * seq_len):.0f} bytes a token). Train with --data "
               f"{pa.out} --seq-len {seq_len} --distill-weight W --distill-top-k {pa.teacher_top_k}")
 

@@ -37,7 +37,7 @@ from .families import final_logits
 from .loss import StoredTeacher, default_chunk
 from .ops import tail_log_mass
 from .prepare import folder_lock
-from .reading import DataError
+from .reading import DataError, printable
 from .shards import Blocks, Prepared, verify_file
 from .surgery import part_fingerprints
 
@@ -290,7 +290,7 @@ def teacher_pass(prep: Prepared, teacher, teacher_name: str, seq_len: int, top_k
         batch = batch_blocks or max(1, 4096 // seq_len)
         teacher.eval()
         t0 = time.time()
-        bar = tqdm(total=int(todo.size), unit="block", desc=f"teacher pass ({teacher_name or 'teacher'}, top-{top_k})",
+        bar = tqdm(total=int(todo.size), unit="block", desc=f"teacher pass ({printable(teacher_name or 'teacher')}, top-{top_k})",
                    disable=None if progress is None else not progress, dynamic_ncols=True)
         with bar:
             for start in range(0, todo.size, per_chunk):
@@ -342,7 +342,7 @@ class CorpusTargets:
     def describe(self) -> str:
         s = self.sets[0]
         have = sum(int((t.chunk_of >= 0).sum()) for t in self.sets)
-        return (f"stored teacher targets: top-{s.top_k} of {s.manifest.get('teacher') or 'the teacher'} at "
+        return (f"stored teacher targets: top-{s.top_k} of {printable(s.manifest.get('teacher') or 'the teacher')} at "
                 f"seq_len {s.seq_len}, {have} blocks in {', '.join(str(t.folder) for t in self.sets)}")
 
 
@@ -362,7 +362,7 @@ def corpus_targets(corpus, seq_len: int, top_k: int, fingerprints: dict, vocab_s
     got = teacher_fingerprints(teacher)
     wrong = sorted(k for k, v in fingerprints.items() if got.get(k) != v)
     if wrong:
-        raise DataError(f"the teacher {teacher_name} is not the model the student was cut from ({wrong[0]} differs)")
+        raise DataError(f"the teacher {printable(teacher_name)} is not the model the student was cut from ({wrong[0]} differs)")
     which, local = CorpusTargets([], offsets).locate(blocks)
     sets = [teacher_pass(f, teacher, teacher_name, seq_len, top_k, blocks=local[which == i], progress=progress,
                          fingerprints=got, flag="--distill-top-k")
