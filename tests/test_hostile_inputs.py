@@ -520,3 +520,21 @@ def test_a_teacher_name_with_terminal_escapes_is_shown_escaped(stored_set):
     shown = CorpusTargets([find_sets(Prepared(stored_set), 16, 4, {}, 97)], [0]).describe()
     assert "\x1b" not in shown and "\r" not in shown and r"\x1b[2J\x1b[31mevil\rname" in shown
     assert printable("plain name/é") == "plain name/é"
+
+
+@pytest.mark.parametrize("command", [["export", "--out", "OUT"], ["generate", "--prompt", "ba ko", "--max-new-tokens",
+                                                                   "2"]])
+@pytest.mark.parametrize("depth", ["3", "auto"])
+def test_a_heal_model_refuses_a_depth_in_export_and_generate(plan_setup, tmp_path, capsys, command, depth):
+    from ouroboros_lm.cli import main
+
+    _, base, _ = plan_setup
+    if command[0] == "export" and depth == "auto":
+        return  # export takes a number only
+    assert main(["convert", "--base", base, "--out", str(tmp_path / "heal"), "--n-prelude", "2", "--recurrent-layer",
+                 "4", "--n-coda", "2", "--heal-layers", "1", "--lora-rank", "2"]) == 0
+    capsys.readouterr()
+    args = [str(tmp_path / "hf") if a == "OUT" else a for a in command]
+    assert main([args[0], "--adapter", str(tmp_path / "heal"), *args[1:], "--depth", depth]) == 2
+    one_error_line(capsys, f"--depth {depth}: a heal model runs its kept layers once and has no depth; leave --depth out")
+    assert not (tmp_path / "hf").exists()
