@@ -538,3 +538,25 @@ def test_a_heal_model_refuses_a_depth_in_export_and_generate(plan_setup, tmp_pat
     assert main([args[0], "--adapter", str(tmp_path / "heal"), *args[1:], "--depth", depth]) == 2
     one_error_line(capsys, f"--depth {depth}: a heal model runs its kept layers once and has no depth; leave --depth out")
     assert not (tmp_path / "hf").exists()
+
+
+def test_plan_estimates_its_memory_up_front_and_its_out_of_memory_advice_names_its_own_flags(plan_setup, tmp_path,
+                                                                                           monkeypatch, capsys):
+    from ouroboros_lm import memory, plan
+    from ouroboros_lm.cli import main
+
+    _, base, text = plan_setup
+    args = ["plan", "--base", base, "--data", str(text), "--keep", "5", "--out", str(tmp_path / "plan.json")]
+    no_calibration(monkeypatch)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 100 << 20)
+    assert main(args + ["--blocks", "4096"]) == 2  # 12 x 4096 blocks x 128 tokens x 64 floats: ~1.5 GiB
+    one_error_line(capsys, "--blocks 4096 of --seq-len 128 tokens: the plan would hold about 1.5 GiB of hidden states "
+                           "(8 layers' inputs), more than half the 0.1 GiB available; lower --blocks or --seq-len")
+
+    def out_of_memory(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(plan, "make_plan", out_of_memory)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "lower --blocks or --seq-len" in err and "--batch-size" not in err

@@ -490,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         if not is_out_of_memory(e):
             raise
         print(f"ouroboros {args.command}: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'MemoryError'}); "
-              "lower --batch-size or --blocks, or use a machine with more memory", file=sys.stderr)
+              + {"plan": "lower --blocks or --seq-len", "prepare": "lower --teacher-top-k or --seq-len"}.get(
+                  args.command, "lower --batch-size or --blocks") + ", or use a machine with more memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"ouroboros {args.command}: interrupted; {command.interrupted}", file=sys.stderr)

@@ -209,6 +209,20 @@ def check_request(pc: PlanConfig, num_layers: int, max_positions: int | None = N
                          f"keep at least {pc.block_layers + 2}")
 
 
+def check_plan_memory(pc: PlanConfig, config, num_layers: int) -> None:
+    """Refuse, before any text is read, calibration the machine cannot hold: every layer's input on the blocks the
+    rules measure (float32), the embeddings of both halves and a layer's working space, against half the free RAM."""
+    from .memory import free_bytes
+
+    per_block = pc.seq_len * config.hidden_size * 4
+    need = (num_layers + 4) * pc.blocks * per_block + 2 * pc.blocks * pc.seq_len * 8
+    free = free_bytes(torch.device("cpu"))
+    if free is not None and need > free // 2:
+        raise ValueError(f"--blocks {pc.blocks} of --seq-len {pc.seq_len} tokens: the plan would hold about "
+                         f"{need / (1 << 30):.1f} GiB of hidden states ({num_layers} layers' inputs), more than half the "
+                         f"{free / (1 << 30):.1f} GiB available; lower --blocks or --seq-len")
+
+
 @torch.no_grad()
 def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = True) -> dict:
     """Measure every rule on `base` and return the plan (what `plan.json` holds)."""
@@ -218,6 +232,7 @@ def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = 
 
     L = len(base.model.layers)
     check_request(pc, L, getattr(base.config, "max_position_embeddings", None))
+    check_plan_memory(pc, base.config, L)
     base.eval()
     search_ids, score_ids = calibration(pc, tokenizer)
     search, score = Stack(base, search_ids), Stack(base, score_ids)
