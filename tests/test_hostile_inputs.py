@@ -118,6 +118,7 @@ def earlier_demo(folder):
     ({"train": {"distill_top_k": 97, "distill_weight": 0.5, "distill_source": "stored"}},
      r"--train.distill-top-k must be below .*'s vocabulary \(97\); got 97"),
     ({"demo": {"plan": "OTHER"}}, r"--plan .*other.json was made for another base \('elsewhere', 30 layers\)"),
+    ({"demo": {"plan": "SIBLING"}}, r"--plan .*sibling.json was measured on other weights of this architecture"),
     ({"demo": {"plan": "PLAN", "heal_compute_layers": 5}},
      r"--heal-compute-layers 5: the equal-compute heal model would keep 10 of .*'s 8 layers by --plan .*plan.json's "
      r"ranking \(keep must be in \[1, 8\]; got 10\); lower --heal-compute-layers, or pass --no-heal-rows"),
@@ -130,9 +131,15 @@ def test_the_demo_checks_every_setting_and_its_plan_before_it_deletes_the_earlie
     good = tiny_plan(base, [0, 1, 3, 4, 6, 7], ranking=[0, 7, 1, 6, 4, 3, 2, 5], recurrent_layer=4)
     (tmp_path / "plan.json").write_text(json.dumps(good))
     (tmp_path / "other.json").write_text(json.dumps({**good, "base": "elsewhere", "num_layers": 30, "ranking": None}))
+    from conftest import tiny_base
+    from ouroboros_lm.surgery import part_fingerprints
+
+    sibling = part_fingerprints(tiny_base(seed=1), range(8))  # the same architecture, other weights
+    (tmp_path / "sibling.json").write_text(json.dumps({**good, "base_fingerprints": sibling}))
     out = earlier_demo(tmp_path / "demo")
     demo = {**changes.get("demo", {}), "out": str(out)}
-    demo["plan"] = {"PLAN": str(tmp_path / "plan.json"), "OTHER": str(tmp_path / "other.json")}.get(
+    demo["plan"] = {"PLAN": str(tmp_path / "plan.json"), "OTHER": str(tmp_path / "other.json"),
+                    "SIBLING": str(tmp_path / "sibling.json")}.get(
         demo.get("plan"), "none")
     with pytest.raises(ValueError, match=needle):
         run_demo(DemoRun.load(config, {**changes, "demo": demo}))

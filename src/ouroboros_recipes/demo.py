@@ -414,6 +414,8 @@ def preflight(run: DemoRun) -> dict | None:
     where = "--plan " + ("shipped (demo_plan.json)" if dc.plan == "shipped" else dc.plan)
     if plan is not None:
         check_plan_base(plan, config, where[len("--plan "):])
+        if plan.get("base_fingerprints"):  # a plan that records its weights: checked on them, before any deletion
+            check_plan_base(plan, load_base_model(dc.base), where[len("--plan "):])
         try:
             recursion = planned_config(plan, run.model)
         except ValueError as e:
