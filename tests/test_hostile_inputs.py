@@ -115,7 +115,7 @@ def earlier_demo(folder):
 @pytest.mark.parametrize("changes, needle", [
     ({"train": {"depths": (9,)}}, r"--train.depths must be an integer in \[1, max_depth=8\]; got 9"),
     ({"data": {"seq_len": 9000}}, r"--data.seq-len 9000 is longer than .*'s 256 positions"),
-    ({"train": {"distill_top_k": 97, "distill_weight": 0.5, "distill_source": "stored"}},
+    ({"train": {"distill_top_k": 97}},
      r"--train.distill-top-k must be below .*'s vocabulary \(97\); got 97"),
     ({"demo": {"plan": "OTHER"}}, r"--plan .*other.json was made for another base \('elsewhere', 30 layers\)"),
     ({"demo": {"plan": "SIBLING"}}, r"--plan .*sibling.json was measured on other weights of this architecture"),

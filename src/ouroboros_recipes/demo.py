@@ -407,7 +407,7 @@ def preflight(run: DemoRun) -> dict | None:
     if run.data.seq_len is not None and max_pos is not None and run.data.seq_len > max_pos:
         raise ValueError(f"--data.seq-len {run.data.seq_len} is longer than {dc.base}'s {max_pos} positions "
                          "(max_position_embeddings)")
-    if tc.distill_weight > 0 and tc.distill_source == "stored" and tc.distill_top_k >= config.vocab_size:
+    if tc.distill_top_k >= config.vocab_size:  # never a valid K, whether or not this run distills
         raise ValueError(f"--train.distill-top-k must be below {dc.base}'s vocabulary ({config.vocab_size}); "
                          f"got {tc.distill_top_k}")
     L = config.num_hidden_layers
