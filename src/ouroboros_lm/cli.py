@@ -159,8 +159,9 @@ def cmd_convert(args) -> None:
     ca, cfg = from_flags(ConvertArgs, args), from_flags(OuroborosConfig, args)  # validated before loading anything
     policy = from_flags(RecursionPolicy, args)
     if not 1 <= policy.default_depth <= cfg.max_depth:  # e.g. --max-depth 4 alone, under the default depth 8
-        raise ValueError(f"--default-depth {policy.default_depth}{' (its default)' if policy.default_depth == RecursionPolicy.default_depth else ''} "
-                         f"is past --max-depth {cfg.max_depth}: give a --default-depth in [1, {cfg.max_depth}] too")
+        its = " (its default)" if policy.default_depth == RecursionPolicy.default_depth else ""
+        raise ValueError(f"--default-depth {policy.default_depth}{its} is past --max-depth {cfg.max_depth}: give a "
+                         f"--default-depth in [1, {cfg.max_depth}] too")
     policy.check(cfg.max_depth)
     out = Path(ca.out)
     if (out / CONFIG_NAME).exists() and not ca.overwrite:
@@ -224,7 +225,8 @@ def cmd_prepare(args) -> None:
         raise DataError(f"--{'seq-len' if pa.seq_len is not None else 'teacher-top-k'} is for the teacher pass: "
                         "give --teacher too, or leave it out (nothing was written)")
     # the same tokenizer by its definition (sha256), whatever name or path it was loaded by
-    if teacher is not None and tokenizer_identity(load_tokenizer(teacher))["sha256"] != tokenizer_identity(tokenizer)["sha256"]:
+    same = lambda a, b: tokenizer_identity(a)["sha256"] == tokenizer_identity(b)["sha256"]  # noqa: E731
+    if teacher is not None and not same(load_tokenizer(teacher), tokenizer):
         raise DataError(f"--teacher {pa.teacher}: its tokenizer is not --base {pa.base}'s; the teacher must share "
                         "the student's vocabulary (nothing was written)")
     if teacher is not None and pa.teacher_top_k >= len(tokenizer):
@@ -238,7 +240,7 @@ def cmd_prepare(args) -> None:
         for flag, name in (("--base", base), ("--teacher", teacher)):
             max_pos = getattr(load_base_config(name), "max_position_embeddings", None)
             if max_pos is not None and seq_len > max_pos:
-                raise DataError(f"--seq-len {seq_len} is longer than {flag} {name}'s {max_pos} positions "
+                raise DataError(f"--seq-len {seq_len} is longer than {flag} {printable(name)}'s {max_pos} positions "
                                 "(max_position_embeddings); training could not use these targets (nothing was written)")
         check_pass_fits(pa.teacher_top_k, len(tokenizer), seq_len)
     heldout = list(pa.heldout) if pa.heldout else None
