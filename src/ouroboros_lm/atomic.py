@@ -114,9 +114,10 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, under: str | os.PathLike | None = None) -> Path:
-    """Write `data` to `path` whole or not at all (see the module's rule); `under`: the folder the
-    user named, below which no folder may be a link (default: the file's own folder)."""
+def write_bytes(path: str | os.PathLike, data, under: str | os.PathLike | None = None) -> Path:
+    """Write `data` (bytes, or an iterable of bytes written as it yields them: a file too large to hold) to `path`
+    whole or not at all (see the module's rule); `under`: the folder the user named, below which no folder may be
+    a link (default: the file's own folder)."""
     path = Path(path)
     ensure_dir(path.parent, under if under is not None else path.parent)
     tmp = temp_path(path)
@@ -124,7 +125,8 @@ def write_bytes(path: str | os.PathLike, data: bytes, under: str | os.PathLike |
         tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                f.write(chunk)
             fsync_file(f)
         os.replace(tmp, path)
     except OSError as e:
@@ -168,11 +170,10 @@ def open_regular(path: Path, what: str = "file"):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise ValueError(f"{path}: cannot read this {what} ({e.strerror or e})") from None
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-        f.close()
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # checked on the descriptor: a folder cannot be opened as a file
+        os.close(fd)
         raise ValueError(f"{path}: this {what} is not a regular file; refusing to read it")
-    return f
+    return os.fdopen(fd, "rb")
 
 
 def read_bounded(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSON_BYTES) -> bytes:
@@ -199,9 +200,20 @@ def parse_json(data: bytes | str, where: str, what: str = "file"):
         raise ValueError(f"{where}: this {what} is not valid JSON ({str(e)[:120]})") from None
 
 
-def read_json(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSON_BYTES):
-    """JSON from `path` (`read_bounded`: a regular file of at most `limit` bytes), or a ValueError naming the file."""
-    return parse_json(read_bounded(path, what, limit), str(path), what)
+def json_values(data: bytes) -> int:
+    """About how many values parsing `data` makes (each object, list and string, and each element after a comma):
+    what its parse costs in memory beyond its size (tens of bytes a value), counted before it is parsed."""
+    return data.count(b"{") + data.count(b"[") + data.count(b",") + data.count(b'"') // 2
+
+
+def read_json(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSON_BYTES, max_values: int | None = None):
+    """JSON from `path` (`read_bounded`: a regular file of at most `limit` bytes; with `max_values`, of at most about
+    that many values: `json_values`), or a ValueError naming the file."""
+    data = read_bounded(path, what, limit)
+    if max_values is not None and (n := json_values(data)) > max_values:
+        raise ValueError(f"{path}: this {what} holds about {n:,} values, more than the {max_values:,} it can; "
+                         "refusing to parse it (edited or corrupt?)")
+    return parse_json(data, str(path), what)
 
 
 # ---------------------------------------------------------------------- folders

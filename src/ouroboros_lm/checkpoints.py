@@ -16,12 +16,13 @@ import os
 import signal
 import stat
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from .adapter import STRUCTURAL, adapter_state_dict, architecture_hash, read_adapter, save_adapter
 from .atomic import (check_own_file, clean_temporaries, ensure_dir, open_own_file, read_json, refuse_link,
-                     remove_tree, replace_dir, temp_dir, temp_path, write_text, write_with)
+                     remove_tree, replace_dir, temp_dir, temp_path, write_bytes, write_text, write_with)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -211,14 +212,13 @@ def set_aside_metrics(run_dir: Path) -> Path | None:
 MAX_METRIC_LINE = 1 << 20  # one line per logged step: a few hundred bytes
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The run's metric records, streamed (a regular file only: never a FIFO or through a link). A torn last
-    line (a killed process) ends them; a line that is not a JSON object, too long or absurdly nested is refused
-    with the file and line named."""
+def iter_metrics(run_dir: Path) -> Iterator[dict]:
+    """The run's metric records, streamed one line at a time (a regular file only: never a FIFO or through a link),
+    so a metrics file of any length costs one line's memory. A torn last line (a killed process) ends them; a line
+    that is not a JSON object, too long or absurdly nested is refused with the file and line named."""
     path = Path(run_dir) / METRICS
     if not path.is_file() or path.is_symlink():
-        return []
-    out = []
+        return
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
@@ -231,22 +231,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 if not line.endswith(b"\n"):
-                    break  # a torn last line from a killed process
+                    return  # a torn last line from a killed process
                 raise ValueError(f"{path}: line {n} is not valid JSON: the file is corrupt") from None
             except RecursionError:
                 raise ValueError(f"{path}: line {n} is nested too deeply: the file is corrupt") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}: line {n} is not a JSON object: the file is corrupt")
-            out.append(record)
-    return out
+            yield record
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of `iter_metrics`, in a list (for a run's own tests and small runs; commands stream them)."""
+    return list(iter_metrics(run_dir))
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metric lines written after `step` (a resumed run writes them again)."""
+    """Drop metric lines written after `step` (a resumed run writes them again); streamed, record by record."""
     path = Path(run_dir) / METRICS
     if path.is_file() or path.is_symlink():
-        keep = [json.dumps(r) for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-        write_text(path, "\n".join(keep) + "\n" if keep else "")
+        records = (json.dumps(r) + "\n" for r in iter_metrics(run_dir) if r.get("step", 0) <= step)
+        write_bytes(path, (line.encode() for line in records))
 
 
 @contextlib.contextmanager

@@ -154,10 +154,15 @@ def cmd_convert(args) -> None:
     from .adapter import CONFIG_NAME, save_adapter
     from .loading import load_base_model
     from .model import OuroborosModel
-    from .plan import check_plan_base, compact, planned_config, read_plan
+    from .plan import check_plan_base, check_plan_flags, compact, planned_config, read_plan
 
     ca, cfg = from_flags(ConvertArgs, args), from_flags(OuroborosConfig, args)  # validated before loading anything
-    policy = from_flags(RecursionPolicy, args).check(cfg.max_depth)
+    policy = from_flags(RecursionPolicy, args)
+    if not 1 <= policy.default_depth <= cfg.max_depth:  # e.g. --max-depth 4 alone, under the default depth 8
+        its = " (its default)" if policy.default_depth == RecursionPolicy.default_depth else ""
+        raise ValueError(f"--default-depth {policy.default_depth}{its} is past --max-depth {cfg.max_depth}: give a "
+                         f"--default-depth in [1, {cfg.max_depth}] too")
+    policy.check(cfg.max_depth)
     out = Path(ca.out)
     if (out / CONFIG_NAME).exists() and not ca.overwrite:
         raise ValueError(f"{out} already holds an adapter; pass --overwrite to replace it (nothing was changed)")
@@ -168,8 +173,7 @@ def cmd_convert(args) -> None:
                          "convert into a new folder, or remove that folder first (nothing was changed)")
     plan = None
     if ca.plan is not None:
-        if cfg.keep_layers is not None:
-            raise ValueError("give --plan or --keep-layers, not both")
+        check_plan_flags(cfg)  # a split flag the plan would override silently
         plan = read_plan(ca.plan)
     base_name = str(Path(ca.base).resolve()) if Path(ca.base).exists() else ca.base
     base = load_base_model(ca.base)
@@ -187,14 +191,13 @@ def cmd_convert(args) -> None:
 
 def cmd_plan(args) -> None:
     from .loading import load_base_model, load_tokenizer
-    from .plan import PlanConfig, check_request, make_plan, table, write_plan
+    from .plan import PlanConfig, check_out, check_request, make_plan, table, write_plan
 
     pc = from_flags(PlanConfig, args)
     out = Path(pc.out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give the plan file's path (e.g. {out / 'plan.json'})")
+    check_out(pc)  # before the base is loaded
     base = load_base_model(pc.base)
-    check_request(pc, len(base.model.layers))  # before any calibration text is read
+    check_request(pc, len(base.model.layers), getattr(base.config, "max_position_embeddings", None))  # before any text
     base_name = str(Path(pc.base).resolve()) if Path(pc.base).exists() else pc.base
     plan = make_plan(pc, base, load_tokenizer(pc.base), base_name)
     write_plan(plan, out)
@@ -202,7 +205,8 @@ def cmd_plan(args) -> None:
     rec = plan["recursion"]
     print(f"\nwrote {out}: keep {plan['keep_layers']} ({plan['rule']})"
           + (f"; loop {rec['recurrent_layer']}" + (f"-{rec['recurrent_layer'] + rec['block_layers'] - 1}"
-                                                   if rec["block_layers"] > 1 else "") if rec else "")
+                                                   if rec["block_layers"] > 1 else "") if rec else
+             f"; no run of {pc.block_layers} consecutive layers among them to loop (a heal model only)")
           + f". Build it: ouroboros convert --base {pc.base} --plan {out} --out ADAPTER [--heal-layers 1 --lora-rank R]")
 
 
@@ -210,18 +214,35 @@ def cmd_prepare(args) -> None:
     from .adapter import CONFIG_NAME, read_adapter
     from .loading import load_base_model, load_tokenizer
     from .prepare import prepare
-    from .reading import DataError
+    from .reading import DataError, printable
     from .shards import tokenizer_identity
 
     pa, pc = from_flags(PrepareArgs, args), from_flags(PrepareConfig, args)
     of_base = lambda name: read_adapter(name)[0]["base_model"] if (Path(name) / CONFIG_NAME).is_file() else name  # noqa: E731
     base, teacher = of_base(pa.base), of_base(pa.teacher) if pa.teacher else None
     tokenizer = load_tokenizer(base)
-    if teacher is not None and tokenizer_identity(load_tokenizer(teacher)) != tokenizer_identity(tokenizer):
+    if teacher is None and (pa.seq_len is not None or pa.teacher_top_k != PrepareArgs.teacher_top_k):
+        raise DataError(f"--{'seq-len' if pa.seq_len is not None else 'teacher-top-k'} is for the teacher pass: "
+                        "give --teacher too, or leave it out (nothing was written)")
+    # the same tokenizer by its definition (sha256), whatever name or path it was loaded by
+    same = lambda a, b: tokenizer_identity(a)["sha256"] == tokenizer_identity(b)["sha256"]  # noqa: E731
+    if teacher is not None and not same(load_tokenizer(teacher), tokenizer):
         raise DataError(f"--teacher {pa.teacher}: its tokenizer is not --base {pa.base}'s; the teacher must share "
                         "the student's vocabulary (nothing was written)")
     if teacher is not None and pa.teacher_top_k >= len(tokenizer):
         raise DataError(f"--teacher-top-k must be below the vocabulary ({len(tokenizer)}); got {pa.teacher_top_k}")
+    if teacher is not None:  # before any text is read: the positions both models have, the pass's memory
+        from .loading import load_base_config
+        from .runtime import choose_runtime
+        from .targets import check_pass_fits
+
+        seq_len = pa.seq_len or choose_runtime().default_seq_len
+        for flag, name in (("--base", base), ("--teacher", teacher)):
+            max_pos = getattr(load_base_config(name), "max_position_embeddings", None)
+            if max_pos is not None and seq_len > max_pos:
+                raise DataError(f"--seq-len {seq_len} is longer than {flag} {printable(name)}'s {max_pos} positions "
+                                "(max_position_embeddings); training could not use these targets (nothing was written)")
+        check_pass_fits(pa.teacher_top_k, len(tokenizer), seq_len)
     heldout = list(pa.heldout) if pa.heldout else None
     m = prepare(list(pa.sources), pa.out, tokenizer, pc, heldout=heldout, overwrite=pa.overwrite)
     train, held = m["splits"]["train"], m["splits"]["heldout"]
@@ -240,7 +261,7 @@ def cmd_prepare(args) -> None:
             tset = teacher_pass(Prepared(pa.out, tokenizer), model, teacher, seq_len, pa.teacher_top_k)
         size = sum((tset.folder / f"{c['name']}.{e}").stat().st_size for c in tset.manifest["chunks"]
                    for e in ("blocks", "ids", "lp"))
-        print(f"stored {teacher}'s top-{pa.teacher_top_k} predictions for {tset.n_blocks} blocks of {seq_len} tokens in "
+        print(f"stored {printable(teacher)}'s top-{pa.teacher_top_k} predictions for {tset.n_blocks} blocks of {seq_len} tokens in "
               f"{tset.folder} ({size / max(1, tset.n_blocks * seq_len):.0f} bytes a token). Train with --data "
               f"{pa.out} --seq-len {seq_len} --distill-weight W --distill-top-k {pa.teacher_top_k}")
 
@@ -477,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         if not is_out_of_memory(e):
             raise
         print(f"ouroboros {args.command}: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'MemoryError'}); "
-              "lower --batch-size or --blocks, or use a machine with more memory", file=sys.stderr)
+              + {"plan": "lower --blocks or --seq-len", "prepare": "lower --teacher-top-k or --seq-len"}.get(
+                  args.command, "lower --batch-size or --blocks") + ", or use a machine with more memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"ouroboros {args.command}: interrupted; {command.interrupted}", file=sys.stderr)

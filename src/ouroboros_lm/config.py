@@ -210,6 +210,14 @@ class OuroborosConfig:
         """`depth`, if the model can run it (an integer in [1, max_depth]); ValueError naming `name`."""
         return check_depth(depth, self.max_depth, name)
 
+    def check_depth_flag(self, depth, name: str = "--depth") -> int:
+        """`check_depth` of a depth the user asked for: a heal model (its kept layers run once, no recursion) has
+        none to ask for, whatever its max_depth says."""
+        if self.heal_layers:
+            raise ValueError(f"{name} {depth}: a heal model runs its kept layers once and has no depth; leave "
+                             f"{name} out")
+        return self.check_depth(depth, name)
+
     # ------------------------------------------------------------------ layout
     def middle_layers(self, num_layers: int) -> list[int]:
         """The base layers between the prelude and the coda that are kept: the recurrent block's

@@ -57,6 +57,9 @@ class EvalConfig:
         """Refuse, before anything is loaded, depths the model `cfg` cannot run and an exit rule it cannot follow."""
         for d in self.depths:
             cfg.check_depth(d, "--depths")
+        twice = sorted({d for d in self.depths if self.depths.count(d) > 1})
+        if twice:
+            raise ValueError(f"--depths lists depth {twice[0]} more than once (each depth is one row)")
         if self.exit_thresholds:
             check_exit_rule(cfg, rule or ExitRule(), cfg.check_depth(self.top, "--exit-max-depth"))
 

@@ -144,7 +144,7 @@ def export_hf(adapter: str | os.PathLike, out: str | os.PathLike, depth: int | N
     check_out(out, Path(adapter), overwrite)
     meta, _ = read_adapter(adapter)
     if depth is not None:
-        OuroborosConfig.from_dict(meta["ouroboros_config"]).check_depth(depth, "--depth")
+        OuroborosConfig.from_dict(meta["ouroboros_config"]).check_depth_flag(depth, "--depth")
     model = load_adapter(adapter, dtype=dtype)
     hf = OuroborosForCausalLM.from_ouroboros(model, depth=depth, baseline=baseline)
     hf.config.auto_map = dict(AUTO_MAP)

@@ -61,6 +61,8 @@ class GenerateConfig:
     def checked_depth(self, cfg, rule=None, default_depth: int | None = None) -> int:
         """The depth to run (the maximum with --depth auto; without --depth, the policy's
         `default_depth`) for the model `cfg`, checked with the exit `rule` before anything is loaded."""
+        if self.depth is not None and cfg.heal_layers:
+            cfg.check_depth_flag(self.depth, "--depth")  # a heal model has no depth to ask for
         if self.adaptive:
             top = cfg.check_depth(self.exit_max_depth, "--exit-max-depth")
             check_exit_rule(cfg, rule, top)

@@ -115,6 +115,11 @@ def check_loaded(hf, info: dict) -> None:
     if missing or info.get("mismatched_keys"):
         raise ValueError(f"{where}/model.safetensors does not fit its config.json: missing {missing[:3]}, "
                          f"mismatched {list(info.get('mismatched_keys') or [])[:3]}; refusing to load it")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:  # weights the config builds nothing for (fewer per-step LoRA sets than saved, ...): dropped
+        raise ValueError(f"{where}/model.safetensors holds weights its config.json builds nothing for "
+                         f"({', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}): the config was "
+                         "edited; refusing to load it")
     bad = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers())
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:

@@ -129,6 +129,14 @@ def load_base_model(source: str | os.PathLike, dtype: torch.dtype = torch.float3
     return model
 
 
+def load_base_config(source: str | os.PathLike):
+    """A base model's config only (its folder's config.json; an alias or .gguf: its converted folder's), no weights:
+    what a command checks its flags against before any work."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_source(source))
+
+
 def load_tokenizer(source: str | os.PathLike):
     from transformers import AutoTokenizer
 

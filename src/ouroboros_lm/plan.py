@@ -32,6 +32,7 @@ from .settings import REQUIRED, setting
 RULES = ("ends", "block_influence", "angular", "greedy")
 NESTED = ("block_influence", "greedy")  # rules whose choice for n layers contains their choice for fewer
 FORMAT = "ouroboros-plan/1"
+MAX_CANDIDATES = 64  # `ouroboros plan` writes one a rule; each is validated, so their number is bounded first
 
 
 @dataclass
@@ -44,6 +45,7 @@ class PlanConfig:
     keep: int = setting(REQUIRED, "layers to keep (the heal model's; the recursion's, its block included)", low=1,
                         high=MAX_LAYERS)
     out: str = setting("plan.json", "where to write the plan")
+    overwrite: bool = setting(False, "replace an existing --out plan (never a file that is not a plan)")
     block_layers: int = setting(1, "consecutive base layers the recursion loops (its block)", low=1, high=MAX_LAYERS)
     rules: tuple[str, ...] = setting(RULES, "rules that propose kept layers (the measured loss decides)", choices=RULES,
                                      metavar="RULE")
@@ -171,12 +173,54 @@ def calibration(pc: PlanConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks[:half], blocks[half:]
 
 
-def check_request(pc: PlanConfig, num_layers: int) -> None:
+def check_out(pc: PlanConfig) -> None:
+    """Refuse, before the base is loaded, an --out the plan cannot be written to or must not replace: a folder, a
+    path under a file, or an existing file without --overwrite (with it, only a plan of ours)."""
+    import os
+
+    out = Path(pc.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the plan file's path (e.g. {out / 'plan.json'})")
+    parent = next((p for p in out.parents if os.path.lexists(p)), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is not a folder (nothing was written)")
+    if os.path.lexists(out):
+        if not pc.overwrite:
+            raise ValueError(f"--out {out} already exists; pass --overwrite to replace it (nothing was written)")
+        try:
+            ours = read_json(out, "plan").get("format") == FORMAT
+        except (ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"--out {out} is not a plan `ouroboros plan` wrote; refusing to replace it even with "
+                             "--overwrite (nothing was written)")
+
+
+def check_request(pc: PlanConfig, num_layers: int, max_positions: int | None = None) -> None:
+    """Refuse, before any calibration text is read, what the base cannot do: --keep past its layers, no room for a
+    block, --seq-len past its positions (max_position_embeddings)."""
+    if max_positions is not None and pc.seq_len > max_positions:
+        raise ValueError(f"--seq-len {pc.seq_len} is longer than the base's {max_positions} positions "
+                         "(max_position_embeddings)")
     if pc.keep > num_layers:
         raise ValueError(f"--keep must be in [1, {num_layers}] (the base's layers); got {pc.keep}")
     if pc.block_layers + 2 > pc.keep:
         raise ValueError(f"--keep {pc.keep} leaves no layer before and after a block of {pc.block_layers}: "
                          f"keep at least {pc.block_layers + 2}")
+
+
+def check_plan_memory(pc: PlanConfig, config, num_layers: int) -> None:
+    """Refuse, before any text is read, calibration the machine cannot hold: every layer's input on the blocks the
+    rules measure (float32), the embeddings of both halves and a layer's working space, against half the free RAM."""
+    from .memory import free_bytes
+
+    per_block = pc.seq_len * config.hidden_size * 4
+    need = (num_layers + 4) * pc.blocks * per_block + 2 * pc.blocks * pc.seq_len * 8
+    free = free_bytes(torch.device("cpu"))
+    if free is not None and need > free // 2:
+        raise ValueError(f"--blocks {pc.blocks} of --seq-len {pc.seq_len} tokens: the plan would hold about "
+                         f"{need / (1 << 30):.1f} GiB of hidden states ({num_layers} layers' inputs), more than half the "
+                         f"{free / (1 << 30):.1f} GiB available; lower --blocks or --seq-len")
 
 
 @torch.no_grad()
@@ -187,7 +231,8 @@ def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = 
     from .adapter import architecture_hash
 
     L = len(base.model.layers)
-    check_request(pc, L)
+    check_request(pc, L, getattr(base.config, "max_position_embeddings", None))
+    check_plan_memory(pc, base.config, L)
     base.eval()
     search_ids, score_ids = calibration(pc, tokenizer)
     search, score = Stack(base, search_ids), Stack(base, score_ids)
@@ -225,8 +270,11 @@ def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = 
                        "loss_depth2": score.loss_of(loop_order(kept, first, pc.block_layers, 2))})
         bar.update(1)
     bar.close()
+    from .surgery import part_fingerprints
+
     plan = {"format": FORMAT, "base": base_name, "num_layers": L, "base_architecture_hash": architecture_hash(base.config),
-            "keep": pc.keep, "rule": winner["rule"], "keep_layers": kept, "loss": winner["loss"], "full_loss": full,
+            "base_fingerprints": part_fingerprints(base, range(L)),
+            "keep": pc.keep, "block_layers": pc.block_layers, "rule": winner["rule"], "keep_layers": kept, "loss": winner["loss"], "full_loss": full,
             "ranking": ranking.get(winner["rule"]), "block_influence": influence, "candidates": candidates,
             "blocks": blocks, "recursion": None,
             "calibration": {"data": list(pc.data), "blocks": [len(search_ids), len(score_ids)], "seq_len": pc.seq_len,
@@ -274,39 +322,84 @@ def compact(layers) -> str:
 def read_plan(path: str | Path) -> dict:
     """A plan file, checked (format, kept layers sorted and distinct, the loop's block among them) before any
     model is loaded; ValueError naming the file otherwise."""
+    import os
+
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ValueError(f"--plan {path}: no such file (write one with `ouroboros plan`)")
-    plan = read_json(path, "plan")
+    try:
+        plan = read_json(path, "plan")  # a link, FIFO or folder is refused here, named as what it is
+    except ValueError as e:
+        raise ValueError(f"--plan {e}") from None
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         raise ValueError(f"--plan {path}: not a plan `ouroboros plan` wrote (format {FORMAT!r})")
     n = plan.get("num_layers")
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LAYERS:
         raise ValueError(f"--plan {path}: num_layers must be an integer in [1, {MAX_LAYERS}]; got {n!r}")
+    candidates = plan.get("candidates") or []
+    if not isinstance(candidates, list) or len(candidates) > MAX_CANDIDATES \
+            or not all(isinstance(c, dict) for c in candidates):
+        raise ValueError(f"--plan {path}: candidates must be a list of at most {MAX_CANDIDATES} objects (one a rule); "
+                         f"got {type(candidates).__name__} of {len(candidates) if isinstance(candidates, list) else 1}")
     try:
-        for layers in [plan.get("keep_layers")] + [c.get("keep_layers") for c in plan.get("candidates") or []]:
+        for layers in [plan.get("keep_layers")] + [c.get("keep_layers") for c in candidates]:
             OuroborosConfig(keep_layers=layers, heal_layers=1, lora_rank=1).validate(n)
         rec = plan.get("recursion")
         if rec is not None:
             OuroborosConfig(keep_layers=rec.get("keep_layers"), recurrent_layer=rec.get("recurrent_layer"),
                             block_layers=rec.get("block_layers"), variant="none").validate(n)
+            if list(rec["keep_layers"]) != list(plan["keep_layers"]):
+                raise ValueError("recursion.keep_layers must be the plan's keep_layers (the recursion and its heal "
+                                 "control keep the same layers)")
         ranking = plan.get("ranking")
-        if ranking is not None and sorted(ranking) != list(range(n)):
-            raise ValueError(f"ranking must order the {n} layers once each")
+        if ranking is not None and (not isinstance(ranking, list) or any(isinstance(i, bool) for i in ranking)
+                                    or sorted(ranking) != list(range(n))):
+            raise ValueError(f"ranking must order the {n} layers once each (integers)")
     except (AttributeError, TypeError, ValueError) as e:
         raise ValueError(f"--plan {path}: {e}") from None
     return plan
 
 
 def check_plan_base(plan: dict, base, where: str) -> None:
-    """Refuse a plan measured on another base (its layer count or architecture differs)."""
+    """Refuse a plan measured on another base (its layer count or architecture differs). `base`: the model, or
+    only its config (checked before any weight is loaded)."""
     from .adapter import architecture_hash
 
-    L = len(base.model.layers)
-    if plan["num_layers"] != L or plan.get("base_architecture_hash") != architecture_hash(base.config):
+    config = getattr(base, "config", base)
+    L = len(base.model.layers) if hasattr(base, "model") else config.num_hidden_layers
+    if plan["num_layers"] != L or plan.get("base_architecture_hash") != architecture_hash(config):
         raise ValueError(f"--plan {where} was made for another base ({plan.get('base')!r}, {plan['num_layers']} layers); "
                          f"this one has {L} layers{'' if plan['num_layers'] != L else ' and another architecture'}: "
                          "run `ouroboros plan` on it")
+    recorded = plan.get("base_fingerprints")
+    if hasattr(base, "model") and isinstance(recorded, dict) and recorded:  # the weights (plans since #43 record them)
+        from .surgery import part_fingerprints
+
+        ours = part_fingerprints(base, range(L))
+        differ = [k for k in ours if recorded.get(k) != ours[k]]
+        if differ:
+            raise ValueError(f"--plan {where} was measured on other weights of this architecture ({plan.get('base')!r}: "
+                             f"{differ[0]}{f' and {len(differ) - 1} more' if len(differ) > 1 else ''} differ, a "
+                             "fine-tuned sibling?); its choice of layers need not hold here: run `ouroboros plan` on it")
+
+
+PLANNED = ("keep_layers", "n_prelude", "recurrent_layer", "block_layers", "n_coda")  # what a plan decides
+
+
+def check_plan_flags(config: OuroborosConfig) -> None:
+    """Refuse, beside --plan, a split flag the plan would silently override (a value other than its default):
+    --keep-layers, --n-prelude, --recurrent-layer, --block-layers, --n-coda, or --heal-layers above 1 (a heal
+    model on a plan keeps its layers: --heal-layers 1)."""
+    default = OuroborosConfig()
+    # --keep-layers sets the split's counts itself: it alone is named then
+    given = ["keep_layers"] if config.keep_layers is not None else \
+        [f for f in PLANNED if getattr(config, f) != getattr(default, f)]
+    if config.heal_layers > 1:
+        given.append("heal_layers")
+    if given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise ValueError(f"give --plan or {flags}, not both: the plan decides the layers kept and looped "
+                         "(--heal-layers 1 builds the heal model on them)")
 
 
 def planned_config(plan: dict, config: OuroborosConfig, keep: int | None = None) -> OuroborosConfig:
@@ -318,8 +411,11 @@ def planned_config(plan: dict, config: OuroborosConfig, keep: int | None = None)
         return config.replace(keep_layers=tuple(layers), heal_layers=1)
     rec = plan.get("recursion")
     if rec is None:
-        raise ValueError(f"the plan's {len(plan['keep_layers'])} layers hold no block of {plan.get('keep')} to loop "
-                         "with a kept layer before and after: plan again with another --keep or --block-layers")
+        size = plan.get("block_layers")
+        raise ValueError(f"the plan's {len(plan['keep_layers'])} layers hold no block of "
+                         f"{size if isinstance(size, int) else '--block-layers'} consecutive layers to loop with a kept "
+                         "layer before and after (it builds a heal model only: --heal-layers 1): plan again with another "
+                         "--keep or --block-layers")
     # the plan's block replaces the config's recurrent_layer and block_layers; LoRA on the whole prelude stays on
     # the whole (planned) prelude, and a tail of it stays at most the prelude
     prelude = sum(i < rec["recurrent_layer"] for i in rec["keep_layers"])

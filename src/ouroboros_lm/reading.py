@@ -29,6 +29,12 @@ class DataError(ValueError):
     """Bad training or evaluation data; the message names the file or the setting."""
 
 
+def printable(text) -> str:
+    """`text` safe to print to a terminal: control characters (ANSI escapes, carriage returns) escaped as Python
+    writes them (\\x1b), so a name read from a file or a flag can neither recolour nor rewrite what is shown."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def expand_sources(sources: list[str]) -> list[Path]:
     """Files named by paths, folders (recursively, known text suffixes) and globs; sorted."""
     files: list[Path] = []
@@ -138,6 +144,8 @@ def jsonl_documents(path: Path, text_field: str, name: str | None = None) -> Ite
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i} is not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{i} is nested too deeply to be a document") from None
             if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
                 raise DataError(f"{path}:{i} has no string field {text_field!r}")
             if obj[text_field].strip():

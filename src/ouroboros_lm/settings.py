@@ -175,6 +175,8 @@ def _parse_as(name: str, tp, meta: dict):
         elem = typing.get_args(inner)[0]
 
         def parse_list(text: str):
+            if text.strip() and any(not x.strip() for x in text.split(",")):  # 1,,2 is not 1,2: a value is missing
+                raise argparse.ArgumentTypeError(f"an empty value between commas in {text!r}")
             try:
                 out = tuple(elem(x) for x in text.split(",") if x.strip())
             except ValueError:

@@ -65,13 +65,16 @@ def shard_ok(s) -> bool:
 
 
 MANIFEST_BYTES = 256 << 20  # shards and held-out document names of a corpus of many millions of documents
+# what its parse may cost: a source file is ~4 values (its path, size and time), a shard ~15; a manifest padded with
+# empty objects or strings ("pad": [{}, {}, ...]) would cost ~30x its size in memory, and is refused unparsed
+MANIFEST_VALUES = 1 << 23
 
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         raise DataError(f"{folder} is not a prepared folder (no {MANIFEST}; make one with `ouroboros prepare`)")
     try:  # a manifest lists shards and held-out documents: larger than a settings file, still bounded
-        m = read_json(path, "manifest", limit=MANIFEST_BYTES)
+        m = read_json(path, "manifest", limit=MANIFEST_BYTES, max_values=MANIFEST_VALUES)
     except ValueError as e:
         raise DataError(f"{e}; prepare the folder again") from None
     try:

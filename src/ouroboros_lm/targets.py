@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -31,12 +32,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_bytes, atomic_write_text, ensure_dir, read_json
+from .atomic import atomic_write_bytes, atomic_write_text, ensure_dir, open_regular, read_json
 from .families import final_logits
 from .loss import StoredTeacher, default_chunk
 from .ops import tail_log_mass
 from .prepare import folder_lock
-from .reading import DataError
+from .reading import DataError, printable
 from .shards import Blocks, Prepared, verify_file
 from .surgery import part_fingerprints
 
@@ -95,8 +96,9 @@ def chunk_ok(c) -> bool:
 def read_set_manifest(path: Path) -> dict:
     m = read_json(path, "teacher targets manifest")
     try:
-        ok = (m["format"] == FORMAT and m["version"] == VERSION and isinstance(m["seq_len"], int)
-              and isinstance(m["top_k"], int) and m["top_k"] >= 1 and isinstance(m["vocab_size"], int)
+        count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731 - true is no number
+        ok = (m["format"] == FORMAT and m["version"] == VERSION and count(m["seq_len"])
+              and count(m["top_k"]) and count(m["vocab_size"])
               and m["ids_dtype"] in ("<u2", "<u4") and isinstance(m["fingerprints"], dict)
               and isinstance(m["token_shards"], list) and all(chunk_ok(c) for c in m["chunks"]))
     except (KeyError, TypeError):
@@ -115,7 +117,7 @@ class TargetSet:
         self.seq_len, self.top_k = manifest["seq_len"], manifest["top_k"]
         self.n_blocks = len(Blocks(prep.arrays["train"], self.seq_len, (0, 0), f"{prep.folder}"))
         self.ids_dtype = np.dtype(manifest["ids_dtype"])
-        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self.chunks: list[Path] = []  # each chunk's files, without their suffix
         self.chunk_of = np.full(self.n_blocks, -1, dtype=np.int32)
         self.row_of = np.zeros(self.n_blocks, dtype=np.int64)
         if manifest["token_shards"] != token_shards(prep):
@@ -134,9 +136,8 @@ class TargetSet:
             raise DataError(f"{base.with_suffix('.blocks')} names blocks outside the folder's {self.n_blocks}")
         self.chunk_of[blocks] = len(self.chunks)
         self.row_of[blocks] = np.arange(blocks.size)
-        ids = np.memmap(base.with_suffix(".ids"), dtype=self.ids_dtype, mode="r", shape=(n, self.seq_len, self.top_k))
-        lp = np.memmap(base.with_suffix(".lp"), dtype=LOGP_DTYPE, mode="r", shape=(n, self.seq_len, self.top_k + 1))
-        self.chunks.append((ids, lp))
+        # the chunk's files are named, not held open: a set of thousands of chunks is read a chunk at a time
+        self.chunks.append(base)
 
     def missing(self, blocks: np.ndarray) -> np.ndarray:
         """The blocks of `blocks` (local numbers) this set has no predictions for, sorted, once each."""
@@ -146,16 +147,51 @@ class TargetSet:
     def read(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.empty((len(blocks), self.seq_len, self.top_k), dtype=np.int64)
         lp = np.empty((len(blocks), self.seq_len, self.top_k + 1), dtype=np.float32)
-        for j, b in enumerate(blocks.tolist()):
-            c = int(self.chunk_of[b])
-            if c < 0:
-                raise DataError(f"{self.folder}: no stored teacher predictions for block {b} (run the teacher pass "
-                                "for the blocks this run draws)")
-            ids[j], lp[j] = self.chunks[c][0][self.row_of[b]], self.chunks[c][1][self.row_of[b]]
+        blocks = np.asarray(blocks, dtype=np.int64)
+        chunk = self.chunk_of[blocks]
+        if (chunk < 0).any():
+            raise DataError(f"{self.folder}: no stored teacher predictions for block {int(blocks[chunk < 0][0])} (run "
+                            "the teacher pass for the blocks this run draws)")
+        for c in np.unique(chunk).tolist():  # each chunk's files opened once, and closed again
+            where = np.nonzero(chunk == c)[0]
+            rows, base = self.row_of[blocks[where]], self.chunks[c]
+            ids[where] = read_rows(base.with_suffix(".ids"), self.ids_dtype, (self.seq_len, self.top_k), rows)
+            lp[where] = read_rows(base.with_suffix(".lp"), LOGP_DTYPE, (self.seq_len, self.top_k + 1), rows)
+            check_log_probs(lp[where], base.with_suffix(".lp"), blocks[where])
         if ids.size and ids.max() >= self.manifest["vocab_size"]:
             raise DataError(f"{self.folder}: a stored token id ({ids.max()}) is past the vocabulary "
                             f"({self.manifest['vocab_size']}); delete the folder and run the teacher pass again")
         return ids, lp
+
+
+def read_rows(path: Path, dtype: np.dtype, shape: tuple[int, ...], rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (each of `shape`) of the array file `path` (a regular file, checked when its set was opened)."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    out = np.empty((len(rows), *shape), dtype=dtype)
+    try:
+        f = open_regular(path, "stored teacher predictions")
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    with f:
+        for j, r in enumerate(rows.tolist()):
+            data = os.pread(f.fileno(), size, r * size)
+            if len(data) != size:
+                raise DataError(f"{path}: shorter than its manifest says (changed since it was checked?); delete its "
+                                "folder and run the teacher pass again")
+            out[j] = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return out
+
+
+def check_log_probs(lp: np.ndarray, path: Path, blocks: np.ndarray) -> None:
+    """Refuse stored log-probabilities that are not a distribution: NaN, positive (a probability above 1), or K + 1
+    buckets whose probabilities do not sum to 1 (to float16's rounding); the file and block named."""
+    bad = np.isnan(lp).any(axis=(1, 2)) | (lp > 1e-2).any(axis=(1, 2))
+    total = np.exp(lp.astype(np.float64)).sum(axis=-1)
+    bad |= (np.abs(total - 1) > 0.05).any(axis=1)
+    if bad.any():
+        raise DataError(f"{path}: the stored log-probabilities of block {int(blocks[np.argmax(bad)])} are not a "
+                        "distribution (NaN, positive, or not summing to 1): the file is corrupt; delete its folder and "
+                        "run the teacher pass again")
 
 
 def find_sets(prep: Prepared, seq_len: int, top_k: int, fingerprints: dict, vocab_size: int) -> TargetSet | None:
@@ -187,9 +223,40 @@ def write_chunk(folder: Path, name: str, blocks: np.ndarray, ids: np.ndarray, lp
     return {"name": name, "blocks": int(blocks.size), "sha256": sha}
 
 
+def pass_bytes(top_k: int, vocab: int, seq_len: int, batch_blocks: int | None = None) -> tuple[int, int]:
+    """(memory a teacher pass holds at most, beside the teacher; bytes it stores a token) at this K: a chunk's
+    ids and log-probabilities, and a batch's top-K in int64 and float32, twice (gathered, then joined)."""
+    per_token = top_k * (2 if vocab <= 1 << 16 else 4) + (top_k + 1) * LOGP_DTYPE.itemsize
+    chunk_tokens = max(1, CHUNK_TOKENS // seq_len) * seq_len
+    batch_tokens = (batch_blocks or max(1, 4096 // seq_len)) * seq_len
+    return chunk_tokens * per_token + 2 * batch_tokens * (top_k * 8 + (top_k + 1) * 4), per_token
+
+
+def check_pass_fits(top_k: int, vocab: int, seq_len: int, flag: str = "--teacher-top-k", tokens: int | None = None,
+                    folder: Path | None = None, batch_blocks: int | None = None) -> None:
+    """Refuse, before the teacher runs, a K whose pass would not fit the available memory (half of it) or, for
+    `tokens` stored under `folder`, its free disk space; the flag named."""
+    import shutil
+
+    from .memory import free_bytes
+
+    ram, per_token = pass_bytes(top_k, vocab, seq_len, batch_blocks)
+    free = free_bytes(torch.device("cpu"))
+    gib = lambda n: f"{n / (1 << 30):.1f} GiB"  # noqa: E731
+    if free is not None and ram > free // 2:
+        raise DataError(f"{flag} {top_k}: the teacher pass would hold about {gib(ram)} of predictions in memory, more "
+                        f"than half the {gib(free)} available; lower {flag}")
+    if tokens is not None and folder is not None:
+        disk, room = tokens * per_token, shutil.disk_usage(folder).free
+        if disk > room:
+            raise DataError(f"{flag} {top_k}: the teacher's predictions for {tokens:,} tokens would take about "
+                            f"{gib(disk)} ({per_token} bytes a token), more than the {gib(room)} free under {folder}; "
+                            f"lower {flag}")
+
+
 def teacher_pass(prep: Prepared, teacher, teacher_name: str, seq_len: int, top_k: int,
                  blocks: np.ndarray | None = None, batch_blocks: int | None = None, progress: bool | None = True,
-                 fingerprints: dict | None = None) -> TargetSet:
+                 fingerprints: dict | None = None, flag: str = "--teacher-top-k") -> TargetSet:
     """The set of `prep` for this teacher, seq_len and K, holding at least `blocks` (local block numbers of
     the training split; None: all): the ones it lacks are computed (the teacher, in eval mode, on its
     device) and appended a chunk at a time. Returns the set, opened and checked."""
@@ -217,12 +284,13 @@ def teacher_pass(prep: Prepared, teacher, teacher_name: str, seq_len: int, top_k
         todo = tset.missing(np.arange(tset.n_blocks) if blocks is None else blocks)
         if todo.size == 0:
             return tset
+        check_pass_fits(top_k, vocab, seq_len, flag, int(todo.size) * seq_len, folder, batch_blocks)
         source = Blocks(prep.arrays["train"], seq_len, (0, 0), str(prep.folder))
         per_chunk = max(1, CHUNK_TOKENS // seq_len)
         batch = batch_blocks or max(1, 4096 // seq_len)
         teacher.eval()
         t0 = time.time()
-        bar = tqdm(total=int(todo.size), unit="block", desc=f"teacher pass ({teacher_name or 'teacher'}, top-{top_k})",
+        bar = tqdm(total=int(todo.size), unit="block", desc=f"teacher pass ({printable(teacher_name or 'teacher')}, top-{top_k})",
                    disable=None if progress is None else not progress, dynamic_ncols=True)
         with bar:
             for start in range(0, todo.size, per_chunk):
@@ -274,7 +342,7 @@ class CorpusTargets:
     def describe(self) -> str:
         s = self.sets[0]
         have = sum(int((t.chunk_of >= 0).sum()) for t in self.sets)
-        return (f"stored teacher targets: top-{s.top_k} of {s.manifest.get('teacher') or 'the teacher'} at "
+        return (f"stored teacher targets: top-{s.top_k} of {printable(s.manifest.get('teacher') or 'the teacher')} at "
                 f"seq_len {s.seq_len}, {have} blocks in {', '.join(str(t.folder) for t in self.sets)}")
 
 
@@ -294,9 +362,9 @@ def corpus_targets(corpus, seq_len: int, top_k: int, fingerprints: dict, vocab_s
     got = teacher_fingerprints(teacher)
     wrong = sorted(k for k, v in fingerprints.items() if got.get(k) != v)
     if wrong:
-        raise DataError(f"the teacher {teacher_name} is not the model the student was cut from ({wrong[0]} differs)")
+        raise DataError(f"the teacher {printable(teacher_name)} is not the model the student was cut from ({wrong[0]} differs)")
     which, local = CorpusTargets([], offsets).locate(blocks)
     sets = [teacher_pass(f, teacher, teacher_name, seq_len, top_k, blocks=local[which == i], progress=progress,
-                         fingerprints=got)
+                         fingerprints=got, flag="--distill-top-k")
             for i, f in enumerate(corpus.train_folders)]
     return CorpusTargets(sets, offsets)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .adapter import copy_into, save_adapter
 from .atomic import ensure_dir
-from .checkpoints import (CHECKPOINTS, append_metrics, list_checkpoints, load_resumable, read_metrics,
+from .checkpoints import (CHECKPOINTS, append_metrics, iter_metrics, list_checkpoints, load_resumable,
                           refuse_planted_links, remove_partial_checkpoints, run_lock, save_checkpoint,
                           set_aside_metrics, truncate_metrics)
 from .config import MAX_DEPTH
@@ -185,7 +185,8 @@ class Trainer:
                              "continue that run, or convert into a new folder to start over (nothing was changed)")
         if self.resuming:
             self.resumed = load_resumable(existing[-1], self.model)  # all of it checked before any work
-            read_metrics(self.run_dir)  # a damaged metrics file is named now, not after the model is set up
+            for _ in iter_metrics(self.run_dir):  # a damaged metrics file is named now, not after the model is set up
+                pass  # (streamed: a file of any length costs one line's memory)
             conflicts = resume_conflicts(self.resumed["state"], tc, self.corpus.seq_len, self.corpus.sampling_key())
             if conflicts:
                 raise ValueError("--resume with settings that differ from the run's: " + "; ".join(conflicts)

@@ -29,7 +29,7 @@ from ouroboros_lm.data import DataConfig, domain_blocks
 from ouroboros_lm.evaluate import EvalConfig, evaluate
 from ouroboros_lm.exits import ExitRule
 from ouroboros_lm.halter_training import HalterConfig, train_halter
-from ouroboros_lm.loading import cache_dir, load_base_model, load_tokenizer
+from ouroboros_lm.loading import cache_dir, load_base_config, load_base_model, load_tokenizer
 from ouroboros_lm.model import OuroborosModel
 from ouroboros_lm.policy import RecursionPolicy
 from ouroboros_lm.runtime import choose_runtime
@@ -272,10 +272,14 @@ def ours(names: str) -> str:
 RUN_FILES = r"adapter_config\.json|adapter_model\.safetensors|metrics\.jsonl(?:\.\d+\.old)?|\.lock"
 CHECKPOINT = (r"checkpoints/(?:step_\d{6}|\.step_\d{6}\.tmp\d+)/"
               + ours(r"adapter_config\.json|adapter_model\.safetensors|optimizer\.pt|scheduler\.pt|trainer_state\.json"))
+# TensorBoard's files, as accelerate's tracker writes them for a run (train.TRACKING_DIR, init_trackers("ouroboros-lm")):
+# its events, and each start's hparams in a folder named by the time; never a user's files elsewhere under tracking/
+EVENTS = r"events\.out\.tfevents\.[^/]+"
+TRACKER_FILES = rf"tracking/ouroboros-lm/(?:{EVENTS}|\d+(?:\.\d+)?/(?:{EVENTS}|hparams\.yml))"
 # Every file a demo writes, as whole-path regular expressions (`atomic.check_removable`): what a finished or
 # interrupted earlier demo left, and nothing a user put beside it or inside its folders.
 DEMO_OUTPUTS = (ours(RUN_FILES + r"|eval\.json|eval\.md|demo_summary\.json|(?:frontier|exit_steps|depth_curve)\.png"),
-                CHECKPOINT, r"tracking/.+\.tfevents\.[^/]+",
+                CHECKPOINT, TRACKER_FILES,
                 rf"heal-(?:weights|compute)/{ours(RUN_FILES)}", rf"heal-(?:weights|compute)/{CHECKPOINT}")
 DEFAULT_MIX = ("moby-dick", "python-docs")  # folders of the cache, `make domains`
 
@@ -387,14 +391,46 @@ def train_models(run: DemoRun, model, out: Path, corpus, full, plan: dict | None
 
 def preflight(run: DemoRun) -> dict | None:
     """Check what the demo will read and run before its folder is replaced: the corpus, the mixed folders, the
-    depths it evaluates (within the model's max_depth) and the plan (returned, read)."""
-    dc = run.demo
+    depths it trains and evaluates (within the model's max_depth), the settings the base's config bounds (block
+    length, distillation's top-k), the plan (returned, read) against the base, and the heal models' layers."""
+    dc, tc = run.demo, run.train
     sotu_files(Path(dc.corpus) if dc.corpus else cache_dir() / "sotu", dc.last_train_year, dc.first_train_year)
     mix_files(dc)
     run.eval.check(run.model)
     for d in dc.domain_depths:
         run.model.check_depth(d, "--demo.domain-depths")
-    return demo_plan(run)
+    for d in tc.depths:
+        run.model.check_depth(d, "--train.depths")
+    plan = demo_plan(run)
+    config = load_base_config(dc.base)  # the base's config only: no weight is loaded yet
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if run.data.seq_len is not None and max_pos is not None and run.data.seq_len > max_pos:
+        raise ValueError(f"--data.seq-len {run.data.seq_len} is longer than {dc.base}'s {max_pos} positions "
+                         "(max_position_embeddings)")
+    if tc.distill_top_k >= config.vocab_size:  # never a valid K, whether or not this run distills
+        raise ValueError(f"--train.distill-top-k must be below {dc.base}'s vocabulary ({config.vocab_size}); "
+                         f"got {tc.distill_top_k}")
+    L = config.num_hidden_layers
+    where = "--plan " + ("shipped (demo_plan.json)" if dc.plan == "shipped" else dc.plan)
+    if plan is not None:
+        check_plan_base(plan, config, where[len("--plan "):])
+        if plan.get("base_fingerprints"):  # a plan that records its weights: checked on them, before any deletion
+            check_plan_base(plan, load_base_model(dc.base), where[len("--plan "):])
+        try:
+            recursion = planned_config(plan, run.model)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    else:
+        recursion = run.model
+    recursion.validate(L)
+    try:
+        heal_arms(run, recursion, L, plan)
+    except ValueError as e:  # the equal-compute arm keeps more layers than the base has, or the plan has no ranking
+        n = len(recursion.kept_layers(L)) - recursion.block_layers + dc.heal_compute_layers
+        raise ValueError(f"--heal-compute-layers {dc.heal_compute_layers}: the equal-compute heal model would keep "
+                         f"{n} of {dc.base}'s {L} layers" + (f" by {where}'s ranking" if plan is not None else "")
+                         + f" ({e}); lower --heal-compute-layers, or pass --no-heal-rows") from None
+    return plan
 
 
 def dc_title(run: DemoRun, model) -> str:

@@ -6,16 +6,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ouroboros_lm.checkpoints import read_metrics
+from ouroboros_lm.checkpoints import iter_metrics
 from ouroboros_lm.config import TARGETS
 from ouroboros_lm.plots import draw_compute, pyplot, save_figure
+
+
+MAX_CURVE_POINTS = 4096  # a figure 9 inches wide shows no more
+
+
+def curve_points(run_dir: Path) -> list[tuple[float, float]]:
+    """(step, loss) of a run's metric records, streamed: at most MAX_CURVE_POINTS of them, evenly spaced (every
+    2nd, 4th, ... record once there are more), so a metrics file of any length costs a few pages of memory."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    pts, stride, seen = [], 1, 0
+    for rec in iter_metrics(run_dir):
+        if not (number(rec.get("step")) and number(rec.get("loss"))):
+            continue
+        if seen % stride == 0:
+            pts.append((rec["step"], rec["loss"]))
+            if len(pts) > MAX_CURVE_POINTS:
+                pts, stride = pts[::2], stride * 2
+        seen += 1
+    return pts
 
 
 def plot_training_curves(sweep_dir: Path, results: list[dict], plt) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for r in results:
-        pts = [p for p in read_metrics(sweep_dir / "runs" / r["name"]) if isinstance(p, dict) and "loss" in p]
-        ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], label=r["name"], lw=1.2)
+        pts = curve_points(sweep_dir / "runs" / r["name"])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r["name"], lw=1.2)
     ref = results[0]["reference"]["train"]
     ax.axhline(ref["baseline"], color="k", ls="--", lw=1, label=f"pruned baseline ({ref['baseline']:.2f})")
     ax.axhline(ref["full"], color="k", ls=":", lw=1, label=f"full model ({ref['full']:.2f})")
