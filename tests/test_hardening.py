@@ -68,7 +68,7 @@ def test_sigkill_while_saving_then_resume_matches_uninterrupted(setup):
     la = [m["loss"] for m in read_metrics(a) if "loss" in m]
     lb = [m["loss"] for m in read_metrics(b) if "loss" in m]
     assert len(la) == len(lb) == 6
-    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-6
+    assert la == lb  # the same computations, in the same order: bit-identical, as the weights below
     from safetensors.torch import load_file
 
     wa = load_file(a / "checkpoints" / "step_000006" / "adapter_model.safetensors")
