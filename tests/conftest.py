@@ -66,7 +66,7 @@ def one_thread():
 EQUIVALENT_ULPS = 64
 
 
-def equivalence_tolerance(reference, *, dtype: torch.dtype, depth: int = 1) -> float:
+def equivalence_tolerance(reference, *, dtype: torch.dtype, depth: int = 1, scale: float | None = None) -> float:
     """Absolute tolerance for a computation run in `dtype` through `depth` steps (layers, recursion steps, chunks),
     of values on the scale of `reference`: EQUIVALENT_ULPS * depth * eps(dtype) * (1 + max |reference|).
 
@@ -76,23 +76,27 @@ def equivalence_tolerance(reference, *, dtype: torch.dtype, depth: int = 1) -> f
       add) adds up to a few dozen such roundings; the slack covers sums whose order a kernel picks.
     - depth: each step's rounding is carried to the next through the residual stream, so errors add up linearly.
     - 1 + max |reference|: rounding is relative to the size of the values that were summed, not to each element
-      (a small logit is the difference of large terms), and 1 keeps the floor sensible for values near zero.
+      (a small logit is the difference of large terms), and 1 keeps the floor sensible for values near zero. Where
+      the result is far smaller than what was summed (a KL of two near-equal distributions, a residual's norm),
+      pass that size as `scale` (e.g. the log-probabilities' log(vocabulary size)).
     A real difference (a wrong layer, a shifted label, a missing scale) moves values by ~1e-2..1e-1, far above this
     (float32, depth 8: ~6e-5 at scale 1)."""
-    scale = torch.as_tensor(reference).detach().double().abs().max().item()
+    if scale is None:
+        scale = torch.as_tensor(reference).detach().double().abs().max().item()
     return EQUIVALENT_ULPS * depth * torch.finfo(dtype).eps * (1 + scale)
 
 
-def assert_equivalent(ours, reference, *, depth: int = 1, dtype: torch.dtype | None = None, msg=None) -> None:
+def assert_equivalent(ours, reference, *, depth: int = 1, dtype: torch.dtype | None = None, scale: float | None = None,
+                      msg=None) -> None:
     """`ours` equals `reference` up to the rounding of `dtype` (default: the less precise of the two tensors' dtypes)
-    through `depth` steps (see equivalence_tolerance). Both are compared in float64; Python numbers (a loss's
+    through `depth` steps, on values of size `scale` (default: max |reference|; see equivalence_tolerance). Both are compared in float64; Python numbers (a loss's
     .item()) need `dtype`, the precision they were computed in."""
     if dtype is None:
         dtypes = [t.dtype for t in (ours, reference) if isinstance(t, torch.Tensor)]
         assert dtypes, "Python numbers: pass dtype=, the precision they were computed in"
         dtype = min(dtypes, key=lambda d: torch.finfo(d).bits)
     ours, reference = (torch.as_tensor(t).detach().double() for t in (ours, reference))
-    tol = equivalence_tolerance(reference, dtype=dtype, depth=depth)
+    tol = equivalence_tolerance(reference, dtype=dtype, depth=depth, scale=scale)
     torch.testing.assert_close(ours, reference, atol=tol, rtol=0, msg=msg)
 
 
