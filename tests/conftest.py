@@ -89,8 +89,8 @@ def equivalence_tolerance(reference, *, dtype: torch.dtype, depth: int = 1, scal
 def assert_equivalent(ours, reference, *, depth: int = 1, dtype: torch.dtype | None = None, scale: float | None = None,
                       msg=None) -> None:
     """`ours` equals `reference` up to the rounding of `dtype` (default: the less precise of the two tensors' dtypes)
-    through `depth` steps, on values of size `scale` (default: max |reference|; see equivalence_tolerance). Both are compared in float64; Python numbers (a loss's
-    .item()) need `dtype`, the precision they were computed in."""
+    through `depth` steps, on values of size `scale` (default: max |reference|; see equivalence_tolerance). Both are
+    compared in float64; Python numbers (a loss's .item()) need `dtype`, the precision they were computed in."""
     if dtype is None:
         dtypes = [t.dtype for t in (ours, reference) if isinstance(t, torch.Tensor)]
         assert dtypes, "Python numbers: pass dtype=, the precision they were computed in"
@@ -100,12 +100,12 @@ def assert_equivalent(ours, reference, *, depth: int = 1, dtype: torch.dtype | N
     torch.testing.assert_close(ours, reference, atol=tol, rtol=0, msg=msg)
 
 
-def assert_same_in_float64(ours: torch.Tensor, reference: torch.Tensor, *, depth: int = 1) -> None:
+def assert_same_in_float64(ours: torch.Tensor, reference: torch.Tensor) -> None:
     """Both computed in float64 (the model and the reference cast with .double()): equal up to the float32 rounding
     Hugging Face's RMSNorm applies inside (it casts to float32), whatever the CPU (a wrong layer moves logits by
     ~0.1). 32 rather than EQUIVALENT_ULPS units: only the norms round in float32, not the sums."""
     assert ours.dtype == reference.dtype == torch.float64
-    tol = 32 * depth * torch.finfo(torch.float32).eps * (1 + reference.abs().max().item())
+    tol = 32 * torch.finfo(torch.float32).eps * (1 + reference.abs().max().item())
     torch.testing.assert_close(ours, reference, atol=tol, rtol=0)
 
 
