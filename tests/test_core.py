@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, Qwen2Config
 
-from conftest import CONFIGS, TINY, TINY_SPLIT, randomize_trainables, tiny_base, tiny_ouroboros
+from conftest import (CONFIGS, TINY, TINY_SPLIT, assert_equivalent, assert_same_in_float64, randomize_trainables, tiny_base,
+                      tiny_ouroboros)
 from ouroboros_lm import OuroborosConfig, OuroborosModel, RecursionPolicy
 from ouroboros_lm.config import TARGETS
 from ouroboros_lm.svd_bases import mean_residual
@@ -25,72 +26,79 @@ def hf_pruned(base, keep):
 
 
 # ---------------------------------------------------------------- 1. label alignment
+@pytest.mark.equivalence
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_baseline_loss_equals_hugging_face(arch, tokens):
-    base = tiny_base(arch)
+    base = tiny_base(arch).double()  # float64: the comparison holds on any CPU
     cfg = OuroborosConfig(**TINY_SPLIT)
     ref = hf_pruned(base, cfg.kept_layers(TINY["num_hidden_layers"]))
-    model = OuroborosModel.from_base(base, cfg).eval()
+    model = OuroborosModel.from_base(base, cfg).double().eval()
     with torch.no_grad():
         hf = ref(tokens, labels=tokens, use_cache=False)
         ours = model.forward_baseline(tokens, labels=tokens)
-    assert abs(hf.loss.item() - ours.loss.item()) <= 1e-5
-    torch.testing.assert_close(ours.logits, hf.logits, atol=1e-5, rtol=1e-5)
+    assert_equivalent(ours.loss, hf.loss)  # our loss is float32
+    assert_same_in_float64(ours.logits, hf.logits)
 
 
+@pytest.mark.equivalence
 def test_labels_are_shifted_once(tokens):
     """Loss equals an independent next-token cross-entropy: logits[t] scored against ids[t+1]."""
     model = tiny_ouroboros("llama")
     with torch.no_grad():
         out = model(tokens, labels=tokens, depth=2)
     manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, TINY["vocab_size"]), tokens[:, 1:].reshape(-1))
-    assert abs(out.loss.item() - manual.item()) < 1e-6
+    assert_equivalent(out.loss, manual)
     labels = tokens.clone()
     labels[:, :10] = -100  # ignored positions drop out of the mean
     with torch.no_grad():
         masked = model(tokens, labels=labels, depth=2).loss
     manual = torch.nn.functional.cross_entropy(out.logits[:, 9:-1].reshape(-1, TINY["vocab_size"]), tokens[:, 10:].reshape(-1))
-    assert abs(masked.item() - manual.item()) < 1e-6
+    assert_equivalent(masked, manual)
 
 
+@pytest.mark.equivalence
 def test_sliding_window_matches_hugging_face(tokens):
     torch.manual_seed(0)
     cfg = MistralConfig(**TINY, sliding_window=8)
     cfg._attn_implementation = "eager"
-    base = AutoModelForCausalLM.from_config(cfg).eval()
+    base = AutoModelForCausalLM.from_config(cfg).double().eval()  # float64: the comparison holds on any CPU
     ours_cfg = OuroborosConfig(**TINY_SPLIT)
     ref = hf_pruned(base, ours_cfg.kept_layers(8))
     model = OuroborosModel.from_base(base, ours_cfg).eval()
     with torch.no_grad():
-        assert abs(ref(tokens, labels=tokens, use_cache=False).loss.item() - model.forward_baseline(tokens, labels=tokens).loss.item()) <= 1e-5
+        assert_equivalent(model.forward_baseline(tokens, labels=tokens).loss, ref(tokens, labels=tokens, use_cache=False).loss)
 
 
+@pytest.mark.equivalence
 def test_right_padding_does_not_change_real_positions(tokens):
     model = tiny_ouroboros("qwen2")
     randomize_trainables(model)
+    model.double()  # float64: the comparison holds on any CPU
     mask = torch.ones_like(tokens)
     mask[1, 16:] = 0
     with torch.no_grad():
         full = model(tokens[1:, :16], depth=3).logits
         padded = model(tokens, attention_mask=mask, depth=3).logits[1:, :16]
-    torch.testing.assert_close(padded, full, atol=1e-5, rtol=1e-5)
+    assert_same_in_float64(padded, full)
 
 
 # ---------------------------------------------------------------- 2. causality
 CAUSAL = [(v, p, g) for v in ("controller", "static", "none") for p in ("prefix_mean", "token") for g in (True, False)]
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("variant,pooling,gate", CAUSAL)
 def test_future_tokens_do_not_change_past_logits(variant, pooling, gate, tokens):
     model = tiny_ouroboros("llama", variant=variant, pooling=pooling, gate=gate)
     randomize_trainables(model)
+    model.double()  # float64: the comparison holds on any CPU
     t = 13
     changed = tokens.clone()
     changed[:, t:] = (changed[:, t:] + 1 + torch.arange(changed.shape[1] - t)) % TINY["vocab_size"]
     with torch.no_grad():
         a = model(tokens, depth=4).logits
         b = model(changed, depth=4).logits
-    assert (a[:, :t] - b[:, :t]).abs().max().item() <= 1e-6
+    assert_same_in_float64(a[:, :t], b[:, :t])
     assert (a[:, t:] - b[:, t:]).abs().max().item() > 1e-3  # the change did reach the model
 
 
@@ -107,27 +115,30 @@ def test_sequence_mean_leaks_future_tokens(tokens):
 
 
 # ---------------------------------------------------------------- 3. init
+@pytest.mark.equivalence
 def test_controller_starts_neutral(tokens):
-    ctrl = tiny_ouroboros("llama", variant="controller")
-    static = tiny_ouroboros("llama", variant="static")
-    none = tiny_ouroboros("llama", variant="none")
-    h = torch.randn(2, 5, TINY["hidden_size"])
+    ctrl = tiny_ouroboros("llama", variant="controller").double()  # float64: the comparison holds on any CPU
+    static = tiny_ouroboros("llama", variant="static").double()
+    none = tiny_ouroboros("llama", variant="none").double()
+    h = torch.randn(2, 5, TINY["hidden_size"], dtype=torch.float64)
     assert torch.count_nonzero(ctrl.recurrent.controller(h, 3)) == 0
     with torch.no_grad():
         a, b, c = (m(tokens, depth=4).logits for m in (ctrl, static, none))
     assert torch.equal(a, b)
-    torch.testing.assert_close(a, c, atol=1e-6, rtol=0)
+    assert_same_in_float64(a, c)
 
 
+@pytest.mark.equivalence
 def test_gate_keeps_88_percent_of_old_state():
     model = tiny_ouroboros("llama")
     h_new, h_old = torch.randn(3, 4, TINY["hidden_size"]), torch.randn(3, 4, TINY["hidden_size"])
     with torch.no_grad():
         out = model.recurrent.gate(h_new, h_old)
     keep = 0.8807970779778823  # 1 - sigmoid(-2): the specified "88% of the old state kept" at init
-    torch.testing.assert_close(out, keep * h_old + (1 - keep) * h_new)
+    assert_equivalent(out, keep * h_old + (1 - keep) * h_new)
 
 
+@pytest.mark.equivalence
 def test_gate_computes_the_specified_formula_with_W_g_whole():
     """g = sigmoid(W_g [h_new; h_old] + b_g), h = g h_new + (1 - g) h_old, against a direct
     computation with the whole H x 2H matrix (the module holds it as two halves)."""
@@ -138,7 +149,7 @@ def test_gate_computes_the_specified_formula_with_W_g_whole():
     h_new, h_old = torch.randn(3, 4, H), torch.randn(3, 4, H)
     g = torch.sigmoid(torch.cat([h_new, h_old], -1) @ W.t() + b)
     with torch.no_grad():
-        torch.testing.assert_close(gate(h_new, h_old), g * h_new + (1 - g) * h_old)
+        assert_equivalent(gate(h_new, h_old), g * h_new + (1 - g) * h_old)
     assert torch.equal(gate.joined()["proj.weight"], W) and torch.equal(gate.joined()["proj.bias"], b)
 
 
@@ -152,24 +163,24 @@ def test_step_norms_start_as_the_layers_own(tokens):
 
 
 # ---------------------------------------------------------------- 4. SVD
+@pytest.mark.equivalence
 @pytest.mark.parametrize("target", TARGETS)
 def test_svd_bases_are_the_best_rank_r_approximation(target):
-    base = tiny_base("qwen2")
+    base = tiny_base("qwen2")  # the bases are computed in float32 (mean_residual): so are the checks
     cfg = OuroborosConfig(**TINY_SPLIT)
     keep_copy = copy.deepcopy(base)
     model = OuroborosModel.from_base(base, cfg)
     layers = keep_copy.model.layers
     # independent: mean residual of the removed layers 2, 3, 5 against layer 4
     M = sum(getattr_path(layers[i], target).weight - getattr_path(layers[4], target).weight for i in (2, 3, 5)) / 3
-    torch.testing.assert_close(M, mean_residual(layers[4], [layers[i] for i in (2, 3, 5)], target))
+    assert_equivalent(mean_residual(layers[4], [layers[i] for i in (2, 3, 5)], target), M)
     bases = model.recurrent.bases
     A, B = bases.A(target), bases.B(target)
     assert A.shape == (cfg.rank, M.shape[1]) and B.shape == (M.shape[0], cfg.rank)
     S = torch.linalg.svdvals(M.double())
-    expected = S[cfg.rank :].pow(2).sum().sqrt().item()
-    err = torch.linalg.norm(M.double() - B.double() @ A.double()).item()
-    assert abs(err - expected) / expected <= 1e-4
-    torch.testing.assert_close(A @ A.t(), torch.eye(cfg.rank), atol=1e-5, rtol=0)  # orthonormal rows
+    expected = S[cfg.rank :].pow(2).sum().sqrt()
+    assert_equivalent(torch.linalg.norm(M.double() - B.double() @ A.double()), expected, dtype=torch.float32)
+    assert_equivalent(A @ A.t(), torch.eye(cfg.rank))  # orthonormal rows
 
 
 def getattr_path(layer, target):

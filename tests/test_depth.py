@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import TINY, randomize_trainables, tiny_ouroboros
+from conftest import TINY, assert_equivalent, assert_same_in_float64, randomize_trainables, tiny_ouroboros
 from ouroboros_lm import RecursionPolicy, StepTraining, TrainConfig
 from ouroboros_lm.exits import ExitRule
 from ouroboros_lm.schedules import step_depth
@@ -63,9 +63,10 @@ def test_forced_full_depth_equals_the_fixed_depth_forward(tokens):
     assert torch.equal(fixed, forced.logits) and (forced.steps == 5).all()
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("variant,gate", [("controller", True), ("static", False), ("none", True)])
 def test_cached_decoding_equals_recomputing_under_the_same_exit_decisions(variant, gate):
-    model = trained_model(variant=variant, gate=gate)
+    model = trained_model(variant=variant, gate=gate).double()  # float64: the comparison holds on any CPU
     ids = torch.randint(0, TINY["vocab_size"], (2, 14), generator=torch.Generator().manual_seed(3))
     decided = torch.randint(1, 9, ids.shape, generator=torch.Generator().manual_seed(4))  # varied decisions
     with torch.no_grad():
@@ -74,11 +75,12 @@ def test_cached_decoding_equals_recomputing_under_the_same_exit_decisions(varian
         cache = model.new_cache(8)
         parts = [model(ids[:, :6], depth=8, cache=cache, exit_steps=full.steps[:, :6])]
         parts += [model(ids[:, t : t + 1], depth=8, cache=cache, exit_steps=full.steps[:, t : t + 1]) for t in range(6, 14)]
-    torch.testing.assert_close(torch.cat([p.logits for p in parts], 1), full.logits, atol=1e-5, rtol=1e-5)
+    assert_same_in_float64(torch.cat([p.logits for p in parts], 1), full.logits)
 
 
+@pytest.mark.equivalence
 def test_adaptive_exit_is_causal():
-    model = trained_model()
+    model = trained_model().double()  # float64: the comparison holds on any CPU
     a = torch.randint(0, TINY["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(5))
     b = a.clone()
     b[:, 9:] = (b[:, 9:] + 7) % TINY["vocab_size"]
@@ -86,7 +88,7 @@ def test_adaptive_exit_is_causal():
     with torch.no_grad():
         oa, ob = model(a, depth=8, exit_rule=rule), model(b, depth=8, exit_rule=rule)
     assert torch.equal(oa.steps[:, :9], ob.steps[:, :9])
-    torch.testing.assert_close(oa.logits[:, :9], ob.logits[:, :9], atol=1e-5, rtol=1e-5)
+    assert_same_in_float64(oa.logits[:, :9], ob.logits[:, :9])
 
 
 def test_generation_with_an_exit_rule_matches_recomputation_and_reports_steps():
@@ -134,8 +136,9 @@ def test_a_halter_trains_alone_and_travels_in_the_adapter(tmp_path):
             trained_model()(corpus.heldout[:1], depth=4, exit_rule=rule)
 
 
+@pytest.mark.equivalence
 def test_step_damping_scales_each_update_past_the_trained_depth(tokens):
-    model = trained_model()
+    model = trained_model().double()  # float64: the comparison holds on any CPU
     model.policy = RecursionPolicy(trained_depth=4)
     with torch.no_grad():
         at_4 = model(tokens, depth=4).logits
@@ -148,7 +151,7 @@ def test_step_damping_scales_each_update_past_the_trained_depth(tokens):
             h = h + (0.5 ** (s - 3) if s >= 4 else 1.0) * (model.recurrent.step(h, s, ctx, None) - h)
         reference = model.head(model.run_layers("coda", h, ctx)).logits
         model.policy = model.policy.replace(step_damping=0.5)
-        torch.testing.assert_close(model(tokens, depth=6).logits, reference, atol=1e-5, rtol=1e-5)
+        assert_same_in_float64(model(tokens, depth=6).logits, reference)
     with pytest.raises(ValueError, match=r"step_damping must be in \[0.0, 1.0\]"):
         model.policy.replace(step_damping=1.5)
     with pytest.raises(ValueError, match=r"trained_depth must be in \[0, max_depth=16\]"):
@@ -156,18 +159,18 @@ def test_step_damping_scales_each_update_past_the_trained_depth(tokens):
 
 
 # ---------------------------------------------------------------- per-step supervision
+@pytest.mark.equivalence
 def test_a_read_out_step_loses_what_the_model_stopped_there_would(tokens):
     """step_losses after s steps are each position's loss of the model run at depth s (an
     independent forward), and the final loss is unchanged by reading out."""
     from ouroboros_lm.loss import token_losses
 
-    model = trained_model()
+    model = trained_model().double()  # float64: the comparison holds on any CPU
     with torch.no_grad():
         out = model(tokens, labels=tokens, depth=6, readout_steps=(2, 5))
         assert out.loss.item() == model(tokens, labels=tokens, depth=6).loss.item()
         for i, s in enumerate((2, 5)):
-            torch.testing.assert_close(out.step_losses[i], token_losses(model(tokens, depth=s).logits, tokens),
-                                       atol=1e-6, rtol=1e-6)
+            assert_equivalent(out.step_losses[i], token_losses(model(tokens, depth=s).logits, tokens))  # losses: float32
     for bad in ((0,), (7,), (5, 2)):
         with pytest.raises(ValueError, match=r"readout_steps must be strictly increasing step counts in \[1, depth=6\]"):
             model(tokens, labels=tokens, depth=6, readout_steps=bad)
@@ -175,13 +178,14 @@ def test_a_read_out_step_loses_what_the_model_stopped_there_would(tokens):
         model(tokens, depth=6, readout_steps=(2,))
 
 
+@pytest.mark.equivalence
 def test_per_step_supervision_follows_the_gradient_of_its_objective(tokens):
     """The trainer's objective with step_loss_weight w is L(depth) + w * L(s): its gradient equals
     that of two separate forwards (depth and s) combined by hand."""
     from ouroboros_lm.loss import step_objective
 
     tc = TrainConfig(step_loss_weight=0.5, depths=(6,))
-    model = trained_model().train()
+    model = trained_model().double().train()  # float64 but for the loss (float32): the comparison holds on any CPU
     out = model(tokens, labels=tokens, depth=6, readout_steps=(3,))
     (out.loss + step_objective(tc, out.loss, out.step_losses, tokens)).backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -189,19 +193,20 @@ def test_per_step_supervision_follows_the_gradient_of_its_objective(tokens):
     (model(tokens, labels=tokens, depth=6).loss + 0.5 * model(tokens, labels=tokens, depth=3).loss).backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(ours[n], p.grad, atol=1e-6, rtol=1e-5)
+            assert_equivalent(ours[n], p.grad, dtype=torch.float32, depth=6, msg=n)
 
 
+@pytest.mark.equivalence
 def test_the_monotonicity_term_charges_only_steps_that_make_the_loss_worse():
     from ouroboros_lm.loss import step_objective
 
     labels = torch.zeros(1, 3, dtype=torch.long)  # 2 scored positions per row
     per_step = torch.tensor([[[2.0, 2.0, 0.0]], [[3.0, 1.0, 0.0]], [[1.0, 1.0, 0.0]]])  # means 2, 2, 1
     tc = TrainConfig(monotonic_weight=1.0)
-    assert step_objective(tc, torch.tensor(1.5), per_step, labels).item() == pytest.approx(0.5)  # 1 -> 1.5
+    assert_equivalent(step_objective(tc, torch.tensor(1.5), per_step, labels), 0.5)  # 1 -> 1.5
     assert step_objective(tc, torch.tensor(0.5), per_step, labels).item() == 0.0  # never worse
     both = TrainConfig(monotonic_weight=2.0, step_loss_weight=0.3)
-    assert step_objective(both, torch.tensor(0.5), per_step, labels).item() == pytest.approx(0.3 * 5 / 3)
+    assert_equivalent(step_objective(both, torch.tensor(0.5), per_step, labels), 0.3 * 5 / 3)
 
 
 def test_read_out_steps_are_drawn_among_the_steps_with_gradients():

@@ -68,7 +68,7 @@ def test_sigkill_while_saving_then_resume_matches_uninterrupted(setup):
     la = [m["loss"] for m in read_metrics(a) if "loss" in m]
     lb = [m["loss"] for m in read_metrics(b) if "loss" in m]
     assert len(la) == len(lb) == 6
-    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-6
+    assert la == lb  # the same computations, in the same order: bit-identical, as the weights below
     from safetensors.torch import load_file
 
     wa = load_file(a / "checkpoints" / "step_000006" / "adapter_model.safetensors")
@@ -360,9 +360,10 @@ def test_the_cpu_allocators_out_of_memory_is_recognised_in_training_and_in_other
     one_line(capsys, "out of memory ([enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator")
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_eval_scores_from_chunks_of_the_vocabulary_and_equals_the_full_logits_loss(arch, monkeypatch):
-    from conftest import assert_same_in_float64, randomize_trainables, tiny_ouroboros
+    from conftest import assert_equivalent, randomize_trainables, tiny_ouroboros
     from ouroboros_lm.evaluate import evaluate
     from ouroboros_lm.loss import causal_lm_loss, scored_tokens
     from ouroboros_lm.model import OuroborosOutput
@@ -389,7 +390,7 @@ def test_eval_scores_from_chunks_of_the_vocabulary_and_equals_the_full_logits_lo
     monkeypatch.setattr(full, "forward", no_logits)
     report = evaluate(model, {"heldout": blocks}, depths=(1, 3), full_model=full, batch_size=2, progress=False)
     for row in report.splits["heldout"]:
-        assert_same_in_float64(torch.tensor([row.loss], dtype=torch.float64), expected[row.model])
+        assert_equivalent(torch.tensor([row.loss]), expected[row.model], dtype=torch.float32)  # float32 logits, both
 
 
 def test_mixture_weights_whose_sum_overflows_are_refused_before_any_data_is_read(made35, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from conftest import TINY_SPLIT, randomize_trainables, round_trip_and_export, tiny_ouroboros
+from conftest import TINY_SPLIT, assert_same_in_float64, randomize_trainables, round_trip_and_export, tiny_ouroboros
 from ouroboros_lm import OuroborosConfig
 from ouroboros_lm.adapter import load_adapter
 from ouroboros_lm.peft_lora import step_adapter
@@ -42,6 +42,7 @@ def peft_forward_per_step(model, tokens, depth):
             m.set_adapter("default")
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("variant", ["none", "controller"])
 def test_each_step_adds_its_own_set_as_pefts_forward_does(variant, tokens):
     """Depths 1-5 with 3 sets: equal (float64) to PEFT's own forward with step s's set active, steps past the third
@@ -56,9 +57,11 @@ def test_each_step_adds_its_own_set_as_pefts_forward_does(variant, tokens):
         for depth in (1, 2, 3, 5):
             ours = model(tokens, depth=depth).logits
             ref = peft_forward_per_step(model, tokens, depth)
-            torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
-            apart = (ours - shared(tokens, depth=depth).logits).abs().max().item()
-            assert apart <= 1e-12 if depth == 1 else apart > 1e-3, (depth, apart)  # depth 1: set 0 alone, shared's
+            assert_same_in_float64(ours, ref)
+            if depth == 1:  # set 0 alone: the shared-set model's
+                assert_same_in_float64(ours, shared(tokens, depth=depth).logits)
+            else:
+                assert (ours - shared(tokens, depth=depth).logits).abs().max() > 1e-3, depth
 
 
 def test_fresh_sets_start_as_the_shared_loop_and_each_step_trains_its_own(tokens):
@@ -79,6 +82,7 @@ def test_fresh_sets_start_as_the_shared_loop_and_each_step_trains_its_own(tokens
         assert got == reached, depth
 
 
+@pytest.mark.equivalence
 def test_step_sets_round_trip_and_export(tmp_path, tokens):
     model, _, adapter = round_trip_and_export(tmp_path, tokens, **STEPS)
     with pytest.raises(Exception, match="recurrent_lora_steps"):
@@ -94,6 +98,7 @@ def test_step_sets_without_a_recurrent_lora_are_refused():
         OuroborosConfig(**{**TINY_SPLIT, "max_depth": 4}, lora_rank=2, recurrent_lora=True, recurrent_lora_steps=5)
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("arch", ["phi3", "gemma3"])
 def test_each_step_adds_its_own_set_on_other_families(arch):
     """Phi-3's fused modules (each projection a slice of one LoRA-wrapped module) and Gemma 3's own forward: the
@@ -104,5 +109,4 @@ def test_each_step_adds_its_own_set_on_other_families(arch):
     ids = family_tokens()
     with torch.no_grad():
         for depth in (2, 3):
-            torch.testing.assert_close(model(ids, depth=depth).logits, peft_forward_per_step(model, ids, depth),
-                                       atol=1e-10, rtol=1e-10)
+            assert_same_in_float64(model(ids, depth=depth).logits, peft_forward_per_step(model, ids, depth))
