@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ouroboros_lm import RecursionPolicy
 from ouroboros_recipes.demo import DemoConfig, DemoRun, mix_files, settings_from_flags, sotu_files
@@ -148,6 +149,27 @@ def test_demo_end_to_end_puts_the_heal_rows_beside_the_recursion(tmp_path, one_t
         assert heal.loss < rows["baseline"].loss  # trained: better than the pruned stack it heals
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert {s["steps_done"] for s in summary["heal"].values()} == {summary["steps_done"]}
+    # each heal model deployed as the base's own model, measured beside the full one: the folder loads in stock
+    # transformers and scores the heal model's held-out loss
+    deployed = summary["deploy"]
+    assert set(deployed) == {"full", weights.model, compute.model} and (tmp_path / "demo" / "frontier_speed.png").is_file()
+    from transformers import AutoModelForCausalLM
+
+    from conftest import assert_equivalent
+    from ouroboros_recipes.demo import demo_corpus
+
+    heldout = demo_corpus(run)[0].eval_splits(run.eval.blocks, run.eval.seed)["heldout"]
+    for row in (weights, compute):
+        d = deployed[row.model]
+        assert d["layers"] == row.layers and d["decode_tps"] > 0 and d["size_x"] < 1
+        assert d["ideal_x"] == pytest.approx(deployed["full"]["weights_per_token"] / d["weights_per_token"])
+        plain = AutoModelForCausalLM.from_pretrained(d["folder"]).eval()
+        assert plain.config.num_hidden_layers == row.layers and "auto_map" not in plain.config.to_dict()
+        with torch.no_grad():
+            assert_equivalent(plain(heldout, labels=heldout).loss.item(), row.loss, dtype=torch.float32,
+                              depth=row.layers)
+    run2 = tiny_demo(tmp_path)  # a second demo replaces the first, plain folders included
+    run_demo(run2)
 
 
 def test_the_demo_trains_on_its_genres_as_named_sources(tmp_path):

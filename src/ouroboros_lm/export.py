@@ -167,9 +167,7 @@ def check_plain_request(adapter: str | os.PathLike, depth: int | None, baseline:
     meta, _ = read_adapter(adapter)
     cfg = OuroborosConfig.from_dict(meta["ouroboros_config"])
     if depth is not None:
-        if cfg.heal_layers:
-            raise ValueError("--depth: a heal model runs its layers once; it has no depth to export")
-        cfg.check_depth(depth, "--depth")
+        cfg.check_depth_flag(depth, "--depth")
     check_plain(cfg, saved_policy(meta), depth, baseline)
 
 
@@ -192,11 +190,16 @@ def export_plain(adapter: str | os.PathLike, out: str | os.PathLike, depth: int 
     out = Path(out)
     check_out(out, Path(adapter), overwrite)
     check_plain_request(adapter, depth, baseline)
-    meta, _ = read_adapter(adapter)
-    model = load_adapter(adapter)
+    return write_plain(load_adapter(adapter), out, depth, baseline, dtype)
+
+
+def write_plain(model, out: str | os.PathLike, depth: int | None = None, baseline: bool = False,
+                dtype: torch.dtype | None = None) -> Path:
+    """`model` (an OuroborosModel in memory) written to `out` as the base family's own model, with the tokenizer
+    and generation config of the base it records (`export_plain` checks `out` and the request first)."""
     config, state = plain_state(model, depth, baseline, dtype)
-    tokenizer = load_tokenizer(meta["base_model"])
-    generation = base_generation_config(meta["base_model"], config)
+    tokenizer = load_tokenizer(model.base_name)
+    generation = base_generation_config(model.base_name, config)
     config.architectures = [type_name(config)]
 
     def write_files(tmp: Path) -> None:
@@ -207,7 +210,7 @@ def export_plain(adapter: str | os.PathLike, out: str | os.PathLike, depth: int 
         generation.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return write_folder(write_files, out)
+    return write_folder(write_files, Path(out))
 
 
 def type_name(config) -> str:

@@ -36,6 +36,7 @@ from ouroboros_lm.runtime import choose_runtime
 from ouroboros_lm.settings import add_flags, from_dict, overrides, setting, to_dict
 from ouroboros_lm.train import TrainConfig, train
 
+from .deploy import deploy_rows, prompt_of
 from .sweep_plots import plot_exit_steps, plot_frontier
 from .yaml_file import load_yaml
 
@@ -74,6 +75,9 @@ class DemoConfig:
                         "the equal-compute heal model keeps its ranking's first layers; every gap is still measured "
                         "from the model section's P + 1 + C pruned stack ('shipped': demo_plan.json beside demo.yaml, "
                         "planned on the demo's training text; 'none': the model section's split)", metavar="PLAN.json")
+    deploy: bool = setting(True, "write each heal model as the base family's own model (`export --format plain`) and "
+                           "measure, beside the full model in stock transformers, its decode and prompt speed and its "
+                           "size (--no-deploy: skip; bench/deploy_speed.py measures at length, and in llama.cpp)")
     heal_time_budget: float = setting(240.0, "seconds of training at most for each heal model", above=0, high=1e7)
 
 
@@ -278,7 +282,9 @@ EVENTS = r"events\.out\.tfevents\.[^/]+"
 TRACKER_FILES = rf"tracking/ouroboros-lm/(?:{EVENTS}|\d+(?:\.\d+)?/(?:{EVENTS}|hparams\.yml))"
 # Every file a demo writes, as whole-path regular expressions (`atomic.check_removable`): what a finished or
 # interrupted earlier demo left, and nothing a user put beside it or inside its folders.
-DEMO_OUTPUTS = (ours(RUN_FILES + r"|eval\.json|eval\.md|demo_summary\.json|(?:frontier|exit_steps|depth_curve)\.png"),
+PLAIN_FILES = r"config\.json|generation_config\.json|model\.safetensors|tokenizer\.json|tokenizer_config\.json|chat_template\.jinja|special_tokens_map\.json|\.ouroboros-lm\.json"
+DEMO_OUTPUTS = (ours(RUN_FILES + r"|eval\.json|eval\.md|demo_summary\.json|(?:frontier|frontier_speed|exit_steps|depth_curve)\.png"),
+                rf"(?:plain-\d+-layers|\.plain-\d+-layers\.tmp\d+)/(?:{PLAIN_FILES})",
                 CHECKPOINT, TRACKER_FILES,
                 rf"heal-(?:weights|compute)/{ours(RUN_FILES)}", rf"heal-(?:weights|compute)/{CHECKPOINT}")
 DEFAULT_MIX = ("moby-dick", "python-docs")  # folders of the cache, `make domains`
@@ -469,6 +475,12 @@ def run_demo(run: DemoRun) -> dict:
         exit_passage(model, tok, corpus, *rules[0], out)
         pictures.append("exit_steps.png")
     summary["heal"] = {name: s for _, name, s in heals}
+    if run.demo.deploy and heals:
+        summary["deploy"] = deploy_rows(run.demo.base, heals, report, out, prompt_of(corpus, 128))
+        speed = {"full": 1.0, **{name: r["decode_x"] for name, r in summary["deploy"].items() if name != "full"}}
+        plot_frontier(report, stored, out / "frontier_speed.png",
+                      f"{dc_title(run, model)}: gap recovered against measured decode speed", speed=speed)
+        pictures.append("frontier_speed.png")
     write_json(out / "demo_summary.json", {**summary, "total_wall_s": time.time() - t0, "settings": run.to_dict()})
     print(f"\nwrote {out}/eval.md, eval.json, {', '.join(pictures)}, metrics.jsonl; total {time.time() - t0:.0f}s")
     return {"report": report, "train": summary}

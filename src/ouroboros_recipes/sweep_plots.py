@@ -188,11 +188,13 @@ def plot_compute(sweep_dir: Path, results: list[dict], plt) -> None:
     plt.close(fig)
 
 
-def plot_frontier(report, stored: dict[str, int], path: Path, title: str = "") -> Path:
+def plot_frontier(report, stored: dict[str, int], path: Path, title: str = "", speed: dict[str, float] | None = None) -> Path:
     """The quality-compute frontier: gap recovered against decoder-layer passes per token for every model of a
     report (full, pruned stack, heal models, the recursion at each depth joined by a line), one panel per split,
     each point labelled with the pretrained layers it stores (`stored`: row name -> layers; the recursion's rows
-    share one entry under "ouroboros"). Where a loop sits left of or above the heal models, looping pays."""
+    share one entry under "ouroboros"). Where a loop sits left of or above the heal models, looping pays.
+    With `speed` (row name -> decode speed measured in the deployed runtime, relative to the full model's: "full" 1),
+    that is the x-axis instead, and only the rows measured are drawn."""
     from ouroboros_lm.evaluate import gap_recovered
 
     plt = pyplot()
@@ -209,22 +211,29 @@ def plot_frontier(report, stored: dict[str, int], path: Path, title: str = "") -
         def gap(r):
             return gap_recovered(r.loss, base.loss, full.loss)
 
-        loop = sorted((r for r in report.splits[split] if r.steps is not None and r.model.split("@")[-1].isdigit()),
-                      key=lambda r: r.layers)
+        def x(r):
+            return r.layers if speed is None else speed.get(r.model)
+
+        loop = sorted((r for r in report.splits[split] if r.steps is not None and r.model.split("@")[-1].isdigit()
+                       and x(r) is not None), key=x)
         if loop:
-            ax.plot([r.layers for r in loop], [gap(r) for r in loop], "o-", color="C3", lw=1.4, ms=5,
+            ax.plot([x(r) for r in loop], [gap(r) for r in loop], "o-", color="C3", lw=1.4, ms=5,
                     label=f"the recursion ({stored.get('ouroboros', '?')} stored layers)")
             for r in loop:
-                ax.annotate(f"depth {r.depth}", (r.layers, gap(r)), textcoords="offset points", xytext=(4, -10),
+                ax.annotate(f"depth {r.depth}", (x(r), gap(r)), textcoords="offset points", xytext=(4, -10),
                             fontsize=7, color="C3")
         for i, r in enumerate(r for r in report.splits[split] if r.model.startswith("heal")):
-            ax.plot([r.layers], [gap(r)], "s", color=f"C{i}", ms=7, label=f"{r.model.split(', LoRA')[0]}")
+            if x(r) is not None:
+                ax.plot([x(r)], [gap(r)], "s", color=f"C{i}", ms=7, label=f"{r.model.split(', LoRA')[0]}")
         for r, marker in ((base, "v"), (full, "^")):
-            ax.plot([r.layers], [0.0 if r is base else 100.0], marker, color="0.35", ms=7)
+            if x(r) is None:
+                continue
+            ax.plot([x(r)], [0.0 if r is base else 100.0], marker, color="0.35", ms=7)
             ax.annotate(f"{'pruned' if r is base else 'full'} ({stored.get(r.model, int(r.layers))})",
-                        (r.layers, 0.0 if r is base else 100.0), textcoords="offset points", xytext=(5, 2), fontsize=7)
+                        (x(r), 0.0 if r is base else 100.0), textcoords="offset points", xytext=(5, 2), fontsize=7)
         ax.set_title(split)
-        ax.set_xlabel("decoder-layer passes per token")
+        ax.set_xlabel("decoder-layer passes per token" if speed is None else
+                      "decode speed vs the full model (measured, stock transformers)")
         ax.set_ylabel("gap recovered (%)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(splits):]:

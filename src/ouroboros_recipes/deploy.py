@@ -1,0 +1,58 @@
+"""What the demo's heal models buy where they are deployed: each written as the base family's plain model
+(`export --format plain`), then measured beside the full model in stock transformers, in one process, in
+interleaved rounds (`ouroboros_lm.speed`): decode and prompt tokens/s, bytes on disk, against the ideal speed-up
+(the ratio of weights each token reads). `bench/deploy_speed.py` measures the same at length, and in llama.cpp."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ouroboros_lm.evaluate import gap_recovered
+from ouroboros_lm.export import write_plain
+from ouroboros_lm.loading import resolve_source
+from ouroboros_lm.speed import TransformersRunner, disk_bytes, measure, weights_per_token
+
+PLAIN_FOLDER = "plain-{n}-layers"  # beside the demo's adapters: `PLAIN_FOLDER.format(n=kept layers)`
+
+
+def prompt_of(corpus, n: int) -> list[int]:
+    """The first n tokens of the first held-out block (what a user's prompt looks like)."""
+    return [int(t) for t in corpus.heldout[0, :n]]
+
+
+def deploy_rows(base: str, heals: list, report, out: Path, ids: list[int], new_tokens: int = 32,
+                rounds: int = 3) -> dict:
+    """{row name: measurement} for the full model and each heal model (`heals`: (model, row name, summary)),
+    each heal model written to out/PLAIN_FOLDER first. Prints one line per heal model."""
+    L = None
+    folders = {"full": resolve_source(base)}
+    for model, name, _ in heals:
+        L = model.base_config.num_hidden_layers
+        n = len(model.config.kept_layers(L))
+        folders[name] = str(write_plain(model, out / PLAIN_FOLDER.format(n=n)))
+    runners = {name: TransformersRunner(folder) for name, folder in folders.items()}
+    speeds = measure(runners, ids, new_tokens, rounds)
+    full = speeds["full"]
+    rows = {}
+    for name, s in speeds.items():
+        config = runners[name].config
+        rows[name] = {"layers": config.num_hidden_layers, "decode_tps": s.decode, "prompt_tps": s.prompt,
+                      "decode_rounds": s.decode_tps, "prompt_rounds": s.prompt_tps,
+                      "disk_bytes": disk_bytes(Path(folders[name])), "weights_per_token": weights_per_token(config),
+                      "folder": folders[name]}
+    f = rows["full"]
+    print(f"      deployed as the base's own model ({type(runners['full'].model).__name__}, stock transformers, batch 1, "
+          f"{len(ids)}-token prompt, {new_tokens} greedy tokens, median of {rounds} interleaved rounds):")
+    for name, r in rows.items():
+        if name == "full":
+            continue
+        r["decode_x"], r["prompt_x"] = r["decode_tps"] / f["decode_tps"], r["prompt_tps"] / f["prompt_tps"]
+        r["ideal_x"] = f["weights_per_token"] / r["weights_per_token"]
+        r["size_x"] = r["disk_bytes"] / f["disk_bytes"]
+        held = report.row("heldout", name) if report is not None else None
+        base, top = (report.row("heldout", m) for m in ("baseline", "full")) if report is not None else (None, None)
+        gap = f"{gap_recovered(held.loss, base.loss, top.loss):.1f}% of the held-out gap, " if held and base and top \
+            else ""
+        print(f"      {name.split(', LoRA')[0]}: {gap}{r['decode_x']:.2f}x the full model's decode speed (ideal "
+              f"{r['ideal_x']:.2f}x), {r['prompt_x']:.2f}x its prompt speed, {r['size_x']:.2f}x its size on disk "
+              f"({r['folder']})")
+    return rows
