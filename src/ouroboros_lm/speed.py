@@ -10,6 +10,7 @@ weights each token reads (`weights_per_token`): layers plus the head.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 import subprocess
@@ -70,6 +71,8 @@ class TransformersRunner:
 
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         self.config = self.model.config
+        # transformers 5.25 names the cache argument `cache` (`past_key_values` is deprecated); earlier releases not
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -80,15 +83,15 @@ class TransformersRunner:
         from transformers import DynamicCache
 
         x = torch.tensor([ids])
-        cache = DynamicCache(config=self.config)
+        cache = {self.cache_arg: DynamicCache(config=self.config), "use_cache": True}
         t0 = time.perf_counter()
-        out = self.model(x, past_key_values=cache, use_cache=True, logits_to_keep=1)  # the head on the last position
+        out = self.model(x, logits_to_keep=1, **cache)  # the head on the last position only, as decoding needs
         t1 = time.perf_counter()
         tokens = []
         nxt = out.logits[0, -1].argmax()
         for _ in range(new_tokens):
             tokens.append(int(nxt))
-            out = self.model(nxt.view(1, 1), past_key_values=cache, use_cache=True)
+            out = self.model(nxt.view(1, 1), **cache)
             nxt = out.logits[0, -1].argmax()
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, tokens
@@ -145,13 +148,19 @@ def measure(runners: dict, ids: list[int], new_tokens: int = 64, rounds: int = 5
     return out
 
 
+# The peak is the process's own high-water mark: Linux's VmHWM (ru_maxrss would carry over the measuring process's
+# size through fork and exec); elsewhere ru_maxrss (bytes on macOS).
 PEAK_SCRIPT = """
-import json, resource, sys, torch
+import json, resource, sys
 from ouroboros_lm.speed import LlamaCppRunner, TransformersRunner
 kind, path, ids, new = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 runner = TransformersRunner(path) if kind == "transformers" else LlamaCppRunner(path)
 runner.run(ids, new)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+try:
+    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print(int(hwm.split()[1]) * 1024)
+except OSError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
 """
 
 
