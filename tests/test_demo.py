@@ -168,8 +168,7 @@ def test_demo_end_to_end_puts_the_heal_rows_beside_the_recursion(tmp_path, one_t
         with torch.no_grad():
             assert_equivalent(plain(heldout, labels=heldout).loss.item(), row.loss, dtype=torch.float32,
                               depth=row.layers)
-    run2 = tiny_demo(tmp_path)  # a second demo replaces the first, plain folders included
-    run_demo(run2)
+    run_demo(run)  # a second demo replaces the first, plain folders included
 
 
 def test_the_demo_trains_on_its_genres_as_named_sources(tmp_path):

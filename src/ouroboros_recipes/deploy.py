@@ -16,7 +16,7 @@ PLAIN_FOLDER = "plain-{n}-layers"  # beside the demo's adapters: `PLAIN_FOLDER.f
 
 def prompt_of(corpus, n: int) -> list[int]:
     """The first n tokens of the first held-out block (what a user's prompt looks like)."""
-    return [int(t) for t in corpus.heldout[0, :n]]
+    return [int(t) for t in corpus.heldout[:1][0, :n]]
 
 
 def deploy_rows(base: str, heals: list, report, out: Path, ids: list[int], new_tokens: int = 32,
