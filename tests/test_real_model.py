@@ -116,3 +116,37 @@ def test_real_tokenizer_reads_long_text_in_pieces_exactly_as_whole(smollm2):
     assert len(pieces) > 1 and "".join(pieces) == text
     whole = tok(text, add_special_tokens=False)["input_ids"]
     assert [i for p in pieces for i in tok(p, add_special_tokens=False)["input_ids"]] == whole
+
+
+@pytest.mark.equivalence
+def test_real_18_layer_heal_model_exported_plain_keeps_its_loss_without_ouroboros(smollm2, tmp_path, clean_venv_python):
+    """The demo's shape: 18 planned layers of SmolLM2 healed (a LoRA merged), `--format plain` in float32; a Python
+    without ouroboros-lm loads it with stock transformers and finds the heal model's loss on an address (issue #41:
+    to 1e-4 nats)."""
+    import subprocess
+
+    from ouroboros_lm.export import export_plain
+
+    keep = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 20, 21, 22, 23, 24, 27, 28, 29)
+    model = OuroborosModel.from_base(load_base_model("smollm2-135m"),
+                                     OuroborosConfig(keep_layers=keep, heal_layers=1, lora_rank=4, lora_alpha=8),
+                                     base_name="smollm2-135m")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    save_adapter(model, tmp_path / "heal18")
+    export_plain(tmp_path / "heal18", tmp_path / "plain")
+    ids = smollm2[1](PARAGRAPH, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = model.eval()(ids, labels=ids).loss.item()
+    script = ("import sys, torch; from transformers import AutoModelForCausalLM; "
+              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); ids = torch.tensor([eval(sys.argv[2])]); "
+              "print(m(ids, labels=ids).loss.item())")
+    run = subprocess.run([clean_venv_python, "-c", script, str(tmp_path / "plain"), str(ids[0].tolist())],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = float(run.stdout.strip().splitlines()[-1])
+    assert abs(theirs - ours) < 1e-4
+    assert_equivalent(theirs, ours, dtype=torch.float32, depth=len(keep))
