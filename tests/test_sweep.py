@@ -257,3 +257,30 @@ def test_a_sweep_mixes_named_sources_by_weight(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="give every source a weight"):
         SweepSpec.load(path)
+
+
+def test_the_floor_is_the_spec_split_even_when_the_first_run_keeps_other_layers(tmp_path):
+    """Every run's gap is measured from the spec's split (P + 1 + C untrained), not from the first run's layers: a
+    sweep whose first run is a heal model on planned layers (the frontier's) keeps the documented floor."""
+    from ouroboros_lm import load_base_model
+    from ouroboros_lm.config import OuroborosConfig
+    from ouroboros_lm.evaluate import evaluate
+    from ouroboros_lm.model import OuroborosModel
+    from ouroboros_lm.runtime import choose_runtime
+    from ouroboros_recipes.sweep import sweep_corpus
+
+    base = save_tiny_base(tmp_path / "base")
+    data = write_corpus(tmp_path / "text", n_docs=8)
+    spec = {"name": "floor", "base": base, "split": {"n_prelude": 2, "recurrent_layer": 4, "n_coda": 2},
+            "data": {"train": [str(data)], "seq_len": 32, "heldout_fraction": 0.25},
+            "train": {"steps": 1, "batch_size": 2, "warmup_steps": 1, "eval_every": 100, "save_every": 100},
+            "eval": {"depths": [1], "blocks": 2, "modulation_inputs": 1},
+            "runs": [{"keep_layers": [0, 1, 3], "heal_layers": 1, "lora_rank": 1, "depths": [1], "default_depth": 1}]}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = run_sweep(path, out=tmp_path / "sweep", progress=False)
+    reference = json.loads((out / "reference.json").read_text())
+    _, splits, _ = sweep_corpus(SweepSpec.load(path), choose_runtime())
+    floor = OuroborosModel.from_base(load_base_model(base), OuroborosConfig(**spec["split"]).pruned_stack())
+    loss = evaluate(floor, {"heldout": splits["heldout"]}, depths=(), progress=False).row("heldout", "baseline").loss
+    assert reference["heldout"]["baseline"] == pytest.approx(loss, rel=1e-6)

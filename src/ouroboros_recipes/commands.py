@@ -7,6 +7,7 @@ from ouroboros_lm.commands import Command
 from ouroboros_lm.settings import add_flags, from_flags
 
 from .demo import demo_flags, run_from_flags
+from .frontier import frontier_flags, run_from_flags as run_frontier_from_flags
 from .report import ReportConfig
 from .sweep import SweepConfig, run_sweep
 
@@ -23,3 +24,7 @@ REPORT = Command("tables and plots of a sweep folder", lambda p: add_flags(p, Re
                  lambda args: from_flags(ReportConfig, args).run())
 DEMO = Command("the main job: SmolLM2-135M on State of the Union addresses", demo_flags, run_from_flags,
                "the partial output is kept (the next demo run to the same --out starts over)")
+FRONTIER = Command("the compression frontier: for each layer count, the plan's layers healed at one budget, "
+                   "evaluated, exported plain and measured beside the full model (resumable)", frontier_flags,
+                   run_frontier_from_flags,
+                   "finished counts are kept; rerun the same command to continue")

@@ -1,0 +1,157 @@
+"""`ouroboros frontier`: for each layer count, the plan's layers healed at one budget, evaluated, exported plain and
+measured beside the full model; resumable; bad input refused before anything is written. On a tiny 30-layer random
+Llama, a character tokenizer and pseudo-word text, a few steps."""
+from __future__ import annotations
+
+import json
+import re
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, save_tiny_base, tiny_tokenizer, write_corpus
+
+
+@pytest.fixture
+def ouroboros(monkeypatch):
+    """`ouroboros ...` (cli.main) with the frontier registered as pyproject.toml registers it, whatever metadata the
+    installed distribution carries."""
+    from ouroboros_lm import cli, commands
+
+    eps = [ep for ep in entry_points(group=commands.GROUP) if ep.name != "frontier"]
+    eps.append(EntryPoint("frontier", "ouroboros_recipes.commands:FRONTIER", commands.GROUP))
+    monkeypatch.setattr(commands, "entry_points", lambda group: eps)
+    commands.registered.cache_clear()
+    yield cli.main
+    commands.registered.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny 30-layer base, training text, held-out text and one extra domain."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    root = tmp_path_factory.mktemp("frontier")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**TINY, "num_hidden_layers": 30, "max_position_embeddings": 512})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    return {"root": root, "base": str(root / "base"), "train": str(write_corpus(root / "train", n_docs=8, words=150)),
+            "heldout": str(write_corpus(root / "heldout", n_docs=3, seed=1, words=150)),
+            "domain": str(write_corpus(root / "domain", n_docs=3, seed=2, words=150))}
+
+
+def argv(world, out, keep="10,20", *more):
+    return ["frontier", "--base", world["base"], "--data", world["train"], "--heldout", world["heldout"],
+            "--domains", f"other={world['domain']}", "--keep", keep, "--out", str(out), "--seq-len", "32",
+            "--steps", "2", "--batch-size", "2", "--warmup-steps", "1", "--lora-rank", "2", "--eval-blocks", "2",
+            "--plan-blocks", "2", "--prompt-tokens", "16", "--new-tokens", "4", "--rounds", "1", *more]
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_frontier_trains_exports_measures_and_resumes(world, ouroboros, monkeypatch, one_thread):
+    from transformers import AutoModelForCausalLM
+
+    import ouroboros_lm.export
+    import ouroboros_recipes.sweep
+
+    out = world["root"] / "frontier"
+    assert ouroboros(argv(world, out, "20,10", "--no-peak-memory")) == 0
+    summary = json.loads((out / "frontier.json").read_text())
+    rows = {r["keep"]: r for r in summary["rows"]}
+    assert sorted(rows) == [10, 20] and summary["splits"] == ["train", "heldout", "other"]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["keep"] == 10 and plan["rule"] == "greedy"  # planned once, at the smallest count
+    for n, r in rows.items():
+        assert len(r["layers"]) == n and r["layers"] == sorted(plan["ranking"][:n])
+        assert set(r["gap_recovered"]) == {"train", "heldout", "other"}
+        d = r["deploy"]
+        assert d["layers"] == n and d["decode_tps"] > 0 and d["prompt_tps"] > 0 and 0 < d["size_x"] < 1
+        assert d["ideal_x"] == pytest.approx(summary["full"]["weights_per_token"] / d["weights_per_token"])
+        model = AutoModelForCausalLM.from_pretrained(out / f"plain-{n}-layers")  # stock transformers
+        assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == n
+    assert set(rows[10]["layers"]) < set(rows[20]["layers"])  # nested: greedy's ranking
+    # every count's gap from ONE floor (the demo's 7 + 1 + 7) and the full model
+    refs = [json.loads((out / "sweep" / "runs" / r["run"] / "result.json").read_text())["reference"] for r in rows.values()]
+    assert refs[0] == refs[1] and summary["floor"] == {"n_prelude": 7, "recurrent_layer": 15, "n_coda": 7}
+    table = (out / "frontier.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| 10 |") or line.startswith("| 20 |")]
+    assert len(lines) == 2 and "gap other" in table and "decode x full" in table
+    assert (out / "frontier.png").stat().st_size > 0
+
+    # the same command again: nothing trained, exported or measured again
+    before = mtimes(out)
+    monkeypatch.setattr(ouroboros_recipes.sweep, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(ouroboros_lm.export, "write_plain", lambda *a, **k: pytest.fail("exported again"))
+    assert ouroboros(argv(world, out, "20,10", "--no-peak-memory")) == 0
+    after = mtimes(out)
+    unchanged = [k for k in before if k.startswith(("sweep/runs/", "plain-")) or k in ("plan.json", "speed.json")]
+    assert unchanged and all(after[k] == before[k] for k in unchanged)
+    assert json.loads((out / "frontier.json").read_text())["rows"] == summary["rows"]
+
+
+def test_a_count_added_later_is_the_only_one_trained(world, ouroboros, monkeypatch, one_thread):
+    import ouroboros_recipes.sweep
+
+    out = world["root"] / "added"
+    assert ouroboros(argv(world, out, "10", "--no-measure")) == 0
+    trained = []
+    real = ouroboros_recipes.sweep.train
+    monkeypatch.setattr(ouroboros_recipes.sweep, "train", lambda model, *a, **k: trained.append(
+        len(model.config.kept_layers(30))) or real(model, *a, **k))
+    assert ouroboros(argv(world, out, "10,12", "--no-measure")) == 0
+    assert trained == [12]
+    rows = json.loads((out / "frontier.json").read_text())["rows"]
+    assert [len(r["layers"]) for r in rows] == [10, 12] and "decode" not in (out / "frontier.md").read_text()
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(keep="10,10"), "more than once"),
+    (dict(keep="10,30"), r"counts must be in \[1, 29\]"),
+    (dict(keep="0,10"), "must be"),
+    (dict(more=("--floor", "7,15")), "three numbers"),
+    (dict(more=("--domains", "nameless")), "NAME=FOLDER"),
+    (dict(plan="other"), "was made for another base"),
+])
+def test_bad_input_is_refused_in_one_line_before_anything_is_written(world, ouroboros, capsys, tmp_path, change,
+                                                                      needle):
+    more = list(change.get("more", ()))
+    if change.get("plan"):
+        small = save_tiny_base(tmp_path / "small")  # 8 layers
+        assert ouroboros(["plan", "--base", small, "--data", world["train"], "--keep", "4", "--blocks", "2",
+                          "--seq-len", "32", "--out", str(tmp_path / "plan.json")]) == 0
+        capsys.readouterr()
+        more += ["--plan", str(tmp_path / "plan.json")]
+    out = tmp_path / "out"
+    try:
+        rc = ouroboros(argv(world, out, change.get("keep", "10,20"), *more))
+    except SystemExit as e:  # a usage error (argparse): one line, status 2
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(needle, err), err
+    assert not out.exists()
+
+
+def test_a_rerun_with_other_settings_is_refused(world, ouroboros, capsys, one_thread):
+    out = world["root"] / "added"  # made by the test above, or made here
+    if not (out / "frontier.json").is_file():
+        assert ouroboros(argv(world, out, "10", "--no-measure")) == 0
+    before = mtimes(out)
+    capsys.readouterr()
+    assert ouroboros(argv(world, out, "10", "--no-measure", "--steps", "3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other settings" in err and "steps" in err
+    assert mtimes(out) == before
+    other = world["root"] / "not-a-frontier"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    assert ouroboros(argv(world, other, "10", "--no-measure")) == 2
+    assert "holds files and no frontier" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]
+
