@@ -15,11 +15,12 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from ouroboros_lm.atomic import write_json, write_text
 from ouroboros_lm.export import export_gguf, export_plain, find_converter
 from ouroboros_lm.loading import cache_dir, load_tokenizer, resolve_source
-from ouroboros_lm.speed import (LlamaCppRunner, TransformersRunner, disk_bytes, measure, peak_memory,
+from ouroboros_lm.speed import (LlamaCppRunner, TransformersRunner, disk_bytes, measure, peak_memory, round_ratio,
                                 weights_per_token)
 
 
@@ -45,16 +46,14 @@ def gguf_of_base(folder: str, out: Path, outtype: str) -> Path:
     return path
 
 
-def table(results: dict, full: str) -> str:
-    f = results[full]
-    lines = ["| model | runtime | layers | on disk | peak memory | prompt tok/s | decode tok/s | decode vs full | ideal | of ideal |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def table(results: dict) -> str:
+    lines = ["| model | runtime | layers | on disk | peak memory | prompt tok/s | decode tok/s | prompt vs full | "
+             "decode vs full | ideal | of ideal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.values():
-        ref = results[f"{full}{r['suffix']}"] if r["suffix"] else f
-        ratio, ideal = r["decode"] / ref["decode"], ref["weights_per_token"] / r["weights_per_token"]
         peak = f"{r['peak_rss'] / 2**20:.0f} MiB" if r.get("peak_rss") else ""
         lines.append(f"| {r['name']} | {r['runtime']} | {r['layers']} | {r['disk'] / 2**20:.0f} MiB | {peak} | "
-                     f"{r['prompt']:.0f} | {r['decode']:.1f} | {ratio:.2f}x | {ideal:.2f}x | {100 * ratio / ideal:.0f}% |")
+                     f"{r['prompt']:.0f} | {r['decode']:.1f} | {r['prompt_x']:.2f}x | {r['decode_x']:.2f}x | "
+                     f"{r['ideal_x']:.2f}x | {100 * r['decode_x'] / r['ideal_x']:.0f}% |")
     return "\n".join(lines)
 
 
@@ -91,24 +90,34 @@ def main() -> None:
                 if not path.is_file():
                     export_gguf(adapter, path, outtype=args.outtype)
                 ggufs[Path(adapter).name] = path
-            runners.update({f"{name} (gguf)": LlamaCppRunner(path) for name, path in ggufs.items()})
         except ValueError as e:
             print(f"llama.cpp skipped: {e}")
-    print(f"measuring {len(runners)} models, {args.rounds} interleaved rounds of a {len(ids)}-token prompt and "
-          f"{args.new_tokens} decoded tokens, {torch.get_num_threads()} threads")
-    speeds = measure(runners, ids, args.new_tokens, args.rounds)
+    print(f"measuring {len(runners) + len(ggufs)} models, {args.rounds} interleaved rounds of a {len(ids)}-token "
+          f"prompt and {args.new_tokens} decoded tokens, {torch.get_num_threads()} threads; each runtime on its own")
+    speeds = measure(runners, ids, args.new_tokens, args.rounds)  # stock transformers
+    del runners
+    gguf_runners = {}
+    if ggufs:  # then llama.cpp (its thread pool and torch's slow each other down when interleaved)
+        gguf_runners = {f"{name} (gguf)": LlamaCppRunner(path) for name, path in ggufs.items()}
+        speeds.update(measure(gguf_runners, ids, args.new_tokens, args.rounds))
+        for r in gguf_runners.values():
+            r.close()
+    configs = {name: AutoConfig.from_pretrained(folder) for name, folder in folders.items()}
     results = {}
     for name, s in speeds.items():
         base_name = name.removesuffix(" (gguf)")
-        config = runners[base_name].config
+        config = configs[base_name]
         path = ggufs[base_name] if name.endswith("(gguf)") else Path(folders[base_name])
-        results[name] = {"name": name, "runtime": s.runtime, "suffix": " (gguf)" if name.endswith("(gguf)") else "",
-                         "layers": config.num_hidden_layers, "disk": disk_bytes(path), "prompt": s.prompt,
-                         "decode": s.decode, "prompt_rounds": s.prompt_tps, "decode_rounds": s.decode_tps,
-                         "weights_per_token": weights_per_token(config)}
+        ref = speeds["full (gguf)" if name.endswith("(gguf)") else "full"]
+        results[name] = {"name": name, "runtime": s.runtime, "layers": config.num_hidden_layers,
+                         "disk": disk_bytes(path), "prompt": s.prompt, "decode": s.decode,
+                         "prompt_rounds": s.prompt_tps, "decode_rounds": s.decode_tps,
+                         "weights_per_token": weights_per_token(config),
+                         "decode_x": round_ratio(s, ref), "prompt_x": round_ratio(s, ref, "prompt"),
+                         "ideal_x": weights_per_token(configs["full"]) / weights_per_token(config)}
         if not args.no_peak:
             results[name]["peak_rss"] = peak_memory(s.runtime, path, ids, args.new_tokens)
-    md = table(results, "full")
+    md = table(results)
     print(md)
     write_json(out / "deploy_speed.json", {"settings": vars(args), "threads": torch.get_num_threads(),
                                            "results": results})

@@ -3,7 +3,9 @@
 
 Every model of a comparison is loaded in one process and timed in interleaved rounds (model A, B, C, then A, B, C
 again...), so a slow moment of a shared machine hits them all alike; the median round of each is reported, and the
-ratios between models are what to read. Per model: prompt (prefill) tokens/s, batch-1 greedy decode tokens/s with
+ratios between models (`round_ratio`: the median of each round's ratio) are what to read. Models of one runtime are
+measured together and runtimes one after the other: the two runtimes' thread pools each spin for a while after their
+work, and interleaved across runtimes they slow each other down by an order of magnitude on a 2-core machine. Per model: prompt (prefill) tokens/s, batch-1 greedy decode tokens/s with
 the runtime's own KV cache, bytes on disk, bytes of weights, and (`peak_memory`) the peak resident memory of a fresh
 process that loads it and runs the same prompt and decode. The ideal speed-up of a pruned model is the ratio of
 weights each token reads (`weights_per_token`): layers plus the head.
@@ -42,6 +44,13 @@ class Speed:
     @property
     def decode(self) -> float:
         return statistics.median(self.decode_tps)
+
+
+def round_ratio(speed: Speed, ref: Speed, what: str = "decode") -> float:
+    """The median over rounds of speed / ref measured in the same round: a slow moment of the machine slows both
+    models of a round, so the ratio of a round is steadier than the ratio of the two medians."""
+    a, b = (getattr(s, f"{what}_tps") for s in (speed, ref))
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def disk_bytes(path: Path) -> int:

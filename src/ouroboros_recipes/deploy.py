@@ -9,7 +9,7 @@ from pathlib import Path
 from ouroboros_lm.evaluate import gap_recovered
 from ouroboros_lm.export import write_plain
 from ouroboros_lm.loading import resolve_source
-from ouroboros_lm.speed import TransformersRunner, disk_bytes, measure, weights_per_token
+from ouroboros_lm.speed import TransformersRunner, disk_bytes, measure, peak_memory, round_ratio, weights_per_token
 
 PLAIN_FOLDER = "plain-{n}-layers"  # beside the demo's adapters: `PLAIN_FOLDER.format(n=kept layers)`
 
@@ -19,35 +19,48 @@ def prompt_of(corpus, n: int) -> list[int]:
     return [int(t) for t in corpus.heldout[:1][0, :n]]
 
 
-def deploy_rows(base: str, heals: list, report, out: Path, ids: list[int], new_tokens: int = 32,
-                rounds: int = 3) -> dict:
-    """{row name: measurement} for the full model and each heal model (`heals`: (model, row name, summary)),
-    each heal model written to out/PLAIN_FOLDER first. Prints one line per heal model."""
-    L = None
-    folders = {"full": resolve_source(base)}
-    for model, name, _ in heals:
-        L = model.base_config.num_hidden_layers
-        n = len(model.config.kept_layers(L))
-        folders[name] = str(write_plain(model, out / PLAIN_FOLDER.format(n=n)))
-    runners = {name: TransformersRunner(folder) for name, folder in folders.items()}
+def measure_folders(paths: dict[str, str], ids: list[int], new_tokens: int, rounds: int,
+                    peak: bool = False) -> dict[str, dict]:
+    """{name: row} for plain model folders `paths` (one named "full", the reference) measured together in stock
+    transformers (`speed.measure`, interleaved rounds): tokens/s, bytes, weights per token, and against the full
+    model: decode_x and prompt_x (`speed.round_ratio`), ideal_x (weights per token), size_x (bytes on disk) and,
+    with `peak` (a fresh process each), peak_x."""
+    runners = {name: TransformersRunner(p) for name, p in paths.items()}
     speeds = measure(runners, ids, new_tokens, rounds)
-    full = speeds["full"]
     rows = {}
     for name, s in speeds.items():
         config = runners[name].config
         rows[name] = {"layers": config.num_hidden_layers, "decode_tps": s.decode, "prompt_tps": s.prompt,
                       "decode_rounds": s.decode_tps, "prompt_rounds": s.prompt_tps,
-                      "disk_bytes": disk_bytes(Path(folders[name])), "weights_per_token": weights_per_token(config),
-                      "folder": folders[name]}
-    f = rows["full"]
-    print(f"      deployed as the base's own model ({type(runners['full'].model).__name__}, stock transformers, batch 1, "
+                      "disk_bytes": disk_bytes(Path(paths[name])), "weight_bytes": s.weight_bytes,
+                      "weights_per_token": weights_per_token(config), "folder": str(paths[name]),
+                      "class": type(runners[name].model).__name__}
+    del runners
+    for name in rows:
+        rows[name]["peak_rss_bytes"] = peak_memory("transformers", paths[name], ids, new_tokens) if peak else None
+    f, full = rows["full"], speeds["full"]
+    for name, r in rows.items():
+        r["decode_x"], r["prompt_x"] = round_ratio(speeds[name], full), round_ratio(speeds[name], full, "prompt")
+        r["ideal_x"] = f["weights_per_token"] / r["weights_per_token"]
+        r["size_x"] = r["disk_bytes"] / f["disk_bytes"]
+        r["peak_x"] = r["peak_rss_bytes"] / f["peak_rss_bytes"] if peak else None
+    return rows
+
+
+def deploy_rows(base: str, heals: list, report, out: Path, ids: list[int], new_tokens: int = 32,
+                rounds: int = 5) -> dict:
+    """{row name: measurement} for the full model and each heal model (`heals`: (model, row name, summary)),
+    each heal model written to out/PLAIN_FOLDER first. Prints one line per heal model."""
+    folders = {"full": resolve_source(base)}
+    for model, name, _ in heals:
+        n = len(model.config.kept_layers(model.base_config.num_hidden_layers))
+        folders[name] = str(write_plain(model, out / PLAIN_FOLDER.format(n=n)))
+    rows = measure_folders(folders, ids, new_tokens, rounds)
+    print(f"      deployed as the base's own model ({rows['full']['class']}, stock transformers, batch 1, "
           f"{len(ids)}-token prompt, {new_tokens} greedy tokens, median of {rounds} interleaved rounds):")
     for name, r in rows.items():
         if name == "full":
             continue
-        r["decode_x"], r["prompt_x"] = r["decode_tps"] / f["decode_tps"], r["prompt_tps"] / f["prompt_tps"]
-        r["ideal_x"] = f["weights_per_token"] / r["weights_per_token"]
-        r["size_x"] = r["disk_bytes"] / f["disk_bytes"]
         held = report.row("heldout", name) if report is not None else None
         base, top = (report.row("heldout", m) for m in ("baseline", "full")) if report is not None else (None, None)
         gap = f"{gap_recovered(held.loss, base.loss, top.loss):.1f}% of the held-out gap, " if held and base and top \

@@ -340,7 +340,7 @@ def measure_counts(fc: FrontierConfig, data: DataConfig, tc: TrainConfig, out: P
     the full model measured together (a measurement of the same folders and settings is reused)."""
     from ouroboros_lm.export import export_plain
     from ouroboros_lm.loading import resolve_source
-    from ouroboros_lm.speed import TransformersRunner, disk_bytes, measure, peak_memory, weights_per_token
+    from .deploy import measure_folders
 
     folders = {}
     for n, run in runs.items():
@@ -357,24 +357,7 @@ def measure_counts(fc: FrontierConfig, data: DataConfig, tc: TrainConfig, out: P
             print(f"      the same folders were measured already ({out / SPEED}): reused")
             return old
     paths = {"full": resolve_source(fc.base), **{str(n): str(f) for n, f in folders.items()}}
-    runners = {name: TransformersRunner(p) for name, p in paths.items()}
-    speeds = measure(runners, ids, fc.new_tokens, fc.rounds)
-    rows = {}
-    for name, s in speeds.items():
-        config = runners[name].config
-        rows[name] = {"layers": config.num_hidden_layers, "decode_tps": s.decode, "prompt_tps": s.prompt,
-                      "decode_rounds": s.decode_tps, "prompt_rounds": s.prompt_tps,
-                      "disk_bytes": disk_bytes(Path(paths[name])), "weight_bytes": s.weight_bytes,
-                      "weights_per_token": weights_per_token(config), "folder": paths[name],
-                      "peak_rss_bytes": peak_memory("transformers", paths[name], ids, fc.new_tokens)
-                      if fc.peak_memory else None}
-    del runners
-    f = rows["full"]
-    for name, r in rows.items():
-        r["decode_x"], r["prompt_x"] = r["decode_tps"] / f["decode_tps"], r["prompt_tps"] / f["prompt_tps"]
-        r["ideal_x"] = f["weights_per_token"] / r["weights_per_token"]
-        r["size_x"] = r["disk_bytes"] / f["disk_bytes"]
-        r["peak_x"] = r["peak_rss_bytes"] / f["peak_rss_bytes"] if fc.peak_memory else None
+    rows = measure_folders(paths, ids, fc.new_tokens, fc.rounds, peak=fc.peak_memory)
     result = {"how": how, "full": rows.pop("full"), "counts": rows}
     write_json(out / SPEED, result)
     return read_json(out / SPEED, "frontier speed")
