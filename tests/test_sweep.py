@@ -257,3 +257,35 @@ def test_a_sweep_mixes_named_sources_by_weight(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="give every source a weight"):
         SweepSpec.load(path)
+
+
+def test_the_floor_is_the_specs_split_whatever_layers_the_first_run_keeps(tmp_path):
+    """Every gap is measured from the spec's split: a first run that keeps other layers (`keep_layers`, e.g. a
+    plan's) does not make the sweep's pruned baseline its own (issue #44 found a sweep whose first run was planned
+    scoring every run from the planned 15 layers)."""
+    from ouroboros_lm.runtime import choose_runtime
+    from ouroboros_recipes.reference import read_reference
+    from ouroboros_recipes.sweep import reference_losses, sweep_corpus
+
+    base = save_tiny_base(tmp_path / "base")
+    data = write_corpus(tmp_path / "text", n_docs=8)
+    spec = {
+        "name": "floor", "base": base, "split": {"n_prelude": 2, "recurrent_layer": 4, "n_coda": 2},
+        "data": {"train": [str(data)], "seq_len": 32, "heldout_fraction": 0.2},
+        "eval": {"depths": [1], "blocks": 2, "modulation_inputs": 2},
+        "defaults": {"rank": 4, "variant": "none"},
+        "runs": [{"keep_layers": [0, 2, 4, 6, 7]}, {}],
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    loaded = SweepSpec.load(path)
+    runtime = choose_runtime()
+    corpus, splits, ev = sweep_corpus(loaded, runtime)
+    runs = loaded.expand()
+    refs = []
+    for name, order in (("planned-first", runs), ("split-first", runs[::-1])):
+        out = tmp_path / name
+        out.mkdir()
+        refs.append(reference_losses(loaded, order, splits, out, ev, runtime, False, read_reference(out), corpus))
+    for split in splits:
+        assert refs[0][split] == refs[1][split]

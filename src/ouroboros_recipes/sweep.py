@@ -327,7 +327,8 @@ def reference_losses(spec: SweepSpec, runs: list[Run], splits: dict, out: Path, 
                if split not in ref or ref.get("keys", {}).get(split) != keys[split]}
     if missing:  # a new sweep, splits added or changed since: only those are evaluated
         base = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
-        model = OuroborosModel.from_base(base, runs[0].model_config(spec).pruned_stack())
+        # the spec's split, whatever layers the first run keeps (a run's keep_layers would make its own floor)
+        model = OuroborosModel.from_base(base, from_dict(OuroborosConfig, dict(spec.split), "split").pruned_stack())
         full = load_base_model(spec.base, dtype=runtime.dtype, device=runtime.device)
         rep = evaluate(model, missing, depths=(), full_model=full, batch_size=ev.batch_size, progress=progress,
                        runtime=runtime)
