@@ -133,7 +133,7 @@ def test_past_the_trained_depth_rezero_reuses_the_last_trained_scale_and_damps(t
 def test_mismatched_start_settings_are_refused():
     with pytest.raises(ValueError, match="loop_start stack .* needs gate"):
         OuroborosConfig(**TINY_SPLIT, loop_start="stack", gate=False)
-    with pytest.raises(ValueError, match="loop_start rezero .* needs gate false"):
+    with pytest.raises(ValueError, match="loop_start rezero .* needs the gate off"):
         OuroborosConfig(**TINY_SPLIT, loop_start="rezero")
     with pytest.raises(ValueError, match="loop_start"):
         OuroborosConfig(**TINY_SPLIT, loop_start="open")
