@@ -153,6 +153,8 @@ def is_valid(kw: dict, L: int = 8) -> bool:
     P, C, R = kw["n_prelude"], kw["n_coda"], kw["recurrent_layer"]
     if P + C + 1 > L or not P <= R <= L - C - 1:
         return False
+    if (kw["loop_start"] == "stack" and not kw["gate"]) or (kw["loop_start"] == "rezero" and kw["gate"]):
+        return False  # the later steps of a loop started at its stack: behind the gate (stack), or a scale (rezero)
     if kw["variant"] != "none":
         if P + C + 1 == L:  # nothing removed: no residual for the SVD bases
             return False
@@ -166,6 +168,7 @@ configs = st.fixed_dictionaries({
     "rank": st.integers(1, 40), "variant": st.sampled_from(["controller", "static", "none"]),
     "pooling": st.sampled_from(["prefix_mean", "token", "sequence_mean"]), "gate": st.booleans(),
     "step_norm": st.booleans(), "max_depth": st.integers(1, 6),
+    "loop_start": st.sampled_from(["gate", "stack", "rezero"]),
     "default_depth": st.integers(0, 7),
     "alpha": st.floats(0.5, 32), "gate_bias": st.floats(-4, 4), "style_dim": st.integers(1, 8),
     "controller_hidden": st.integers(1, 8),

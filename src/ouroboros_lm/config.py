@@ -15,6 +15,7 @@ from .settings import from_dict, setting, to_dict, validate_fields
 VARIANTS = ("controller", "static", "none")
 INJECTIONS = ("none", "diagonal", "linear")
 STATE_SCALES = ("free", "anchored")
+LOOP_STARTS = ("gate", "stack", "rezero")
 POOLINGS = ("prefix_mean", "token", "mean_and_token", "sequence_mean")
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 MAX_LAYERS = 1024
@@ -59,7 +60,16 @@ class OuroborosConfig:
     variant: str = setting("controller", "where the modulation comes from: the Controller (input-dependent), "
                            "static per-step vectors, or none", choices=VARIANTS, structural=True)
     gate: bool = setting(True, "gated recurrence h = g*h_new + (1-g)*h_old (--no-gate: h = h_new)", structural=True)
-    gate_bias: float = setting(-2.0, "initial gate bias b_g (-2 keeps 88%% of the old state)", low=-30.0, high=30.0)
+    gate_bias: float = setting(-2.0, "initial gate bias b_g (-2 keeps 88%% of the old state; "
+                               "with loop_start stack, the bias of steps 2 on)", low=-30.0, high=30.0)
+    loop_start: str = setting("gate", "where the loop starts: gate (every step behind the recurrence gate at "
+                              "gate_bias: the paper's; at -2 a fresh loop keeps 88%% of the state at every step, step 1 "
+                              "included, so depth 1 is not its layers run once); stack (step 1 is the block itself, "
+                              "ungated: depth 1 equals the same kept layers run once, exactly, at init; each later step "
+                              "updates the state behind the gate at gate_bias); rezero (step 1 as in stack; each later "
+                              "step s adds a_s * (its block output - h), a_s a learned per-channel scale per step, zero "
+                              "at init, so every depth starts at the stack; needs the gate off: --no-gate, --model.gate false)",
+                              choices=LOOP_STARTS, structural=True)
     injection: str = setting("none", "input injection: every step's layer reads h + W_e e + b_e (linear, H^2 + H "
                              "weights) or h + a * e (diagonal, H), e the prelude's output, zero at init (none: h alone)",
                              choices=INJECTIONS, structural=True)
@@ -124,6 +134,12 @@ class OuroborosConfig:
             raise ValueError("recurrent_lora_steps > 1 gives each recurrence step its own set of the recurrent block's "
                              "plain LoRA: it needs recurrent_lora (and a recursion, not heal_layers); got "
                              f"recurrent_lora={self.recurrent_lora}, heal_layers={self.heal_layers}")
+        if not self.heal_layers and self.loop_start == "stack" and not self.gate:
+            raise ValueError("loop_start stack puts every step after the first behind the recurrence gate: it needs "
+                             "gate (or use loop_start rezero, whose later steps need no gate)")
+        if not self.heal_layers and self.loop_start == "rezero" and self.gate:
+            raise ValueError("loop_start rezero scales each later step's update itself (a_s, zero at init) in place "
+                             "of the recurrence gate: it needs the gate off (gate false: --no-gate, --model.gate false)")
         if self.recurrent_lora_steps > self.max_depth:
             raise ValueError(f"recurrent_lora_steps must be in [1, max_depth={self.max_depth}] (one set per step at "
                              f"most); got {self.recurrent_lora_steps}")

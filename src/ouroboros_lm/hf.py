@@ -145,7 +145,7 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"model.lm_head.weight": "model.embed_tokens.weight"}  # only when the base ties them
     # the trained parts stay float32 whatever dtype the rest loads in, as with load_adapter(dtype=...)
     _keep_in_fp32_modules = ["recurrent.controller", "recurrent.static", "recurrent.gate", "recurrent.step_norms",
-                             "recurrent.injection", "recurrent.state_scale"]
+                             "recurrent.injection", "recurrent.state_scale", "recurrent.rezero"]
 
     def __init__(self, config: OuroborosHFConfig, model: OuroborosModel | None = None):
         super().__init__(config)

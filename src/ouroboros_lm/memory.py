@@ -77,6 +77,8 @@ def trainable_parameter_count(config, hidden_size: int) -> int:
     n += {"none": 0, "diagonal": H, "linear": H * H + H}[config.injection]
     if config.state_scale == "anchored":
         n += steps
+    if config.loop_start == "rezero":
+        n += steps * H
     if config.halter:
         n += 2 * H + 1 + steps
     return n

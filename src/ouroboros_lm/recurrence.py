@@ -8,6 +8,8 @@ Each step s:
              (a block of k layers: each in turn, with its own norms, bases and slice of d;
               with recurrent_lora, plus the plain LoRA set of step s: one shared, or one per step)
     h      = g * h_new + (1 - g) * h,   g = sigmoid(W_g [h_new; h] + b_g)   (or h = h_new)
+             (loop_start "stack": step 1 ungated, h = h_new, the gate from step 2 on;
+              loop_start "rezero": step 1 ungated, then h = h + a_s * (h_new - h), a_s = 0 at init)
     h      = h * exp(a_s) * rms(h_1) / rms(h)   (state_scale "anchored", steps s >= 2; h_1: step 1's output)
 
 How the steps run at inference (their per-step parameters past the trained depths, damping) is the
@@ -113,6 +115,24 @@ class InputInjection(nn.Module):
         return h + (self.scale * e.float()).to(h.dtype)
 
 
+class ReZeroScale(nn.Module):
+    """ReZero for the loop's later steps (loop_start "rezero"): step s >= 2 moves the state by a_s * (h_new - h),
+    a_s a per-channel scale of its own, zero at init, so a fresh loop at any depth is its block run once (the same
+    kept layers as the stack), and each extra step is a learned, initially vanishing change; the gradient reaches
+    a_s at init (dL/da_s = (h_new - h) * dL/dh_s). weight: [max_depth, H] (row 0, step 1's, is never used: step 1
+    is the block itself)."""
+
+    def __init__(self, hidden_size: int, max_depth: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(max_depth, hidden_size))
+
+    def forward(self, h_new: torch.Tensor, h_old: torch.Tensor, step: int) -> torch.Tensor:
+        a = self.weight[step]
+        dt = torch.promote_types(h_new.dtype, a.dtype)  # float32 under bf16 states, float64 in float64 checks
+        old = h_old.to(dt)
+        return (old + a.to(dt) * (h_new.to(dt) - old)).to(h_new.dtype)
+
+
 class StateScale(nn.Module):
     """Scale-removing recurrence: every step's residual output adds to the state, so ||h|| grows with
     depth, and the coda's pre-norms hide that growth from the loss ("The Readout Blind Spot in Looped
@@ -188,6 +208,9 @@ class RecurrentBlock(nn.Module):
         elif recursive and config.variant == "static":
             self.static = StaticModulation(config.rank, config.max_depth, layers=k)
         self.gate = RecurrenceGate(hidden_size, config.gate_bias) if config.gate and recursive else None
+        self.rezero = (ReZeroScale(hidden_size, config.max_depth)
+                             if config.loop_start == "rezero" and recursive else None)
+        self.open_first_step = config.loop_start != "gate"  # step 1 is the block itself (stack, rezero)
         self.step_norms = (
             StepNorms([getattr(l, n).weight for l in layers for n in step_norm_names(l)], config.max_depth)
             if config.step_norm and recursive
@@ -214,7 +237,8 @@ class RecurrentBlock(nn.Module):
 
     def trainable_parts(self) -> dict[str, nn.Module]:
         parts = {"controller": self.controller, "static": self.static, "gate": self.gate, "step_norms": self.step_norms,
-                 "injection": self.injection, "state_scale": self.state_scale, "halter": self.halter}
+                 "injection": self.injection, "state_scale": self.state_scale, "rezero": self.rezero,
+                 "halter": self.halter}
         return {k: m for k, m in parts.items() if m is not None}
 
     def modulation(self, h: torch.Tensor, step: int, mask, pool_state: PoolState | None) -> torch.Tensor | None:
@@ -249,10 +273,20 @@ class RecurrentBlock(nn.Module):
             norms = self.step_norms(p, h.dtype, j) if self.step_norms is not None else None
             x = decoder_layer(layer, x, ctx, window=window, project=project, norm_weights=norms,
                               kv=kv[j] if kv is not None else None)
-        out = self.gate(x, h) if self.gate is not None else x
+        out = self.update(x, h, s, p)
         damping = self.policy.update_scale(s)
         out = out if damping == 1.0 else torch.lerp(h, out, damping)  # h + damping * (out - h)
         return self.state_scale(out, p, anchor) if anchor is not None else out
+
+    def update(self, x: torch.Tensor, h: torch.Tensor, s: int, p: int) -> torch.Tensor:
+        """The state after step s (parameter step p) from its block output x and the state h before it: the block
+        itself at step 1 of a loop that starts at the stack (loop_start stack / rezero), else behind the gate or
+        the step's ReZero scale (or x, with neither)."""
+        if s == 0 and self.open_first_step:
+            return x
+        if self.rezero is not None:
+            return self.rezero(x, h, p)
+        return self.gate(x, h) if self.gate is not None else x
 
     def anchor_of(self, h: torch.Tensor, s: int, anchor: torch.Tensor | None) -> torch.Tensor | None:
         """The scale anchor once step s has run: step 0's output RMS with an anchored scale (else None)."""
