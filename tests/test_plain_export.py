@@ -165,6 +165,7 @@ def test_a_loop_without_gate_injection_or_modulation_exports_unrolled(tmp_path, 
     (dict(), "recurrence gate"),
     (dict(gate=True, variant="controller"), "controller modulation"),
     (dict(injection="linear"), "input injection"),
+    (dict(gate=False, loop_start="rezero"), "ReZero scale"),
 ])
 def test_a_loop_that_is_not_plain_is_refused_in_one_line_and_nothing_is_written(tmp_path, capsys, overrides, named):
     from ouroboros_lm.cli import main
@@ -175,6 +176,24 @@ def test_a_loop_that_is_not_plain_is_refused_in_one_line_and_nothing_is_written(
     err = capsys.readouterr().err.strip()
     assert named in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+@pytest.mark.equivalence
+def test_a_loop_that_starts_at_its_stack_is_plain_at_depth_1_and_gated_past_it(tmp_path, capsys):
+    """loop_start stack: step 1 is the block itself (ungated), so at depth 1 the loop is its kept layers once and
+    exports plain; at depth 2 the gate acts and the export is refused."""
+    from ouroboros_lm.cli import main
+
+    adapter = loop_adapter(tmp_path, gate=True, loop_start="stack", recurrent_lora=True)
+    folder = export_plain(adapter, tmp_path / "plain", depth=1, dtype=torch.float64)
+    model = load_adapter(adapter, dtype=torch.float64).eval()
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    with torch.no_grad():
+        assert_same_in_float64(plain(IDS).logits, model(IDS, depth=1).logits.double())
+    capsys.readouterr()
+    assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "d2"), "--format", "plain",
+                 "--depth", "2"]) == 2
+    assert "recurrence gate" in capsys.readouterr().err and not (tmp_path / "d2").exists()
 
 
 @pytest.mark.equivalence

@@ -50,16 +50,20 @@ def plain_obstacles(cfg, policy, depth: int | None, baseline: bool = False) -> l
     A heal model and the pruned baseline always are. Needs no weights: export checks it before loading any."""
     if cfg.heal_layers or baseline:
         return []
+    d = policy.default_depth if depth is None else depth
+    later = d > 1 or cfg.loop_start == "gate"  # whether a step runs behind the gate / ReZero scale (a loop that
+    # starts at its stack runs step 1 as the block itself, and the anchored scale acts from step 2 on)
     out = []
     if cfg.variant != "none":
         out.append(f"the {cfg.variant} modulation of the block (variant {cfg.variant!r}; plain needs 'none')")
-    if cfg.gate:
+    if cfg.gate and later:
         out.append("the recurrence gate (convert with --no-gate)")
+    if cfg.loop_start == "rezero" and later:
+        out.append("the ReZero scale of the steps after the first (loop_start rezero)")
     if cfg.injection != "none":
         out.append(f"input injection ({cfg.injection!r})")
-    if cfg.state_scale != "free":
+    if cfg.state_scale != "free" and d > 1:
         out.append("the anchored state scale")
-    d = policy.default_depth if depth is None else depth
     if any(policy.update_scale(s) != 1.0 for s in range(d)):
         out.append(f"step damping {policy.step_damping} past trained_depth {policy.trained_depth} "
                    f"(export at depth <= {policy.trained_depth})")
