@@ -89,7 +89,10 @@ def plain_layout(model, depth: int | None = None, baseline: bool = False) -> lis
     if cfg.lora_rank and not baseline:
         lora = cfg.lora_layers()
         adapted = {("prelude", i) for i in lora["prelude"]} | {("coda", i) for i in lora["coda"]}
-    outer = lambda part, i: "default" if (part, i) in adapted else None  # noqa: E731
+
+    def outer(part: str, i: int) -> str | None:  # the LoRA set of a prelude / coda layer, if it has one
+        return "default" if (part, i) in adapted else None
+
     if cfg.heal_layers:
         kept = cfg.kept_layers(L)
         mods = list(model.prelude) + [model.recurrent.layer] + list(model.coda)
