@@ -139,7 +139,7 @@ def test_every_flag_documents_its_default():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     assert set(sub.choices) == {"convert", "plan", "prepare", "train", "train-halter", "eval", "eval-exits", "generate", "export", "harness",
-                                "sweep", "report", "demo"}
+                                "sweep", "report", "demo", "frontier"}
     for name, p in sub.choices.items():
         for action in p._actions:
             if action.option_strings and action.dest != "help":

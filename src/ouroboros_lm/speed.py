@@ -123,9 +123,10 @@ class LlamaCppRunner:
 
     def last_logits(self):
         """The logits of the last position evaluated (llama.cpp's own buffer, as a numpy view)."""
+        import llama_cpp
         import numpy as np
 
-        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
 
     def run(self, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
         self.llm.reset()

@@ -182,19 +182,7 @@ def preflight(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
     earlier = read_json(out / SETTINGS, "frontier settings") if (out / SETTINGS).is_file() else None
     if earlier is None and out.is_dir() and any(out.iterdir()):
         raise ValueError(f"--out {out} holds files and no frontier ({SETTINGS}); give a new folder (nothing was written)")
-    if fc.plan is not None:
-        plan, where = read_plan(fc.plan), fc.plan
-    elif (out / PLAN).is_file():  # this frontier's own plan, made by an earlier invocation
-        plan, where = read_plan(out / PLAN), str(out / PLAN)
-    else:
-        plan, where = None, None
-        from ouroboros_lm.plan import check_request
-
-        pc = plan_config(fc, data, counts[0], out)
-        try:
-            check_request(pc, L, max_pos)
-        except ValueError as e:
-            raise ValueError(f"--keep {counts[0]}: the plan made at the smallest count refuses it: {e}") from None
+    plan, where = known_plan(fc, data, counts, out, L, max_pos)
     layers = None
     if plan is not None:
         check_plan_base(plan, config, where)
@@ -217,10 +205,31 @@ def preflight(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
         from ouroboros_lm.loading import load_base_model
 
         check_plan_base(plan, load_base_model(fc.base), where)
-    spec = sweep_spec(settings, layers or {n: list(range(n)) for n in counts})
+    check_spec(sweep_spec(settings, layers or {n: list(range(n)) for n in counts}), L)
+    return {"counts": counts, "layers": layers, "plan": plan, "settings": settings, "num_layers": L}
+
+
+def known_plan(fc: FrontierConfig, data: DataConfig, counts: list[int], out: Path, L: int, max_pos) -> tuple:
+    """(the plan, where it was read) when one is given or this frontier made one earlier; else (None, None), once
+    the plan the frontier will make at its smallest count is checked."""
+    if fc.plan is not None:
+        return read_plan(fc.plan), fc.plan
+    if (out / PLAN).is_file():  # this frontier's own plan, made by an earlier invocation
+        return read_plan(out / PLAN), str(out / PLAN)
+    from ouroboros_lm.plan import check_request
+
+    try:
+        check_request(plan_config(fc, data, counts[0], out), L, max_pos)
+    except ValueError as e:
+        raise ValueError(f"--keep {counts[0]}: the plan made at the smallest count refuses it: {e}") from None
+    return None, None
+
+
+def check_spec(spec: dict, L: int) -> None:
+    """The whole sweep spec (data sources, training settings) validated now, as the sweep would later."""
     from .sweep import SweepSpec
 
-    try:  # the whole spec (data sources, training settings) validated now, as the sweep would later
+    try:
         s = from_dict(SweepSpec, spec, "frontier spec")
         s.validate()
         s.data_settings()
@@ -230,7 +239,6 @@ def preflight(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
             run.train_config(s)
     except (TypeError, ValueError) as e:
         raise ValueError(f"the frontier's settings: {e}") from None
-    return {"counts": counts, "layers": layers, "plan": plan, "settings": settings, "num_layers": L}
 
 
 def first_difference(now, then, path: str = "") -> str | None:
