@@ -238,3 +238,24 @@ def clean_python() -> str:
 @pytest.fixture(scope="session")
 def clean_venv_python():
     return clean_python()
+
+
+# ---------------------------------------------------------------- the demo's 18 planned layers of the real SmolLM2
+DEMO_18_LAYERS = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 20, 21, 22, 23, 24, 27, 28, 29)  # demo_plan.json's first 18
+
+
+def real_heal_adapter(folder, keep=DEMO_18_LAYERS):
+    """A heal model of the real SmolLM2 on `keep`, every LoRA weight (B too) moved by 0.01 noise so merging changes
+    every kept layer, saved as an adapter in `folder`. Returns the model."""
+    from ouroboros_lm import load_base_model, save_adapter
+
+    model = OuroborosModel.from_base(load_base_model("smollm2-135m"),
+                                     OuroborosConfig(keep_layers=keep, heal_layers=1, lora_rank=4, lora_alpha=8),
+                                     base_name="smollm2-135m")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    save_adapter(model, folder)
+    return model.eval()

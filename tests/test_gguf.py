@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_equivalent
-from ouroboros_lm import OuroborosConfig, OuroborosModel, load_base_model, load_tokenizer
-from ouroboros_lm.adapter import save_adapter
+from conftest import DEMO_18_LAYERS, assert_equivalent, real_heal_adapter
+from ouroboros_lm import load_tokenizer
 
 pytestmark = [pytest.mark.real_model, pytest.mark.llama_cpp]
 if importlib.util.find_spec("llama_cpp") is None:
     pytest.skip("llama-cpp-python is not installed (`make llama-cpp` builds it once)", allow_module_level=True)
 
-KEEP = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 20, 21, 22, 23, 24, 27, 28, 29)  # the demo plan's first 18 by its ranking
 PROMPT = "The state of the Union is strong. Fellow citizens, tonight"
 NEW = 20
 
@@ -35,15 +33,7 @@ def exported(tmp_path_factory):
     except ValueError as e:
         pytest.skip(str(e))
     tmp = tmp_path_factory.mktemp("gguf")
-    model = OuroborosModel.from_base(load_base_model("smollm2-135m"),
-                                     OuroborosConfig(keep_layers=KEEP, heal_layers=1, lora_rank=4, lora_alpha=8),
-                                     base_name="smollm2-135m")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.01)  # B too: the merge changes every kept layer
-    save_adapter(model, tmp / "heal18")
+    real_heal_adapter(tmp / "heal18")
     plain = export_plain(tmp / "heal18", tmp / "plain")
     ggufs = {t: export_gguf(tmp / "heal18", tmp / f"heal18-{t}.gguf", outtype=t) for t in ("f32", "f16")}
     return plain, ggufs
@@ -75,21 +65,18 @@ def llama_cpp_logits_and_greedy(path, ids, kv_f32: bool):
         llm.close()
 
 
-def test_gguf_f32_decodes_the_same_tokens_with_the_same_logits_as_transformers(exported):
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_gguf_decodes_the_same_tokens_with_the_logits_of_transformers(exported, outtype):
+    """f32 (KV cache in f32 too): float32's rounding over the 18 layers; f16 (llama.cpp's default f16 KV cache): a
+    few float16 epsilons of the logits' scale, and about half the bytes."""
     plain, ggufs = exported
     ids = load_tokenizer("smollm2-135m")(PROMPT).input_ids
     want, want_greedy = transformers_reference(plain, ids)
-    got, greedy = llama_cpp_logits_and_greedy(ggufs["f32"], ids, kv_f32=True)
+    got, greedy = llama_cpp_logits_and_greedy(ggufs[outtype], ids, kv_f32=outtype == "f32")
     assert greedy == want_greedy
-    assert_equivalent(got, want, depth=len(KEEP), dtype=torch.float32)
-
-
-def test_gguf_f16_decodes_the_same_tokens_within_float16_rounding(exported):
-    plain, ggufs = exported
-    ids = load_tokenizer("smollm2-135m")(PROMPT).input_ids
-    want, want_greedy = transformers_reference(plain, ids)
-    got, greedy = llama_cpp_logits_and_greedy(ggufs["f16"], ids, kv_f32=False)
-    assert greedy == want_greedy
-    tol = 4 * torch.finfo(torch.float16).eps * (1 + want.abs().max().item())
-    torch.testing.assert_close(got, want, atol=tol, rtol=0)
-    assert ggufs["f16"].stat().st_size < 0.6 * ggufs["f32"].stat().st_size
+    if outtype == "f32":
+        assert_equivalent(got, want, depth=len(DEMO_18_LAYERS), dtype=torch.float32)
+    else:
+        tol = 4 * torch.finfo(torch.float16).eps * (1 + want.abs().max().item())
+        torch.testing.assert_close(got, want, atol=tol, rtol=0)
+        assert ggufs["f16"].stat().st_size < 0.6 * ggufs["f32"].stat().st_size

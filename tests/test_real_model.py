@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import assert_equivalent
+from conftest import DEMO_18_LAYERS, assert_equivalent, real_heal_adapter
 from ouroboros_lm import load_adapter, save_adapter
 from ouroboros_lm import OuroborosConfig, OuroborosModel, RecursionPolicy, load_base_model, load_tokenizer
 
@@ -127,20 +127,11 @@ def test_real_18_layer_heal_model_exported_plain_keeps_its_loss_without_ouroboro
 
     from ouroboros_lm.export import export_plain
 
-    keep = (0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 20, 21, 22, 23, 24, 27, 28, 29)
-    model = OuroborosModel.from_base(load_base_model("smollm2-135m"),
-                                     OuroborosConfig(keep_layers=keep, heal_layers=1, lora_rank=4, lora_alpha=8),
-                                     base_name="smollm2-135m")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    save_adapter(model, tmp_path / "heal18")
+    model = real_heal_adapter(tmp_path / "heal18")
     export_plain(tmp_path / "heal18", tmp_path / "plain")
     ids = smollm2[1](PARAGRAPH, return_tensors="pt").input_ids
     with torch.no_grad():
-        ours = model.eval()(ids, labels=ids).loss.item()
+        ours = model(ids, labels=ids).loss.item()
     script = ("import sys, torch; from transformers import AutoModelForCausalLM; "
               "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); ids = torch.tensor([eval(sys.argv[2])]); "
               "print(m(ids, labels=ids).loss.item())")
@@ -149,4 +140,4 @@ def test_real_18_layer_heal_model_exported_plain_keeps_its_loss_without_ouroboro
     assert run.returncode == 0, run.stderr[-2000:]
     theirs = float(run.stdout.strip().splitlines()[-1])
     assert abs(theirs - ours) < 1e-4
-    assert_equivalent(theirs, ours, dtype=torch.float32, depth=len(keep))
+    assert_equivalent(theirs, ours, dtype=torch.float32, depth=len(DEMO_18_LAYERS))
