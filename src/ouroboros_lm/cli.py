@@ -419,7 +419,7 @@ def cmd_export(args) -> None:
         print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) after `import ouroboros_lm` "
               "(elsewhere: trust_remote_code=True, which runs the folder's modeling_ouroboros.py)")
         return
-    from .plain import describe_export
+    from .export import describe_export
 
     print(describe_export(out, ec))
 

@@ -300,3 +300,33 @@ def export(ec: ExportConfig) -> Path:
     if ec.format == "gguf":
         return export_gguf(ec.adapter, ec.out, ec.depth, ec.baseline, ec.overwrite, ec.outtype, ec.llama_cpp, dtype)
     return export_hf(ec.adapter, ec.out, depth=ec.depth, baseline=ec.baseline, overwrite=ec.overwrite)
+
+
+def describe_export(out, ec) -> str:
+    """What `ouroboros export --format plain / gguf` wrote, for its last line: the family, the layers and how
+    they came about, the bytes on disk, and how to load it."""
+    import json
+
+    meta, _ = read_adapter(ec.adapter)
+    cfg = OuroborosConfig.from_dict(meta["ouroboros_config"])
+    arch = meta.get("base_architecture")
+    L = arch.get("num_hidden_layers") if isinstance(arch, dict) else None
+    out = Path(out)
+    if ec.format == "gguf":
+        return (f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {ec.outtype}) with llama.cpp's own converter: "
+                f"llama-cli -m {out}, or llama_cpp.Llama({str(out)!r})")
+    config = json.loads((out / "config.json").read_text())
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    if ec.baseline or cfg.heal_layers:
+        how = "the pruned stack, nothing merged" if ec.baseline else "the heal model, its LoRA merged"
+    else:
+        depth = ec.depth or meta.get("recursion_policy", {}).get("default_depth")
+        block = f"{cfg.recurrent_layer}" if cfg.block_layers == 1 else \
+            f"{cfg.recurrent_layer}-{cfg.recurrent_layer + cfg.block_layers - 1}"
+        how = (f"the loop unrolled: {depth} copies of the block (base layer{'s' if cfg.block_layers > 1 else ''} "
+               f"{block}) on disk, one per step")
+    of = f" of the base's {L}" if L else ""
+    return (f"wrote {out}: a plain {config['architectures'][0]} ({config['model_type']}), "
+            f"{config['num_hidden_layers']} layers{of} ({how}), {size / 2**20:.1f} MiB of weights "
+            f"({config.get('dtype')}): AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it without "
+            "ouroboros-lm")
