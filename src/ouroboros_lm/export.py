@@ -269,8 +269,8 @@ def export_gguf(adapter: str | os.PathLike, out: str | os.PathLike, depth: int |
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}")
     out = Path(out)
-    converter = find_converter(llama_cpp)
     check_gguf_out(out, overwrite)
+    converter = find_converter(llama_cpp)
     check_plain_request(adapter, depth, baseline)
     clean_temporaries(out.parent, out.name)
     clean_temporaries(out.parent, out.name + ".plain")
