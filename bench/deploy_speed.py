@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from ouroboros_lm.atomic import write_json, write_text
-from ouroboros_lm.export import export_gguf, export_plain, find_converter
+from ouroboros_lm.atomic import ensure_dir, write_json, write_text
+from ouroboros_lm.export import convert_to_gguf, export_gguf, export_plain, find_converter
 from ouroboros_lm.loading import cache_dir, load_tokenizer, resolve_source
 from ouroboros_lm.speed import (LlamaCppRunner, TransformersRunner, disk_bytes, measure, peak_memory, round_ratio,
                                 weights_per_token)
@@ -36,14 +36,8 @@ def prompt_ids(tok, n: int) -> list[int]:
 
 def gguf_of_base(folder: str, out: Path, outtype: str) -> Path:
     """The full base (already a plain folder) through llama.cpp's converter."""
-    import subprocess
-    import sys
-
     path = out / f"full-{outtype}.gguf"
-    if not path.is_file():
-        subprocess.run([sys.executable, str(find_converter()), folder, "--outfile", str(path), "--outtype", outtype],
-                       check=True, capture_output=True)
-    return path
+    return path if path.is_file() else convert_to_gguf(folder, path, outtype, find_converter())
 
 
 def table(results: dict) -> str:
@@ -68,8 +62,7 @@ def main() -> None:
     ap.add_argument("--outtype", default="f32", help="llama.cpp tensor type of the GGUF files (f32, f16, q8_0)")
     ap.add_argument("--no-peak", action="store_true", help="skip the peak-memory processes")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(Path(args.out))
     tok = load_tokenizer(args.base)
     ids = prompt_ids(tok, args.prompt_tokens)
     folders = {"full": resolve_source(args.base)}

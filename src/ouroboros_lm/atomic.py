@@ -339,6 +339,15 @@ def remove_tree(folder: Path, kind: str | None, expected: set[str] | None = None
     shutil.rmtree(folder)
 
 
+def replace_file(tmp: Path, final: Path) -> Path:
+    """Rename the complete file `tmp` (a `temp_path` another program wrote, e.g. llama.cpp's converter) to `final`,
+    never through a link; the folder is synced so the rename survives a crash."""
+    refuse_link(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return final
+
+
 def replace_dir(tmp: Path, final: Path, kind: str | None, expected: set[str] | None = None) -> Path:
     """Rename the complete folder `tmp` to `final`. An existing `final` is moved aside first and
     deleted only after the rename, and only if it is ours (`check_removable`)."""

@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .atomic import (check_removable, clean_temporaries, refuse_working_folder, remove_tree, replace_dir, temp_dir, temp_path, write_bytes,
-                     write_marker, write_text)
+from .atomic import (check_removable, clean_temporaries, read_json, refuse_working_folder, remove_tree, replace_dir,
+                     replace_file, temp_dir, temp_path, write_bytes, write_marker, write_text)
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter, saved_policy
 from .config import OuroborosConfig
 from .hf import OuroborosForCausalLM
@@ -260,36 +260,41 @@ def check_gguf_out(out: Path, overwrite: bool) -> None:
 def export_gguf(adapter: str | os.PathLike, out: str | os.PathLike, depth: int | None = None, baseline: bool = False,
                 overwrite: bool = False, outtype: str = "f16", llama_cpp: str | os.PathLike | None = None,
                 dtype: torch.dtype | None = None) -> Path:
-    """Write the GGUF file `out`: the plain export (`export_plain`) converted by llama.cpp's own
-    `convert_hf_to_gguf.py` (run in this interpreter) at `outtype`. The plain folder is a temporary one beside
-    `out`; `out` appears only once the converter has finished."""
-    import subprocess
-    import sys
-
+    """Write the GGUF file `out`: the plain export (`export_plain`, into a temporary folder beside `out`) converted
+    by llama.cpp's own converter (`convert_to_gguf`)."""
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}")
     out = Path(out)
     check_gguf_out(out, overwrite)
     converter = find_converter(llama_cpp)
     check_plain_request(adapter, depth, baseline)
-    clean_temporaries(out.parent, out.name)
     clean_temporaries(out.parent, out.name + ".plain")
-    folder, gguf = temp_path(out.with_name(out.name + ".plain")), temp_path(out)
+    folder = temp_path(out.with_name(out.name + ".plain"))
     try:
         export_plain(adapter, folder, depth, baseline, dtype=dtype)
+        return convert_to_gguf(folder, out, outtype, converter)
+    finally:
+        if folder.exists() or folder.is_symlink():
+            remove_tree(folder, None, force=True)
+
+
+def convert_to_gguf(folder: str | os.PathLike, out: Path, outtype: str, converter: Path) -> Path:
+    """A plain Hugging Face folder (an export, or a base itself) through llama.cpp's `convert_hf_to_gguf.py`, run in
+    this interpreter, into `out`: written under a temporary name, renamed once the converter has finished."""
+    import subprocess
+    import sys
+
+    clean_temporaries(out.parent, out.name)
+    gguf = temp_path(out)
+    try:
         run = subprocess.run([sys.executable, str(converter), str(folder), "--outfile", str(gguf), "--outtype", outtype],
                              capture_output=True, text=True)
         if run.returncode != 0 or not gguf.is_file():
             tail = [line for line in (run.stderr or run.stdout).splitlines() if line.strip()][-3:]
-            raise ValueError(f"llama.cpp's converter ({converter}) failed on the plain export: " + " | ".join(tail))
-        os.replace(gguf, out)
-        return out
+            raise ValueError(f"llama.cpp's converter ({converter}) failed on {folder}: " + " | ".join(tail))
+        return replace_file(gguf, out)
     finally:
-        for p in (folder, gguf):
-            if p.is_dir():
-                remove_tree(p, None, force=True)
-            elif p.exists():
-                p.unlink()
+        clean_temporaries(out.parent, out.name)  # the converter's file, if it stopped half-way
 
 
 def export(ec: ExportConfig) -> Path:
@@ -305,7 +310,7 @@ def export(ec: ExportConfig) -> Path:
 def describe_export(out, ec) -> str:
     """What `ouroboros export --format plain / gguf` wrote, for its last line: the family, the layers and how
     they came about, the bytes on disk, and how to load it."""
-    import json
+    from .speed import disk_bytes
 
     meta, _ = read_adapter(ec.adapter)
     cfg = OuroborosConfig.from_dict(meta["ouroboros_config"])
@@ -315,8 +320,8 @@ def describe_export(out, ec) -> str:
     if ec.format == "gguf":
         return (f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {ec.outtype}) with llama.cpp's own converter: "
                 f"llama-cli -m {out}, or llama_cpp.Llama({str(out)!r})")
-    config = json.loads((out / "config.json").read_text())
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    config = read_json(out / "config.json", "exported config")
+    size = disk_bytes(out)
     if ec.baseline or cfg.heal_layers:
         how = "the pruned stack, nothing merged" if ec.baseline else "the heal model, its LoRA merged"
     else:

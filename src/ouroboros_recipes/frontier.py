@@ -32,6 +32,7 @@ from ouroboros_lm.plan import PlanConfig, check_plan_base, compact, ranked, read
 from ouroboros_lm.settings import REQUIRED, add_flags, from_dict, from_flags, setting, to_dict
 from ouroboros_lm.train import TrainConfig
 
+from .deploy import measure_folders, prompt_of
 from .reference import RESULT
 
 SETTINGS = "frontier-settings.json"  # what the folder's frontier was made with: a rerun must match it
@@ -348,7 +349,6 @@ def measure_counts(fc: FrontierConfig, data: DataConfig, tc: TrainConfig, out: P
     the full model measured together (a measurement of the same folders and settings is reused)."""
     from ouroboros_lm.export import export_plain
     from ouroboros_lm.loading import resolve_source
-    from .deploy import measure_folders
 
     folders = {}
     for n, run in runs.items():
@@ -378,7 +378,7 @@ def prompt_ids(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> list[in
 
     d = dataclasses.replace(data, train=tuple(absolute(data.train)), heldout=absolute(data.heldout))
     corpus = d.corpus(load_tokenizer(fc.base), choose_runtime().default_seq_len, seed=tc.seed)
-    return [int(t) for t in corpus.heldout[:1][0, :fc.prompt_tokens]]
+    return prompt_of(corpus, fc.prompt_tokens)
 
 
 def frontier_rows(counts: list[int], layers: dict, results: dict, deploy: dict | None) -> list[dict]:
