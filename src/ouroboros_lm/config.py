@@ -104,6 +104,15 @@ class OuroborosConfig:
                                "the recursion; N: N base layers evenly spaced over the removed ones, the compute of "
                                "depth N) and plain LoRA of rank lora_rank on every kept layer (0: the recursion)",
                                low=0, high=MAX_LAYERS, structural=True)
+    tune_layers: tuple[int, ...] | None = setting(
+        None, "a heal model's kept layers (base indices, listed in keep_layers) trained in full instead of through "
+        "LoRA: every weight of each, as W + a delta zero at init (the layers around each cut, the last layers, or a "
+        "replacement layer kept for a removed span: LLM-Streamline); the other kept layers keep their LoRA",
+        low=0, high=MAX_LAYERS - 1, structural=True, metavar="I,J,...")
+    lora_ranks: tuple[int, ...] | None = setting(
+        None, "a heal model's LoRA rank per kept layer, in keep_layers' order (default: lora_rank for every one): "
+        "more where a cut hurts most at the same total; each layer's alpha keeps lora_alpha / lora_rank (a layer in "
+        "tune_layers ignores its entry)", low=1, high=1024, structural=True, metavar="R,R,...")
     halter: bool = setting(False, "a trained per-token halter for adaptive depth (added by `ouroboros train-halter`)",
                            structural=True, cli=False, sweep=False)
     max_depth: int = setting(64, "largest recurrence depth the model can run", low=1, high=MAX_DEPTH, structural=True)
@@ -140,6 +149,13 @@ class OuroborosConfig:
         if not self.heal_layers and self.loop_start == "rezero" and self.gate:
             raise ValueError("loop_start rezero scales each later step's update itself (a_s, zero at init) in place "
                              "of the recurrence gate: it needs the gate off (gate false: --no-gate, --model.gate false)")
+        if self.tune_layers is not None:
+            self._check_tune_layers()
+        if self.lora_ranks is not None and (not self.heal_layers or self.keep_layers is None
+                                            or len(self.lora_ranks) != len(self.keep_layers)):
+            raise ValueError("lora_ranks gives a heal model's kept layers one LoRA rank each: it needs heal_layers 1, "
+                             f"keep_layers, and as many ranks as kept layers; got {len(self.lora_ranks)} rank(s) for "
+                             f"{'no keep_layers' if self.keep_layers is None else len(self.keep_layers)}")
         if self.recurrent_lora_steps > self.max_depth:
             raise ValueError(f"recurrent_lora_steps must be in [1, max_depth={self.max_depth}] (one set per step at "
                              f"most); got {self.recurrent_lora_steps}")
@@ -186,6 +202,36 @@ class OuroborosConfig:
         self.n_prelude = sum(i < block[0] for i in keep)
         self.n_coda = sum(i > block[-1] for i in keep)
 
+    def _check_tune_layers(self) -> None:
+        tune = self.tune_layers
+        if not self.heal_layers or self.keep_layers is None:
+            raise ValueError("tune_layers trains kept layers of a heal model in full: it needs heal_layers 1 and "
+                             "keep_layers (the layers it names are base indices among the kept ones)")
+        if any(b <= a for a, b in zip(tune, tune[1:])):
+            raise ValueError(f"tune_layers must be sorted and without duplicates; got {','.join(map(str, tune))}")
+        if missing := [i for i in tune if i not in self.keep_layers]:
+            raise ValueError(f"tune_layers must name kept layers (keep_layers); {','.join(map(str, missing))} "
+                             f"{'is' if len(missing) == 1 else 'are'} not kept")
+
+    def tuned_positions(self) -> dict[str, list[int]]:
+        """Where the tuned layers sit in a heal model: indices within the prelude and the coda, and
+        "block" [0] when it is the recurrent (middle) layer."""
+        out = {"prelude": [], "block": [], "coda": []}
+        if not self.tune_layers:
+            return out
+        for i, k in enumerate(self.keep_layers):
+            if k in self.tune_layers:
+                part, j = (("prelude", i) if i < self.n_prelude else ("block", 0) if i == self.n_prelude
+                           else ("coda", i - self.n_prelude - 1))
+                out[part].append(j)
+        return out
+
+    def lora_rank_of(self, part: str, i: int = 0) -> int:
+        """The LoRA rank of a heal model's prelude / coda layer i, or of its middle layer ("block")."""
+        if self.lora_ranks is None:
+            return self.lora_rank
+        return self.lora_ranks[{"prelude": i, "block": self.n_prelude, "coda": self.n_prelude + 1 + i}[part]]
+
     def split_text(self) -> str:
         """The layer split in words, for messages: the counts, or the kept layers when they are listed."""
         if self.keep_layers is not None:
@@ -208,14 +254,16 @@ class OuroborosConfig:
         if not self.lora_rank:
             return {"prelude": [], "coda": []}
         if self.heal_layers:
-            return {"prelude": list(range(self.n_prelude + self.heal_layers - 1)), "coda": list(range(self.n_coda))}
+            tuned = self.tuned_positions()
+            return {"prelude": [i for i in range(self.n_prelude + self.heal_layers - 1) if i not in tuned["prelude"]],
+                    "coda": [i for i in range(self.n_coda) if i not in tuned["coda"]]}
         return {"prelude": list(range(self.n_prelude - self.prelude_lora_layers, self.n_prelude)),
                 "coda": list(range(self.n_coda))}
 
     @property
     def lora_on_recurrent_layer(self) -> bool:
-        """Whether the recurrent layer (a heal model's last middle layer) carries plain LoRA."""
-        return bool(self.lora_rank and (self.recurrent_lora or self.heal_layers))
+        """Whether the recurrent layer (a heal model's last middle layer, unless tuned in full) carries plain LoRA."""
+        return bool(self.lora_rank and (self.recurrent_lora or self.heal_layers) and not self.tuned_positions()["block"])
 
     @property
     def adapts_outer_layers(self) -> bool:

@@ -27,6 +27,7 @@ from .policy import RecursionPolicy
 from .readout import StepReadout
 from .recurrence import NO_TRAINING, RecurrentBlock, StepTraining
 from .surgery import check_architecture, kept_fingerprints, split_layers
+from .tuning import attach_deltas, tuned_parameter_count
 
 
 @dataclass(init=False, eq=False)
@@ -109,6 +110,14 @@ class OuroborosModel(nn.Module):
                                             base.config.hidden_size, (policy or RecursionPolicy()).check(config.max_depth))
         self.recurrent.to(w.device)
         inject_lora(self)  # plain LoRA (PEFT) on the outer / recurrent layers, if configured
+        for layer in self.tuned_layers():  # a heal model's layers trained in full (`tune_layers`)
+            attach_deltas(layer)
+
+    def tuned_layers(self) -> list[nn.Module]:
+        """The layers `tune_layers` trains in full, in the order they run."""
+        pos = self.config.tuned_positions()
+        return ([self.prelude[i] for i in pos["prelude"]] + [self.recurrent.layer for _ in pos["block"]]
+                + [self.coda[i] for i in pos["coda"]])
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -126,7 +135,8 @@ class OuroborosModel(nn.Module):
         config.validate(num_layers=len(base.model.layers))
         (policy or RecursionPolicy()).check(config.max_depth)
         check_trainable_size(config, base.config.hidden_size, base.model.embed_tokens.weight.device,
-                             extra=adaptation_parameter_count(config, base.model.layers[0], base.config.hidden_size))
+                             extra=adaptation_parameter_count(config, base.model.layers[0], base.config.hidden_size)
+                             + tuned_parameter_count(base.model.layers[0], len(config.tune_layers or ())))
         fingerprints = kept_fingerprints(base, config)  # before surgery: identifies the base in adapters
         full_config = copy.deepcopy(base.config)
         prelude, recurrent, coda, bases = split_layers(base, config, compute_bases)
@@ -155,8 +165,9 @@ class OuroborosModel(nn.Module):
     def trainable_parameter_breakdown(self) -> dict[str, int]:
         outer = adapted_parameters(self)
         if self.config.heal_layers:
-            n = sum(p.numel() for p in outer.values())
-            return {"lora": n, "total": n}
+            lora = sum(p.numel() for n, p in outer.items() if ".lora_" in n)
+            tuned = sum(p.numel() for n, p in outer.items() if ".lora_" not in n)
+            return {"lora": lora, **({"tuned_layers": tuned} if tuned else {}), "total": lora + tuned}
         out = {name: sum(p.numel() for p in m.parameters()) for name, m in self.recurrent.trainable_parts().items()}
         if self.config.lora_rank:
             out["outer_lora"] = sum(p.numel() for n, p in outer.items() if ".lora_" in n and not n.startswith("recurrent."))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .projections import MODULE_NAMES, ProjectionSlice, projection_linears
+from .tuning import deltas_disabled, tuned_parameters
 
 LORA_MODULES = MODULE_NAMES  # q_proj, ..., down_proj, and Phi-3's fused qkv_proj, gate_up_proj
 
@@ -51,8 +52,11 @@ def inject_lora(model) -> None:
                             "recurrent": nn.ModuleDict({"layer": model.recurrent.layer,
                                                         "tail_layers": model.recurrent.tail_layers})})
     def lora_config(target_modules: str) -> LoraConfig:
+        ranks = layer_rank_pattern(config)
+        scale = config.lora_alpha / config.lora_rank
         return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                          target_modules=target_modules, bias="none")
+                          target_modules=target_modules, bias="none", rank_pattern=ranks,
+                          alpha_pattern={k: r * scale for k, r in ranks.items()})
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed + 1)  # LoRA's A draws, reproducible and apart from the global RNG
@@ -76,6 +80,19 @@ def inject_lora(model) -> None:
         if "lora_" in name:
             p.data = p.data.float()
             p.requires_grad_(True)
+
+
+def layer_rank_pattern(config) -> dict[str, int]:
+    """PEFT's `rank_pattern` for a heal model's per-layer ranks (`lora_ranks`): a pattern naming each kept layer's
+    projections whose rank differs from lora_rank, and its rank ({} when they all have it)."""
+    if config.lora_ranks is None:
+        return {}
+    layers = config.lora_layers()
+    where = [(f"prelude\\.{i}", config.lora_rank_of("prelude", i)) for i in layers["prelude"]]
+    where += [(f"coda\\.{i}", config.lora_rank_of("coda", i)) for i in layers["coda"]]
+    if config.lora_on_recurrent_layer:
+        where.append(("recurrent\\.layer", config.lora_rank_of("block")))
+    return {f"{name}\\.(self_attn|mlp)\\.({'|'.join(LORA_MODULES)})": r for name, r in where if r != config.lora_rank}
 
 
 def step_adapter(i: int) -> str:
@@ -112,9 +129,11 @@ def step_adapter_projection(adapter: str):
 
 
 def adapted_parameters(model) -> dict[str, nn.Parameter]:
-    """Every trainable parameter outside the recurrent block's own parts, by name: the PEFT LoRA."""
+    """Every trainable parameter outside the recurrent block's own parts, by name: the PEFT LoRA, and a heal
+    model's tuned layers' deltas (`tuning`)."""
     params = dict(model.named_parameters())
-    return {n: p for n, p in params.items() if ".lora_" in n and n.split(".")[0] in ("prelude", "coda", "recurrent")}
+    lora = {n: p for n, p in params.items() if ".lora_" in n and n.split(".")[0] in ("prelude", "coda", "recurrent")}
+    return {**lora, **tuned_parameters(model)}
 
 
 def lora_layers_of(model) -> list[nn.Module]:
@@ -127,13 +146,14 @@ def lora_layers_of(model) -> list[nn.Module]:
 @contextlib.contextmanager
 def adaptation_disabled(model):
     """The outer layers as the base has them, for the duration: PEFT's LoRA switched off
-    (`enable_adapters`, trainable flags kept as they were)."""
+    (`enable_adapters`, trainable flags kept as they were), and the tuned layers' deltas."""
     lora = lora_layers_of(model) if model.config.lora_rank else []
     flags = {p: p.requires_grad for m in lora for p in m.parameters()}
     try:
         for m in lora:
             m.enable_adapters(False)
-        yield
+        with deltas_disabled(model):
+            yield
     finally:
         for m in lora:
             m.enable_adapters(True)
@@ -145,10 +165,12 @@ def adaptation_parameter_count(config, layer: nn.Module, hidden_size: int) -> in
     """Parameters the outer-layer adaptation adds, from the settings and one layer's shapes."""
     n = 0
     if config.lora_rank:
-        per_layer = sum(config.lora_rank * (lin.in_features + lin.out_features)
-                        for lin in projection_linears(layer))
-        recurrent = config.block_layers * config.recurrent_lora_steps if config.lora_on_recurrent_layer else 0
-        n += per_layer * (sum(len(v) for v in config.lora_layers().values()) + recurrent)
+        per_rank = sum(lin.in_features + lin.out_features for lin in projection_linears(layer))
+        layers = config.lora_layers()
+        ranks = [config.lora_rank_of(part, i) for part in ("prelude", "coda") for i in layers[part]]
+        if config.lora_on_recurrent_layer:
+            ranks += [config.lora_rank_of("block")] * (config.block_layers * config.recurrent_lora_steps)
+        n += per_rank * sum(ranks)
     return n
 
 

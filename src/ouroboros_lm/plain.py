@@ -28,6 +28,7 @@ from torch import nn
 
 from .families import step_norm_names
 from .peft_lora import step_adapter
+from .tuning import bake
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -35,13 +36,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass(frozen=True)
 class PlainLayer:
     """One layer of the plain stack: the base layer it comes from (`index`), the module holding its
-    weights (with PEFT LoRA if adapted), the LoRA set merged into it (None: none), and the recurrence
-    step whose per-step norms it takes (None: its own)."""
+    weights (with PEFT LoRA if adapted), the LoRA set merged into it (None: none), the recurrence
+    step whose per-step norms it takes (None: its own), and whether a tuned layer's deltas are added
+    (False: the base's weights, the pruned baseline)."""
 
     index: int
     module: nn.Module
     lora: str | None
     step: int | None
+    deltas: bool = True
 
 
 def plain_obstacles(cfg, policy, depth: int | None, baseline: bool = False) -> list[str]:
@@ -98,7 +101,9 @@ def plain_layout(model, depth: int | None = None, baseline: bool = False) -> lis
         mods = list(model.prelude) + [model.recurrent.layer] + list(model.coda)
         n_pre = len(model.prelude)
         parts = [("prelude", i) for i in range(n_pre)] + [("block", 0)] + [("coda", i) for i in range(len(model.coda))]
-        return [PlainLayer(k, m, None if baseline else ("default" if part == "block" else outer(part, i)), None)
+        block_lora = "default" if cfg.lora_on_recurrent_layer else None  # None: tuned in full (`tune_layers`)
+        return [PlainLayer(k, m, None if baseline else (block_lora if part == "block" else outer(part, i)), None,
+                           deltas=not baseline)
                 for k, m, (part, i) in zip(kept, mods, parts)]
     prelude = [PlainLayer(k, m, outer("prelude", i), None)
                for i, (k, m) in enumerate(zip(cfg.prelude_layers(L), model.prelude))]
@@ -118,10 +123,12 @@ def plain_layout(model, depth: int | None = None, baseline: bool = False) -> lis
 
 def merged_layer(entry: PlainLayer, model, block_position: int) -> dict[str, torch.Tensor]:
     """The state dict of one plain layer, in float64: a copy of its module with its LoRA set merged
-    (PEFT's `merge`) and the PEFT wrappers gone, and its step's norms in place of its own."""
+    (PEFT's `merge`) and the PEFT wrappers gone, a tuned layer's deltas added to its weights, and its step's
+    norms in place of its own."""
     from peft.tuners.lora import LoraLayer
 
     layer = copy.deepcopy(entry.module).double()
+    bake(layer, entry.deltas)  # a tuned layer's W + delta (`tune_layers`), in float64; W alone for the baseline
     if entry.lora is not None:
         for m in layer.modules():
             if isinstance(m, LoraLayer) and entry.lora in m.lora_A:

@@ -31,6 +31,7 @@ from .runtime import PRECISIONS, choose_runtime, release_accelerator_state
 from .schedules import DEPTH_SCHEDULES, lr_lambda, readout_steps, step_depth
 from .settings import setting, structural_fields, to_dict, validate_fields
 from .teacher import check_teacher, teacher_targets
+from .tuning import tuned_parameters
 
 BIG = 10**9
 TRACKERS = ("none", "tensorboard", "wandb")
@@ -50,6 +51,9 @@ class TrainConfig:
     batch_size: int = setting(4, "blocks per micro-batch, per process", low=1, high=65536, structural=True)
     grad_accum: int = setting(1, "micro-batches per optimizer step", low=1, high=65536, structural=True)
     lr: float = setting(3e-4, "peak learning rate (AdamW)", above=0, high=10.0, structural=True)
+    tune_lr: float = setting(1e-4, "peak learning rate of the layers a heal model trains in full (tune_layers): full "
+                             "weights want far less than LoRA's; the same warmup and decay", above=0, high=10.0,
+                             structural=True)
     min_lr: float = setting(1e-6, "learning rate at the end of the cosine", low=0, high=10.0, structural=True)
     beta1: float = setting(0.9, "AdamW beta1", low=0, high=0.999999, structural=True)
     beta2: float = setting(0.95, "AdamW beta2", low=0, high=0.999999, structural=True)
@@ -230,7 +234,11 @@ class Trainer:
         policy = self.model.policy
         self.model.policy = policy.replace(trained_depth=tc.param_steps or max(policy.trained_depth, max(tc.depths)))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+        tuned = {id(p) for p in tuned_parameters(self.model).values()}
+        groups = [{"params": [p for p in self.params if id(p) not in tuned], "lr": tc.lr},
+                  {"params": [p for p in self.params if id(p) in tuned], "lr": tc.tune_lr}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                           weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))
         if acc.is_main_process:
             remove_partial_checkpoints(self.run_dir)
