@@ -107,7 +107,8 @@ def test_the_adapter_fixes_exactly_the_structural_fields():
     assert set(STRUCTURAL) == {"n_prelude", "recurrent_layer", "n_coda", "rank", "alpha", "variant", "gate",
                                "step_norm", "pooling", "style_dim", "controller_hidden", "max_depth", "halter",
                                "lora_rank", "lora_alpha", "prelude_lora_layers", "recurrent_lora", "recurrent_lora_steps",
-                               "heal_layers", "injection", "state_scale", "block_layers", "keep_layers", "loop_start"}
+                               "heal_layers", "injection", "state_scale", "block_layers", "keep_layers", "loop_start",
+                               "tune_layers", "lora_ranks"}
 
 
 def older_adapter(tmp_path, edit):

@@ -149,13 +149,7 @@ class OuroborosConfig:
         if not self.heal_layers and self.loop_start == "rezero" and self.gate:
             raise ValueError("loop_start rezero scales each later step's update itself (a_s, zero at init) in place "
                              "of the recurrence gate: it needs the gate off (gate false: --no-gate, --model.gate false)")
-        if self.tune_layers is not None:
-            self._check_tune_layers()
-        if self.lora_ranks is not None and (not self.heal_layers or self.keep_layers is None
-                                            or len(self.lora_ranks) != len(self.keep_layers)):
-            raise ValueError("lora_ranks gives a heal model's kept layers one LoRA rank each: it needs heal_layers 1, "
-                             f"keep_layers, and as many ranks as kept layers; got {len(self.lora_ranks)} rank(s) for "
-                             f"{'no keep_layers' if self.keep_layers is None else len(self.keep_layers)}")
+        self._check_heal_levers()
         if self.recurrent_lora_steps > self.max_depth:
             raise ValueError(f"recurrent_lora_steps must be in [1, max_depth={self.max_depth}] (one set per step at "
                              f"most); got {self.recurrent_lora_steps}")
@@ -202,8 +196,16 @@ class OuroborosConfig:
         self.n_prelude = sum(i < block[0] for i in keep)
         self.n_coda = sum(i > block[-1] for i in keep)
 
-    def _check_tune_layers(self) -> None:
+    def _check_heal_levers(self) -> None:
+        """tune_layers and lora_ranks: a heal model's kept layers, named or counted right."""
+        if self.lora_ranks is not None and (not self.heal_layers or self.keep_layers is None
+                                            or len(self.lora_ranks) != len(self.keep_layers)):
+            raise ValueError("lora_ranks gives a heal model's kept layers one LoRA rank each: it needs heal_layers 1, "
+                             f"keep_layers, and as many ranks as kept layers; got {len(self.lora_ranks)} rank(s) for "
+                             f"{'no keep_layers' if self.keep_layers is None else len(self.keep_layers)}")
         tune = self.tune_layers
+        if tune is None:
+            return
         if not self.heal_layers or self.keep_layers is None:
             raise ValueError("tune_layers trains kept layers of a heal model in full: it needs heal_layers 1 and "
                              "keep_layers (the layers it names are base indices among the kept ones)")
