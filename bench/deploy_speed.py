@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
-
 from ouroboros_lm.atomic import ensure_dir, write_json, write_text
 from ouroboros_lm.export import convert_to_gguf, export_gguf, export_plain, find_converter
 from ouroboros_lm.loading import cache_dir, load_tokenizer, resolve_source
-from ouroboros_lm.speed import (LlamaCppRunner, TransformersRunner, disk_bytes, measure, peak_memory, round_ratio,
-                                weights_per_token)
+from ouroboros_recipes.deploy import measure_folders
 
 
 def prompt_ids(tok, n: int) -> list[int]:
@@ -43,10 +39,10 @@ def gguf_of_base(folder: str, out: Path, outtype: str) -> Path:
 def table(results: dict) -> str:
     lines = ["| model | runtime | layers | on disk | peak memory | prompt tok/s | decode tok/s | prompt vs full | "
              "decode vs full | ideal | of ideal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results.values():
-        peak = f"{r['peak_rss'] / 2**20:.0f} MiB" if r.get("peak_rss") else ""
-        lines.append(f"| {r['name']} | {r['runtime']} | {r['layers']} | {r['disk'] / 2**20:.0f} MiB | {peak} | "
-                     f"{r['prompt']:.0f} | {r['decode']:.1f} | {r['prompt_x']:.2f}x | {r['decode_x']:.2f}x | "
+    for name, r in results.items():
+        peak = f"{r['peak_rss_bytes'] / 2**20:.0f} MiB" if r.get("peak_rss_bytes") else ""
+        lines.append(f"| {name} | {r['runtime']} | {r['layers']} | {r['disk_bytes'] / 2**20:.0f} MiB | {peak} | "
+                     f"{r['prompt_tps']:.0f} | {r['decode_tps']:.1f} | {r['prompt_x']:.2f}x | {r['decode_x']:.2f}x | "
                      f"{r['ideal_x']:.2f}x | {100 * r['decode_x'] / r['ideal_x']:.0f}% |")
     return "\n".join(lines)
 
@@ -71,7 +67,6 @@ def main() -> None:
         folders[name] = str(out / f"{name}-plain")
         if not (Path(folders[name]) / "config.json").is_file():
             export_plain(adapter, folders[name])
-    runners = {name: TransformersRunner(folder) for name, folder in folders.items()}
     llama = importlib.util.find_spec("llama_cpp") is not None
     ggufs = {}
     if llama:
@@ -82,34 +77,17 @@ def main() -> None:
                 path = out / f"{Path(adapter).name}-{args.outtype}.gguf"
                 if not path.is_file():
                     export_gguf(adapter, path, outtype=args.outtype)
-                ggufs[Path(adapter).name] = path
+                ggufs[Path(adapter).name] = str(path)
         except ValueError as e:
             print(f"llama.cpp skipped: {e}")
-    print(f"measuring {len(runners) + len(ggufs)} models, {args.rounds} interleaved rounds of a {len(ids)}-token "
+    print(f"measuring {len(folders) + len(ggufs)} models, {args.rounds} interleaved rounds of a {len(ids)}-token "
           f"prompt and {args.new_tokens} decoded tokens, {torch.get_num_threads()} threads; each runtime on its own")
-    speeds = measure(runners, ids, args.new_tokens, args.rounds)  # stock transformers
-    del runners
-    gguf_runners = {}
-    if ggufs:  # then llama.cpp (its thread pool and torch's slow each other down when interleaved)
-        gguf_runners = {f"{name} (gguf)": LlamaCppRunner(path) for name, path in ggufs.items()}
-        speeds.update(measure(gguf_runners, ids, args.new_tokens, args.rounds))
-        for r in gguf_runners.values():
-            r.close()
-    configs = {name: AutoConfig.from_pretrained(folder) for name, folder in folders.items()}
-    results = {}
-    for name, s in speeds.items():
-        base_name = name.removesuffix(" (gguf)")
-        config = configs[base_name]
-        path = ggufs[base_name] if name.endswith("(gguf)") else Path(folders[base_name])
-        ref = speeds["full (gguf)" if name.endswith("(gguf)") else "full"]
-        results[name] = {"name": name, "runtime": s.runtime, "layers": config.num_hidden_layers,
-                         "disk": disk_bytes(path), "prompt": s.prompt, "decode": s.decode,
-                         "prompt_rounds": s.prompt_tps, "decode_rounds": s.decode_tps,
-                         "weights_per_token": weights_per_token(config),
-                         "decode_x": round_ratio(s, ref), "prompt_x": round_ratio(s, ref, "prompt"),
-                         "ideal_x": weights_per_token(configs["full"]) / weights_per_token(config)}
-        if not args.no_peak:
-            results[name]["peak_rss"] = peak_memory(s.runtime, path, ids, args.new_tokens)
+    # each runtime on its own: llama.cpp's thread pool and torch's slow each other down when interleaved
+    results = measure_folders(folders, ids, args.new_tokens, args.rounds, peak=not args.no_peak)
+    if ggufs:
+        gguf_rows = measure_folders(ggufs, ids, args.new_tokens, args.rounds, peak=not args.no_peak,
+                                    runtime="llama.cpp", configs=folders)
+        results.update({f"{name} (gguf)": row for name, row in gguf_rows.items()})
     md = table(results)
     print(md)
     write_json(out / "deploy_speed.json", {"settings": vars(args), "threads": torch.get_num_threads(),

@@ -80,3 +80,19 @@ def test_gguf_decodes_the_same_tokens_with_the_logits_of_transformers(exported, 
         tol = 4 * torch.finfo(torch.float16).eps * (1 + want.abs().max().item())
         torch.testing.assert_close(got, want, atol=tol, rtol=0)
         assert ggufs["f16"].stat().st_size < 0.6 * ggufs["f32"].stat().st_size
+
+
+def test_gguf_files_are_measured_with_the_layers_of_their_plain_folders(exported):
+    """bench/deploy_speed.py's llama.cpp rows: the same measurement as the transformers rows, each GGUF's layers
+    read from its plain folder, its size the file's."""
+    from ouroboros_recipes.deploy import measure_folders
+
+    plain, ggufs = exported
+    ids = load_tokenizer("smollm2-135m")(PROMPT).input_ids
+    rows = measure_folders({"full": str(ggufs["f32"]), "f16": str(ggufs["f16"])}, ids, 4, 1, runtime="llama.cpp",
+                           configs={"full": str(plain), "f16": str(plain)})
+    for name, path in (("full", ggufs["f32"]), ("f16", ggufs["f16"])):
+        r = rows[name]
+        assert r["runtime"] == "llama.cpp" and r["class"] == "GGUF" and r["layers"] == 18
+        assert r["disk_bytes"] == path.stat().st_size and r["decode_tps"] > 0 and r["ideal_x"] == 1.0
+    assert rows["full"]["decode_x"] == 1.0 and 0.45 < rows["f16"]["size_x"] < 0.55

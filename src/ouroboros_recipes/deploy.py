@@ -9,7 +9,8 @@ from pathlib import Path
 from ouroboros_lm.evaluate import gap_recovered
 from ouroboros_lm.export import write_plain
 from ouroboros_lm.loading import resolve_source
-from ouroboros_lm.speed import TransformersRunner, disk_bytes, measure, peak_memory, round_ratio, weights_per_token
+from ouroboros_lm.speed import (LlamaCppRunner, TransformersRunner, disk_bytes, measure, peak_memory, round_ratio,
+                                weights_per_token)
 
 PLAIN_FOLDER = "plain-{n}-layers"  # beside the demo's adapters: `PLAIN_FOLDER.format(n=kept layers)`
 
@@ -19,25 +20,37 @@ def prompt_of(corpus, n: int) -> list[int]:
     return [int(t) for t in corpus.heldout[:1][0, :n]]
 
 
-def measure_folders(paths: dict[str, str], ids: list[int], new_tokens: int, rounds: int,
-                    peak: bool = False) -> dict[str, dict]:
-    """{name: row} for plain model folders `paths` (one named "full", the reference) measured together in stock
-    transformers (`speed.measure`, interleaved rounds): tokens/s, bytes, weights per token, and against the full
-    model: decode_x and prompt_x (`speed.round_ratio`), ideal_x (weights per token), size_x (bytes on disk) and,
-    with `peak` (a fresh process each), peak_x."""
-    runners = {name: TransformersRunner(p) for name, p in paths.items()}
+def measure_folders(paths: dict[str, str], ids: list[int], new_tokens: int, rounds: int, peak: bool = False,
+                    runtime: str = "transformers", configs: dict[str, str] | None = None) -> dict[str, dict]:
+    """{name: row} for models `paths` (one named "full", the reference) measured together in one runtime, in
+    interleaved rounds (`speed.measure`): plain model folders in stock transformers, or (runtime "llama.cpp") GGUF
+    files, each with its plain folder in `configs` (where its layers are read). A row: tokens/s, bytes on disk,
+    weights per token, and against the full model: decode_x and prompt_x (`speed.round_ratio`), ideal_x (weights
+    per token), size_x (bytes on disk) and, with `peak` (a fresh process each), peak_x."""
+    from transformers import AutoConfig
+
+    if runtime == "llama.cpp":
+        runners = {name: LlamaCppRunner(p) for name, p in paths.items()}
+        config_of = {name: AutoConfig.from_pretrained((configs or {})[name]) for name in paths}
+    else:
+        runners = {name: TransformersRunner(p) for name, p in paths.items()}
+        config_of = {name: r.config for name, r in runners.items()}
     speeds = measure(runners, ids, new_tokens, rounds)
     rows = {}
     for name, s in speeds.items():
-        config = runners[name].config
-        rows[name] = {"layers": config.num_hidden_layers, "decode_tps": s.decode, "prompt_tps": s.prompt,
-                      "decode_rounds": s.decode_tps, "prompt_rounds": s.prompt_tps,
+        config = config_of[name]
+        model = getattr(runners[name], "model", None)
+        rows[name] = {"runtime": s.runtime, "layers": config.num_hidden_layers, "decode_tps": s.decode,
+                      "prompt_tps": s.prompt, "decode_rounds": s.decode_tps, "prompt_rounds": s.prompt_tps,
                       "disk_bytes": disk_bytes(Path(paths[name])), "weight_bytes": s.weight_bytes,
                       "weights_per_token": weights_per_token(config), "folder": str(paths[name]),
-                      "class": type(runners[name].model).__name__}
+                      "class": type(model).__name__ if model is not None else "GGUF"}
+    for r in runners.values():
+        if hasattr(r, "close"):
+            r.close()
     del runners
     for name in rows:
-        rows[name]["peak_rss_bytes"] = peak_memory("transformers", paths[name], ids, new_tokens) if peak else None
+        rows[name]["peak_rss_bytes"] = peak_memory(runtime, paths[name], ids, new_tokens) if peak else None
     f, full = rows["full"], speeds["full"]
     for name, r in rows.items():
         r["decode_x"], r["prompt_x"] = round_ratio(speeds[name], full), round_ratio(speeds[name], full, "prompt")
