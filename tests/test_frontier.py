@@ -155,3 +155,34 @@ def test_a_rerun_with_other_settings_is_refused(world, ouroboros, capsys, one_th
     assert "holds files and no frontier" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["mine.txt"]
 
+
+
+def test_tune_cuts_trains_the_layers_beside_each_cut_in_full(world, ouroboros, one_thread):
+    from ouroboros_lm.tuning import cut_neighbours
+
+    out = world["root"] / "tuned"
+    assert ouroboros(argv(world, out, "10", "--no-measure", "--tune", "cuts", "--tune-lr", "1e-3")) == 0
+    row = json.loads((out / "frontier.json").read_text())["rows"][0]
+    kept = set(row["layers"])
+    expected = [i for i in sorted(kept) if (i > 0 and i - 1 not in kept) or (i < 29 and i + 1 not in kept)]
+    assert row["tuned_layers"] == expected == list(cut_neighbours(row["layers"], 30)) and expected
+    run = out / "sweep" / "runs" / row["run"]
+    adapter = json.loads((run / "adapter_config.json").read_text())["ouroboros_config"]
+    assert list(adapter["tune_layers"]) == expected
+    result = json.loads((run / "result.json").read_text())
+    assert result["train_config"]["tune_lr"] == 1e-3
+    assert "trained in full (lr 0.001)" in (out / "frontier.md").read_text()
+
+
+def test_a_frontier_recorded_before_a_setting_existed_still_resumes(world, ouroboros, monkeypatch, one_thread):
+    """A training setting added later (tune_lr), at its default, is not 'other settings'; set otherwise, it is."""
+    import ouroboros_recipes.sweep
+
+    out = world["root"] / "older"
+    assert ouroboros(argv(world, out, "10", "--no-measure")) == 0
+    settings = json.loads((out / "frontier-settings.json").read_text())
+    del settings["train"]["tune_lr"], settings["num_layers"]  # as a frontier made before them recorded it
+    (out / "frontier-settings.json").write_text(json.dumps(settings))
+    monkeypatch.setattr(ouroboros_recipes.sweep, "train", lambda *a, **k: pytest.fail("trained again"))
+    assert ouroboros(argv(world, out, "10", "--no-measure")) == 0
+    assert ouroboros(argv(world, out, "10", "--no-measure", "--tune-lr", "5e-4")) == 2

@@ -196,3 +196,14 @@ def test_per_layer_ranks_with_tuned_layers_round_trip_and_export_plain(tmp_path,
     with torch.no_grad():
         assert_same_in_float64(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)(IDS).logits,
                                ref(IDS, use_cache=False).logits)
+
+
+def test_cut_neighbours_and_last_kept_name_the_layers_the_levers_train():
+    from ouroboros_lm.tuning import cut_neighbours, last_kept
+
+    keep = [0, 1, 2, 8, 9, 10, 11, 20, 21, 22, 23, 24, 27, 28, 29]  # configs/half-layers.yaml's 15 planned layers
+    assert cut_neighbours(keep, 30) == (2, 8, 11, 20, 24, 27)
+    assert cut_neighbours([3, 4, 5], 10) == (3, 5)  # the base's own ends are no cut; a kept layer 0 or L-1 is not
+    assert cut_neighbours([0, 1, 2, 3], 4) == ()  # nothing removed, nothing beside a cut
+    assert cut_neighbours([5], 10) == (5,)
+    assert last_kept(keep, 3) == (27, 28, 29) and last_kept([4, 1, 9], 2) == (4, 9) and last_kept(keep, 0) == ()

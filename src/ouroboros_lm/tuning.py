@@ -77,6 +77,19 @@ def bake(module: nn.Module, deltas: bool = True) -> nn.Module:
     return module
 
 
+def cut_neighbours(keep_layers, num_layers: int) -> tuple[int, ...]:
+    """The kept layers beside a cut: each kept layer whose neighbour in the base (the layer before it, or after it)
+    was removed. Keep 0-2, 8-11, 20-24, 27-29 of 30: layers 2, 8, 11, 20, 24 and 27."""
+    kept = set(keep_layers)
+    return tuple(i for i in sorted(kept)
+                 if (i > 0 and i - 1 not in kept) or (i + 1 < num_layers and i + 1 not in kept))
+
+
+def last_kept(keep_layers, n: int) -> tuple[int, ...]:
+    """The last `n` kept layers (the reverse-order pruning study's "last few layers")."""
+    return tuple(sorted(keep_layers)[-n:]) if n > 0 else ()
+
+
 def tuned_parameter_count(layer: nn.Module, n_layers: int) -> int:
     """Weights `n_layers` tuned layers shaped like `layer` train."""
     return n_layers * sum(p.numel() for p in layer.parameters())

@@ -44,6 +44,7 @@ PLAIN = "plain-{n}-layers"
 BUDGET = {"steps": 70, "batch_size": 4, "lr": 3e-3, "warmup_steps": 7, "log_every": 10, "eval_every": 100000,
           "eval_blocks": 4, "save_every": 100000, "checkpoint": "never", "seed": 0}
 DATA = {"seq_len": 256}
+TUNE_RULES = ("none", "cuts", "last")  # which kept layers a count trains in full (tuning.cut_neighbours, last_kept)
 # TrainConfig's fields that only a recursion reads (a heal model runs its layers once)
 RECURSION_ONLY = ("depths", "depth_schedule", "depth_mean", "param_steps", "backprop_steps", "step_loss_weight",
                   "step_loss_samples", "monotonic_weight", "report_to", "distill_source", "distill_top_k",
@@ -68,6 +69,8 @@ class FrontierConfig:
                                             "base's layers)", low=0, high=MAX_LAYERS, metavar="P,R,C")
     lora_rank: int = setting(12, "LoRA rank on every kept layer, the same for every count", low=1, high=4096)
     lora_scale: float = setting(2.0, "LoRA scale alpha / r, the same for every count", above=0, high=1e4)
+    tune: str = setting("none", "kept layers trained in full instead of through LoRA, at --tune-lr: none, cuts (the "
+                        "layers beside each removed span) or last (the last three kept layers)", choices=TUNE_RULES)
     eval_blocks: int = setting(16, "blocks evaluated per split (held out, each domain)", low=1, high=65536)
     eval_batch_size: int = setting(8, "evaluation batch size", low=1, high=4096)
     plan_blocks: int = setting(8, "calibration blocks of the plan made here (as many again score it)", low=1,
@@ -195,8 +198,12 @@ def preflight(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
                 "eval": {"blocks": fc.eval_blocks, "batch_size": fc.eval_batch_size},
                 "plan": None if plan is None else {"rule": plan["rule"], "ranking": plan.get("ranking"),
                                                      "keep_layers": plan["keep_layers"]}}
+    if fc.tune != "none":  # recorded only when used: a frontier made before the lever existed still resumes
+        settings["tune"] = fc.tune
+    settings["num_layers"] = L
     if earlier is not None:
-        mine = {k: v for k, v in settings.items() if k != "plan" or v is not None}
+        mine = {k: v for k, v in settings.items() if (k != "plan" or v is not None) and k != "num_layers"}
+        mine["train"] = since_defaults(mine["train"], earlier.get("train") or {})
         differ = first_difference(jsonable(mine), {k: v for k, v in earlier.items() if k in mine})
         if differ:
             raise ValueError(f"--out {out} holds a frontier made with other settings ({differ}); rerun it as it was, "
@@ -242,6 +249,13 @@ def check_spec(spec: dict, L: int) -> None:
         raise ValueError(f"the frontier's settings: {e}") from None
 
 
+def since_defaults(now: dict, then: dict) -> dict:
+    """`now`'s training settings less those added after `then` was recorded that sit at their defaults (a frontier
+    made before `tune_lr` existed resumes; one set otherwise is a difference)."""
+    defaults = to_dict(TrainConfig())
+    return {k: v for k, v in now.items() if k in then or k not in defaults or v != defaults[k]}
+
+
 def first_difference(now, then, path: str = "") -> str | None:
     """'train.steps: 2, now 3': the first setting that differs between two records (None if none)."""
     if isinstance(now, dict) and isinstance(then, dict):
@@ -262,9 +276,20 @@ def jsonable(v):
     return json.loads(json.dumps(v))
 
 
+def tuned_layers(rule: str | None, keep: list[int], num_layers: int) -> list[int]:
+    """The kept layers a count trains in full under `--tune` (none: [])."""
+    from ouroboros_lm.tuning import cut_neighbours, last_kept
+
+    if rule in (None, "none"):
+        return []
+    return list(cut_neighbours(keep, num_layers) if rule == "cuts" else last_kept(keep, 3))
+
+
 def sweep_spec(settings: dict, layers: dict[int, list[int]]) -> dict:
-    """The sweep this frontier is: one heal run per count on its layers, every run at one rank, scale and budget."""
+    """The sweep this frontier is: one heal run per count on its layers, every run at one rank, scale and budget
+    (and, with --tune, the count's layers beside its cuts or its last three trained in full)."""
     r = settings["lora_rank"]
+    tune = {n: tuned_layers(settings.get("tune"), layers[n], settings["num_layers"]) for n in layers}
     data = {k: v for k, v in settings["data"].items() if v is not None}
     if settings["domains"]:
         data["domains"] = {name: [folder] for name, folder in settings["domains"].items()}
@@ -274,7 +299,8 @@ def sweep_spec(settings: dict, layers: dict[int, list[int]]) -> dict:
                      "modulation_inputs": 1},
             "defaults": {"variant": "none"},
             "runs": [{"keep_layers": list(layers[n]), "heal_layers": 1, "lora_rank": r,
-                      "lora_alpha": float(r * settings["lora_scale"]), "depths": [1], "default_depth": 1}
+                      "lora_alpha": float(r * settings["lora_scale"]), "depths": [1], "default_depth": 1,
+                      **({"tune_layers": tune[n]} if tune[n] else {})}
                      for n in sorted(layers)]}
 
 
@@ -314,7 +340,8 @@ def run_frontier(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
     write_text(out / SPEC, "# written by `ouroboros frontier`: one heal run per layer count\n"
                + yaml.safe_dump(spec, sort_keys=False))
     print(f"[2/4] healing {len(counts)} counts ({', '.join(map(str, counts))} of {L} layers), LoRA r{fc.lora_rank} "
-          f"alpha/r {fc.lora_scale:g}, {tc.steps} steps of {tc.batch_size} blocks, lr {tc.lr:g}; gaps from the floor "
+          f"alpha/r {fc.lora_scale:g}{tune_words(settings, tc.tune_lr)}, {tc.steps} steps of {tc.batch_size} blocks, "
+          f"lr {tc.lr:g}; gaps from the floor "
           f"{settings['floor']['n_prelude']} + 1 + {settings['floor']['n_coda']}")
     sweep = run_sweep(out / SPEC, out=out / "sweep")
     runs = SweepSpec.load(out / SPEC).expand()
@@ -324,7 +351,7 @@ def run_frontier(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
     if fc.measure:
         print("[3/4] exporting each heal model plain and measuring it beside the full model")
         deploy = measure_counts(fc, data, tc, out, folders)
-    rows = frontier_rows(counts, layers, results, deploy)
+    rows = frontier_rows(counts, layers, results, deploy, settings)
     splits = list(next(iter(results.values()))["losses"])
     table = frontier_table(rows, splits, settings, deploy, L)
     summary = {"base": fc.base, "num_layers": L, "floor": settings["floor"], "splits": splits, "rows": rows,
@@ -381,7 +408,8 @@ def prompt_ids(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> list[in
     return prompt_of(corpus, fc.prompt_tokens)
 
 
-def frontier_rows(counts: list[int], layers: dict, results: dict, deploy: dict | None) -> list[dict]:
+def frontier_rows(counts: list[int], layers: dict, results: dict, deploy: dict | None,
+                  settings: dict) -> list[dict]:
     rows = []
     for n in counts:
         res = results[n]
@@ -389,6 +417,7 @@ def frontier_rows(counts: list[int], layers: dict, results: dict, deploy: dict |
         gaps = {split: gap_recovered(losses["heal"], ref[split]["baseline"], ref[split]["full"])
                 for split, losses in res["losses"].items()}
         row = {"keep": n, "layers": list(layers[n]), "gap_recovered": gaps,
+               "tuned_layers": tuned_layers(settings.get("tune"), layers[n], settings["num_layers"]),
                "loss": {split: losses["heal"] for split, losses in res["losses"].items()},
                "trained_weights": res["trainable_parameters"], "steps": res["steps"], "train_wall_s": res["wall_s"],
                "run": res["name"]}
@@ -396,6 +425,14 @@ def frontier_rows(counts: list[int], layers: dict, results: dict, deploy: dict |
             row["deploy"] = deploy["counts"][str(n)]
         rows.append(row)
     return rows
+
+
+def tune_words(settings: dict, tune_lr) -> str:
+    rule = settings.get("tune")
+    if rule in (None, "none"):
+        return ""
+    which = "the layers beside each cut" if rule == "cuts" else "the last three kept layers"
+    return f", {which} trained in full (lr {tune_lr:g})"
 
 
 def pct(v) -> str:
@@ -411,7 +448,7 @@ def frontier_table(rows: list[dict], splits: list[str], settings: dict, deploy: 
     lines = [f"Gap recovered from the untrained floor ({fl['n_prelude']} + 1 + {fl['n_coda']}: layers 0-"
              f"{fl['n_prelude'] - 1}, {fl['recurrent_layer']}, {L - fl['n_coda']}-{L - 1}) to the full model "
              f"({L} layers), per split; each count healed with LoRA r{settings['lora_rank']} (alpha/r "
-             f"{settings['lora_scale']:g}) for {settings['train']['steps']} steps of {settings['train']['batch_size']} "
+             f"{settings['lora_scale']:g}){tune_words(settings, settings['train'].get('tune_lr'))} for {settings['train']['steps']} steps of {settings['train']['batch_size']} "
              f"x {settings['data']['seq_len'] or 'default'} tokens, lr {settings['train']['lr']:g}.", ""]
     if deploy is not None:
         h = deploy["how"]
