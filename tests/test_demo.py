@@ -14,7 +14,7 @@ def test_the_shipped_config_keeps_every_setting_the_demo_had():
     m, tc, ev = run.model, run.train, run.eval
     assert (m.n_prelude, m.recurrent_layer, m.block_layers, m.n_coda, m.variant, m.lora_rank, m.prelude_lora_layers,
             m.recurrent_lora, m.injection, m.max_depth, m.init_seed) == (7, 15, 2, 7, "none", 7, 7, True, "linear", 8, 0)
-    assert (m.loop_start, m.gate, m.gate_bias) == ("stack", True, -2.0)  # issue #44: the loop starts at its stack
+    assert (m.loop_start, m.gate) == ("rezero", False)  # issue #44: the loop starts at its stack, later steps a_s = 0
     assert run.policy == RecursionPolicy(default_depth=2, step_damping=0.5)
     assert (tc.steps, tc.batch_size, tc.lr, tc.warmup_steps, tc.time_budget, tc.depths, tc.depth_schedule,
             tc.param_steps, tc.backprop_steps, tc.distill_weight, tc.seed) == (
