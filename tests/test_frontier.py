@@ -174,15 +174,35 @@ def test_tune_cuts_trains_the_layers_beside_each_cut_in_full(world, ouroboros, o
     assert "trained in full (lr 0.001)" in (out / "frontier.md").read_text()
 
 
-def test_a_frontier_recorded_before_a_setting_existed_still_resumes(world, ouroboros, monkeypatch, one_thread):
-    """A training setting added later (tune_lr), at its default, is not 'other settings'; set otherwise, it is."""
+def test_a_frontier_recorded_before_a_setting_existed_still_resumes(world, ouroboros, capsys, monkeypatch,
+                                                                    one_thread):
+    """A training setting the record lacks (tune_lr), at its default, is no difference; set otherwise, it is. A
+    frontier recorded before --tune existed trained LoRA alone: it resumes with --tune none and the default (cuts) is
+    refused, naming the setting."""
     import ouroboros_recipes.sweep
 
     out = world["root"] / "older"
-    assert ouroboros(argv(world, out, "10", "--no-measure")) == 0
+    assert ouroboros(argv(world, out, "10", "--no-measure")) == 0  # --tune cuts, the default
     settings = json.loads((out / "frontier-settings.json").read_text())
-    del settings["train"]["tune_lr"], settings["num_layers"]  # as a frontier made before them recorded it
+    assert settings["tune"] == "cuts" and settings["train"]["tune_lr"] == 3e-3
+    del settings["train"]["tune_lr"], settings["num_layers"]
     (out / "frontier-settings.json").write_text(json.dumps(settings))
     monkeypatch.setattr(ouroboros_recipes.sweep, "train", lambda *a, **k: pytest.fail("trained again"))
     assert ouroboros(argv(world, out, "10", "--no-measure")) == 0
+    capsys.readouterr()
     assert ouroboros(argv(world, out, "10", "--no-measure", "--tune-lr", "5e-4")) == 2
+    assert "tune_lr" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    lora = world["root"] / "older-lora"
+    assert ouroboros(argv(world, lora, "10", "--no-measure", "--tune", "none")) == 0
+    settings = json.loads((lora / "frontier-settings.json").read_text())
+    assert "tune_lr" not in settings["train"]  # nothing trained in full: no learning rate of its own
+    del settings["tune"], settings["num_layers"]
+    (lora / "frontier-settings.json").write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert ouroboros(argv(world, lora, "10", "--no-measure")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "tune: 'none', now 'cuts'" in err
+    monkeypatch.setattr(ouroboros_recipes.sweep, "train", lambda *a, **k: pytest.fail("trained again"))
+    assert ouroboros(argv(world, lora, "10", "--no-measure", "--tune", "none")) == 0

@@ -41,8 +41,8 @@ SPEC = "spec.yaml"
 SPEED = "speed.json"
 PLAIN = "plain-{n}-layers"
 # The budget by default: the demo's (70 steps of 4 x 256 tokens, lr 3e-3, warmup 7), without mid-run evaluation
-BUDGET = {"steps": 70, "batch_size": 4, "lr": 3e-3, "warmup_steps": 7, "log_every": 10, "eval_every": 100000,
-          "eval_blocks": 4, "save_every": 100000, "checkpoint": "never", "seed": 0}
+BUDGET = {"steps": 70, "batch_size": 4, "lr": 3e-3, "tune_lr": 3e-3, "warmup_steps": 7, "log_every": 10,
+          "eval_every": 100000, "eval_blocks": 4, "save_every": 100000, "checkpoint": "never", "seed": 0}
 DATA = {"seq_len": 256}
 TUNE_RULES = ("none", "cuts", "last")  # which kept layers a count trains in full (tuning.cut_neighbours, last_kept)
 # TrainConfig's fields that only a recursion reads (a heal model runs its layers once)
@@ -69,8 +69,10 @@ class FrontierConfig:
                                             "base's layers)", low=0, high=MAX_LAYERS, metavar="P,R,C")
     lora_rank: int = setting(12, "LoRA rank on every kept layer, the same for every count", low=1, high=4096)
     lora_scale: float = setting(2.0, "LoRA scale alpha / r, the same for every count", above=0, high=1e4)
-    tune: str = setting("none", "kept layers trained in full instead of through LoRA, at --tune-lr: none, cuts (the "
-                        "layers beside each removed span) or last (the last three kept layers)", choices=TUNE_RULES)
+    tune: str = setting("cuts", "kept layers trained in full instead of through LoRA, at --tune-lr: cuts (the layers "
+                        "beside each removed span; configs/half-layers.yaml: +3.5 points held out at 15 of 30 layers, "
+                        "level elsewhere), last (the last three kept layers) or none (LoRA on every kept layer)",
+                        choices=TUNE_RULES)
     eval_blocks: int = setting(16, "blocks evaluated per split (held out, each domain)", low=1, high=65536)
     eval_batch_size: int = setting(8, "evaluation batch size", low=1, high=4096)
     plan_blocks: int = setting(8, "calibration blocks of the plan made here (as many again score it)", low=1,
@@ -198,10 +200,12 @@ def preflight(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
                 "eval": {"blocks": fc.eval_blocks, "batch_size": fc.eval_batch_size},
                 "plan": None if plan is None else {"rule": plan["rule"], "ranking": plan.get("ranking"),
                                                      "keep_layers": plan["keep_layers"]}}
-    if fc.tune != "none":  # recorded only when used: a frontier made before the lever existed still resumes
-        settings["tune"] = fc.tune
+    settings["tune"] = fc.tune
+    if fc.tune == "none":
+        settings["train"].pop("tune_lr", None)  # no layer is trained in full: its learning rate is no setting
     settings["num_layers"] = L
     if earlier is not None:
+        earlier = {"tune": "none", **earlier}  # a frontier made before --tune existed trained LoRA alone
         mine = {k: v for k, v in settings.items() if (k != "plan" or v is not None) and k != "num_layers"}
         mine["train"] = since_defaults(mine["train"], earlier.get("train") or {})
         differ = first_difference(jsonable(mine), {k: v for k, v in earlier.items() if k in mine})
@@ -252,7 +256,7 @@ def check_spec(spec: dict, L: int) -> None:
 def since_defaults(now: dict, then: dict) -> dict:
     """`now`'s training settings less those added after `then` was recorded that sit at their defaults (a frontier
     made before `tune_lr` existed resumes; one set otherwise is a difference)."""
-    defaults = to_dict(TrainConfig())
+    defaults = to_dict(TrainConfig(**BUDGET))
     return {k: v for k, v in now.items() if k in then or k not in defaults or v != defaults[k]}
 
 
