@@ -4,8 +4,9 @@ How many layers can a user drop, and what does it cost in quality, speed and siz
   1. the plan's layers: a given `--plan`'s ranking (`plan.ranked`), else `ouroboros plan` run once, greedy rule, at the
      SMALLEST count (greedy's ranking is its kept layers then the removed ones, last removed first: the layer sets of
      every larger count are nested in it); saved as F/plan.json;
-  2. healed at one budget: plain LoRA on every kept layer, the same rank, scale alpha/r, steps, data, lr and seed for
-     every count. This is a sweep (`sweep.py`): F/spec.yaml, one run per count, in F/sweep/ (resumable: a finished
+  2. healed at one budget: the kept layers beside each cut trained in full (`--tune cuts`, the default; issue #42's
+     measurement at half the layers) and plain LoRA on the others, the same rank, scale alpha/r, steps, data, lr,
+     tune_lr and seed for every count. This is a sweep (`sweep.py`): F/spec.yaml, one run per count, in F/sweep/ (resumable: a finished
      count is skipped, `ouroboros report F/sweep` works on it);
   3. evaluated on the held-out text and every `--domains` folder, each gap recovered from ONE floor, the untrained
      P + 1 + C pruned stack (`--floor`, default the demo's 7 + 1 + 7 at 30 layers), and the full model;
