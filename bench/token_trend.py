@@ -148,23 +148,33 @@ def summarize(trend: dict, reference: dict, splits: list[str], multiples: list[i
     write_text(out / "trend.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for c in configs[1:]:
+    loops = configs[1:]
+    n = max(1, len(loops))
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.2), sharey=True, squeeze=False)
+    for ax, c in zip(axes[0], loops):  # one panel per configuration: each its own colours per split
+        ax.set_title(short_name(c, control), fontsize=8)
         for i, s in enumerate(splits):
             pts = [(m, statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
                    for m in multiples if (v := table.get((c, m, s, "diff")))]
             ax.errorbar([p[0] * (1.03 ** i) for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                         fmt="o-", capsize=3, color=f"C{i}", label=s)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("training tokens (multiples of the demo-scale budget)")
-    ax.set_ylabel("loop (best depth) minus same-layers heal\n(points of gap, mean ± sd over seeds)")
-    ax.set_title("Does looping pay more with more tokens?")
-    ax.legend(fontsize=8)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training tokens (multiples of the demo-scale budget)")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("loop (best depth) minus same-layers heal\n(points of gap, mean ± sd over seeds)")
+    fig.suptitle("Does looping pay more with more tokens?")
     fig.tight_layout()
     save_figure(fig, out / "trend.png", 120)
     plt.close(fig)
     write_json(out / "trend_table.json", {"|".join(map(str, k)): v for k, v in table.items()})
+
+
+def short_name(config: str, control: str) -> str:
+    """What sets a configuration apart from the control: the parts of its name the control's lacks."""
+    mine = [part for part in config.split("-") if part not in control.split("-")]
+    text = " ".join(mine) or config
+    return text if len(text) <= 90 else text[:87] + "..."
 
 
 if __name__ == "__main__":
