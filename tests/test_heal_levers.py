@@ -17,6 +17,7 @@ from ouroboros_lm.export import export_plain
 from ouroboros_lm.train import TrainConfig, train
 from ouroboros_lm.tuning import tuned_parameters
 from test_families import hf_truncated
+from test_plain_export import merged_reference
 
 KEEP = (0, 1, 3, 5, 6, 7)  # of the tiny base's 8
 TUNE = (1, 5, 7)  # a prelude layer, the middle (recurrent) layer, a coda layer
@@ -30,18 +31,13 @@ def heal(base=None, **overrides) -> OuroborosModel:
 
 
 def reference(base: str, model: OuroborosModel):
-    """Independent of our code: Hugging Face's own model on the kept layers, in float64, with each tuned tensor's
-    delta added and each other layer's PEFT update (scaling * B A, at its own rank) added to its projection."""
-    from peft.tuners.lora import LoraLayer
-
-    ref = hf_truncated(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64).eval(), list(KEEP))
+    """Independent of our code: Hugging Face's own model on the kept layers, in float64, with each other layer's PEFT
+    update (scaling * B A, at its own rank) added to its projection (test_plain_export's reference) and each tuned
+    tensor's delta added."""
+    ref = merged_reference(base, model, list(KEEP))
     mine = list(model.prelude) + [model.recurrent.layer] + list(model.coda)
     with torch.no_grad():
         for layer, target in zip(mine, ref.model.layers):
-            for name, m in layer.named_modules():
-                if isinstance(m, LoraLayer):
-                    delta = m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double()
-                    target.get_submodule(name).weight.add_(delta * m.scaling["default"])
             for name, p in layer.named_parameters():
                 if name.endswith(".delta"):  # <module>.parametrizations.<tensor>.0.delta
                     module, tensor = name.split(".parametrizations.")
