@@ -185,7 +185,7 @@ def test_a_frontier_recorded_before_a_setting_existed_still_resumes(world, ourob
     assert ouroboros(argv(world, out, "10", "--no-measure")) == 0  # --tune cuts, the default
     settings = json.loads((out / "frontier-settings.json").read_text())
     assert settings["tune"] == "cuts" and settings["train"]["tune_lr"] == 3e-3
-    del settings["train"]["tune_lr"], settings["num_layers"]
+    del settings["train"]["tune_lr"]
     (out / "frontier-settings.json").write_text(json.dumps(settings))
     monkeypatch.setattr(ouroboros_recipes.sweep, "train", lambda *a, **k: pytest.fail("trained again"))
     assert ouroboros(argv(world, out, "10", "--no-measure")) == 0
@@ -198,7 +198,7 @@ def test_a_frontier_recorded_before_a_setting_existed_still_resumes(world, ourob
     assert ouroboros(argv(world, lora, "10", "--no-measure", "--tune", "none")) == 0
     settings = json.loads((lora / "frontier-settings.json").read_text())
     assert "tune_lr" not in settings["train"]  # nothing trained in full: no learning rate of its own
-    del settings["tune"], settings["num_layers"]
+    del settings["tune"]
     (lora / "frontier-settings.json").write_text(json.dumps(settings))
     capsys.readouterr()
     assert ouroboros(argv(world, lora, "10", "--no-measure")) == 2

@@ -6,8 +6,8 @@ How many layers can a user drop, and what does it cost in quality, speed and siz
      every larger count are nested in it); saved as F/plan.json;
   2. healed at one budget: the kept layers beside each cut trained in full (`--tune cuts`, the default; issue #42's
      measurement at half the layers) and plain LoRA on the others, the same rank, scale alpha/r, steps, data, lr,
-     tune_lr and seed for every count. This is a sweep (`sweep.py`): F/spec.yaml, one run per count, in F/sweep/ (resumable: a finished
-     count is skipped, `ouroboros report F/sweep` works on it);
+     tune_lr and seed for every count. This is a sweep (`sweep.py`): F/spec.yaml, one run per count, in F/sweep/
+     (resumable: a finished count is skipped, `ouroboros report F/sweep` works on it);
   3. evaluated on the held-out text and every `--domains` folder, each gap recovered from ONE floor, the untrained
      P + 1 + C pruned stack (`--floor`, default the demo's 7 + 1 + 7 at 30 layers), and the full model;
   4. written as the base family's plain model (`export --format plain`: F/plain-N-layers) and measured beside the full
@@ -204,10 +204,9 @@ def preflight(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
     settings["tune"] = fc.tune
     if fc.tune == "none":
         settings["train"].pop("tune_lr", None)  # no layer is trained in full: its learning rate is no setting
-    settings["num_layers"] = L
     if earlier is not None:
         earlier = {"tune": "none", **earlier}  # a frontier made before --tune existed trained LoRA alone
-        mine = {k: v for k, v in settings.items() if (k != "plan" or v is not None) and k != "num_layers"}
+        mine = {k: v for k, v in settings.items() if k != "plan" or v is not None}
         mine["train"] = since_defaults(mine["train"], earlier.get("train") or {})
         differ = first_difference(jsonable(mine), {k: v for k, v in earlier.items() if k in mine})
         if differ:
@@ -218,7 +217,7 @@ def preflight(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
         from ouroboros_lm.loading import load_base_model
 
         check_plan_base(plan, load_base_model(fc.base), where)
-    check_spec(sweep_spec(settings, layers or {n: list(range(n)) for n in counts}), L)
+    check_spec(sweep_spec(settings, layers or {n: list(range(n)) for n in counts}, L), L)
     return {"counts": counts, "layers": layers, "plan": plan, "settings": settings, "num_layers": L}
 
 
@@ -290,11 +289,11 @@ def tuned_layers(rule: str | None, keep: list[int], num_layers: int) -> list[int
     return list(cut_neighbours(keep, num_layers) if rule == "cuts" else last_kept(keep, 3))
 
 
-def sweep_spec(settings: dict, layers: dict[int, list[int]]) -> dict:
+def sweep_spec(settings: dict, layers: dict[int, list[int]], num_layers: int) -> dict:
     """The sweep this frontier is: one heal run per count on its layers, every run at one rank, scale and budget
     (and, with --tune, the count's layers beside its cuts or its last three trained in full)."""
     r = settings["lora_rank"]
-    tune = {n: tuned_layers(settings.get("tune"), layers[n], settings["num_layers"]) for n in layers}
+    tune = {n: tuned_layers(settings.get("tune"), layers[n], num_layers) for n in layers}
     data = {k: v for k, v in settings["data"].items() if v is not None}
     if settings["domains"]:
         data["domains"] = {name: [folder] for name, folder in settings["domains"].items()}
@@ -341,7 +340,7 @@ def run_frontier(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
             write_json(out / PLAN, plan)
     layers = layer_sets(plan, counts, str(fc.plan or out / PLAN))
     write_json(out / SETTINGS, settings)
-    spec = sweep_spec(settings, layers)
+    spec = sweep_spec(settings, layers, L)
     write_text(out / SPEC, "# written by `ouroboros frontier`: one heal run per layer count\n"
                + yaml.safe_dump(spec, sort_keys=False))
     print(f"[2/4] healing {len(counts)} counts ({', '.join(map(str, counts))} of {L} layers), LoRA r{fc.lora_rank} "
@@ -356,7 +355,7 @@ def run_frontier(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
     if fc.measure:
         print("[3/4] exporting each heal model plain and measuring it beside the full model")
         deploy = measure_counts(fc, data, tc, out, folders)
-    rows = frontier_rows(counts, layers, results, deploy, settings)
+    rows = frontier_rows(counts, layers, results, deploy)
     splits = list(next(iter(results.values()))["losses"])
     table = frontier_table(rows, splits, settings, deploy, L)
     summary = {"base": fc.base, "num_layers": L, "floor": settings["floor"], "splits": splits, "rows": rows,
@@ -413,8 +412,7 @@ def prompt_ids(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> list[in
     return prompt_of(corpus, fc.prompt_tokens)
 
 
-def frontier_rows(counts: list[int], layers: dict, results: dict, deploy: dict | None,
-                  settings: dict) -> list[dict]:
+def frontier_rows(counts: list[int], layers: dict, results: dict, deploy: dict | None) -> list[dict]:
     rows = []
     for n in counts:
         res = results[n]
@@ -422,7 +420,7 @@ def frontier_rows(counts: list[int], layers: dict, results: dict, deploy: dict |
         gaps = {split: gap_recovered(losses["heal"], ref[split]["baseline"], ref[split]["full"])
                 for split, losses in res["losses"].items()}
         row = {"keep": n, "layers": list(layers[n]), "gap_recovered": gaps,
-               "tuned_layers": tuned_layers(settings.get("tune"), layers[n], settings["num_layers"]),
+               "tuned_layers": list(res["settings"].get("tune_layers") or []),  # what the run trained in full
                "loss": {split: losses["heal"] for split, losses in res["losses"].items()},
                "trained_weights": res["trainable_parameters"], "steps": res["steps"], "train_wall_s": res["wall_s"],
                "run": res["name"]}
@@ -453,7 +451,8 @@ def frontier_table(rows: list[dict], splits: list[str], settings: dict, deploy: 
     lines = [f"Gap recovered from the untrained floor ({fl['n_prelude']} + 1 + {fl['n_coda']}: layers 0-"
              f"{fl['n_prelude'] - 1}, {fl['recurrent_layer']}, {L - fl['n_coda']}-{L - 1}) to the full model "
              f"({L} layers), per split; each count healed with LoRA r{settings['lora_rank']} (alpha/r "
-             f"{settings['lora_scale']:g}){tune_words(settings, settings['train'].get('tune_lr'))} for {settings['train']['steps']} steps of {settings['train']['batch_size']} "
+             f"{settings['lora_scale']:g}){tune_words(settings, settings['train'].get('tune_lr'))} for "
+             f"{settings['train']['steps']} steps of {settings['train']['batch_size']} "
              f"x {settings['data']['seq_len'] or 'default'} tokens, lr {settings['train']['lr']:g}.", ""]
     if deploy is not None:
         h = deploy["how"]
