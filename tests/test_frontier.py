@@ -206,3 +206,39 @@ def test_a_frontier_recorded_before_a_setting_existed_still_resumes(world, ourob
     assert len(err.strip().splitlines()) == 1 and "tune: 'none', now 'cuts'" in err
     monkeypatch.setattr(ouroboros_recipes.sweep, "train", lambda *a, **k: pytest.fail("trained again"))
     assert ouroboros(argv(world, lora, "10", "--no-measure", "--tune", "none")) == 0
+
+
+def test_distill_weight_trains_every_count_against_the_full_models_stored_predictions(world, ouroboros, capsys,
+                                                                                      monkeypatch, one_thread):
+    """--distill-weight reaches every count's run (KL to the full model's stored top-K beside the cross-entropy), the
+    table says so, and a frontier recorded before the flag existed (no distill settings) resumes as undistilled."""
+    import ouroboros_recipes.sweep
+
+    out = world["root"] / "distilled"
+    assert ouroboros(argv(world, out, "10", "--no-measure", "--distill-weight", "0.5", "--distill-top-k", "4")) == 0
+    row = json.loads((out / "frontier.json").read_text())["rows"][0]
+    run = out / "sweep" / "runs" / row["run"]
+    tc = json.loads((run / "result.json").read_text())["train_config"]
+    assert (tc["distill_weight"], tc["distill_top_k"], tc["distill_source"], tc["ce_weight"]) == (0.5, 4, "stored", 1.0)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kls = [m["kl"] for m in metrics if "kl" in m]
+    assert kls and all(k > 0 for k in kls)  # the KL term was computed against a teacher unlike the pruned stack
+    assert "distilled from the full model (KL to its top-4 predictions, stored, weight 0.5" in (
+        out / "frontier.md").read_text()
+    capsys.readouterr()
+    assert ouroboros(argv(world, out, "10", "--no-measure")) == 2  # undistilled is another frontier
+    assert "distill_weight: 0.5, now 0.0" in capsys.readouterr().err
+
+    plain = world["root"] / "undistilled"
+    assert ouroboros(argv(world, plain, "10", "--no-measure")) == 0
+    run = plain / "sweep" / "runs" / json.loads((plain / "frontier.json").read_text())["rows"][0]["run"]
+    assert not any("kl" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    settings = json.loads((plain / "frontier-settings.json").read_text())
+    for key in ("distill_weight", "distill_source", "distill_top_k", "ce_weight"):
+        del settings["train"][key]  # as recorded before the frontier distilled
+    (plain / "frontier-settings.json").write_text(json.dumps(settings))
+    monkeypatch.setattr(ouroboros_recipes.sweep, "train", lambda *a, **k: pytest.fail("trained again"))
+    assert ouroboros(argv(world, plain, "10", "--no-measure")) == 0
+    capsys.readouterr()
+    assert ouroboros(argv(world, plain, "10", "--no-measure", "--distill-weight", "1")) == 2
+    assert "distill_weight" in capsys.readouterr().err

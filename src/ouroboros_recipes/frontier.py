@@ -47,9 +47,10 @@ BUDGET = {"steps": 70, "batch_size": 4, "lr": 3e-3, "tune_lr": 3e-3, "warmup_ste
 DATA = {"seq_len": 256}
 TUNE_RULES = ("none", "cuts", "last")  # which kept layers a count trains in full (tuning.cut_neighbours, last_kept)
 # TrainConfig's fields that only a recursion reads (a heal model runs its layers once)
+# (distillation is not one of them: --distill-weight trains every count against the full model's stored predictions)
 RECURSION_ONLY = ("depths", "depth_schedule", "depth_mean", "param_steps", "backprop_steps", "step_loss_weight",
-                  "step_loss_samples", "monotonic_weight", "report_to", "distill_source", "distill_top_k",
-                  "distill_weight", "ce_weight", "keep_checkpoints", "time_budget", "eval_every", "eval_blocks")
+                  "step_loss_samples", "monotonic_weight", "report_to", "keep_checkpoints", "time_budget", "eval_every",
+                  "eval_blocks")
 
 
 @dataclass
@@ -438,6 +439,16 @@ def tune_words(settings: dict, tune_lr) -> str:
     return f", {which} trained in full (lr {tune_lr:g})"
 
 
+def distill_words(train: dict) -> str:
+    if not train.get("distill_weight"):
+        return ""
+    source = (f"its top-{train['distill_top_k']} predictions, stored" if train.get("distill_source") == "stored"
+              else "its predictions, online")
+    ce = train.get("ce_weight", 1.0)
+    return (f", distilled from the full model (KL to {source}, weight {train['distill_weight']:g}"
+            + (f" beside the cross-entropy at {ce:g}" if ce else ", no cross-entropy") + ")")
+
+
 def pct(v) -> str:
     return "n/a" if v is None else f"{v:.1f}%"
 
@@ -451,7 +462,8 @@ def frontier_table(rows: list[dict], splits: list[str], settings: dict, deploy: 
     lines = [f"Gap recovered from the untrained floor ({fl['n_prelude']} + 1 + {fl['n_coda']}: layers 0-"
              f"{fl['n_prelude'] - 1}, {fl['recurrent_layer']}, {L - fl['n_coda']}-{L - 1}) to the full model "
              f"({L} layers), per split; each count healed with LoRA r{settings['lora_rank']} (alpha/r "
-             f"{settings['lora_scale']:g}){tune_words(settings, settings['train'].get('tune_lr'))} for "
+             f"{settings['lora_scale']:g}){tune_words(settings, settings['train'].get('tune_lr'))}"
+             f"{distill_words(settings['train'])} for "
              f"{settings['train']['steps']} steps of {settings['train']['batch_size']} "
              f"x {settings['data']['seq_len'] or 'default'} tokens, lr {settings['train']['lr']:g}.", ""]
     if deploy is not None:
