@@ -242,3 +242,31 @@ def test_distill_weight_trains_every_count_against_the_full_models_stored_predic
     capsys.readouterr()
     assert ouroboros(argv(world, plain, "10", "--no-measure", "--distill-weight", "1")) == 2
     assert "distill_weight" in capsys.readouterr().err
+
+
+def test_rule_angular_drops_one_contiguous_span_per_count_as_planning_there_would(world, ouroboros, capsys,
+                                                                                   one_thread):
+    """--rule angular: one plan at the smallest count gives every count the span angular drops at that size (what
+    `ouroboros plan --rules angular` at that count proposes); the rule is recorded, shown, and a rerun with another
+    rule, or with a plan of another rule, is refused."""
+    from ouroboros_lm.loading import load_base_model, load_tokenizer
+    from ouroboros_lm.plan import PlanConfig, make_plan
+
+    out = world["root"] / "angular"
+    assert ouroboros(argv(world, out, "10,20", "--no-measure", "--rule", "angular")) == 0
+    summary = json.loads((out / "frontier.json").read_text())
+    assert json.loads((out / "plan.json").read_text())["rule"] == "angular"
+    base, tok = load_base_model(world["base"]), load_tokenizer(world["base"])
+    for row in summary["rows"]:
+        pc = PlanConfig(base=world["base"], data=(world["train"],), keep=row["keep"], rules=("angular",), blocks=2,
+                        seq_len=32, out=str(world["root"] / "unused.json"))
+        assert row["layers"] == make_plan(pc, base, tok, world["base"], progress=False)["keep_layers"]
+        dropped = sorted(set(range(30)) - set(row["layers"]))
+        assert dropped == list(range(dropped[0], dropped[0] + 30 - row["keep"]))
+    assert "chosen by the plan's angular rule" in (out / "frontier.md").read_text()
+    capsys.readouterr()
+    assert ouroboros(argv(world, out, "10,20", "--no-measure", "--rule", "block_influence")) == 2
+    assert "chose its layers by angular" in capsys.readouterr().err
+    assert ouroboros(argv(world, world["root"] / "mixed", "10", "--no-measure", "--rule", "ends",
+                          "--plan", str(out / "plan.json"))) == 2
+    assert "--rule ends, but" in capsys.readouterr().err and not (world["root"] / "mixed").exists()

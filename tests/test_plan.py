@@ -137,3 +137,35 @@ def test_ranked_sizes_and_their_limits(corpus):
         ranked(greedy, 4)
     with pytest.raises(ValueError, match="keep at least 4"):
         plan_of(corpus, keep=3, block_layers=2)
+
+
+def test_angular_and_ends_plans_give_every_other_size_as_their_rule_would_choose_it(corpus):
+    """A plan won by angular records the span it drops at every size: `ranked` at any count is what planning again
+    at that count proposes (not nested: one contiguous span each). The ends need nothing but the count."""
+    plan = plan_of(corpus, rules=("angular",))
+    assert plan["rule"] == "angular" and len(plan["angular_starts"]) == L
+    for keep in range(3, L + 1):
+        again = plan_of(corpus, rules=("angular",), keep=keep)["keep_layers"]
+        assert ranked(plan, keep) == again
+        dropped = sorted(set(range(L)) - set(again))
+        assert len(dropped) == L - keep and dropped == list(range(min(dropped, default=0), max(dropped, default=-1) + 1))
+    ends = plan_of(corpus, rules=("ends",))
+    for keep in range(3, L + 1):
+        assert ranked(ends, keep) == ends_rule(L, keep, 1) == plan_of(corpus, rules=("ends",), keep=keep)["keep_layers"]
+    with pytest.raises(ValueError, match="keep must be at least 3"):
+        ranked(ends, 2)
+    older = {k: v for k, v in plan.items() if k != "angular_starts"}  # a plan written before the spans were kept
+    with pytest.raises(ValueError, match=r"gives no other sizes than 5 layers: run `ouroboros plan --keep 6`"):
+        ranked(older, 6)
+
+
+@pytest.mark.parametrize("starts", [[0] * (L - 1), [0, 0, 0, 0, 0, 0, 0, 2], [0, 0, -1, 0, 0, 0, 0, 0],
+                                    [0, 0, 0, 0, 0, 0, 0, True], "0"])
+def test_a_plan_with_bad_angular_spans_is_refused(corpus, tmp_path, starts):
+    plan = plan_of(corpus, rules=("angular",))
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({**plan, "angular_starts": starts}))
+    with pytest.raises(ValueError, match="angular_starts must hold"):
+        read_plan(path)
+    path.write_text(json.dumps(plan))
+    assert read_plan(path)["angular_starts"] == plan["angular_starts"]

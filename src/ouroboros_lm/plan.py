@@ -10,8 +10,8 @@ and the untrained pruned stack's loss on *other* calibration blocks (not those t
 decides. For the recursion, every run of `block_layers` consecutive base layers among the chosen ones (with a
 kept layer before and after) is tried repeated, untrained (depth 2: the block run twice in place); the one with
 the lowest loss is the block to loop. `plan.json` records the choice, every candidate with its loss and layer
-passes, the winning rule's ranking (any other size of the same rule, for nested rules) and the base it was
-measured on; `ouroboros convert --plan plan.json` builds the model from it.
+passes, what gives the winning rule's choice at any other size (a nested rule's ranking; angular's span for each
+size; the ends need nothing) and the base it was measured on; `ouroboros convert --plan plan.json` builds the model from it.
 """
 from __future__ import annotations
 
@@ -111,15 +111,23 @@ def block_influence(states: list[torch.Tensor]) -> list[float]:
     return [1 - mean_cosine(states[i], states[i + 1]) for i in range(len(states) - 1)]
 
 
+def angular_start(states: list[torch.Tensor], n: int) -> int:
+    """The first of the contiguous `n` layers whose input and output are closest in angle (0 for n = 0)."""
+    L = len(states) - 1
+    if n == 0:
+        return 0
+    dist = [math.acos(max(-1.0, min(1.0, mean_cosine(states[l], states[l + n])))) / math.pi for l in range(L - n + 1)]
+    return min(range(len(dist)), key=dist.__getitem__)
+
+
+def without_span(L: int, start: int, n: int) -> list[int]:
+    return [i for i in range(L) if not start <= i < start + n]
+
+
 def angular_rule(states: list[torch.Tensor], keep: int) -> list[int]:
     """Drop the contiguous n = L - keep layers whose input and output are closest in angle."""
     L = len(states) - 1
-    n = L - keep
-    if n == 0:
-        return list(range(L))
-    dist = [math.acos(max(-1.0, min(1.0, mean_cosine(states[l], states[l + n])))) / math.pi for l in range(L - n + 1)]
-    start = min(range(len(dist)), key=dist.__getitem__)
-    return [i for i in range(L) if not start <= i < start + n]
+    return without_span(L, angular_start(states, L - keep), L - keep)
 
 
 def greedy_rule(stack: Stack, keep: int, shortlist: int, progress) -> tuple[list[int], list[int]]:
@@ -224,6 +232,26 @@ def check_plan_memory(pc: PlanConfig, config, num_layers: int) -> None:
 
 
 @torch.no_grad()
+def propose(pc: PlanConfig, states: list[torch.Tensor], influence: list[float], search: Stack, bar) -> tuple:
+    """Each rule's kept layers, the nested rules' rankings, and angular's span at every size (None without it)."""
+    L = len(states) - 1
+    proposals, ranking, starts = {}, {}, None
+    for rule in pc.rules:
+        if rule == "ends":
+            proposals[rule] = ends_rule(L, pc.keep, pc.block_layers)
+        elif rule == "block_influence":
+            ranking[rule] = sorted(range(L), key=lambda i: -influence[i])
+            proposals[rule] = sorted(ranking[rule][:pc.keep])
+        elif rule == "angular":
+            proposals[rule] = angular_rule(states, pc.keep)
+            starts = [angular_start(states, n) for n in range(L)]  # every size's span: any other count, by rule
+        else:
+            kept, removed = greedy_rule(search, pc.keep, pc.shortlist, bar)
+            ranking[rule] = kept + removed[::-1]
+            proposals[rule] = kept
+    return proposals, ranking, starts
+
+
 def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = True) -> dict:
     """Measure every rule on `base` and return the plan (what `plan.json` holds)."""
     from tqdm.auto import tqdm
@@ -244,19 +272,7 @@ def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = 
     full = score.loss_of(range(L))
     bar.update(1)
     influence = block_influence(states)
-    proposals, ranking = {}, {}
-    for rule in pc.rules:
-        if rule == "ends":
-            proposals[rule] = ends_rule(L, pc.keep, pc.block_layers)
-        elif rule == "block_influence":
-            ranking[rule] = sorted(range(L), key=lambda i: -influence[i])
-            proposals[rule] = sorted(ranking[rule][:pc.keep])
-        elif rule == "angular":
-            proposals[rule] = angular_rule(states, pc.keep)
-        else:
-            kept, removed = greedy_rule(search, pc.keep, pc.shortlist, bar)
-            ranking[rule] = kept + removed[::-1]
-            proposals[rule] = kept
+    proposals, ranking, starts = propose(pc, states, influence, search, bar)
     candidates = [{"rule": rule, "keep_layers": layers, "loss": score.loss_of(layers), "layer_passes": len(layers)}
                   for rule, layers in proposals.items()]
     bar.update(1)
@@ -279,6 +295,8 @@ def make_plan(pc: PlanConfig, base, tokenizer, base_name: str, progress: bool = 
             "blocks": blocks, "recursion": None,
             "calibration": {"data": list(pc.data), "blocks": [len(search_ids), len(score_ids)], "seq_len": pc.seq_len,
                             "seed": pc.seed}}
+    if winner["rule"] == "angular":
+        plan["angular_starts"] = starts  # [n]: the first layer of the n-layer span angular drops
     if blocks:
         best = min(blocks, key=lambda b: b["loss_depth2"])
         plan["recursion"] = {"keep_layers": kept, "recurrent_layer": best["recurrent_layer"],
@@ -355,6 +373,11 @@ def read_plan(path: str | Path) -> dict:
         if ranking is not None and (not isinstance(ranking, list) or any(isinstance(i, bool) for i in ranking)
                                     or sorted(ranking) != list(range(n))):
             raise ValueError(f"ranking must order the {n} layers once each (integers)")
+        starts = plan.get("angular_starts")
+        if starts is not None and (not isinstance(starts, list) or len(starts) != n or any(
+                type(s) is not int or not 0 <= s <= n - k for k, s in enumerate(starts))):
+            raise ValueError(f"angular_starts must hold, for each of 0..{n - 1} layers dropped, the first dropped "
+                             "layer (an integer that leaves the span inside the base)")
     except (AttributeError, TypeError, ValueError) as e:
         raise ValueError(f"--plan {path}: {e}") from None
     return plan
@@ -426,14 +449,24 @@ def planned_config(plan: dict, config: OuroborosConfig, keep: int | None = None)
 
 
 def ranked(plan: dict, keep: int) -> list[int]:
-    """The `keep` most important layers by the plan's rule (a nested rule's ranking)."""
+    """The `keep` layers the plan's rule keeps at that size: a nested rule's ranking, the fixed ends at that size,
+    or the span angular measured for that size (recorded by plans since `angular_starts`)."""
+    L = plan["num_layers"]
+    if not 1 <= keep <= L:
+        raise ValueError(f"keep must be in [1, {L}]; got {keep}")
+    if plan["rule"] == "ends":
+        size = plan.get("block_layers") or 1
+        if keep < size + 2:
+            raise ValueError(f"the ends rule keeps a block of {size} and a layer each side: keep must be at least "
+                             f"{size + 2}; got {keep}")
+        return ends_rule(L, keep, size)
+    if plan["rule"] == "angular" and plan.get("angular_starts") is not None:
+        return without_span(L, plan["angular_starts"][L - keep], L - keep)
     # greedy's ranking orders only the layers it removed (the last removed first), after the kept ones
     fewer = plan["rule"] == "greedy" and keep < len(plan["keep_layers"])
     if plan.get("ranking") is None or fewer:
         raise ValueError(f"the plan's rule ({plan['rule']}) gives no {'fewer' if fewer else 'other sizes'} than "
                          f"{len(plan['keep_layers'])} layers: run `ouroboros plan --keep {keep}`")
-    if not 1 <= keep <= plan["num_layers"]:
-        raise ValueError(f"keep must be in [1, {plan['num_layers']}]; got {keep}")
     return sorted(plan["ranking"][:keep])
 
 

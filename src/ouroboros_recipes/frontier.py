@@ -1,9 +1,10 @@
 """The compression frontier as one command: `ouroboros frontier --base M --data D --keep 10,12,15,18,21,24 --out F`.
 
 How many layers can a user drop, and what does it cost in quality, speed and size? For each layer count:
-  1. the plan's layers: a given `--plan`'s ranking (`plan.ranked`), else `ouroboros plan` run once, greedy rule, at the
-     SMALLEST count (greedy's ranking is its kept layers then the removed ones, last removed first: the layer sets of
-     every larger count are nested in it); saved as F/plan.json;
+  1. the plan's layers: a given `--plan`'s rule at each count (`plan.ranked`), else `ouroboros plan` run once with
+     `--rule` (greedy by default) at the SMALLEST count (greedy's ranking is its kept layers then the removed ones,
+     last removed first: the layer sets of every larger count are nested in it; block_influence ranks every layer;
+     angular records the span it drops at every size; the ends need nothing); saved as F/plan.json;
   2. healed at one budget: the kept layers beside each cut trained in full (`--tune cuts`, the default; issue #42's
      measurement at half the layers) and plain LoRA on the others, the same rank, scale alpha/r, steps, data, lr,
      tune_lr and seed for every count. This is a sweep (`sweep.py`): F/spec.yaml, one run per count, in F/sweep/
@@ -29,7 +30,7 @@ from ouroboros_lm.atomic import ensure_dir, read_json, write_json, write_text
 from ouroboros_lm.config import MAX_LAYERS, OuroborosConfig
 from ouroboros_lm.data import DataConfig, map_source, parse_item
 from ouroboros_lm.evaluate import gap_recovered
-from ouroboros_lm.plan import PlanConfig, check_plan_base, compact, ranked, read_plan
+from ouroboros_lm.plan import RULES, PlanConfig, check_plan_base, compact, ranked, read_plan
 from ouroboros_lm.settings import REQUIRED, add_flags, from_dict, from_flags, setting, to_dict
 from ouroboros_lm.train import TrainConfig
 
@@ -45,6 +46,7 @@ PLAIN = "plain-{n}-layers"
 BUDGET = {"steps": 70, "batch_size": 4, "lr": 3e-3, "tune_lr": 3e-3, "warmup_steps": 7, "log_every": 10,
           "eval_every": 100000, "eval_blocks": 4, "save_every": 100000, "checkpoint": "never", "seed": 0}
 DATA = {"seq_len": 256}
+DEFAULT_RULE = "greedy"  # the plan rule a frontier chooses its layers by (configs/layer-rules.yaml)
 TUNE_RULES = ("none", "cuts", "last")  # which kept layers a count trains in full (tuning.cut_neighbours, last_kept)
 # TrainConfig's fields that only a recursion reads (a heal model runs its layers once)
 # (distillation is not one of them: --distill-weight trains every count against the full model's stored predictions)
@@ -61,9 +63,12 @@ class FrontierConfig:
     keep: tuple[int, ...] = setting(REQUIRED, "layer counts to keep, one heal model each (10,12,15,18,21,24)", low=1,
                                     high=MAX_LAYERS, metavar="N[,N...]")
     out: str = setting(REQUIRED, "frontier folder (rerun the same command to continue in it)")
-    plan: str | None = setting(None, "an `ouroboros plan` file whose rule ranks the layers (default: `ouroboros plan "
-                               "--rules greedy` on --data at the smallest count, saved as OUT/plan.json)",
-                               metavar="PLAN.json")
+    plan: str | None = setting(None, "an `ouroboros plan` file whose rule chooses each count's layers (default: "
+                               "`ouroboros plan --rules RULE` on --data at the smallest count, saved as "
+                               "OUT/plan.json)", metavar="PLAN.json")
+    rule: str = setting(DEFAULT_RULE, "the rule that chooses each count's layers when the frontier plans (configs/layer-"
+                        "rules.yaml, 3 seeds: greedy heals best on text like the training text, angular on other "
+                        "text at 15 layers and more)", choices=RULES)
     domains: tuple[str, ...] | None = setting(None, "evaluation-only text, NAME=FOLDER each (no count trains on it)",
                                               metavar="NAME=FOLDER")
     floor: tuple[int, ...] | None = setting(None, "the pruned floor every gap is measured from, P,R,C: the first P "
@@ -157,9 +162,9 @@ def absolute(items) -> list[str] | None:
 
 
 def plan_config(fc: FrontierConfig, data: DataConfig, keep: int, out: Path) -> PlanConfig:
-    """`ouroboros plan --rules greedy --keep <smallest count>` on the training text (names and weights dropped)."""
+    """`ouroboros plan --rules RULE --keep <smallest count>` on the training text (names and weights dropped)."""
     return PlanConfig(base=fc.base, data=tuple(parse_item(s)[1] for s in data.train), keep=keep,
-                      out=str(out / PLAN), rules=("greedy",), blocks=fc.plan_blocks,
+                      out=str(out / PLAN), rules=(fc.rule,), blocks=fc.plan_blocks,
                       seq_len=min(data.seq_len or 128, 128), seed=0, text_field=data.text_field)
 
 
@@ -203,10 +208,15 @@ def preflight(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
                 "plan": None if plan is None else {"rule": plan["rule"], "ranking": plan.get("ranking"),
                                                      "keep_layers": plan["keep_layers"]}}
     settings["tune"] = fc.tune
+    settings["rule"] = fc.rule if plan is None else plan["rule"]
+    if plan is not None and fc.rule != DEFAULT_RULE and plan["rule"] != fc.rule:
+        raise ValueError(f"--rule {fc.rule}, but {where} chose its layers by {plan['rule']}: give one or the other "
+                         "(nothing was written)")
     if fc.tune == "none":
         settings["train"].pop("tune_lr", None)  # no layer is trained in full: its learning rate is no setting
     if earlier is not None:
-        earlier = {"tune": "none", **earlier}  # a frontier made before --tune existed trained LoRA alone
+        # a frontier made before --tune existed trained LoRA alone; one made before --rule, on its plan's rule (greedy)
+        earlier = {"tune": "none", "rule": (earlier.get("plan") or {}).get("rule", "greedy"), **earlier}
         mine = {k: v for k, v in settings.items() if k != "plan" or v is not None}
         mine["train"] = since_defaults(mine["train"], earlier.get("train") or {})
         differ = first_difference(jsonable(mine), {k: v for k, v in earlier.items() if k in mine})
@@ -315,8 +325,8 @@ def make_plan_here(fc: FrontierConfig, data: DataConfig, keep: int, out: Path) -
     from ouroboros_lm.plan import make_plan, write_plan
 
     pc = plan_config(fc, data, keep, out)
-    print(f"[1/4] planning: `ouroboros plan --rules greedy --keep {keep}` on the training text (its ranking gives "
-          f"every larger count, nested)")
+    print(f"[1/4] planning: `ouroboros plan --rules {fc.rule} --keep {keep}` on the training text (it gives every "
+          f"larger count" + (", nested)" if fc.rule in ("greedy", "block_influence") else ")"))
     plan = make_plan(pc, load_base_model(fc.base), load_tokenizer(fc.base), fc.base)
     write_plan(plan, out / PLAN)
     return plan
@@ -461,7 +471,8 @@ def frontier_table(rows: list[dict], splits: list[str], settings: dict, deploy: 
             ["peak memory x"] if deploy["how"]["peak_memory"] else [])
     lines = [f"Gap recovered from the untrained floor ({fl['n_prelude']} + 1 + {fl['n_coda']}: layers 0-"
              f"{fl['n_prelude'] - 1}, {fl['recurrent_layer']}, {L - fl['n_coda']}-{L - 1}) to the full model "
-             f"({L} layers), per split; each count healed with LoRA r{settings['lora_rank']} (alpha/r "
+             f"({L} layers), per split; each count's layers chosen by the plan's {settings.get('rule', 'greedy')} "
+             f"rule and healed with LoRA r{settings['lora_rank']} (alpha/r "
              f"{settings['lora_scale']:g}){tune_words(settings, settings['train'].get('tune_lr'))}"
              f"{distill_words(settings['train'])} for "
              f"{settings['train']['steps']} steps of {settings['train']['batch_size']} "
