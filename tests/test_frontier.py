@@ -174,6 +174,22 @@ def test_tune_cuts_trains_the_layers_beside_each_cut_in_full(world, ouroboros, o
     assert "trained in full (lr 0.001)" in (out / "frontier.md").read_text()
 
 
+def recorded_without(world, ouroboros, capsys, monkeypatch, out: Path, keys: list[str], other: list[str]) -> None:
+    """`out`'s record with training settings `keys` deleted (as written before they existed) resumes the same command
+    without training anything, and refuses the command with `other` (a value off their defaults), naming it."""
+    import ouroboros_recipes.sweep
+
+    settings = json.loads((out / "frontier-settings.json").read_text())
+    for key in keys:
+        del settings["train"][key]
+    (out / "frontier-settings.json").write_text(json.dumps(settings))
+    monkeypatch.setattr(ouroboros_recipes.sweep, "train", lambda *a, **k: pytest.fail("trained again"))
+    assert ouroboros(argv(world, out, "10", "--no-measure")) == 0
+    capsys.readouterr()
+    assert ouroboros(argv(world, out, "10", "--no-measure", *other)) == 2
+    assert keys[0] in capsys.readouterr().err
+
+
 def test_a_frontier_recorded_before_a_setting_existed_still_resumes(world, ouroboros, capsys, monkeypatch,
                                                                     one_thread):
     """A training setting the record lacks (tune_lr), at its default, is no difference; set otherwise, it is. A
@@ -185,13 +201,7 @@ def test_a_frontier_recorded_before_a_setting_existed_still_resumes(world, ourob
     assert ouroboros(argv(world, out, "10", "--no-measure")) == 0  # --tune cuts, the default
     settings = json.loads((out / "frontier-settings.json").read_text())
     assert settings["tune"] == "cuts" and settings["train"]["tune_lr"] == 3e-3
-    del settings["train"]["tune_lr"]
-    (out / "frontier-settings.json").write_text(json.dumps(settings))
-    monkeypatch.setattr(ouroboros_recipes.sweep, "train", lambda *a, **k: pytest.fail("trained again"))
-    assert ouroboros(argv(world, out, "10", "--no-measure")) == 0
-    capsys.readouterr()
-    assert ouroboros(argv(world, out, "10", "--no-measure", "--tune-lr", "5e-4")) == 2
-    assert "tune_lr" in capsys.readouterr().err
+    recorded_without(world, ouroboros, capsys, monkeypatch, out, ["tune_lr"], ["--tune-lr", "5e-4"])
     monkeypatch.undo()
 
     lora = world["root"] / "older-lora"
@@ -212,8 +222,6 @@ def test_distill_weight_trains_every_count_against_the_full_models_stored_predic
                                                                                       monkeypatch, one_thread):
     """--distill-weight reaches every count's run (KL to the full model's stored top-K beside the cross-entropy), the
     table says so, and a frontier recorded before the flag existed (no distill settings) resumes as undistilled."""
-    import ouroboros_recipes.sweep
-
     out = world["root"] / "distilled"
     assert ouroboros(argv(world, out, "10", "--no-measure", "--distill-weight", "0.5", "--distill-top-k", "4")) == 0
     row = json.loads((out / "frontier.json").read_text())["rows"][0]
@@ -233,15 +241,8 @@ def test_distill_weight_trains_every_count_against_the_full_models_stored_predic
     assert ouroboros(argv(world, plain, "10", "--no-measure")) == 0
     run = plain / "sweep" / "runs" / json.loads((plain / "frontier.json").read_text())["rows"][0]["run"]
     assert not any("kl" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
-    settings = json.loads((plain / "frontier-settings.json").read_text())
-    for key in ("distill_weight", "distill_source", "distill_top_k", "ce_weight"):
-        del settings["train"][key]  # as recorded before the frontier distilled
-    (plain / "frontier-settings.json").write_text(json.dumps(settings))
-    monkeypatch.setattr(ouroboros_recipes.sweep, "train", lambda *a, **k: pytest.fail("trained again"))
-    assert ouroboros(argv(world, plain, "10", "--no-measure")) == 0
-    capsys.readouterr()
-    assert ouroboros(argv(world, plain, "10", "--no-measure", "--distill-weight", "1")) == 2
-    assert "distill_weight" in capsys.readouterr().err
+    recorded_without(world, ouroboros, capsys, monkeypatch, plain,  # as recorded before the frontier distilled
+                     ["distill_weight", "distill_source", "distill_top_k", "ce_weight"], ["--distill-weight", "1"])
 
 
 def test_rule_angular_drops_one_contiguous_span_per_count_as_planning_there_would(world, ouroboros, capsys,
