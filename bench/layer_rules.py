@@ -7,7 +7,8 @@ by seed against the one the plan chose.
 
 A run belongs to a (count, rule) when its kept layers are that rule's proposal in that count's plan; rules that
 proposed the same layers share their runs. Every run must have scored the same blocks (checked). The untrained rank
-is the plan's (lowest loss first, on its own scoring blocks of the training text); the healed rank is by held-out gap.
+is the plan's (lowest loss first, on its own scoring blocks of the training text); the healed rank is by held-out gap;
+"trained in full" counts the run's `tune_layers` (under `--tune cuts`, the layers beside its cuts: more cuts, more).
 """
 from __future__ import annotations
 
@@ -58,8 +59,9 @@ def main() -> None:
     args = p.parse_args()
     runs = load_runs(args.runs)
     f = lambda v: f"{statistics.mean(v):+.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:+.1f}"  # noqa: E731
-    print("| kept | rule | kept layers | untrained loss (rank) | seeds | " + " | ".join(SPLITS) + " | healed rank |")
-    print("|---" * (6 + len(SPLITS)) + "|")
+    print("| kept | rule | kept layers | trained in full | untrained loss (rank) | seeds | " + " | ".join(SPLITS)
+          + " | healed rank |")
+    print("|---" * (7 + len(SPLITS)) + "|")
     paired = []
     for path in args.plans:
         plan = json.load(open(path))
@@ -81,8 +83,9 @@ def main() -> None:
         healed_rank = {i: n for n, i in enumerate(order, 1)}
         for i, (c, rank, keep, seeds, gaps) in enumerate(rows):
             cells = " | ".join(f"{statistics.mean(gaps[s]):.1f}" if seeds else "-" for s in SPLITS)
+            tuned = {len(r["settings"].get("tune_layers") or ()) for r in seeds.values()}
             print(f"| {plan['keep']} | {c['rule']}{' (plan)' if keep == chosen else ''} | {','.join(map(str, keep))} | "
-                  f"{c['loss']:.3f} ({rank}) | {len(seeds)} | {cells} | {healed_rank.get(i, '-')} |")
+                  f"{'/'.join(map(str, sorted(tuned))) or '-'} | {c['loss']:.3f} ({rank}) | {len(seeds)} | {cells} | {healed_rank.get(i, '-')} |")
     print("\nPaired by seed against the plan's choice (points of gap, mean ± std of the per-seed differences):\n")
     print("| kept | rule − plan's | seeds | " + " | ".join(SPLITS) + " |\n|---|---|---|" + "---|" * len(SPLITS))
     for keep, rule, chosen_rule, seeds, diffs in paired:
