@@ -18,15 +18,12 @@ import json
 import statistics
 import sys
 
-from ouroboros_lm.evaluate import gap_recovered
-
-SPLITS = ("heldout", "shakespeare", "debian", "email")
+from paired_runs import SPLITS, column, gap
 
 
 def healed(result: dict, split: str) -> float:
-    losses = result["losses"][split]
-    (key,) = [k for k in losses if k not in ("full", "baseline")]  # a heal model has one column
-    return gap_recovered(losses[key], losses["baseline"], losses["full"])
+    """A heal run's gap recovered on `split` (its one column; a heal model has no depth)."""
+    return gap(result["losses"][split], column(result, split, 0))
 
 
 def load_runs(pattern: str) -> dict[tuple[int, ...], dict[int, dict]]:

@@ -30,7 +30,7 @@ from ouroboros_lm.atomic import ensure_dir, read_json, write_json, write_text
 from ouroboros_lm.config import MAX_LAYERS, OuroborosConfig
 from ouroboros_lm.data import DataConfig, map_source, parse_item
 from ouroboros_lm.evaluate import gap_recovered
-from ouroboros_lm.plan import RULES, PlanConfig, check_plan_base, compact, ranked, read_plan
+from ouroboros_lm.plan import NESTED, RULES, PlanConfig, check_plan_base, compact, ranked, read_plan
 from ouroboros_lm.settings import REQUIRED, add_flags, from_dict, from_flags, setting, to_dict
 from ouroboros_lm.train import TrainConfig
 
@@ -216,7 +216,7 @@ def preflight(fc: FrontierConfig, data: DataConfig, tc: TrainConfig) -> dict:
         settings["train"].pop("tune_lr", None)  # no layer is trained in full: its learning rate is no setting
     if earlier is not None:
         # a frontier made before --tune existed trained LoRA alone; one made before --rule, on its plan's rule (greedy)
-        earlier = {"tune": "none", "rule": (earlier.get("plan") or {}).get("rule", "greedy"), **earlier}
+        earlier = {"tune": "none", "rule": (earlier.get("plan") or {}).get("rule", DEFAULT_RULE), **earlier}
         mine = {k: v for k, v in settings.items() if k != "plan" or v is not None}
         mine["train"] = since_defaults(mine["train"], earlier.get("train") or {})
         differ = first_difference(jsonable(mine), {k: v for k, v in earlier.items() if k in mine})
@@ -326,7 +326,7 @@ def make_plan_here(fc: FrontierConfig, data: DataConfig, keep: int, out: Path) -
 
     pc = plan_config(fc, data, keep, out)
     print(f"[1/4] planning: `ouroboros plan --rules {fc.rule} --keep {keep}` on the training text (it gives every "
-          f"larger count" + (", nested)" if fc.rule in ("greedy", "block_influence") else ")"))
+          f"larger count" + (", nested)" if fc.rule in NESTED else ")"))
     plan = make_plan(pc, load_base_model(fc.base), load_tokenizer(fc.base), fc.base)
     write_plan(plan, out / PLAN)
     return plan
@@ -471,7 +471,7 @@ def frontier_table(rows: list[dict], splits: list[str], settings: dict, deploy: 
             ["peak memory x"] if deploy["how"]["peak_memory"] else [])
     lines = [f"Gap recovered from the untrained floor ({fl['n_prelude']} + 1 + {fl['n_coda']}: layers 0-"
              f"{fl['n_prelude'] - 1}, {fl['recurrent_layer']}, {L - fl['n_coda']}-{L - 1}) to the full model "
-             f"({L} layers), per split; each count's layers chosen by the plan's {settings.get('rule', 'greedy')} "
+             f"({L} layers), per split; each count's layers chosen by the plan's {settings.get('rule', DEFAULT_RULE)} "
              f"rule and healed with LoRA r{settings['lora_rank']} (alpha/r "
              f"{settings['lora_scale']:g}){tune_words(settings, settings['train'].get('tune_lr'))}"
              f"{distill_words(settings['train'])} for "
